@@ -1,0 +1,31 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ichfed-installed
+DEMO_OUT ?= demo_out
+
+.PHONY: demo test install browser clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The reader page's browser tests drive Debian's Chromium (Playwright cannot download a browser here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  (apt-get update -q && apt-get install -y -q chromium) >/dev/null; }
+
+demo: $(STAMP)
+	$(BIN)/python -m simulations.demo --out $(DEMO_OUT)
+
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q --timeout=1500
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

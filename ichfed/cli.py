@@ -1,0 +1,61 @@
+"""The ``ichfed`` command: argument parsing and wiring only.
+
+Each subcommand lives in ``ichfed/commands/<name>.py`` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a callable taking
+the parsed args and returning an exit code. Heavy imports (torch, nnU-Net, Flower)
+happen inside those callables so that ``ichfed --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from shared.errors import IchfedError
+
+from . import __version__
+
+# Order here is the order in `ichfed --help`.
+COMMANDS = ["ingest", "cohort", "bootstrap", "predict", "bundle", "site", "federate", "simulate", "certs", "reader"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="ichfed",
+        description="Federated fine-tuning of an end-to-end neoplastic vs non-neoplastic ICH classifier.",
+    )
+    parser.add_argument("--version", action="version", version=f"ichfed {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"ichfed.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except IchfedError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""`ichfed bootstrap` (not yet available)."""
+
+from shared.errors import IchfedError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bootstrap", help="(not yet available)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    raise IchfedError("'ichfed bootstrap' is not yet available in this version")

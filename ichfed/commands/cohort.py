@@ -1,0 +1,12 @@
+"""`ichfed cohort` (not yet available)."""
+
+from shared.errors import IchfedError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("cohort", help="(not yet available)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    raise IchfedError("'ichfed cohort' is not yet available in this version")

@@ -1,0 +1,12 @@
+"""`ichfed federate` (not yet available)."""
+
+from shared.errors import IchfedError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("federate", help="(not yet available)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    raise IchfedError("'ichfed federate' is not yet available in this version")
