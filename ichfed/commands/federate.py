@@ -1,12 +1,50 @@
-"""`ichfed federate` (not yet available)."""
+"""`ichfed federate`: coordinator helpers around a Flower run (status and report of a state folder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from shared.errors import IchfedError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("federate", help="(not yet available)")
-    p.set_defaults(func=run)
+    p = sub.add_parser("federate", help="coordinator helpers: run status and report from a server state folder")
+    psub = p.add_subparsers(dest="federate_command", metavar="ACTION")
+    st = psub.add_parser("status", help="last checkpoint (round, sites, pooled metrics) of a server state folder")
+    st.add_argument("state_dir", metavar="STATE_DIR")
+    st.set_defaults(func=status)
+    rp = psub.add_parser("report", help="(re)write report.md/.html and figures from STATE_DIR/report/report.json")
+    rp.add_argument("state_dir", metavar="STATE_DIR")
+    rp.add_argument("--out", help="report folder (default STATE_DIR/report)")
+    rp.set_defaults(func=report)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
-def run(args) -> int:
-    raise IchfedError("'ichfed federate' is not yet available in this version")
+def status(args) -> int:
+    from server.checkpoint import CheckpointStore
+
+    ckpt = CheckpointStore(args.state_dir).latest()
+    if ckpt is None:
+        raise IchfedError(f"{args.state_dir}: no checkpoint yet")
+    last = ckpt.history[-1] if ckpt.history else {}
+    pooled = last.get("evaluate", {}).get("pooled", {})
+    print(json.dumps({"round": ckpt.round, "of": ckpt.run.get("num_rounds"), "bundle_hash": ckpt.run.get("bundle_hash"),
+                      "sites": ckpt.run.get("sites"), "pooled": pooled, "checkpoint": str(ckpt.path)}, indent=2))
+    return 0
+
+
+def report(args) -> int:
+    from server.report import paper_table_markdown, write_report
+
+    src = Path(args.state_dir) / "report" / "report.json"
+    if not src.is_file():
+        raise IchfedError(f"{src}: not found (the run has not finished, or STATE_DIR is not a server state folder)")
+    try:
+        data = json.loads(src.read_text())
+    except json.JSONDecodeError as e:
+        raise IchfedError(f"{src}: not valid JSON ({e})") from None
+    paths = write_report(data, args.out or src.parent)
+    print(paper_table_markdown(data))
+    print(f"report: {paths['markdown']}")
+    return 0

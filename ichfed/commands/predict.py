@@ -1,12 +1,113 @@
-"""`ichfed predict` (not yet available)."""
+"""`ichfed predict`: segment and classify one or more head CTs with a signed bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
 
 from shared.errors import IchfedError
 
+log = logging.getLogger(__name__)
+
+
+def add_bundle_args(p) -> None:
+    """Options every command that loads a bundle shares."""
+    p.add_argument("--bundle", required=True, help="model bundle directory or .tar")
+    p.add_argument("--pubkey", help="coordinator's Ed25519 public key that must have signed the bundle")
+    p.add_argument(
+        "--site-config",
+        help="site config TOML: its public key verifies the bundle and its locally calibrated threshold is used",
+    )
+    p.add_argument(
+        "--allow-unsigned", action="store_true", help="development only: accept a bundle without a valid signature"
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
+
 
 def register(sub) -> None:
-    p = sub.add_parser("predict", help="(not yet available)")
+    p = sub.add_parser(
+        "predict",
+        help="segment ICH/PHE and classify neoplastic vs non-neoplastic",
+        description="Read each IMAGE (NIfTI, DICOM folder or zip of one series), segment ICH and PHE, "
+        "and print volumes, densities and the neoplastic probability. The model is loaded once.",
+    )
+    add_bundle_args(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image (JSON Lines)")
+    p.add_argument("--save-masks", metavar="DIR", help="write each predicted label map to DIR")
     p.set_defaults(func=run)
 
 
+def load_predictor(args, threshold_config: str | None = None):
+    """Verify and load the bundle named on the command line into a ``Predictor``.
+
+    With a site config, its coordinator key verifies the bundle and the site's locally calibrated
+    threshold for that exact bundle (by hash) replaces the bundle's own.
+    """
+    from shared.bundle import load_bundle
+    from shared.pipeline import Predictor
+
+    pubkey = args.pubkey
+    site = None
+    site_config = threshold_config or getattr(args, "site_config", None)
+    if site_config:
+        from client.runtime import load_site_config
+
+        site = load_site_config(site_config)
+        pubkey = pubkey or site.public_key
+    if pubkey is None and not args.allow_unsigned:
+        raise IchfedError("--pubkey: a trusted public key is required to verify the bundle (or --site-config)")
+    bundle = load_bundle(args.bundle, pubkey, allow_unsigned=args.allow_unsigned)
+    threshold = None
+    if site is not None:
+        from client.runtime import load_local_threshold
+
+        threshold = load_local_threshold(site.state_dir, bundle.hash)
+        if threshold is None:
+            log.warning(
+                "%s: no local threshold for bundle %s in %s; using the bundle's threshold",
+                site_config,
+                bundle.hash[:12],
+                site.state_dir,
+            )
+    return Predictor(bundle, device=args.device, threshold=threshold)
+
+
 def run(args) -> int:
-    raise IchfedError("'ichfed predict' is not yet available in this version")
+    predictor = load_predictor(args)
+    failed = 0
+    for image in args.images:
+        try:
+            result = predictor.predict(image, save_masks_dir=args.save_masks)
+        except IchfedError as e:
+            # One bad file must not cost the results of the others.
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(format_result(result), flush=True)
+    return 2 if failed else 0
+
+
+def format_result(r: dict) -> str:
+    """Human-readable summary of one prediction."""
+    lines = [f"{r['source']}"]
+    if not r["lesion_found"]:
+        lines.append("  no hemorrhage found (not classified)")
+    else:
+        lines.append(f"  ICH  {r['ich_ml']:.1f} ml  mean {_hu(r['ich_mean_hu'])}   lesions: {r['n_components']}")
+        lines.append(f"  PHE  {r['phe_ml']:.1f} ml  mean {_hu(r['phe_mean_hu'])}")
+        lines.append(
+            f"  p(neoplastic) = {r['p_neoplastic']:.3f}  (threshold {r['threshold']:.3f}, "
+            f"{r['threshold_source']})  ->  {r['label']}"
+        )
+    t = ", ".join(f"{k} {v:.2f}s" for k, v in r["timings"].items())
+    lines.append(f"  bundle {r['bundle']['name']} {r['bundle']['version']}   timings: {t}")
+    return "\n".join(lines)
+
+
+def _hu(v) -> str:
+    return "n/a" if v is None else f"{v:.0f} HU"

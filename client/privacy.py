@@ -1,0 +1,227 @@
+"""The privacy boundary: the one place that builds what a site sends, and the allow-list it obeys.
+
+A reply may carry only
+- the head (``weight`` (2, 512) and ``bias`` (2,), finite float32),
+- named aggregate metrics (counts, AUC, accuracy, sensitivity, specificity, threshold,
+  confusion counts, mean Dice, and a ROC curve sampled at fixed false-positive rates),
+- a few short fields from a fixed vocabulary (site name, status, reason codes, bundle hash).
+
+Case IDs, per-case values, images and file paths have no key to travel under, so they cannot
+leave. ``build_reply`` constructs every reply and checks it; ``privacy_mod`` checks every
+message again on its way out of the ClientApp, so a reply built some other way is stopped too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from shared import protocol as P
+
+log = logging.getLogger(__name__)
+
+_MAX_ABS = 1e6  # no honest metric or head entry is this large; a larger one is a bug or a leak
+_COUNT_METRICS = {"n", "n-pos", "n-neg", "n-no-lesion", "tp", "fp", "tn", "fn", "withheld"}
+_UNIT_METRICS = {"auc", "accuracy", "sensitivity", "specificity", "threshold", "dice-ich", "dice-phe"}
+
+
+class PrivacyViolation(RuntimeError):
+    """A reply held something outside the allow-list; it is a bug, and nothing was sent."""
+
+
+def build_reply(
+    site: str,
+    status: str = P.STATUS_OK,
+    *,
+    head: Mapping[str, np.ndarray] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    reasons: Mapping[str, str] | None = None,
+    reason: str | None = None,
+    bundle_hash: str | None = None,
+):
+    """Build the content (a Flower ``RecordDict``) of a site's reply and check it.
+
+    ``metrics`` values that are ``None`` are left out (a MetricRecord has no null); say why
+    in ``reasons`` under the same key. Raises ``PrivacyViolation`` for anything not allowed.
+    """
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    content = RecordDict()
+    info: dict[str, Any] = {P.INFO_SITE: site, P.INFO_STATUS: status}
+    if reason is not None:
+        info[P.INFO_REASON] = reason
+    if bundle_hash is not None:
+        info[P.INFO_BUNDLE_HASH] = bundle_hash
+    for key, code in (reasons or {}).items():
+        info[f"{key}{P.REASON_SUFFIX}"] = code
+    if head is not None:
+        content[P.HEAD] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(np.asarray(v, dtype=np.float32))) for k, v in head.items()}
+        )
+    if metrics is not None:
+        clean = {}
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            if isinstance(v, (list, tuple, np.ndarray)):
+                clean[k] = [float(x) for x in v]
+            elif isinstance(v, (bool, np.bool_)):
+                clean[k] = int(v)
+            elif isinstance(v, (int, np.integer)):
+                clean[k] = int(v)
+            else:
+                clean[k] = float(v)
+        content[P.METRICS] = MetricRecord(clean)
+    content[P.INFO] = ConfigRecord(info)
+    check_content(content)
+    return content
+
+
+def check_content(content) -> None:
+    """Raise ``PrivacyViolation`` unless every record, key and value of ``content`` is allowed."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    for name, record in content.items():
+        if name == P.HEAD and isinstance(record, ArrayRecord):
+            _check_head(record)
+        elif name == P.METRICS and isinstance(record, MetricRecord):
+            for key, value in record.items():
+                _check_metric(key, value)
+        elif name == P.INFO and isinstance(record, ConfigRecord):
+            for key, value in record.items():
+                _check_info(key, value)
+        else:
+            raise PrivacyViolation(f"reply record '{name}' ({type(record).__name__}) is not on the allow-list")
+
+
+def privacy_mod(message, context, call_next):
+    """Flower ClientApp mod: every outgoing reply passes ``check_content`` or is replaced by an error."""
+    from flwr.app import Error, Message
+
+    reply = call_next(message, context)
+    if reply.has_content():
+        try:
+            check_content(reply.content)
+        except PrivacyViolation as e:
+            log.error("reply to %s withheld: %s", message.metadata.message_type, e)
+            return Message(Error(code=0, reason="reply withheld by the privacy allow-list"), reply_to=message)
+    return reply
+
+
+def describe_content(content) -> dict[str, Any]:
+    """Every record, key and value of a reply as plain JSON (arrays as nested lists)."""
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+    out: dict[str, Any] = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            out[name] = {"type": "ArrayRecord", "items": {
+                k: {"dtype": str(a.numpy().dtype), "shape": list(a.numpy().shape), "values": a.numpy().tolist()}
+                for k, a in record.items()}}
+        elif isinstance(record, MetricRecord):
+            out[name] = {"type": "MetricRecord", "items": dict(record)}
+        elif isinstance(record, ConfigRecord):
+            out[name] = {"type": "ConfigRecord", "items": {
+                k: (v.hex() if isinstance(v, bytes) else v) for k, v in record.items()}}
+        else:
+            out[name] = {"type": type(record).__name__, "items": repr(record)}
+    return out
+
+
+class AuditMod:
+    """ClientApp mod keeping a copy of every reply that leaves the site in ``<folder>/<time_ns>-<type>.json``.
+
+    It sits outside ``privacy_mod`` and so records exactly what was sent; a hospital can read
+    what its site told the coordinator.
+    """
+
+    def __init__(self, folder_for: Any) -> None:
+        # ``folder_for(context) -> Path | None``: the site's audit folder (it depends on the node).
+        self.folder_for = folder_for
+
+    def __call__(self, message, context, call_next):
+        import json
+        import time
+        from pathlib import Path
+
+        from shared.atomic import write_text
+
+        reply = call_next(message, context)
+        folder = self.folder_for(context)
+        if folder is None:
+            return reply
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        entry = {"message_type": message.metadata.message_type, "time": time.time(),
+                 "error": reply.error.reason if reply.has_error() else None,
+                 "content": describe_content(reply.content) if reply.has_content() else None}
+        write_text(folder / f"{time.time_ns()}-{message.metadata.message_type}.json", json.dumps(entry, indent=1))
+        return reply
+
+
+def _check_head(record) -> None:
+    keys = set(record.keys())
+    if keys != set(P.HEAD_SHAPES):
+        raise PrivacyViolation(f"head arrays must be exactly {sorted(P.HEAD_SHAPES)}, got {sorted(keys)}")
+    for key, shape in P.HEAD_SHAPES.items():
+        arr = record[key].numpy()
+        if arr.dtype != np.float32 or tuple(arr.shape) != shape:
+            raise PrivacyViolation(f"head '{key}' must be float32 {shape}, got {arr.dtype} {tuple(arr.shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise PrivacyViolation(f"head '{key}' holds NaN or Inf")
+
+
+def _check_metric(key: str, value: Any) -> None:
+    if key in P.SITE_COUNTS:
+        metric = "n" if key != P.TRAIN_LOSS else "train-loss"
+    else:
+        parts = P.split_metric_key(key)
+        if parts is None:
+            raise PrivacyViolation(f"metric '{key}' is not on the allow-list")
+        metric = parts[1]
+    if metric in P.LIST_METRICS:
+        if not isinstance(value, list) or len(value) != P.LIST_METRICS[metric]:
+            raise PrivacyViolation(f"metric '{key}' must be a list of {P.LIST_METRICS[metric]} values")
+        for v in value:
+            _check_number(key, v, 0.0, 1.0)
+        return
+    if isinstance(value, list):
+        raise PrivacyViolation(f"metric '{key}' must be a single number, got a list")
+    if metric in _COUNT_METRICS or metric == "n":
+        if not isinstance(value, int) or value < 0:
+            raise PrivacyViolation(f"metric '{key}' must be a count, got {value!r}")
+        return
+    if metric in _UNIT_METRICS:
+        _check_number(key, value, 0.0, 1.0)
+        return
+    _check_number(key, value, 0.0, _MAX_ABS)
+
+
+def _check_number(key: str, value: Any, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PrivacyViolation(f"metric '{key}' must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or not (lo <= value <= hi):
+        raise PrivacyViolation(f"metric '{key}' = {value!r} is outside [{lo}, {hi}]")
+
+
+def _check_info(key: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise PrivacyViolation(f"info '{key}' must be a string, got {type(value).__name__}")
+    if key == P.INFO_SITE:
+        ok = bool(P.SITE_NAME_RE.match(value))
+    elif key == P.INFO_STATUS:
+        ok = value in P.STATUSES
+    elif key == P.INFO_REASON:
+        ok = value in P.REASONS
+    elif key == P.INFO_BUNDLE_HASH:
+        ok = bool(P.HASH_RE.match(value))
+    elif key.endswith(P.REASON_SUFFIX):
+        target = key[: -len(P.REASON_SUFFIX)]
+        ok = (target in P.SITE_COUNTS or P.split_metric_key(target) is not None) and value in P.REASONS
+    else:
+        raise PrivacyViolation(f"info '{key}' is not on the allow-list")
+    if not ok:
+        raise PrivacyViolation(f"info '{key}' has a value outside its fixed vocabulary")

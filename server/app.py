@@ -1,0 +1,349 @@
+"""The Flower ServerApp (thin wiring): distribute the bundle, run head FedAvg with checkpoints,
+write the federated bundle, run the final cross-site evaluation and write the report.
+
+Settings come from the run config (``pyproject.toml`` ``[tool.flwr.app.config]``, overridable
+with ``flwr run . <federation> --run-config "num-server-rounds=5 resume=true"``), or are passed
+directly by the simulation runner through ``build_server_app(settings)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared import protocol as P
+from shared.errors import IchfedError
+
+from .checkpoint import CheckpointStore
+from .report import write_report
+from .strategy import DEFAULT_MAX_UPDATE_NORM, HeadFedAvg, metrics_from_reply, pooled_metrics, site_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """What the coordinator decides for a run."""
+
+    bundle_path: Path
+    public_key: Path
+    state_dir: Path
+    num_rounds: int = 3
+    min_sites: int = 2
+    signing_key: Path | None = None  # signs the federated bundle; without it none is written
+    resume: bool = False
+    max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
+    round_timeout_s: float = 3600.0
+    wait_for_sites_s: float = 600.0
+    seed: int = 0
+    report_dir: Path | None = None  # default <state_dir>/report
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise IchfedError(f"run config: 'num-server-rounds' must be at least 1, got {self.num_rounds}")
+        if self.min_sites < 1:
+            raise IchfedError(f"run config: 'min-sites' must be at least 1, got {self.min_sites}")
+        if not self.max_update_norm > 0:
+            raise IchfedError(f"run config: 'max-update-norm' must be positive, got {self.max_update_norm}")
+
+    @property
+    def reports(self) -> Path:
+        return Path(self.report_dir) if self.report_dir else Path(self.state_dir) / "report"
+
+
+_RUN_CONFIG_KEYS = {
+    "bundle-path": ("bundle_path", Path),
+    "public-key": ("public_key", Path),
+    "state-dir": ("state_dir", Path),
+    "num-server-rounds": ("num_rounds", int),
+    "min-sites": ("min_sites", int),
+    "signing-key": ("signing_key", Path),
+    "resume": ("resume", bool),
+    "max-update-norm": ("max_update_norm", float),
+    "round-timeout": ("round_timeout_s", float),
+    "wait-for-sites": ("wait_for_sites_s", float),
+    "seed": ("seed", int),
+    "report-dir": ("report_dir", Path),
+}
+
+
+def settings_from_run_config(run_config: dict[str, Any]) -> ServerSettings:
+    """Settings from a Flower run config; empty strings mean "not set"."""
+    values: dict[str, Any] = {}
+    for key, (field, kind) in _RUN_CONFIG_KEYS.items():
+        v = run_config.get(key)
+        if v is None or v == "":
+            continue
+        try:
+            if kind is bool:
+                values[field] = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+            elif kind is Path:
+                values[field] = Path(str(v)).expanduser()
+            else:
+                values[field] = kind(v)
+        except (TypeError, ValueError):
+            raise IchfedError(f"run config: '{key}' must be {kind.__name__}, got {v!r}") from None
+    for key in ("bundle-path", "public-key", "state-dir"):
+        if _RUN_CONFIG_KEYS[key][0] not in values:
+            raise IchfedError(f"run config: '{key}' is required (set it with --run-config \"{key}='...'\")")
+    return ServerSettings(**values)
+
+
+def build_server_app(settings: ServerSettings | None = None):
+    """A ServerApp; without ``settings`` they are read from the run config."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        run_federation(grid, settings or settings_from_run_config(dict(context.run_config)))
+
+    return app
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
+    """The whole run on ``grid``; returns the report dict (also written to ``settings.reports``)."""
+    from flwr.app import ConfigRecord
+
+    from shared.bundle import load_bundle
+
+    t0 = time.perf_counter()
+    bundle = load_bundle(settings.bundle_path, settings.public_key)
+    store = CheckpointStore(settings.state_dir)
+    run_info = {
+        "bundle_hash": bundle.hash,
+        "bundle_name": bundle.manifest.name,
+        "bundle_version": bundle.manifest.version,
+        "num_rounds": settings.num_rounds,
+        "min_sites": settings.min_sites,
+        "max_update_norm": settings.max_update_norm,
+        "seed": settings.seed,
+        "resumed_from_round": 0,
+    }
+    start_round, history = 0, []
+    head = reference_head(bundle)
+    if store.exists():
+        if not settings.resume:
+            raise IchfedError(
+                f"{store.dir}: holds checkpoints of an earlier run; resume it (resume=true / --resume) "
+                "or choose a new state folder"
+            )
+        ckpt = store.latest()
+        if ckpt.run.get("bundle_hash") != bundle.hash:
+            raise IchfedError(f"{ckpt.path}: checkpoint is for bundle {ckpt.run.get('bundle_hash', '?')[:12]}, "
+                              f"not {bundle.hash[:12]}")
+        start_round, history, head = ckpt.round, ckpt.history, ckpt.head
+        run_info["resumed_from_round"] = start_round
+        log.info("resuming after round %d from %s", start_round, ckpt.path)
+    elif settings.resume:
+        log.warning("resume requested but %s holds no checkpoint; starting at round 1", store.dir)
+
+    ready, distribution = distribute_bundle(grid, bundle, settings)
+    run_info["sites"] = sorted(ready.values())
+
+    def checkpoint(round_: int, arrays: dict[str, np.ndarray], _record: dict[str, Any]) -> None:
+        store.save(round_, arrays, run_info, strategy.history)
+
+    strategy = HeadFedAvg(min_sites=settings.min_sites, max_update_norm=settings.max_update_norm,
+                          ready_nodes=ready.keys(), round_offset=start_round, history=history,
+                          on_round_end=checkpoint)
+    remaining = settings.num_rounds - start_round
+    if remaining > 0:
+        cfg = ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_NUM_ROUNDS: settings.num_rounds,
+                            P.CFG_SEED: settings.seed})
+        strategy.start(grid=grid, initial_arrays=_record(head), num_rounds=remaining,
+                       timeout=settings.round_timeout_s, train_config=cfg, evaluate_config=ConfigRecord(dict(cfg)))
+        head = strategy.last_arrays
+    final_bundle = write_federated_bundle(bundle, head, strategy.history, settings)
+    final = final_evaluation(grid, ready, head, bundle, final_bundle, settings)
+    report = {
+        "run": {**run_info, "wall_s": round(time.perf_counter() - t0, 2)},
+        "distribution": distribution,
+        "rounds": strategy.history,
+        "final": final,
+        "final_bundle": final_bundle["info"] if final_bundle else None,
+    }
+    paths = write_report(report, settings.reports)
+    log.info("run finished: report at %s", paths["markdown"])
+    return report
+
+
+def reference_head(bundle) -> dict[str, np.ndarray]:
+    """The bundle classifier's final layer (weight (2, 512), bias (2,))."""
+    from shared.classifier import backbone_and_head
+
+    _, head = backbone_and_head(bundle.build_classifier("cpu"))
+    return {P.HEAD_WEIGHT: head.weight.detach().cpu().numpy().astype(np.float32),
+            P.HEAD_BIAS: head.bias.detach().cpu().numpy().astype(np.float32)}
+
+
+def _record(head: dict[str, np.ndarray]):
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in head.items()})
+
+
+def _wait_for_nodes(grid, n: int, timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() > deadline:
+            raise IchfedError(f"only {len(nodes)} site(s) connected within {timeout_s:g} s; min-sites is {n}")
+        log.info("waiting for sites: %d connected, %d needed", len(nodes), n)
+        time.sleep(1.0)
+
+
+def _send(grid, node_ids, message_type: str, content, timeout_s: float) -> list:
+    from flwr.app import Message
+
+    messages = [Message(content=content, dst_node_id=n, message_type=message_type) for n in node_ids]
+    return list(grid.send_and_receive(messages, timeout=timeout_s)) if messages else []
+
+
+def distribute_bundle(grid, bundle, settings: ServerSettings) -> tuple[dict[int, str], dict[str, Any]]:
+    """Ask every site which bundle it has and send the bundle to those that lack it.
+
+    Returns ``{node_id: site}`` of the sites holding the verified bundle, and a summary for the
+    report. Sites that refuse (failed verification) are logged by name and left out.
+    """
+    from flwr.app import ConfigRecord, RecordDict
+
+    from shared.transport import bundle_to_records
+
+    nodes = _wait_for_nodes(grid, settings.min_sites, settings.wait_for_sites_s)
+    offer = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_DELIVER: False})})
+    ready: dict[int, str] = {}
+    summary: dict[str, list[str]] = {"had": [], "received": [], "refused": []}
+    need: list[int] = []
+    for msg in _send(grid, nodes, P.QUERY_BUNDLE, offer, settings.round_timeout_s):
+        status = _status(msg)
+        if status == P.STATUS_HAVE:
+            ready[msg.metadata.src_node_id] = site_name(msg)
+            summary["had"].append(site_name(msg))
+        elif status == P.STATUS_NEED:
+            need.append(msg.metadata.src_node_id)
+        else:
+            _log_refusal(msg, "bundle check")
+            summary["refused"].append(site_name(msg))
+    if need:
+        arrays, config = bundle_to_records(bundle.path)
+        content = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_DELIVER: True}),
+                              P.BUNDLE_ARRAYS: arrays, P.BUNDLE_CONFIG: config})
+        log.info("sending bundle %s to %d site(s)", bundle.hash[:12], len(need))
+        for msg in _send(grid, need, P.QUERY_BUNDLE, content, settings.round_timeout_s):
+            if _status(msg) == P.STATUS_HAVE:
+                ready[msg.metadata.src_node_id] = site_name(msg)
+                summary["received"].append(site_name(msg))
+            else:
+                _log_refusal(msg, "bundle delivery")
+                summary["refused"].append(site_name(msg))
+    if len(ready) < settings.min_sites:
+        raise IchfedError(f"only {len(ready)} site(s) hold the verified bundle ({', '.join(sorted(ready.values())) or 'none'}); "
+                          f"min-sites is {settings.min_sites}")
+    log.info("sites ready: %s", ", ".join(sorted(ready.values())))
+    return ready, {k: sorted(v) for k, v in summary.items()}
+
+
+def _status(msg) -> str | None:
+    if msg.has_error() or P.INFO not in msg.content.config_records:
+        return None
+    return msg.content[P.INFO].get(P.INFO_STATUS)
+
+
+def _log_refusal(msg, what: str) -> None:
+    why = msg.error.reason if msg.has_error() else msg.content[P.INFO].get(P.INFO_REASON, "no reason given")
+    log.warning("%s: site %s refused: %s", what, site_name(msg), why)
+
+
+def write_federated_bundle(bundle, head: dict[str, np.ndarray], history: list[dict[str, Any]],
+                           settings: ServerSettings) -> dict[str, Any] | None:
+    """Derive and sign the bundle carrying the federated head (None without a signing key).
+
+    Its threshold is the case-weighted mean of the thresholds the sites calibrated for this very
+    head in the last round; each site still keeps and uses its own.
+    """
+    if settings.signing_key is None:
+        log.info("no signing-key configured: the federated head stays in the checkpoints, no bundle is written")
+        return None
+    import torch
+
+    from shared.bundle import derive_bundle, load_bundle
+    from shared.classifier import load_weights
+
+    last = history[-1] if history else {}
+    site_rows = [r for r in last.get("evaluate", {}).get("sites", []) if r.get("status") == "ok"]
+    pairs = [(r[P.MODEL_GLOBAL]["threshold"], r[P.MODEL_GLOBAL]["n"]) for r in site_rows
+             if (r.get(P.MODEL_GLOBAL) or {}).get("threshold") is not None]
+    threshold = (sum(t * n for t, n in pairs) / sum(n for _, n in pairs)) if pairs else float(bundle.threshold.p)
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(head[k], np.float32).tobytes() for k in sorted(head))).hexdigest()
+    out = Path(settings.state_dir) / "bundles" / f"{bundle.manifest.name}-federated-{digest[:12]}"
+    lineage = {
+        "federated": {
+            "rounds": settings.num_rounds,
+            "n_sites": len(site_rows),
+            "sites": sorted(r["site"] for r in site_rows),
+            "aggregate_metrics": last.get("evaluate", {}).get("pooled"),
+            "threshold": "case-weighted mean of the site thresholds for this head" if pairs else "parent's threshold",
+            "head_sha256": digest,
+        }
+    }
+    if not out.exists():
+        state = load_weights(bundle.classifier_path)
+        state = {k: (v.clone() if hasattr(v, "clone") else v) for k, v in state.items()}
+        state["fc.weight"] = torch.from_numpy(np.array(head[P.HEAD_WEIGHT], dtype=np.float32))
+        state["fc.bias"] = torch.from_numpy(np.array(head[P.HEAD_BIAS], dtype=np.float32))
+        derive_bundle(bundle, out, state, threshold, version=f"{bundle.manifest.version}+fed{settings.num_rounds}",
+                      lineage=lineage, private_key=settings.signing_key)
+    new = load_bundle(out, settings.public_key)
+    log.info("federated bundle %s written to %s", new.hash[:12], out)
+    return {"bundle": new, "info": {"path": str(out), "hash": new.hash, "parent_hash": bundle.hash,
+                                    "threshold": float(new.threshold.p), "lineage": new.manifest.lineage}}
+
+
+def final_evaluation(grid, ready: dict[int, str], head: dict[str, np.ndarray], bundle,
+                     final_bundle: dict[str, Any] | None, settings: ServerSettings) -> dict[str, Any]:
+    """The final head on every site (each with its own threshold) next to the reference and
+    local-only heads; distributes the federated bundle in the same message."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from shared.transport import bundle_to_records
+
+    content = RecordDict({
+        P.HEAD: _record(head),
+        P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_NUM_ROUNDS: settings.num_rounds,
+                                P.CFG_DELIVER: final_bundle is not None}),
+    })
+    if final_bundle is not None:
+        arrays, config = bundle_to_records(final_bundle["bundle"].path)
+        content[P.BUNDLE_ARRAYS], content[P.BUNDLE_CONFIG] = arrays, config
+    sites = []
+    for msg in _send(grid, sorted(ready), P.QUERY_FINAL, content, settings.round_timeout_s):
+        name = site_name(msg)
+        if _status(msg) != P.STATUS_OK:
+            _log_refusal(msg, "final evaluation")
+            sites.append({"site": name, "status": "failed"})
+            continue
+        parsed = metrics_from_reply(msg)
+        info = msg.content[P.INFO]
+        sites.append({"site": name, "status": "ok", **{m: parsed.get(m, {}) for m in
+                                                       (P.MODEL_REFERENCE, P.MODEL_LOCAL, P.MODEL_FEDERATED)},
+                      "counts": parsed["counts"], "reasons": parsed["reasons"],
+                      "kept_bundle": info.get(P.INFO_BUNDLE_HASH), "bundle_problem": info.get(P.INFO_REASON)})
+    sites.sort(key=lambda s: s["site"])
+    pooled = {m: pooled_metrics(sites, m) for m in (P.MODEL_REFERENCE, P.MODEL_LOCAL, P.MODEL_FEDERATED)}
+    return {"sites": sites, "pooled": pooled}
+
+
+app = build_server_app()

@@ -1,0 +1,223 @@
+"""The run report: ``report.json`` plus ``report.md`` / ``report.html`` with ROC curves and
+confusion matrices as PNG, and the paper-style table.
+
+The table compares, on the same held-out splits:
+(a) the reference bundle before fine-tuning (its own threshold),
+(b) last-layer fine-tuning at each site alone (the paper's approach; site threshold),
+(c) federated last-layer fine-tuning (site threshold).
+
+Everything here comes from the aggregates the sites sent; a site's metrics withheld for too
+few cases appear as "withheld" with the reason.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from shared import protocol as P
+from shared.atomic import atomic_path, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+FINAL_MODELS = (
+    (P.MODEL_REFERENCE, "Before fine-tuning (reference bundle)"),
+    (P.MODEL_LOCAL, "Local-only last-layer fine-tuning"),
+    (P.MODEL_FEDERATED, "Federated last-layer fine-tuning"),
+)
+_COLS = ("auc", "accuracy", "sensitivity", "specificity", "threshold")
+
+
+def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the paper-style table: pooled per model, then per site and model."""
+    rows = []
+    final = report.get("final") or {}
+    pooled = final.get("pooled") or {}
+    for model, title in FINAL_MODELS:
+        m = pooled.get(model) or {}
+        rows.append({"name": f"{title} — all sites", "model": model, "site": None, **m})
+    for site in final.get("sites", []):
+        for model, title in FINAL_MODELS:
+            m = site.get(model) or {}
+            rows.append({"name": f"{site['site']}: {title}", "model": model, "site": site["site"], **m})
+    return rows
+
+
+def paper_table_markdown(report: dict[str, Any]) -> str:
+    """The paper-style Markdown table (n, AUC, accuracy, sensitivity, specificity, threshold)."""
+    lines = ["| Model | Site | n | AUC | Accuracy | Sensitivity | Specificity | Threshold |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in paper_rows(report):
+        title = dict(FINAL_MODELS)[row["model"]]
+        if row.get("withheld"):
+            cells = ["withheld"] * 5
+        else:
+            cells = [_f(row.get(k)) for k in _COLS]
+        lines.append(f"| {title} | {row['site'] or 'all sites'} | {row.get('n', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rounds_table_markdown(report: dict[str, Any]) -> str:
+    """Per-round table: the global head on each site's held-out split, and pooled."""
+    lines = ["| Round | Site | Update | n | AUC | Accuracy | Sensitivity | Specificity |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for rnd in report.get("rounds", []):
+        train = {row["site"]: row for row in rnd.get("train", {}).get("sites", [])}
+        for row in rnd.get("evaluate", {}).get("sites", []):
+            m = row.get(P.MODEL_GLOBAL) or {}
+            t = train.get(row["site"], {})
+            upd = t.get("status", "-") + (f" ({t['reason']})" if t.get("reason") else "")
+            cells = ["withheld"] * 4 if m.get("withheld") else [_f(m.get(k)) for k in _COLS[:4]]
+            lines.append(f"| {rnd['round']} | {row['site']} | {upd} | {m.get('n', '')} | " + " | ".join(cells) + " |")
+        pooled = rnd.get("evaluate", {}).get("pooled") or {}
+        lines.append(f"| {rnd['round']} | **pooled** | | {pooled.get('n', '')} | "
+                     + " | ".join(_f(pooled.get(k)) for k in _COLS[:4]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md``, ``report.html``, ``roc.png`` and ``confusion.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "html": out / "report.html",
+             "roc": out / "roc.png", "confusion": out / "confusion.png"}
+    write_json(paths["json"], report)
+    has_final = bool((report.get("final") or {}).get("sites"))
+    if has_final:
+        plot_roc(report, paths["roc"])
+        plot_confusion(report, paths["confusion"])
+    write_text(paths["markdown"], markdown(report, has_final))
+    write_text(paths["html"], to_html(report, has_final))
+    if not has_final:
+        paths.pop("roc"), paths.pop("confusion")
+    log.info("report written to %s", out)
+    return paths
+
+
+def markdown(report: dict[str, Any], with_figures: bool = True) -> str:
+    """The Markdown report."""
+    run = report.get("run", {})
+    parts = [
+        "# ichfed federated fine-tuning report\n",
+        f"- bundle: `{run.get('bundle_hash', '')[:16]}` → final bundle: "
+        f"`{(report.get('final_bundle') or {}).get('hash', 'not written')[:16]}`",
+        f"- rounds: {run.get('num_rounds')}; sites: {', '.join(run.get('sites', []))}; "
+        f"min-sites: {run.get('min_sites')}; seed: {run.get('seed')}",
+        f"- resumed from round: {run.get('resumed_from_round', 0)}\n",
+        "## Before fine-tuning, local-only and federated fine-tuning (held-out splits)\n",
+        "Thresholds: the reference model uses the bundle's threshold; fine-tuned models use each site's "
+        "threshold maximising sensitivity × specificity on its fine-tune split. Pooled accuracy, "
+        "sensitivity and specificity come from summed confusion counts; pooled AUC is the case-weighted "
+        "mean of site AUCs.\n",
+        paper_table_markdown(report),
+    ]
+    if with_figures:
+        parts += ["\n![ROC curves](roc.png)\n", "![Confusion matrices](confusion.png)\n"]
+    reasons = _reasons(report)
+    if reasons:
+        parts += ["\n### Withheld or undefined metrics\n"] + [f"- {r}" for r in reasons] + [""]
+    parts += ["\n## Rounds: global head on each site's held-out split\n", rounds_table_markdown(report)]
+    return "\n".join(parts)
+
+
+def _reasons(report: dict[str, Any]) -> list[str]:
+    out = []
+    for site in (report.get("final") or {}).get("sites", []):
+        for key, code in sorted((site.get("reasons") or {}).items()):
+            out.append(f"{site['site']}: {key}: {code}")
+    return out
+
+
+def to_html(report: dict[str, Any], with_figures: bool = True) -> str:
+    """The same report as a self-contained HTML page (PNGs linked beside it)."""
+    def table(md: str) -> str:
+        rows = [line.strip().strip("|").split("|") for line in md.strip().splitlines()]
+        head, body = rows[0], rows[2:]
+        th = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip().strip('*'))}</td>" for c in r) + "</tr>" for r in body)
+        return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+    run = report.get("run", {})
+    figs = ('<h3>ROC curves</h3><img src="roc.png" alt="ROC curves">'
+            '<h3>Confusion matrices</h3><img src="confusion.png" alt="Confusion matrices">') if with_figures else ""
+    reasons = "".join(f"<li>{html.escape(r)}</li>" for r in _reasons(report))
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>ichfed run report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,td:nth-child(2){text-align:left}"
+        "img{max-width:100%}</style></head><body>"
+        "<h1>ichfed federated fine-tuning report</h1>"
+        f"<p>bundle <code>{html.escape(run.get('bundle_hash', '')[:16])}</code>, rounds {run.get('num_rounds')}, "
+        f"sites {html.escape(', '.join(run.get('sites', [])))}, seed {run.get('seed')}</p>"
+        "<h2>Before fine-tuning, local-only and federated fine-tuning</h2>"
+        + table(paper_table_markdown(report)) + figs
+        + (f"<h3>Withheld or undefined metrics</h3><ul>{reasons}</ul>" if reasons else "")
+        + "<h2>Rounds</h2>" + table(rounds_table_markdown(report)) + "</body></html>\n"
+    )
+
+
+def plot_roc(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """One panel per model; a curve per site (TPR at the protocol's fixed FPR grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = report["final"]["sites"]
+    fig, axes = plt.subplots(1, len(FINAL_MODELS), figsize=(5 * len(FINAL_MODELS), 4.6), squeeze=False)
+    for ax, (model, title) in zip(axes[0], FINAL_MODELS):
+        for site in sites:
+            m = site.get(model) or {}
+            tpr = m.get(P.ROC_TPR)
+            if tpr:
+                auc = m.get("auc")
+                ax.plot(P.ROC_FPR_GRID, tpr, marker=".", label=f"{site['site']} (AUC {auc:.2f})" if auc is not None else site["site"])
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set(title=title, xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_confusion(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """2x2 confusion matrices: one row per site plus the pooled row, one column per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    final = report["final"]
+    rows = [(s["site"], s) for s in final["sites"]] + [("all sites", {m: {**(final.get("pooled") or {}).get(m, {}),
+                                                                          **((final.get("pooled") or {}).get(m, {}).get("confusion") or {})}
+                                                                       for m, _ in FINAL_MODELS})]
+    fig, axes = plt.subplots(len(rows), len(FINAL_MODELS), figsize=(3.2 * len(FINAL_MODELS), 2.8 * len(rows)), squeeze=False)
+    for i, (name, data) in enumerate(rows):
+        for j, (model, title) in enumerate(FINAL_MODELS):
+            ax = axes[i][j]
+            m = data.get(model) or {}
+            ax.set_xticks([0, 1], ["pred non-neo", "pred neo"], fontsize=7)
+            ax.set_yticks([0, 1], ["non-neo", "neo"], fontsize=7)
+            ax.set_title(f"{name}\n{title}", fontsize=8)
+            if m.get("tp") is None:
+                ax.text(0.5, 0.5, "withheld" if m.get("withheld") else "n/a", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xlim(-0.5, 1.5), ax.set_ylim(1.5, -0.5)
+                continue
+            mat = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
+            ax.imshow(mat, cmap="Blues", vmin=0)
+            for (y, x), v in np.ndenumerate(mat):
+                ax.text(x, y, str(int(v)), ha="center", va="center", color="black")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

@@ -1,0 +1,254 @@
+"""FedAvg over the head, weighted by each site's fine-tune case count, with update validation.
+
+Built on Flower's ``flwr.serverapp.strategy.FedAvg``: sampling, message construction and the
+weighted average are Flower's. What this adds:
+
+- only sites that confirmed the bundle are asked to train;
+- every site update is checked (allowed keys, shapes, finite values, update norm, a positive
+  case count); a bad one is rejected with a log line naming the site, and the round goes on
+  if at least ``min_sites`` updates remain, else it stops with an ``IchfedError``;
+- a per-site table and pooled metrics every round, kept in ``history``;
+- round numbers continue after a resume (``round_offset``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from flwr.serverapp.strategy import FedAvg
+
+from shared import protocol as P
+from shared.errors import IchfedError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPDATE_NORM = 100.0
+
+
+def site_name(message) -> str:
+    """The site's name from its reply, else ``node-<id>`` (for error replies)."""
+    if message.has_content() and P.INFO in message.content.config_records:
+        name = message.content[P.INFO].get(P.INFO_SITE)
+        if isinstance(name, str) and P.SITE_NAME_RE.match(name):
+            return name
+    return f"node-{message.metadata.src_node_id}"
+
+
+def head_from_record(record) -> dict[str, np.ndarray]:
+    """Head arrays (weight, bias) from an ArrayRecord, as float32 numpy arrays."""
+    return {k: np.asarray(record[k].numpy(), dtype=np.float32) for k in record.keys()}
+
+
+def check_update(head: dict[str, np.ndarray], reference: dict[str, np.ndarray], max_norm: float) -> str | None:
+    """Why a site's head update is unacceptable, or None when it is fine."""
+    if set(head) != set(P.HEAD_SHAPES):
+        return f"arrays {sorted(head)} are not {sorted(P.HEAD_SHAPES)}"
+    for key, shape in P.HEAD_SHAPES.items():
+        if tuple(head[key].shape) != shape:
+            return f"'{key}' has shape {tuple(head[key].shape)}, expected {shape}"
+        if not np.all(np.isfinite(head[key])):
+            return f"'{key}' holds NaN or Inf"
+    norm = math.sqrt(sum(float(np.sum((head[k].astype(np.float64) - reference[k]) ** 2)) for k in P.HEAD_SHAPES))
+    if not norm <= max_norm:
+        return f"update norm {norm:.3g} exceeds the limit {max_norm:g}"
+    return None
+
+
+def pooled_metrics(site_rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    """Pool per-site metrics of ``model``: confusion counts are summed (accuracy, sensitivity and
+    specificity follow from the sums); AUC is the case-weighted mean of the site AUCs, since the
+    per-case scores a pooled AUC would need never leave the sites."""
+    rows = [r for r in site_rows if r.get(model) and not r[model].get("withheld")]
+    out: dict[str, Any] = {"n_sites": len(rows), "n": sum(int(r[model].get("n") or 0) for r in rows)}
+    conf = {k: sum(int(r[model].get(k) or 0) for r in rows if r[model].get("tp") is not None) for k in ("tp", "fp", "tn", "fn")}
+    with_conf = [r for r in rows if r[model].get("tp") is not None]
+    total = sum(conf.values())
+    out["confusion"] = conf if with_conf else None
+    out["accuracy"] = (conf["tp"] + conf["tn"]) / total if total else None
+    out["sensitivity"] = conf["tp"] / (conf["tp"] + conf["fn"]) if conf["tp"] + conf["fn"] else None
+    out["specificity"] = conf["tn"] / (conf["tn"] + conf["fp"]) if conf["tn"] + conf["fp"] else None
+    aucs = [(r[model]["auc"], int(r[model]["n"])) for r in rows if r[model].get("auc") is not None]
+    out["auc"] = sum(a * n for a, n in aucs) / sum(n for _, n in aucs) if aucs else None
+    return out
+
+
+def metrics_from_reply(message) -> dict[str, Any]:
+    """A site's reply as ``{model: {metric: value}, "counts": {...}, "reasons": {...}}``."""
+    out: dict[str, Any] = {"counts": {}, "reasons": {}}
+    content = message.content
+    if P.METRICS in content.metric_records:
+        for key, value in content[P.METRICS].items():
+            parts = P.split_metric_key(key)
+            if parts is None:
+                out["counts"][key] = value
+            else:
+                out.setdefault(parts[0], {})[parts[1]] = value
+    if P.INFO in content.config_records:
+        for key, value in content[P.INFO].items():
+            if key.endswith(P.REASON_SUFFIX):
+                out["reasons"][key[: -len(P.REASON_SUFFIX)]] = value
+    return out
+
+
+class HeadFedAvg(FedAvg):
+    """Flower FedAvg over the final layer with update validation and per-site bookkeeping."""
+
+    def __init__(
+        self,
+        *,
+        min_sites: int = 2,
+        max_update_norm: float = DEFAULT_MAX_UPDATE_NORM,
+        ready_nodes: Iterable[int] | None = None,
+        round_offset: int = 0,
+        history: list[dict[str, Any]] | None = None,
+        on_round_end: Callable[[int, dict[str, np.ndarray], dict[str, Any]], None] | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=min_sites,
+            min_evaluate_nodes=min_sites,
+            min_available_nodes=min_sites,
+            weighted_by_key=P.NUM_EXAMPLES,
+            arrayrecord_key=P.HEAD,
+            configrecord_key=P.CONFIG,
+            train_metrics_aggr_fn=_train_metrics,
+        )
+        self.min_sites = min_sites
+        self.max_update_norm = max_update_norm
+        self.ready_nodes = set(ready_nodes) if ready_nodes is not None else None
+        self.round_offset = round_offset
+        self.history: list[dict[str, Any]] = list(history or [])
+        self.on_round_end = on_round_end
+        self._sent: dict[str, np.ndarray] | None = None
+        self._current: dict[str, Any] = {}
+        self.last_arrays: dict[str, np.ndarray] | None = None
+
+    # -- training ---------------------------------------------------------------------------
+    def _only_ready(self, messages):
+        messages = list(messages)
+        if self.ready_nodes is None:
+            return messages
+        return [m for m in messages if m.metadata.dst_node_id in self.ready_nodes]
+
+    def configure_train(self, server_round, arrays, config, grid):
+        """Flower's configure_train, limited to the sites that hold the verified bundle."""
+        r = server_round + self.round_offset
+        self._sent = head_from_record(arrays)
+        self._current = {"round": r, "train": {"sites": []}, "evaluate": {"sites": []}}
+        return self._only_ready(super().configure_train(r, arrays, config, grid))
+
+    def aggregate_train(self, server_round, replies):
+        """Reject bad updates (logging the site), then Flower's weighted FedAvg of the rest."""
+        r = server_round + self.round_offset
+        replies = list(replies)
+        accepted = []
+        rows = self._current.setdefault("train", {"sites": []})["sites"]
+        for msg in replies:
+            name = site_name(msg)
+            row: dict[str, Any] = {"site": name}
+            reason = self._reject_reason(msg)
+            if reason is None:
+                head = head_from_record(msg.content[P.HEAD])
+                metrics = dict(msg.content[P.METRICS])
+                row.update(status="accepted", n_fine_tune=int(metrics[P.NUM_EXAMPLES]),
+                           train_loss=metrics.get(P.TRAIN_LOSS),
+                           update_norm=_norm(head, self._sent) if self._sent else None)
+                accepted.append(msg)
+            else:
+                log.warning("round %d: update from site %s rejected: %s", r, name, reason)
+                row.update(status="rejected", reason=reason)
+            rows.append(row)
+        if len(accepted) < self.min_sites:
+            raise IchfedError(
+                f"round {r}: only {len(accepted)} of {len(replies)} site updates were usable "
+                f"(min-sites is {self.min_sites}); stopping the run"
+            )
+        arrays, metrics = super().aggregate_train(r, accepted)
+        if arrays is not None:
+            self.last_arrays = head_from_record(arrays)
+            arrays = _as_float32(arrays)
+        self._current["train"]["aggregated"] = dict(metrics) if metrics is not None else {}
+        return arrays, metrics
+
+    def _reject_reason(self, msg) -> str | None:
+        if msg.has_error():
+            return f"error reply ({msg.error.reason})"
+        content = msg.content
+        info = content[P.INFO] if P.INFO in content.config_records else {}
+        if info.get(P.INFO_STATUS) == P.STATUS_REFUSED:
+            return f"site refused ({info.get(P.INFO_REASON)})"
+        if list(content.array_records.keys()) != [P.HEAD] or list(content.metric_records.keys()) != [P.METRICS]:
+            return "reply does not hold exactly one head and one metric record"
+        n = content[P.METRICS].get(P.NUM_EXAMPLES)
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not (n > 0) or not math.isfinite(n):
+            return f"'{P.NUM_EXAMPLES}' is {n!r}, not a positive case count"
+        try:
+            head = head_from_record(content[P.HEAD])
+        except Exception as e:  # an undecodable array is the sender's problem
+            return f"head arrays unreadable ({type(e).__name__})"
+        return check_update(head, self._sent or head, self.max_update_norm)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        """Flower's configure_evaluate, limited to the sites that hold the verified bundle."""
+        return self._only_ready(super().configure_evaluate(server_round + self.round_offset, arrays, config, grid))
+
+    def aggregate_evaluate(self, server_round, replies):
+        """Per-site table and pooled metrics of the global head on every site's held-out split."""
+        from flwr.app import MetricRecord
+
+        r = server_round + self.round_offset
+        rows = self._current.setdefault("evaluate", {"sites": []})["sites"]
+        for msg in replies:
+            name = site_name(msg)
+            if msg.has_error() or msg.content[P.INFO].get(P.INFO_STATUS) == P.STATUS_REFUSED:
+                why = msg.error.reason if msg.has_error() else msg.content[P.INFO].get(P.INFO_REASON)
+                log.warning("round %d: evaluation at site %s failed: %s", r, name, why)
+                rows.append({"site": name, "status": "failed", "reason": why})
+                continue
+            parsed = metrics_from_reply(msg)
+            rows.append({"site": name, "status": "ok", P.MODEL_GLOBAL: parsed.get(P.MODEL_GLOBAL, {}),
+                         "counts": parsed["counts"], "reasons": parsed["reasons"]})
+        pooled = pooled_metrics(rows, P.MODEL_GLOBAL)
+        self._current["evaluate"]["pooled"] = pooled
+        self._log_table(r, rows, pooled)
+        self.history.append(self._current)
+        if self.on_round_end is not None and self.last_arrays is not None:
+            self.on_round_end(r, self.last_arrays, self._current)
+        return MetricRecord({k: float(v) for k, v in pooled.items() if isinstance(v, (int, float)) and v is not None})
+
+    def _log_table(self, r: int, rows: list[dict[str, Any]], pooled: dict[str, Any]) -> None:
+        log.info("round %d: global head on held-out splits", r)
+        log.info("  %-16s %5s %6s %6s %6s %6s", "site", "n", "AUC", "Acc", "Sens", "Spec")
+        for row in rows + [{"site": "pooled", P.MODEL_GLOBAL: pooled}]:
+            m = row.get(P.MODEL_GLOBAL) or {}
+            log.info("  %-16s %5s %6s %6s %6s %6s", row["site"], m.get("n", "-"),
+                     *(_fmt(m.get(k)) for k in ("auc", "accuracy", "sensitivity", "specificity")))
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _norm(head: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum((head[k].astype(np.float64) - ref[k]) ** 2)) for k in P.HEAD_SHAPES))
+
+
+def _as_float32(arrays):
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.asarray(arrays[k].numpy(), dtype=np.float32)) for k in arrays.keys()})
+
+
+def _train_metrics(records, weight_key: str):
+    """Total fine-tune cases and the case-weighted mean training loss."""
+    from flwr.app import MetricRecord
+
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    total = sum(float(m[weight_key]) for m in metrics)
+    loss = sum(float(m[P.TRAIN_LOSS]) * float(m[weight_key]) for m in metrics if P.TRAIN_LOSS in m) / total
+    return MetricRecord({"n-fine-tune-total": int(total), P.TRAIN_LOSS: loss, "n-sites": len(metrics)})

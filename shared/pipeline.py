@@ -1,0 +1,183 @@
+"""The end-to-end case pipeline: ingest -> segment -> crop + volumetrics -> embed -> head.
+
+``ichfed predict``, the reader page and the site runtime all go through ``Predictor`` so that
+a case gives the same numbers everywhere. The model is loaded once per ``Predictor``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from .crop import Crop, make_crop
+from .ingest import Ingested, read_image
+from .volumetrics import Volumetrics, measure
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What the classifier needs from one case, plus what the reader shows."""
+
+    mask: sitk.Image
+    crop: Crop
+    volumetrics: Volumetrics
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
+class Predictor:
+    """A loaded bundle ready to read cases.
+
+    ``threshold`` overrides the bundle's threshold (a site's locally calibrated one); it is a
+    probability of the neoplastic class, and a case is called neoplastic when ``p >= threshold``.
+    """
+
+    def __init__(
+        self,
+        bundle: Any,
+        device: str = "auto",
+        threshold: float | None = None,
+        use_mirroring: bool | None = None,
+    ) -> None:
+        from .classifier import backbone_and_head
+        from .device import pick_device
+        from .segment import Segmenter
+
+        self.bundle = bundle
+        self.device = pick_device(device)
+        self.crop_spec = bundle.crop_spec
+        self.threshold = float(threshold) if threshold is not None else float(bundle.threshold.p)
+        self.threshold_source = "site" if threshold is not None else "bundle"
+        self.segmenter = Segmenter(bundle.nnunet_dir, device=str(self.device.type), use_mirroring=use_mirroring)
+        model = bundle.build_classifier(self.device)
+        model.eval()
+        self.backbone, self.head = backbone_and_head(model)
+
+    # -- stages ---------------------------------------------------------------------------
+    def segment(self, image: sitk.Image) -> sitk.Image:
+        """Label map (0 background, 1 ICH, 2 PHE) on the image's own grid."""
+        return self.segmenter.predict(image)
+
+    def preprocess(self, image: sitk.Image, mask: sitk.Image | None = None) -> Prepared:
+        """Segment (unless a mask is given), crop and measure one case."""
+        if mask is None:
+            mask = self.segment(image)
+        return Prepared(mask=mask, crop=make_crop(image, mask, self.crop_spec), volumetrics=measure(image, mask))
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """Frozen-backbone features (N, 512) for crops (N, z, y, x)."""
+        from .classifier import embed
+
+        return embed(self.backbone, crops, self.device)
+
+    def p_neoplastic(self, features: np.ndarray) -> np.ndarray:
+        """Probability of the neoplastic class for each feature row."""
+        import torch
+
+        from .classifier import log_probs
+
+        with torch.no_grad():
+            lp = log_probs(self.head, torch.as_tensor(features, dtype=torch.float32, device=self.device))
+        return lp[:, 1].exp().cpu().numpy().astype(np.float64)
+
+    # -- whole cases ----------------------------------------------------------------------
+    def predict_image(
+        self, ingested: Ingested, progress: Callable[[str], None] | None = None
+    ) -> tuple[dict[str, Any], sitk.Image, sitk.Image]:
+        """Run the pipeline on an ingested image; returns the result dict, the HU image and the label map.
+
+        ``progress(stage)`` is told when "segmentation" and then "classification" start (the reader page).
+        """
+        timer = _Timer()
+        image = ingested.image
+        if progress is not None:
+            progress("segmentation")
+        with timer.stage("segmentation"):
+            mask = self.segment(image)
+        if progress is not None:
+            progress("classification")
+        with timer.stage("crop"):
+            prepared = self.preprocess(image, mask)
+        result = self._result(ingested, prepared, timer)
+        return result, image, mask
+
+    def predict(self, path: str | os.PathLike, save_masks_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Read, segment and classify one image (NIfTI, DICOM folder or zip); the JSON of ``ichfed predict``."""
+        t0 = time.perf_counter()
+        ingested = read_image(path)
+        ingest_s = time.perf_counter() - t0
+        result, _, mask = self.predict_image(ingested)
+        result["timings"] = {"ingest": round(ingest_s, 4), **result["timings"]}
+        if save_masks_dir is not None:
+            from .atomic import atomic_path
+
+            out = Path(save_masks_dir) / f"{_stem(Path(path))}_mask.nii.gz"
+            with atomic_path(out) as tmp:
+                sitk.WriteImage(mask, str(tmp), useCompression=True)
+            result["mask_path"] = str(out)
+        return result
+
+    def _result(self, ingested: Ingested, prepared: Prepared, timer: _Timer) -> dict[str, Any]:
+        vol = prepared.volumetrics
+        crop = prepared.crop
+        result: dict[str, Any] = {
+            "source": ingested.source,
+            "lesion_found": bool(crop.lesion_found),
+            "n_components": int(crop.n_components),
+            "ich_ml": _round(vol.ich_ml, 3),
+            "phe_ml": _round(vol.phe_ml, 3),
+            "ich_mean_hu": _round(vol.ich_mean_hu, 1),
+            "phe_mean_hu": _round(vol.phe_mean_hu, 1),
+            "p_neoplastic": None,
+            "log_p_neoplastic": None,
+            "threshold": round(self.threshold, 6),
+            "threshold_source": self.threshold_source,
+            "label": None,
+        }
+        if crop.lesion_found:
+            with timer.stage("classification"):
+                p = float(self.p_neoplastic(self.embed(crop.array[None]))[0])
+            result["p_neoplastic"] = round(p, 6)
+            result["log_p_neoplastic"] = round(math.log(max(p, 1e-300)), 6)
+            result["label"] = "neoplastic" if p >= self.threshold else "non-neoplastic"
+        result["timings"] = dict(timer.timings)
+        result["bundle"] = {
+            "name": self.bundle.manifest.name,
+            "version": self.bundle.manifest.version,
+            "hash": self.bundle.hash,
+        }
+        return result
+
+
+def _round(v: float | None, nd: int) -> float | None:
+    return None if v is None else round(float(v), nd)
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".zip"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name

@@ -1,0 +1,142 @@
+"""What passes between the ServerApp and the ClientApps: message types and record keys.
+
+Both sides import these names; nothing else in a Flower message is legal. The client's
+privacy allow-list (``client/privacy.py``) is written against the reply keys below, so a
+new key has to be added here *and* allowed there before a site will send it.
+
+Message flow of one run::
+
+    query.bundle  server -> site: bundle hash it holds     site -> server: have | need | refused
+    query.bundle  server -> site: bundle records (if need) site -> server: have | refused
+    train         server -> site: global head              site -> server: local head + counts
+    evaluate      server -> site: global head              site -> server: held-out metrics
+    query.final   server -> site: final head (+ new bundle) site -> server: reference / local-only /
+                                                                            federated metrics
+"""
+
+from __future__ import annotations
+
+import re
+
+# -- message types ("<category>.<action>" as Flower's ClientApp dispatches them) ------------
+ACTION_BUNDLE = "bundle"
+ACTION_FINAL = "final"
+QUERY_BUNDLE = f"query.{ACTION_BUNDLE}"
+QUERY_FINAL = f"query.{ACTION_FINAL}"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+# -- records in server -> site messages --------------------------------------------------
+HEAD = "arrays"  # ArrayRecord: the head, keys HEAD_WEIGHT / HEAD_BIAS
+CONFIG = "config"  # ConfigRecord: round, bundle hash, ...
+BUNDLE_ARRAYS = "bundle-arrays"  # ArrayRecord from shared.transport.bundle_to_records
+BUNDLE_CONFIG = "bundle-config"  # ConfigRecord from shared.transport.bundle_to_records
+
+HEAD_WEIGHT = "weight"
+HEAD_BIAS = "bias"
+HEAD_FEATURES = 512
+HEAD_CLASSES = 2
+HEAD_SHAPES = {HEAD_WEIGHT: (HEAD_CLASSES, HEAD_FEATURES), HEAD_BIAS: (HEAD_CLASSES,)}
+
+# ConfigRecord keys the server sends
+CFG_ROUND = "server-round"  # also injected by Flower's FedAvg
+CFG_NUM_ROUNDS = "num-rounds"
+CFG_BUNDLE_HASH = "bundle-hash"
+CFG_DELIVER = "deliver"  # bool: this query.bundle carries the bundle records
+CFG_SEED = "seed"
+
+# -- records in site -> server replies ---------------------------------------------------
+METRICS = "metrics"  # MetricRecord
+INFO = "info"  # ConfigRecord of short, fixed-vocabulary strings
+
+# INFO keys
+INFO_SITE = "site"
+INFO_STATUS = "status"
+INFO_REASON = "reason"
+INFO_BUNDLE_HASH = "bundle-hash"
+REASON_SUFFIX = ".reason"  # "<metric key>.reason" -> one of REASONS
+
+STATUS_OK = "ok"
+STATUS_HAVE = "have"
+STATUS_NEED = "need"
+STATUS_REFUSED = "refused"
+STATUSES = (STATUS_OK, STATUS_HAVE, STATUS_NEED, STATUS_REFUSED)
+
+# Reasons are codes, never free text: free text is where a path or case ID would leak.
+REASON_BUNDLE_VERIFICATION = "bundle-verification-failed"
+REASON_BUNDLE_MISSING = "bundle-missing"
+REASON_NO_CASES = "no-usable-cases"
+REASON_ONE_CLASS = "one-class-only"
+REASON_TOO_FEW = "fewer-cases-than-minimum"
+REASON_NO_LESION = "no-segmented-lesion"
+REASON_NO_MASKS = "no-reference-masks"
+REASON_THRESHOLD_FROM_BUNDLE = "threshold-from-bundle"
+REASON_SITE_ERROR = "site-error"
+REASONS = (
+    REASON_BUNDLE_VERIFICATION,
+    REASON_BUNDLE_MISSING,
+    REASON_NO_CASES,
+    REASON_ONE_CLASS,
+    REASON_TOO_FEW,
+    REASON_NO_LESION,
+    REASON_NO_MASKS,
+    REASON_THRESHOLD_FROM_BUNDLE,
+    REASON_SITE_ERROR,
+)
+
+# MetricRecord keys. Training replies: NUM_EXAMPLES (the FedAvg weight), TRAIN_LOSS and the
+# split sizes. Evaluation replies: "<model>.<metric>" for the models below.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+N_FINE_TUNE = "n-fine-tune"
+N_HELD_OUT = "n-held-out"
+N_UNUSABLE = "n-unusable"
+SITE_COUNTS = (NUM_EXAMPLES, TRAIN_LOSS, N_FINE_TUNE, N_HELD_OUT, N_UNUSABLE)
+
+MODEL_GLOBAL = "global"  # the head the server sent this round
+MODEL_REFERENCE = "reference"  # the bundle's head, no fine-tuning (paper: before fine-tuning)
+MODEL_LOCAL = "local"  # last-layer fine-tuning on this site alone (paper: after fine-tuning)
+MODEL_FEDERATED = "federated"  # the final federated head
+MODELS = (MODEL_GLOBAL, MODEL_REFERENCE, MODEL_LOCAL, MODEL_FEDERATED)
+
+SCALAR_METRICS = (
+    "n",
+    "n-pos",
+    "n-neg",
+    "n-no-lesion",
+    "auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "threshold",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    "dice-ich",
+    "dice-phe",
+    "withheld",
+)
+# The ROC curve leaves a site only as TPR sampled at these fixed FPRs: a fixed-length
+# aggregate, never the per-case scores the full curve is made of.
+ROC_FPR_GRID = tuple(round(i / 20, 2) for i in range(21))
+ROC_TPR = "roc-tpr"
+LIST_METRICS = {ROC_TPR: len(ROC_FPR_GRID)}
+
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def metric_key(model: str, metric: str) -> str:
+    """``"<model>.<metric>"``, e.g. ``"federated.auc"``."""
+    return f"{model}.{metric}"
+
+
+def split_metric_key(key: str) -> tuple[str, str] | None:
+    """Inverse of :func:`metric_key`; None for a key that is not model-scoped."""
+    model, sep, metric = key.partition(".")
+    if not sep or model not in MODELS:
+        return None
+    if metric not in SCALAR_METRICS and metric not in LIST_METRICS:
+        return None
+    return model, metric

@@ -1,0 +1,194 @@
+"""Run the federation in Flower's simulation engine (Ray backend) on simulated or existing sites.
+
+The very same ``ServerApp`` and ``ClientApp`` as in deployment run here; only the wiring
+differs: each virtual SuperNode gets its site config through its ``partition-id``, and the
+server settings are passed in directly instead of through ``flwr run``'s run config.
+
+    out/
+      sites/<site>/data/          the site folder (generated cohort, unless --site-dirs)
+      sites/<site>/state/         the site's caches, received bundles, threshold, outgoing audit
+      site_configs/<site>.toml
+      server/                     checkpoints and the federated bundle
+      report/                     report.json, report.md, report.html, roc.png, confusion.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from shared.errors import IchfedError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROFILES = ("community-ct", "tertiary-neuro", "low-dose-er")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteSpec:
+    """One simulated site: its name and data folder (generated from ``profile`` if given)."""
+
+    name: str
+    data_dir: Path
+    profile: str | None = None
+    n_cases: int = 0
+    seed: int = 0
+
+
+def plan_sites(out: Path, *, n_sites: int | None = None, profiles: Sequence[str] | None = None,
+               site_dirs: Sequence[str | os.PathLike] | None = None, cases_per_site: int = 12,
+               seed: int = 0) -> list[SiteSpec]:
+    """Which sites the simulation has: the given folders, or ``n_sites`` cohorts cycling ``profiles``."""
+    if site_dirs:
+        specs = []
+        for i, d in enumerate(site_dirs):
+            p = Path(d).resolve()
+            if not (p / "cases.csv").is_file():
+                raise IchfedError(f"--site-dirs: {p} is not a site folder (cases.csv missing)")
+            specs.append(SiteSpec(name=_safe_name(f"site-{i + 1}-{p.name}"), data_dir=p))
+        if n_sites is not None and n_sites != len(specs):
+            raise IchfedError(f"--sites is {n_sites} but --site-dirs names {len(specs)} folders")
+        return specs
+    if not n_sites or n_sites < 1:
+        raise IchfedError("--sites: must be at least 1 (or give --site-dirs)")
+    if cases_per_site < 2:
+        raise IchfedError(f"--cases-per-site: must be at least 2, got {cases_per_site}")
+    names = list(profiles) if profiles else _default_profiles()
+    if not names:
+        raise IchfedError("--profiles: no site profiles given and none are built in")
+    return [SiteSpec(name=f"site-{i + 1}-{names[i % len(names)]}",
+                     data_dir=Path(out) / "sites" / f"site-{i + 1}" / "data",
+                     profile=names[i % len(names)], n_cases=cases_per_site, seed=seed + 1000 * (i + 1))
+            for i in range(n_sites)]
+
+
+def _default_profiles() -> list[str]:
+    from simulations.profiles import list_profiles
+
+    builtin = list_profiles()
+    preferred = [p for p in DEFAULT_PROFILES if p in builtin]
+    return preferred or [p for p in builtin if p != "charite-like"] or builtin
+
+
+def _safe_name(s: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", s)[:64]
+
+
+def make_cohorts(specs: Sequence[SiteSpec], scale: str) -> None:
+    """Generate the cohorts of simulated sites; a folder already holding that cohort is reused."""
+    from simulations.cohort import write_cohort
+
+    for spec in specs:
+        if spec.profile is None:
+            continue
+        meta = spec.data_dir / "cohort.json"
+        if meta.is_file() and (spec.data_dir / "cases.csv").is_file():
+            m = json.loads(meta.read_text())
+            if (m.get("seed"), m.get("scale"), m.get("n_cases")) == (spec.seed, scale, spec.n_cases) and \
+                    (m.get("profile") or {}).get("name") == spec.profile:
+                log.info("site %s: reusing cohort in %s", spec.name, spec.data_dir)
+                continue
+        write_cohort(spec.profile, spec.n_cases, spec.seed, spec.data_dir, scale=scale)
+
+
+def run(
+    out: str | os.PathLike,
+    bundle: str | os.PathLike,
+    public_key: str | os.PathLike,
+    rounds: int,
+    *,
+    n_sites: int | None = None,
+    profiles: Sequence[str] | None = None,
+    site_dirs: Sequence[str | os.PathLike] | None = None,
+    cases_per_site: int = 12,
+    scale: str = "ci",
+    seed: int = 0,
+    signing_key: str | os.PathLike | None = None,
+    local_epochs: int = 20,
+    learning_rate: float = 1e-3,
+    fine_tune_fraction: float = 0.2,
+    min_cases_for_metrics: int = 5,
+    min_sites: int | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    cpus_per_site: float = 1.0,
+    site_overrides: dict[str, dict[str, Any]] | None = None,
+    extra_client_mods: Sequence[Callable] = (),
+) -> dict[str, Any]:
+    """Run a whole simulated federation and return the report (also written to ``out/report``).
+
+    ``site_overrides`` maps a site name (or its index as a string) to extra site-config fields.
+    Raises ``IchfedError`` for bad arguments and when the run fails (e.g. too few usable sites).
+    """
+    from client.app import build_client_app
+    from client.runtime import SiteConfig, write_site_config
+    from server.app import ServerSettings, build_server_app
+
+    out = Path(out).resolve()
+    if rounds < 1:
+        raise IchfedError(f"--rounds: must be at least 1, got {rounds}")
+    for what, p in (("--bundle", bundle), ("--public-key", public_key)):
+        if not Path(p).exists():
+            raise IchfedError(f"{what}: {p} not found")
+    specs = plan_sites(out, n_sites=n_sites, profiles=profiles, site_dirs=site_dirs,
+                       cases_per_site=cases_per_site, seed=seed)
+    make_cohorts(specs, scale)
+    config_paths = []
+    for i, spec in enumerate(specs):
+        extra = dict((site_overrides or {}).get(spec.name) or (site_overrides or {}).get(str(i)) or {})
+        cfg = SiteConfig(name=spec.name, data_dir=spec.data_dir, state_dir=out / "sites" / f"site-{i + 1}" / "state",
+                         public_key=Path(public_key).resolve(), device=device, fine_tune_fraction=fine_tune_fraction,
+                         local_epochs=local_epochs, learning_rate=learning_rate,
+                         min_cases_for_metrics=min_cases_for_metrics, seed=seed + i)
+        cfg = dataclasses.replace(cfg, **extra)
+        config_paths.append(write_site_config(cfg, out / "site_configs" / f"{spec.name}.toml"))
+
+    settings = ServerSettings(
+        bundle_path=Path(bundle).resolve(), public_key=Path(public_key).resolve(), state_dir=out / "server",
+        num_rounds=rounds, min_sites=min_sites or len(specs), resume=resume, seed=seed,
+        signing_key=Path(signing_key).resolve() if signing_key else None, report_dir=out / "report",
+        wait_for_sites_s=120.0,
+    )
+    report_path = settings.reports / "report.json"
+    if report_path.exists():
+        report_path.unlink()  # a stale report must not pass for this run's
+    _run_simulation(build_server_app(settings), build_client_app(config_paths, extra_mods=extra_client_mods),
+                    len(specs), cpus_per_site, device)
+    if not report_path.is_file():
+        raise IchfedError(f"simulation ended without a report in {settings.reports} (see the log above)")
+    return json.loads(report_path.read_text())
+
+
+def _run_simulation(server_app, client_app, n_nodes: int, cpus_per_site: float, device: str) -> None:
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    from shared.device import pick_device
+
+    gpus = 0.0
+    if pick_device(device).type == "cuda":
+        import torch
+
+        gpus = min(1.0, torch.cuda.device_count() / max(1, n_nodes))
+    total_cpus = max(1, os.cpu_count() or 1)
+    backend_config = {
+        "client_resources": {"num_cpus": min(cpus_per_site, total_cpus), "num_gpus": gpus},
+        "init_args": {"num_cpus": total_cpus, "num_gpus": 1 if gpus else 0, "include_dashboard": False},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes,
+                           backend_config=backend_config)
+        except RuntimeError as e:
+            cause = e.__cause__
+            if isinstance(cause, IchfedError):
+                raise cause from None
+            raise

@@ -1,0 +1,95 @@
+"""The privacy allow-list: what may leave a site, and what is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from client.privacy import AuditMod, PrivacyViolation, build_reply, check_content, describe_content, privacy_mod
+from shared import protocol as P
+
+
+def _head(rng=np.random.default_rng(0)):
+    return {"weight": rng.normal(size=(2, 512)).astype(np.float32), "bias": np.zeros(2, np.float32)}
+
+
+def test_allowed_train_reply_is_built_and_carries_only_allowed_records():
+    content = build_reply("site-a", head=_head(), metrics={P.NUM_EXAMPLES: 12, P.TRAIN_LOSS: 0.6, P.N_FINE_TUNE: 12,
+                                                           P.N_HELD_OUT: 40, P.N_UNUSABLE: 1})
+    assert set(content.keys()) == {P.HEAD, P.METRICS, P.INFO}
+    assert content[P.HEAD]["weight"].numpy().shape == (2, 512)
+    assert content[P.METRICS][P.NUM_EXAMPLES] == 12
+    assert content[P.INFO][P.INFO_SITE] == "site-a"
+
+
+def test_allowed_evaluation_reply_with_reasons_and_roc():
+    metrics = {"global.n": 30, "global.auc": 0.8, "global.accuracy": 0.7, "global.threshold": 0.4,
+               "global.tp": 10, "global.fp": 3, "global.tn": 12, "global.fn": 5, "global.withheld": 0,
+               "global.roc-tpr": list(np.linspace(0, 1, len(P.ROC_FPR_GRID))), "global.dice-ich": None}
+    content = build_reply("site-a", metrics=metrics, reasons={"global.dice-ich": P.REASON_NO_MASKS})
+    assert "global.dice-ich" not in content[P.METRICS]  # None is left out ...
+    assert content[P.INFO]["global.dice-ich.reason"] == P.REASON_NO_MASKS  # ... and its reason says why
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        # a case ID as a metric name
+        ({"metrics": {"case-0007.p": 0.9}}, "not on the allow-list"),
+        # per-case probabilities smuggled as a list under an allowed scalar name
+        ({"metrics": {"global.auc": [0.1, 0.9, 0.3]}}, "single number"),
+        # a list-valued metric of the wrong length (per-case scores instead of the fixed ROC grid)
+        ({"metrics": {"global.roc-tpr": [0.5] * 7}}, "list of 21"),
+        # a count that is not a count
+        ({"metrics": {"global.n": 3.5}}, "count"),
+        # a file path as the site name
+        ({"site": "/data/site-a/images/case-0007.nii.gz"}, "vocabulary"),
+        # free text (could name a case) as a reason
+        ({"reason": "case-0007 failed to load"}, "vocabulary"),
+        ({"reasons": {"global.auc": "case 7 is the only positive"}}, "vocabulary"),
+        # image data in place of the head
+        ({"head": {"weight": np.zeros((20, 200, 200), np.float32), "bias": np.zeros(2, np.float32)}}, "head"),
+        ({"head": {**_head(), "crop": np.zeros((2, 512), np.float32)}}, "exactly"),
+        ({"head": {"weight": np.full((2, 512), np.nan, np.float32), "bias": np.zeros(2, np.float32)}}, "NaN"),
+        ({"metrics": {"global.auc": float("inf")}}, "outside"),
+    ],
+)
+def test_forbidden_content_is_refused(kwargs, fragment):
+    site = kwargs.pop("site", "site-a")
+    with pytest.raises(PrivacyViolation, match=fragment):
+        build_reply(site, **kwargs)
+
+
+def test_unknown_records_and_info_keys_are_refused():
+    bad = RecordDict({P.INFO: ConfigRecord({P.INFO_SITE: "a", "case_ids": "c1,c2"})})
+    with pytest.raises(PrivacyViolation, match="case_ids"):
+        check_content(bad)
+    bad = RecordDict({"images": ArrayRecord({"x": Array(np.zeros((4, 4), np.float32))})})
+    with pytest.raises(PrivacyViolation, match="images"):
+        check_content(bad)
+    bad = RecordDict({P.METRICS: MetricRecord({"per-case-p": [0.1, 0.2]})})
+    with pytest.raises(PrivacyViolation, match="per-case-p"):
+        check_content(bad)
+
+
+def test_privacy_mod_replaces_a_leaking_reply_with_an_error(tmp_path, flwr_task):
+    incoming = Message(RecordDict(), dst_node_id=7, message_type="train")
+
+    def leaky_handler(message, context):
+        return Message(RecordDict({P.INFO: ConfigRecord({"path": "/data/a/case-1.nii.gz"})}), reply_to=message)
+
+    def honest_handler(message, context):
+        return Message(build_reply("site-a", metrics={P.NUM_EXAMPLES: 3}), reply_to=message)
+
+    out = privacy_mod(incoming, None, leaky_handler)
+    assert out.has_error() and not out.has_content()
+    assert "case-1" not in out.error.reason and "/data" not in out.error.reason
+
+    audit = AuditMod(lambda context: tmp_path)
+    sent = audit(incoming, None, lambda m, c: privacy_mod(m, c, honest_handler))
+    assert sent.has_content()
+    files = list(tmp_path.glob("*-train.json"))
+    assert len(files) == 1
+    assert '"num-examples": 3' in files[0].read_text()
+    assert describe_content(sent.content)[P.INFO]["items"][P.INFO_SITE] == "site-a"

@@ -1,0 +1,109 @@
+"""Site config, split, cache and evaluation (on synthetic embeddings)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from client.cache import CachedCase, CaseCache, cache_key, content_hash
+from client.finetune import Head
+from client.runtime import Part, SiteConfig, SiteRuntime, load_site_config, load_local_threshold, stratified_split
+from shared import protocol as P
+from shared.errors import IchfedError
+
+
+def test_site_config_resolves_paths_and_validates(tmp_path):
+    cfg_dir = tmp_path / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "a.toml").write_text('name = "site-a"\ndata_dir = "../data"\nstate_dir = "../state"\n'
+                                    'public_key = "../keys/signing.pub"\nlocal_epochs = 3\n')
+    cfg = load_site_config(cfg_dir / "a.toml")
+    assert cfg.data_dir == (tmp_path / "data").resolve() and cfg.state_dir == (tmp_path / "state").resolve()
+    assert cfg.public_key == (tmp_path / "keys" / "signing.pub").resolve()
+    assert (cfg.fine_tune_fraction, cfg.local_epochs, cfg.device) == (0.2, 3, "auto")
+
+    (cfg_dir / "b.toml").write_text('name = "b"\ndata_dir = "d"\nstate_dir = "s"\nfine_tune_fraction = 1.5\n')
+    with pytest.raises(IchfedError, match="b.toml.*fine_tune_fraction"):
+        load_site_config(cfg_dir / "b.toml")
+    (cfg_dir / "c.toml").write_text('name = "c"\ndata_dir = "d"\nstate_dir = "s"\nlocal_epoch = 3\n')
+    with pytest.raises(IchfedError, match="unknown key 'local_epoch'"):
+        load_site_config(cfg_dir / "c.toml")
+    (cfg_dir / "d.toml").write_text('name = "../etc"\ndata_dir = "d"\nstate_dir = "s"\n')
+    with pytest.raises(IchfedError, match="'name'"):
+        load_site_config(cfg_dir / "d.toml")
+
+
+def test_split_is_stratified_seeded_and_disjoint():
+    labels = {f"case-{i:03d}": int(i % 3 == 0) for i in range(60)}  # 20 positives, 40 negatives
+    s = stratified_split(labels, 0.2, seed=5)
+    assert set(s.fine_tune).isdisjoint(s.held_out) and set(s.fine_tune) | set(s.held_out) == set(labels)
+    assert sum(labels[c] for c in s.fine_tune) == 4 and len(s.fine_tune) == 12  # the paper's 20 % = 12
+    assert stratified_split(labels, 0.2, seed=5) == s
+    assert stratified_split(labels, 0.2, seed=6) != s
+    # a class with a single case stays out of the fine-tune split; tiny classes keep one case held out
+    tiny = stratified_split({"a": 1, "b": 0, "c": 0}, 0.9, seed=0)
+    assert tiny.fine_tune == ("b",) and set(tiny.held_out) == {"a", "c"}
+
+
+def test_cache_roundtrip_and_keys(tmp_path):
+    img = tmp_path / "img.nii.gz"
+    img.write_bytes(b"abc")
+    h = content_hash(img)
+    k = cache_key(h, "b" * 64, "spec")
+    assert k != cache_key(h, "c" * 64, "spec") != cache_key(h, "b" * 64, "spec2")
+    img.write_bytes(b"abd")
+    assert content_hash(img) != h
+    cache = CaseCache(tmp_path / "cache")
+    assert cache.get(k) is None
+    feats = np.arange(512, dtype=np.float32)
+    cache.put(k, CachedCase(lesion_found=True, features=feats, crop=np.ones((2, 3, 4), np.float32), dice_ich=0.8))
+    got = cache.get(k, with_crop=True)
+    assert got.lesion_found and np.array_equal(got.features, feats) and got.crop.shape == (2, 3, 4)
+    assert got.dice_ich == 0.8 and got.dice_phe is None
+    cache.put("0" * 64, CachedCase(lesion_found=False, features=None))
+    assert cache.get("0" * 64).features is None
+    assert not list((tmp_path / "cache").rglob("*.tmp*"))  # atomic writes leave no temporaries
+
+
+def _part(n_pos, n_neg, seed=0, no_lesion=0):
+    rng = np.random.default_rng(seed)
+    y = np.array([1] * n_pos + [0] * n_neg, dtype=np.int64)
+    x = rng.normal(size=(len(y), 512)).astype(np.float32) + y[:, None] * 0.5
+    return Part(features=x, labels=y, n_no_lesion=no_lesion, dice_ich=[], dice_phe=[], has_masks=False)
+
+
+def _runtime(tmp_path, min_cases=5):
+    return SiteRuntime(SiteConfig(name="a", data_dir=tmp_path, state_dir=tmp_path / "state",
+                                  min_cases_for_metrics=min_cases))
+
+
+def test_evaluation_metrics_reasons_and_withholding(tmp_path):
+    rt = _runtime(tmp_path)
+    head = Head(weight=np.stack([np.zeros(512), np.ones(512) * 0.05]).astype(np.float32), bias=np.zeros(2, np.float32))
+    m, r = rt.evaluate("global", head, 0.5, _part(6, 8, no_lesion=2))
+    assert m["global.n"] == 14 and m["global.n-no-lesion"] == 2 and m["global.withheld"] == 0
+    assert 0.0 <= m["global.auc"] <= 1.0 and m["global.tp"] + m["global.fn"] == 6
+    assert len(m["global.roc-tpr"]) == len(P.ROC_FPR_GRID) and m["global.roc-tpr"][-1] == 1.0
+    assert r["global.dice-ich"] == P.REASON_NO_MASKS
+
+    # one class only: AUC undefined with a reason, the other numbers still reported
+    m, r = rt.evaluate("global", head, 0.5, _part(0, 9))
+    assert m["global.auc"] is None and r["global.auc"] == P.REASON_ONE_CLASS
+    assert m["global.specificity"] is not None and m["global.sensitivity"] is None
+
+    # fewer cases than the site's minimum: counts only, every metric withheld and marked
+    m, r = rt.evaluate("global", head, 0.5, _part(2, 2))
+    assert m["global.withheld"] == 1 and "global.auc" not in m and "global.accuracy" not in m
+    assert r["global.auc"] == P.REASON_TOO_FEW
+
+
+def test_calibration_and_local_threshold_file(tmp_path):
+    rt = _runtime(tmp_path)
+    head = Head(weight=np.stack([np.zeros(512), np.ones(512) * 0.05]).astype(np.float32), bias=np.zeros(2, np.float32))
+    t, why = rt.calibrate(head, _part(5, 5), fallback=0.5)
+    assert why is None and 0.0 < t < 1.0
+    t, why = rt.calibrate(head, _part(0, 5), fallback=0.37)
+    assert (t, why) == (0.37, P.REASON_THRESHOLD_FROM_BUNDLE)
+    rt.save_local_threshold("f" * 64, 0.42, "site-calibrated")
+    assert load_local_threshold(tmp_path / "state", "f" * 64) == 0.42
+    assert load_local_threshold(tmp_path / "state", "e" * 64) is None

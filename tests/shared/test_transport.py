@@ -1,0 +1,226 @@
+"""Bundle transport through Flower records: byte-exact round trips over Flower's own wire
+serialization, refusal of tampered bundles and of path-traversal keys, and record sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+from shared import bundle as B
+from shared import transport as T
+from shared.errors import BundleVerificationError, IchfedError
+from shared.signing import generate_keypair
+
+log = logging.getLogger(__name__)
+
+
+def _small_bundle(tmp_path, key):
+    """A real signed bundle in E's format: tiny safetensors classifier and a small nnU-Net folder.
+
+    ``create_bundle`` insists on full ResNet-34 weights (250 MB); the transport does not care
+    what the bytes are, so the manifest is written with the same fields and ``sign_bundle``
+    (which re-parses the manifest and re-hashes every file) is the judge of its validity.
+    """
+    from safetensors.numpy import save_file
+
+    root = tmp_path / "bundle"
+    (root / "nnunet" / "fold_all").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    save_file({"fc.weight": rng.normal(size=(2, 512)).astype(np.float32), "fc.bias": np.zeros(2, np.float32)},
+              str(root / B.CLASSIFIER_FILE))
+    (root / "nnunet" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "ICH": 1, "PHE": 2}}))
+    (root / "nnunet" / "plans.json").write_text(json.dumps({"plans_name": "tiny"}))
+    (root / "nnunet" / "fold_all" / "checkpoint_final.pth").write_bytes(rng.bytes(300_000))
+    (root / "nnunet" / "fold_all" / "empty.txt").write_bytes(b"")
+    files = {p.relative_to(root).as_posix(): B.sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    manifest = {
+        "format": B.FORMAT, "format_version": B.FORMAT_VERSION, "name": "transport-test", "version": "0.0.1",
+        "created_utc": "2026-01-01T00:00:00Z", "packages": {}, "cohort": {"n": 0},
+        "crop": {"size_xyz": [200, 200, 20], "spacing_mm": [0.45, 0.45, 5.0], "hu_window": [-20.0, 120.0],
+                 "lesion_policy": "largest"},
+        "threshold": {"p": 0.5, "log_p": -0.6931471805599453},
+        "classifier": {"file": B.CLASSIFIER_FILE, "format": "safetensors"},
+        "files": files, "lineage": {},
+    }
+    assert set(manifest) == {f.name for f in dataclasses.fields(B.Manifest)}
+    (root / B.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    B.sign_bundle(root, key)
+    return root
+
+
+@pytest.fixture
+def keys(tmp_path):
+    private, public = generate_keypair(tmp_path / "keys")
+    return private, public
+
+
+@pytest.fixture
+def small_bundle(tmp_path, keys):
+    return _small_bundle(tmp_path, keys[0])
+
+
+def over_the_wire(arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord, int]:
+    """Serialize the records exactly as Flower does for transport and rebuild them from the bytes."""
+    content = RecordDict({"bundle-arrays": arrays, "bundle-config": config})
+    wire = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
+    size = sum(len(b) for b in wire.values())
+    back = inflate_object_from_contents(content.object_id, dict(wire))
+    return back["bundle-arrays"], back["bundle-config"], size
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_is_byte_exact_and_verified(tmp_path, small_bundle, keys):
+    arrays, config = T.bundle_to_records(small_bundle)
+    assert config[T.KEY_HASH] == B.bundle_hash(small_bundle)
+    assert sorted(arrays.keys()) == sorted(_tree(small_bundle))
+
+    arrays2, config2, wire_bytes = over_the_wire(arrays, config)
+    cache = tmp_path / "site" / "bundles"
+    out = T.bundle_from_records(arrays2, config2, cache, keys[1])
+
+    assert out == cache / config[T.KEY_HASH]
+    assert _tree(out) == _tree(small_bundle)
+    loaded = B.load_bundle(out, keys[1])
+    assert loaded.hash == config[T.KEY_HASH]
+    assert T.cached_bundle(cache, loaded.hash) == out
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+
+    raw = sum(len(b) for b in _tree(small_bundle).values())
+    # What travels is the files plus npy headers, chunk framing and the manifest twice (file + config).
+    overhead = wire_bytes - raw
+    log.info("small bundle: %d file bytes, %d on the wire (overhead %d)", raw, wire_bytes, overhead)
+    assert raw < wire_bytes < raw + 2 * len((small_bundle / B.MANIFEST).read_bytes()) + 4096 + 256 * len(arrays)
+    assert T.records_size(RecordDict({"bundle-arrays": arrays, "bundle-config": config})) == wire_bytes
+
+    # A second delivery of the same bundle is answered from the cache.
+    again = T.bundle_from_records(arrays2, config2, cache, keys[1])
+    assert again == out
+
+
+def test_tampered_bytes_are_refused_and_not_cached(tmp_path, small_bundle, keys):
+    arrays, config = T.bundle_to_records(small_bundle)
+    key = "nnunet/fold_all/checkpoint_final.pth"
+    data = bytearray(arrays[key].numpy().tobytes())
+    data[1000] ^= 0xFF
+    arrays[key] = Array(np.frombuffer(bytes(data), dtype=np.uint8))
+    # An attacker who controls the records also fixes up the announced per-file digest;
+    # only the signed manifest stops them.
+    digests = list(config[T.KEY_SHA256])
+    digests[list(config[T.KEY_FILES]).index(key)] = hashlib.sha256(bytes(data)).hexdigest()
+    config[T.KEY_SHA256] = digests
+    arrays2, config2, _ = over_the_wire(arrays, config)
+    cache = tmp_path / "cache"
+    with pytest.raises(BundleVerificationError, match="sha256 does not match manifest"):
+        T.bundle_from_records(arrays2, config2, cache, keys[1])
+    assert list(cache.iterdir()) == []
+    assert T.cached_bundle(cache, config[T.KEY_HASH]) is None
+
+
+def test_bundle_signed_by_another_key_is_refused(tmp_path, small_bundle, keys):
+    _, other_public = generate_keypair(tmp_path / "other-keys")
+    arrays, config = T.bundle_to_records(small_bundle)
+    cache = tmp_path / "cache"
+    with pytest.raises(BundleVerificationError, match="not by the given public key"):
+        T.bundle_from_records(arrays, config, cache, other_public)
+    assert list(cache.iterdir()) == []
+
+
+def test_tampered_manifest_is_refused(tmp_path, small_bundle, keys):
+    arrays, config = T.bundle_to_records(small_bundle)
+    manifest = json.loads(config[T.KEY_MANIFEST])
+    manifest["threshold"] = {"p": 0.01, "log_p": -4.605170185988091}
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    arrays[B.MANIFEST] = Array(np.frombuffer(text.encode(), dtype=np.uint8))
+    config[T.KEY_MANIFEST] = text
+    config[T.KEY_HASH] = hashlib.sha256(text.encode()).hexdigest()
+    i = list(config[T.KEY_FILES]).index(B.MANIFEST)
+    digests = list(config[T.KEY_SHA256])
+    digests[i] = config[T.KEY_HASH]
+    config[T.KEY_SHA256] = digests
+    with pytest.raises(BundleVerificationError, match="signature does not match"):
+        T.bundle_from_records(arrays, config, tmp_path / "cache", keys[1])
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "bad_key",
+    ["../evil.py", "nnunet/../../evil", "/etc/passwd", "nnunet//x", "./manifest.json", "a\\..\\b", "C:/x", "nnunet/.."],
+)
+def test_path_traversal_keys_are_refused(tmp_path, small_bundle, keys, bad_key):
+    arrays, config = T.bundle_to_records(small_bundle)
+    arrays[bad_key] = Array(np.frombuffer(b"import os", dtype=np.uint8))
+    config[T.KEY_FILES] = list(config[T.KEY_FILES]) + [bad_key]
+    config[T.KEY_SHA256] = list(config[T.KEY_SHA256]) + [hashlib.sha256(b"import os").hexdigest()]
+    with pytest.raises(BundleVerificationError, match="file key"):
+        T.bundle_from_records(arrays, config, tmp_path / "cache", keys[1])
+    assert not (tmp_path / "evil.py").exists() and not (tmp_path.parent / "evil").exists()
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
+
+
+def test_extra_file_not_in_manifest_is_refused(tmp_path, small_bundle, keys):
+    arrays, config = T.bundle_to_records(small_bundle)
+    arrays["nnunet/fold_all/extra.py"] = Array(np.frombuffer(b"x = 1", dtype=np.uint8))
+    config[T.KEY_FILES] = list(config[T.KEY_FILES]) + ["nnunet/fold_all/extra.py"]
+    config[T.KEY_SHA256] = list(config[T.KEY_SHA256]) + [hashlib.sha256(b"x = 1").hexdigest()]
+    with pytest.raises(BundleVerificationError, match="not listed in manifest"):
+        T.bundle_from_records(arrays, config, tmp_path / "cache", keys[1])
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_array_and_file_list_mismatch_and_bad_config(tmp_path, small_bundle, keys):
+    arrays, config = T.bundle_to_records(small_bundle)
+    del arrays[B.CLASSIFIER_FILE]
+    with pytest.raises(BundleVerificationError, match="file list does not match"):
+        T.bundle_from_records(arrays, config, tmp_path / "cache", keys[1])
+    arrays, config = T.bundle_to_records(small_bundle)
+    config[T.KEY_HASH] = "../" + "0" * 61
+    with pytest.raises(BundleVerificationError, match="not a sha256"):
+        T.bundle_from_records(arrays, config, tmp_path / "cache", keys[1])
+    arrays, config = T.bundle_to_records(small_bundle)
+    arrays[B.CLASSIFIER_FILE] = Array(np.zeros(4, np.float32))
+    with pytest.raises(BundleVerificationError, match="1-D uint8"):
+        T.bundle_from_records(arrays, config, tmp_path / "cache", keys[1])
+
+
+def test_cached_bundle_checks_identity(tmp_path, small_bundle):
+    h = B.bundle_hash(small_bundle)
+    assert T.cached_bundle(tmp_path / "nothing", h) is None
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (small_bundle).rename(cache / ("f" * 64))  # a folder whose name is not its manifest hash
+    assert T.cached_bundle(cache, "f" * 64) is None
+    with pytest.raises(IchfedError, match="not a sha256"):
+        T.cached_bundle(cache, "../x")
+
+
+def test_missing_bundle_folder_is_an_error(tmp_path):
+    with pytest.raises(IchfedError, match="bundle folder not found"):
+        T.bundle_to_records(tmp_path / "nope")
+
+
+@pytest.mark.slow
+def test_real_bundle_round_trip_size(tmp_path, tiny_bundle):
+    """The bootstrap bundle (full ResNet-34 + nnU-Net) through the wire, with its size recorded."""
+    import time
+
+    t0 = time.perf_counter()
+    arrays, config = T.bundle_to_records(tiny_bundle.path)
+    arrays2, config2, wire_bytes = over_the_wire(arrays, config)
+    out = T.bundle_from_records(arrays2, config2, tmp_path / "cache", tiny_bundle.public_key)
+    elapsed = time.perf_counter() - t0
+    raw = sum(len(b) for b in _tree(tiny_bundle.path).values())
+    log.warning("real bundle: %d files, %.1f MB on disk, %.1f MB on the wire, round trip %.1f s",
+                len(arrays), raw / 1e6, wire_bytes / 1e6, elapsed)
+    assert _tree(out) == _tree(tiny_bundle.path)
+    assert raw < wire_bytes < raw * 1.01 + 65536
