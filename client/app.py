@@ -105,13 +105,19 @@ class SiteState:
         return str(pick_device(self.config.device))
 
 
-_STATES: dict[str, SiteState] = {}
+_STATES: dict[tuple, SiteState] = {}
 
 
 def _state_for(path: str | os.PathLike) -> SiteState:
-    key = str(Path(path).resolve())
+    """The site's state for this process; a changed config file gives a fresh one."""
+    p = Path(path).resolve()
+    try:
+        st = p.stat()
+        key = (str(p), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = (str(p),)
     if key not in _STATES:
-        _STATES[key] = SiteState(load_site_config(key))
+        _STATES[key] = SiteState(load_site_config(p))
     return _STATES[key]
 
 
@@ -129,7 +135,7 @@ def build_client_app(
     """A ClientApp. ``site_configs[i]`` serves simulation node ``partition-id`` i; without it the
     node's ``--node-config site-config=...`` is used. ``extra_mods`` run outside the privacy mod,
     so they see exactly what leaves the site."""
-    from flwr.app import Message
+    from flwr.app import Error, Message
     from flwr.clientapp import ClientApp
 
     if site_configs is not None:
@@ -141,13 +147,20 @@ def build_client_app(
         resolve = _node_config_resolver
 
     def audit_folder(context):
-        cfg = _state_for(resolve(context)).config
+        try:
+            cfg = _state_for(resolve(context)).config
+        except Exception:  # an unusable config is reported by the handler itself
+            return None
         return Path(cfg.state_dir) / "outgoing" if cfg.audit_outgoing else None
 
     app = ClientApp(mods=[*extra_mods, AuditMod(audit_folder), privacy_mod])
 
     def handle(message: Message, context, fn) -> Message:
-        state = _state_for(resolve(context))
+        try:
+            state = _state_for(resolve(context))
+        except Exception as e:  # the detail (a path) stays here; the coordinator learns only that
+            log.error("site config unusable: %s", e)
+            return Message(Error(code=0, reason="site config unusable; see the site's log"), reply_to=message)
         name = state.config.name
         try:
             content = fn(state, message)

@@ -78,6 +78,8 @@ def write_site_config(cfg: SiteConfig, path: str | os.PathLike) -> Path:
             v = str(v)
         if isinstance(v, str):
             lines.append(f"{f.name} = {_toml_str(v)}")
+        elif isinstance(v, bool):
+            lines.append(f"{f.name} = {'true' if v else 'false'}")
         else:
             lines.append(f"{f.name} = {v!r}")
     write_text(path, "\n".join(lines) + "\n")
@@ -199,6 +201,9 @@ class SiteRuntime:
                 # An unreadable case is counted and logged at the site; the run goes on without it.
                 log.warning("site %s: case %s unusable: %s", self.config.name, case.case_id, e)
                 unusable += 1
+            except Exception:  # one case breaking the pipeline must not cost the site its other cases
+                log.exception("site %s: case %s failed in preprocessing", self.config.name, case.case_id)
+                unusable += 1
         log.info("site %s: cache %d hits, %d misses", self.config.name, self.cache.hits, self.cache.misses)
         feats = SiteFeatures(
             fine_tune=_part([rows[c] for c in split.fine_tune if c in rows], [by_id[c] for c in split.fine_tune if c in rows]),
@@ -303,7 +308,9 @@ class SiteRuntime:
             metrics[k(m)] = cm["confusion"][m]
         fpr, tpr = roc_points(part.labels, p)
         if fpr:
-            metrics[k(P.ROC_TPR)] = [float(v) for v in np.interp(P.ROC_FPR_GRID, fpr, tpr)]
+            # the best sensitivity reachable at each fixed false-positive rate (a step ROC curve)
+            f, t = np.asarray(fpr), np.asarray(tpr)
+            metrics[k(P.ROC_TPR)] = [float(t[f <= x + 1e-12].max()) for x in P.ROC_FPR_GRID]
         else:
             reasons[k(P.ROC_TPR)] = P.REASON_ONE_CLASS
         for m, values in (("dice-ich", part.dice_ich), ("dice-phe", part.dice_phe)):

@@ -216,7 +216,8 @@ def plot_confusion(report: dict[str, Any], path: str | os.PathLike) -> None:
             mat = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
             ax.imshow(mat, cmap="Blues", vmin=0)
             for (y, x), v in np.ndenumerate(mat):
-                ax.text(x, y, str(int(v)), ha="center", va="center", color="black")
+                ax.text(x, y, str(int(v)), ha="center", va="center",
+                        color="white" if v > mat.max() / 2 else "black")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")

@@ -89,7 +89,12 @@ def metrics_from_reply(message) -> dict[str, Any]:
     if P.INFO in content.config_records:
         for key, value in content[P.INFO].items():
             if key.endswith(P.REASON_SUFFIX):
-                out["reasons"][key[: -len(P.REASON_SUFFIX)]] = value
+                target = key[: -len(P.REASON_SUFFIX)]
+                out["reasons"][target] = value
+                parts = P.split_metric_key(target)
+                if parts is not None:
+                    # An undefined or withheld metric is null in the report, next to its reason.
+                    out.setdefault(parts[0], {}).setdefault(parts[1], None)
     return out
 
 
@@ -178,7 +183,7 @@ class HeadFedAvg(FedAvg):
         if msg.has_error():
             return f"error reply ({msg.error.reason})"
         content = msg.content
-        info = content[P.INFO] if P.INFO in content.config_records else {}
+        info = _info(msg)
         if info.get(P.INFO_STATUS) == P.STATUS_REFUSED:
             return f"site refused ({info.get(P.INFO_REASON)})"
         if list(content.array_records.keys()) != [P.HEAD] or list(content.metric_records.keys()) != [P.METRICS]:
@@ -205,8 +210,9 @@ class HeadFedAvg(FedAvg):
         rows = self._current.setdefault("evaluate", {"sites": []})["sites"]
         for msg in replies:
             name = site_name(msg)
-            if msg.has_error() or msg.content[P.INFO].get(P.INFO_STATUS) == P.STATUS_REFUSED:
-                why = msg.error.reason if msg.has_error() else msg.content[P.INFO].get(P.INFO_REASON)
+            info = _info(msg)
+            if msg.has_error() or info.get(P.INFO_STATUS) != P.STATUS_OK:
+                why = msg.error.reason if msg.has_error() else info.get(P.INFO_REASON, "no reason given")
                 log.warning("round %d: evaluation at site %s failed: %s", r, name, why)
                 rows.append({"site": name, "status": "failed", "reason": why})
                 continue
@@ -228,6 +234,12 @@ class HeadFedAvg(FedAvg):
             m = row.get(P.MODEL_GLOBAL) or {}
             log.info("  %-16s %5s %6s %6s %6s %6s", row["site"], m.get("n", "-"),
                      *(_fmt(m.get(k)) for k in ("auc", "accuracy", "sensitivity", "specificity")))
+
+
+def _info(msg) -> dict[str, Any]:
+    if not msg.has_content() or P.INFO not in msg.content.config_records:
+        return {}
+    return dict(msg.content[P.INFO])
 
 
 def _fmt(v) -> str:

@@ -283,7 +283,11 @@ class ClassifierTrainConfig:
 
     @classmethod
     def demo(cls) -> ClassifierTrainConfig:
-        """A few minutes on a laptop CPU with a small cohort."""
+        """A short run for small cohorts and reduced crops (e.g. 64 x 64 x 8) on a CPU.
+
+        At the paper's 200 x 200 x 20 crop one CPU training step at batch 8 takes minutes and
+        about 10 GB of memory; use a GPU there.
+        """
         return cls(epochs=15, batch_size=8, learning_rate=1e-3, keep="best_val_loss", precise_batchnorm=True)
 
     @classmethod

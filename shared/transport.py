@@ -53,9 +53,8 @@ def bundle_cache_dir(state_dir: str | os.PathLike) -> Path:
 def bundle_to_records(bundle_path: str | os.PathLike):
     """Pack every file of a bundle folder into ``(ArrayRecord, ConfigRecord)``, byte-exact.
 
-    The bundle is verified for internal consistency first (hashes, not the signature: the
-    coordinator may hold only its own copy of the public key elsewhere), so a damaged bundle is
-    never sent.
+    The caller has verified the bundle (the ServerApp loads it with ``load_bundle`` first);
+    the receiving site verifies it again, against its own copy of the public key.
     """
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
@@ -160,6 +159,10 @@ def bundle_from_records(arrays, config, cache_dir: str | os.PathLike, public_key
             raise BundleVerificationError(f"bundle records: {e}") from None
         final = cache / announced
         _fsync_tree(tmp)
+        if final.exists() and cached_bundle(cache, announced) is None:
+            # A damaged leftover under this name (e.g. edited by hand); the verified copy replaces it.
+            log.warning("replacing damaged cached bundle %s", final)
+            shutil.rmtree(final)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -256,14 +259,15 @@ def _read_config(config) -> dict[str, Any]:
     return {"hash": h, "manifest": get(KEY_MANIFEST, str), "files": files, "sha256": digests}
 
 
-def _array_bytes(array, rel: str) -> bytes:
+def _array_bytes(array, rel: str) -> memoryview:
     try:
         nd = array.numpy()
     except Exception as e:  # a malformed array is the sender's fault, not ours
         raise BundleVerificationError(f"bundle records: {rel}: not a numpy array ({type(e).__name__})") from None
     if nd.dtype != np.uint8 or nd.ndim != 1:
         raise BundleVerificationError(f"bundle records: {rel}: expected a 1-D uint8 array, got {nd.dtype} {nd.shape}")
-    return nd.tobytes()
+    # A view, not a copy: classifier weights are a quarter of a gigabyte.
+    return memoryview(np.ascontiguousarray(nd)).cast("B")
 
 
 def _fsync_tree(root: Path) -> None:

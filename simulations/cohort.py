@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import io
+import os
+import tempfile
 import logging
 import time
 import zlib
@@ -22,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from shared.atomic import atomic_path, write_json, write_text
+from shared.atomic import write_bytes, write_json, write_text
 from shared.config import to_dict
 from shared.errors import IchfedError
 
@@ -167,9 +170,25 @@ def make_case(profile: str | Profile, index: int, seed: int, scale: str = "demo"
 
 
 def write_nifti(img: sitk.Image, path: Path) -> None:
-    """Write a gzip-compressed NIfTI atomically (SimpleITK writes no timestamp: byte-stable)."""
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(img, str(tmp), True)
+    """Write a gzip-compressed NIfTI atomically and byte-stably.
+
+    SimpleITK writes the uncompressed NIfTI; we gzip it ourselves at level 1 with a zero
+    timestamp and no file name, about four times faster than SimpleITK's own compression
+    (which ignores the compression level for NIfTI) and identical bytes on every run.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, raw_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii", dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(img, raw_name, False)
+        raw = Path(raw_name).read_bytes()
+    finally:
+        Path(raw_name).unlink(missing_ok=True)
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=1, mtime=0, filename="") as gz:
+        gz.write(raw)
+    write_bytes(path, buf.getvalue())
 
 
 def write_cohort(profile: str | Profile, n_cases: int, seed: int, out: Path, scale: str = "demo",

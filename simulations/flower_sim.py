@@ -25,7 +25,7 @@ from shared.errors import IchfedError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROFILES = ("community-ct", "tertiary-neuro", "low-dose-er")
+DEFAULT_PROFILES = ("community-hospital", "hamburg-like", "lowdose-mobile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +146,12 @@ def run(
                          public_key=Path(public_key).resolve(), device=device, fine_tune_fraction=fine_tune_fraction,
                          local_epochs=local_epochs, learning_rate=learning_rate,
                          min_cases_for_metrics=min_cases_for_metrics, seed=seed + i)
-        cfg = dataclasses.replace(cfg, **extra)
+        if extra:
+            from shared.config import from_dict, to_dict
+
+            merged = {**to_dict(cfg), **{k: str(v) if isinstance(v, Path) else v for k, v in extra.items()}}
+            cfg = from_dict(SiteConfig, {k: v for k, v in merged.items() if v is not None},
+                            source=f"site_overrides[{spec.name}]")
         config_paths.append(write_site_config(cfg, out / "site_configs" / f"{spec.name}.toml"))
 
     settings = ServerSettings(

@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from .phantom import DEEP_GM, GM, VENTRICLE, WM, Head, sample_age
+from .phantom import DEEP_GM, VENTRICLE, WM, Head, sample_age, smooth_field
 from .profiles import Profile, etiology_weights
 
 ICH, PHE = 1, 2
@@ -157,10 +157,10 @@ def _box(centre: tuple[int, int, int], half_mm: float, grid) -> tuple[slice, sli
     return tuple(slice(max(0, c - h), min(n, c + h + 1)) for c, h, n in zip(centre, half, grid.shape_zyx))
 
 
-def _box_field(shape: tuple[int, ...], sigma_vox: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
-    f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox, mode="reflect")
-    f /= max(float(f.std()), 1e-6)
-    return f
+def _box_field(box_axes: tuple[np.ndarray, np.ndarray, np.ndarray], wavelength_mm: float,
+               rng: np.random.Generator) -> np.ndarray:
+    """Unit-SD smooth random field over a lesion box (axes in mm, x, y, z)."""
+    return smooth_field(box_axes, wavelength_mm, rng)
 
 
 def _smallest(values: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
@@ -175,6 +175,37 @@ def _smallest(values: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
     part = np.argpartition(values.flat[idx], k - 1)[:k]
     out.flat[idx[part]] = True
     return out
+
+
+_CONN = np.ones((3, 3, 3), bool)
+
+
+def _connected_smallest(values: np.ndarray, allowed: np.ndarray, k: int, anchor: np.ndarray | None = None,
+                        max_rounds: int = 40) -> np.ndarray:
+    """Like ``_smallest`` but one connected piece: a clot (largest component kept) or, with ``anchor``,
+    an edema touching the clot. Voxels lost to islands are re-added at the piece's border, again in
+    order of value, so the region still grows like a level set and keeps its planned size.
+    """
+    sel = _smallest(values, allowed, k)
+    touch = ndimage.binary_dilation(anchor, _CONN) if anchor is not None else None
+    for _ in range(max_rounds):
+        lab, n = ndimage.label(sel, _CONN)
+        if n > 1 or (touch is not None and n == 1):
+            if touch is None:
+                sizes = np.bincount(lab.ravel())
+                sizes[0] = 0
+                sel = lab == int(np.argmax(sizes))
+            else:
+                keep = np.unique(lab[touch & sel])
+                sel = np.isin(lab, keep[keep > 0])
+        deficit = k - int(np.count_nonzero(sel))
+        if deficit <= 0:
+            break
+        frontier = ndimage.binary_dilation(sel if sel.any() else touch, _CONN) & allowed & ~sel
+        if not frontier.any():
+            break
+        sel |= _smallest(values, frontier, deficit)
+    return sel
 
 
 def insert_lesions(head: Head, plan: CasePlan, rng: np.random.Generator, mask_only: bool = False) -> Lesions:
@@ -193,11 +224,13 @@ def insert_lesions(head: Head, plan: CasePlan, rng: np.random.Generator, mask_on
         location = e.location if i == 0 else "junction"
         cand = _candidates(head, location, r_ich, rng)
         centre = np.unravel_index(int(cand[rng.integers(cand.size)]), grid.shape_zyx)
-        box = _box(centre, 2.2 * r_all + 2.0 * max(sx, sz), grid)
+        box = _box(centre, 1.8 * r_all + 2.0 * max(sx, sz), grid)
         shape = tuple(s.stop - s.start for s in box)
         # Shape distance (mm): anisotropic, lobulated and slightly rough.
-        zz, yy, xx = np.meshgrid(*[(np.arange(s.start, s.stop) - c) * d
-                                   for s, c, d in zip(box, centre, (sz, sy, sx))], indexing="ij", sparse=True)
+        bz_, by_, bx_ = [((np.arange(s.start, s.stop) - c) * d).astype(np.float32)
+                         for s, c, d in zip(box, centre, (sz, sy, sx))]
+        box_axes = (bx_, by_, bz_)
+        zz, yy, xx = bz_[:, None, None], by_[None, :, None], bx_[None, None, :]
         rot = _random_rotation(rng)
         stretch = np.array([1.0, rng.uniform(1.0, e.elongation), rng.uniform(1.0, 1.0 + (e.elongation - 1) / 2)])
         px = (rot[0, 0] * xx + rot[0, 1] * yy + rot[0, 2] * zz) / stretch[0]
@@ -210,26 +243,26 @@ def insert_lesions(head: Head, plan: CasePlan, rng: np.random.Generator, mask_on
             v /= np.linalg.norm(v)
             cosang = (v[0] * px + v[1] * py + v[2] * pz) / dist
             lobes += np.float32(rng.uniform(0.15, 0.6)) * np.exp(rng.uniform(3, 9) * (cosang - 1.0))
-        rough = _box_field(shape, (0.8, 1.5 / sy * 1.8, 1.5 / sx * 1.8), rng)
+        rough = _box_field(box_axes, 5.0, rng)
         f = dist / lobes + np.float32(0.08 * r_ich) * rough
         sub_mask = mask[box]
         allowed_ich = paren[box] & (sub_mask != ICH)
-        ich = _smallest(f, allowed_ich, max(3, int(round(ich_ml / vox))))
+        ich = _connected_smallest(f, allowed_ich, max(3, int(round(ich_ml / vox))))
         if not ich.any():
             continue
         placed += 1
         # Edema: nearest voxels to the clot in a distance stretched by a smooth thickness map.
         edt = ndimage.distance_transform_edt(~ich, sampling=(sz, sy, sx)).astype(np.float32)
-        thick = np.exp(0.45 * _box_field(shape, (0.8, 4.0 / sy * 1.8, 4.0 / sx * 1.8), rng))
+        thick = np.exp(np.float32(0.45) * _box_field(box_axes, 14.0, rng))
         tissue = head.tissue[box]
         thick = np.where(tissue == WM, thick, thick * np.float32(e.edema_grey_matter_factor))
         g = edt / thick
         allowed_phe = paren[box] & ~ich & (sub_mask != ICH)
-        phe = _smallest(g, allowed_phe & (sub_mask != PHE), max(1, int(round(phe_ml / vox))))
+        phe = _connected_smallest(g, allowed_phe & (sub_mask != PHE), max(1, int(round(phe_ml / vox))), anchor=ich)
         sub_mask[phe] = PHE
         sub_mask[ich] = ICH
         if hu is not None:
-            _paint(hu, box, ich, phe, edt, tissue, head, e, rng)
+            _paint(hu, box, box_axes, ich, phe, edt, tissue, head, e, rng)
     ivh_voxels = 0
     if plan.ivh:
         ivh_voxels = _paint_ivh(head, mask, hu, plan.ivh_ml, rng)
@@ -241,7 +274,7 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def _paint(hu: np.ndarray, box, ich: np.ndarray, phe: np.ndarray, edt: np.ndarray, tissue: np.ndarray,
+def _paint(hu: np.ndarray, box, box_axes, ich: np.ndarray, phe: np.ndarray, edt: np.ndarray, tissue: np.ndarray,
            head: Head, e: Etiology, rng: np.random.Generator) -> None:
     """Write clot and edema HU into ``hu[box]``."""
     sub = hu[box]
@@ -256,15 +289,16 @@ def _paint(hu: np.ndarray, box, ich: np.ndarray, phe: np.ndarray, edt: np.ndarra
     else:
         texture = np.zeros(shape, np.float32)
     # Clot: acute blood 55-80 HU with low-frequency heterogeneity.
-    clot = np.float32(rng.uniform(58, 76)) + np.float32(e.heterogeneity_hu) * _box_field(
-        shape, (0.7, 3.0 / sy * 1.8, 3.0 / sx * 1.8), rng)
+    het = _box_field(box_axes, 10.0, rng)
+    het -= het[ich].mean() if ich.any() else 0.0  # centred on the clot: its mean HU stays that of blood
+    clot = np.float32(rng.uniform(58, 76)) + np.float32(e.heterogeneity_hu) * het
     if rng.random() < e.fluid_level_probability:
         # Hematocrit level: cells settle posteriorly (+y) in a supine patient.
         ys = np.nonzero(ich)[1]
         level = np.quantile(ys, rng.uniform(0.35, 0.65))
         yy = np.arange(shape[1])[None, :, None]
         clot = np.where(yy > level, np.float32(rng.uniform(80, 88)), np.float32(rng.uniform(50, 56)))
-        clot = clot + np.float32(2.0) * _box_field(shape, (0.5, 1.0, 1.0), rng)
+        clot = clot + np.float32(2.0) * _box_field(box_axes, 6.0, rng)
     clot = np.clip(clot, 45.0 if e.heterogeneity_hu > 10 else 50.0, 92.0)
     # Edema: 8-15 HU below the tissue it replaces, most hypodense next to the clot.
     drop = np.float32(rng.uniform(8, 15))
@@ -276,7 +310,9 @@ def _paint(hu: np.ndarray, box, ich: np.ndarray, phe: np.ndarray, edt: np.ndarra
     if real:
         lesion = ich | phe
         delta = np.where(lesion, target - (base - texture), 0).astype(np.float32)
-        delta = ndimage.gaussian_filter(delta, sigma=(0.0, 0.6, 0.6))
+        # Soften the edge by ~0.8 mm, as the real scanner's kernel would.
+        s_px = max(0.3, 0.8 / sx)
+        delta = ndimage.gaussian_filter(delta, sigma=(0.0, s_px, s_px))
         sub[lesion] = (base + delta)[lesion]
     else:
         sub[ich] = target[ich]

@@ -45,25 +45,27 @@ class Head:
 
 
 def smooth_field(axes: tuple[np.ndarray, np.ndarray, np.ndarray], wavelength_mm: float,
-                 rng: np.random.Generator, extent_mm: float = 260.0) -> np.ndarray:
-    """A zero-mean, unit-SD random field on the grid, smooth on the scale of ``wavelength_mm``.
+                 rng: np.random.Generator) -> np.ndarray:
+    """A zero-mean, unit-SD random field on the grid spanned by ``axes`` (x, y, z in mm).
 
     Built as sum_abc C_abc Bz_a(z) By_b(y) Bx_c(x) with Gaussian bumps spaced half a wavelength
-    apart, so it costs three small matrix products instead of filtering a full volume.
+    apart along each axis, so it costs three small matrix products instead of filtering a volume.
     """
-    x, y, z = axes
     step = wavelength_mm / 2.0
-    n = max(3, int(np.ceil(extent_mm / step)) + 1)
-    centres = (np.arange(n) - (n - 1) / 2) * step
 
     def basis(v: np.ndarray) -> np.ndarray:
+        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+        n = int(np.ceil((hi - lo) / step)) + 3
+        centres = lo - step + step * np.arange(n)
         return np.exp(-0.5 * ((v[:, None] - centres[None, :]) / (0.6 * step)) ** 2).astype(np.float32)
 
+    x, y, z = axes
     bx, by, bz = basis(x), basis(y), basis(z)
-    c = rng.standard_normal((n, n, n)).astype(np.float32)
-    f = np.einsum("abc,xc->abx", c, bx)
-    f = np.einsum("abx,yb->ayx", f, by)
-    f = (bz @ f.reshape(n, -1)).reshape(len(z), len(y), len(x))
+    c = rng.standard_normal((bz.shape[1], by.shape[1], bx.shape[1])).astype(np.float32)
+    # Contract one axis at a time with BLAS matrix products: (a,b,c) -> (a,b,x) -> (a,y,x) -> (z,y,x).
+    f = c @ bx.T
+    f = np.matmul(by[None, :, :], f)
+    f = (bz @ f.reshape(bz.shape[1], -1)).reshape(len(z), len(y), len(x))
     sd = float(f[:: max(1, len(z) // 8), ::4, ::4].std())
     f *= np.float32(1.0 / max(sd, 1e-6))
     return f
@@ -77,19 +79,42 @@ def _rotation(pitch_deg: float, yaw_deg: float, roll_deg: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def head_coordinates(grid: Grid, rotation: np.ndarray, shift_mm: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Head-frame coordinates (x, y, z) of every voxel as float32 (z, y, x) arrays."""
+def head_coordinates(grid: Grid, rotation: np.ndarray, shift_mm: np.ndarray,
+                     box: tuple[slice, slice, slice] | None = None) -> tuple[np.ndarray, ...]:
+    """Head-frame coordinates (x, y, z) of every voxel (of ``box``) as float32 (z, y, x) arrays."""
     x, y, z = grid.axes_mm()
+    if box is not None:
+        x, y, z = x[box[2]], y[box[1]], z[box[0]]
     gx, gy, gz = x[None, None, :] - shift_mm[0], y[None, :, None] - shift_mm[1], z[:, None, None] - shift_mm[2]
     r = rotation.astype(np.float32)
-    hx = r[0, 0] * gx + r[0, 1] * gy + r[0, 2] * gz
-    hy = r[1, 0] * gx + r[1, 1] * gy + r[1, 2] * gz
-    hz = r[2, 0] * gx + r[2, 1] * gy + r[2, 2] * gz
+    # The first two terms are 2-D; only the last addition touches the full volume.
+    hx = (r[0, 0] * gx + r[0, 1] * gy) + r[0, 2] * gz
+    hy = (r[1, 0] * gx + r[1, 1] * gy) + r[1, 2] * gz
+    hz = (r[2, 0] * gx + r[2, 1] * gy) + r[2, 2] * gz
     return hx, hy, hz
 
 
 def _ellipsoid(hx, hy, hz, centre, semi) -> np.ndarray:
-    return ((hx - centre[0]) / semi[0]) ** 2 + ((hy - centre[1]) / semi[1]) ** 2 + ((hz - centre[2]) / semi[2]) ** 2 < 1.0
+    f = np.float32
+    q = np.square((hx - f(centre[0])) * f(1 / semi[0]))
+    q += np.square((hy - f(centre[1])) * f(1 / semi[1]))
+    q += np.square((hz - f(centre[2])) * f(1 / semi[2]))
+    return q < 1.0
+
+
+def _central_box(grid: Grid, rot: np.ndarray, shift: np.ndarray, half_mm: tuple[float, float, float],
+                 centre_z_mm: float) -> tuple[slice, slice, slice]:
+    """Grid index box holding the head-frame box |x|,|y| < half, |z - centre_z| < half (any rotation)."""
+    corners = np.array([[sx * half_mm[0], sy * half_mm[1], centre_z_mm + sz * half_mm[2]]
+                        for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
+    grid_pts = corners @ rot + shift  # head = R (p - shift)  =>  p = R^T head + shift
+    lo, hi = grid_pts.min(axis=0), grid_pts.max(axis=0)
+    x, y, z = grid.axes_mm()
+    sl = []
+    for axis, a, b in ((z, lo[2], hi[2]), (y, lo[1], hi[1]), (x, lo[0], hi[0])):
+        idx = np.flatnonzero((axis >= a) & (axis <= b))
+        sl.append(slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0))
+    return tuple(sl)
 
 
 def sample_age(rng: np.random.Generator, median: float, sd: float) -> float:
@@ -100,82 +125,127 @@ def sample_age(rng: np.random.Generator, median: float, sd: float) -> float:
 def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale: float = 1.0,
                  tilt_deg: float = 0.0) -> Head:
     """Build one phantom head on ``grid``; all randomness comes from ``rng``."""
+    f32 = np.float32
     atrophy = float(np.clip((age - 45.0) / 35.0, 0.0, 1.4) * atrophy_scale * rng.uniform(0.7, 1.3))
-    axes = grid.axes_mm()
     rot = _rotation(tilt_deg + rng.normal(0, 4), rng.normal(0, 3), rng.normal(0, 2))
     shift = np.array([rng.normal(0, 3), rng.normal(0, 4), rng.normal(0, 3)])
-    hx, hy, hz = head_coordinates(grid, rot, shift)
+    a, b, c = rng.normal(70, 3), rng.normal(86, 3.5), rng.normal(66, 3)
+    skull_mean, scalp_t = rng.uniform(4.0, 6.5), f32(rng.uniform(4.5, 7.5))
+    gap = f32(0.8 + 2.0 * atrophy)
+
+    # Work only inside the box that can hold the head: the rest of the grid is air.
+    margin = 1.3 * (skull_mean + scalp_t) + 12.0
+    hbox = _central_box(grid, rot, shift, half_mm=(a + margin, b + margin, c + margin), centre_z_mm=0.0)
+    full_axes = grid.axes_mm()
+    axes = (full_axes[0][hbox[2]], full_axes[1][hbox[1]], full_axes[2][hbox[0]])
+    hx, hy, hz = head_coordinates(grid, rot, shift, box=hbox)
 
     # Inner skull surface: an egg-shaped ellipsoid (narrower frontally, flatter at the base).
-    a, b, c = rng.normal(70, 3), rng.normal(86, 3.5), rng.normal(66, 3)
-    a_eff = a * (1.0 - 0.10 * np.clip(-hy / b, 0, 1))
-    c_eff = np.where(hz < 0, c * 0.85, c).astype(np.float32)
-    rho2 = (hx / a_eff) ** 2 + (hy / b) ** 2 + (hz / c_eff) ** 2
-    rho = np.sqrt(rho2)
-    del rho2
     lump = smooth_field(axes, 90.0, rng)
-    rho *= 1.0 + np.float32(0.035) * lump
-    r = np.sqrt(hx * hx + hy * hy + hz * hz)
-    depth = r * (1.0 / np.maximum(rho, 1e-3) - 1.0)  # mm inside the inner skull surface
-    del r
+    q = np.clip(hy, -b, 0)
+    q *= f32(0.10 / b)
+    q += f32(1.0)
+    q *= f32(a)  # a_eff: lateral semi-axis, narrower frontally
+    np.divide(hx, q, out=q)
+    rho = np.square(q, out=q)
+    t = np.square(hy * f32(1.0 / b))
+    rho += t
+    np.divide(hz, np.where(hz < 0, f32(c * 0.85), f32(c)), out=t)
+    rho += np.square(t, out=t)
+    np.sqrt(rho, out=rho)
+    rho *= f32(0.035) * lump + f32(1.0)
+    # Radial distance (mm) inside the deformed inner skull surface.
+    r = np.square(hx)
+    r += np.square(hy, out=t)
+    r += np.square(hz, out=t)
+    np.sqrt(r, out=r)
+    np.maximum(rho, f32(1e-3), out=rho)
+    np.reciprocal(rho, out=rho)
+    rho -= f32(1.0)
+    depth = np.multiply(r, rho, out=r)
+    del rho, t
 
-    skull_t = (rng.uniform(4.0, 6.5) * (1.0 + 0.25 * smooth_field(axes, 60.0, rng))
-               + np.clip(-hz - 25.0, 0, None) * 0.15).astype(np.float32)
-    scalp_t = np.float32(rng.uniform(4.5, 7.5))
-    gap = np.float32(0.8 + 2.0 * atrophy)
+    slow = smooth_field(axes, 60.0, rng)
+    # One slow field drives skull thickness and the soft-tissue HU drift (beam hardening is
+    # stronger under thick bone), which saves a full-volume field per head.
+    drift = slow * f32(1.5)
+    skull_t = slow
+    skull_t *= f32(0.25 * skull_mean)
+    skull_t += f32(skull_mean)
+    base = np.minimum(hz, f32(-25.0))  # the skull thickens towards the skull base
+    base += f32(25.0)
+    base *= f32(-0.15)
+    skull_t += base
+    del base
 
-    tissue = np.zeros(grid.shape_zyx, np.uint8)
+    tissue = np.zeros(depth.shape, np.uint8)
     tissue[depth > -(skull_t + scalp_t)] = SCALP
     tissue[depth > -skull_t] = SKULL
     tissue[depth > 0] = CSF
     brain_depth = depth - gap  # depth below the brain surface
-    tissue[brain_depth > 0] = WM
+    inside = np.flatnonzero(brain_depth > 0)
+    tissue.flat[inside] = WM
 
-    # Cortex with gyri: zero crossings of a band-limited field form sheet-like sulci.
-    gyri = smooth_field(axes, 22.0, rng)
-    cortex_t = np.float32(2.8) + np.float32(0.8) * lump
-    sulcal_depth = np.float32(rng.uniform(10, 16))
-    near_surface = (brain_depth > 0) & (brain_depth < sulcal_depth + 3.0)
-    sulcus_w = np.float32(0.10 + 0.16 * atrophy)
+    # Cortex with gyri: zero crossings of a band-limited field form sheet-like sulci. Everything
+    # below is computed on the brain's voxels only (gathered), not on the whole box.
+    gyri = smooth_field(axes, 22.0, rng).ravel()[inside]
+    bd = brain_depth.ravel()[inside]
+    lp = lump.ravel()[inside]
+    del lump
+    px, py, pz = hx.ravel()[inside], hy.ravel()[inside], hz.ravel()[inside]
+    tis = tissue.ravel()[inside]
+    cortex_t = f32(2.8) + f32(0.8) * lp
+    sulcal_depth = f32(rng.uniform(10, 16))
+    near_surface = bd < sulcal_depth + 3.0
+    sulcus_w = f32(0.10 + 0.16 * atrophy)
     ag = np.abs(gyri)
-    tissue[near_surface & ((brain_depth < cortex_t) | (ag < sulcus_w + 0.28))] = GM
-    tissue[near_surface & (brain_depth < sulcal_depth) & (ag < sulcus_w)] = CSF
-    del ag
+    tis[near_surface & ((bd < cortex_t) | (ag < sulcus_w + 0.28))] = GM
+    tis[near_surface & (bd < sulcal_depth) & (ag < sulcus_w)] = CSF
 
     # Interhemispheric fissure with a falx that bows a little.
-    falx_x = np.float32(rng.normal(0, 1.0)) + np.float32(1.5) * np.sin(hy / 60.0)
-    dx = np.abs(hx - falx_x)
-    fissure = (dx < 0.9 + 1.2 * atrophy) & (brain_depth > 0) & ((hz > 18) | (np.abs(hy) > 45))
-    tissue[(dx < 3.5 + 1.2 * atrophy) & (brain_depth > 0) & ((hz > 14) | (np.abs(hy) > 40)) & (tissue == WM)] = GM
-    tissue[fissure] = CSF
-    del dx, fissure
+    dx = np.abs(px - (f32(rng.normal(0, 1.0)) + f32(1.5) * np.sin(py * f32(1 / 60.0))))
+    ay = np.abs(py)
+    tis[(dx < 3.5 + 1.2 * atrophy) & ((pz > 14) | (ay > 40)) & (tis == WM)] = GM
+    tis[(dx < 0.9 + 1.2 * atrophy) & ((pz > 18) | (ay > 45))] = CSF
 
     # Deep grey matter and ventricles, pushed apart as the ventricles enlarge with atrophy.
     v = float((0.85 + 0.8 * atrophy) * rng.uniform(0.85, 1.15))
     lat = 1.0 + 0.25 * (v - 1.0)
-    deep = np.zeros(grid.shape_zyx, bool)
+    central = (np.abs(px) < 40) & (np.abs(py) < 50) & (pz > -50) & (pz < 32)  # holds every structure below
+    ci = np.flatnonzero(central)
+    cx, cy, cz = px[ci], py[ci], pz[ci]
+    deep = np.zeros(ci.size, bool)
     for side in (-1, 1):
-        deep |= _ellipsoid(hx, hy, hz, (side * 21 * lat, -2, 2), (6.5, 13, 9))  # lentiform nucleus
-        deep |= _ellipsoid(hx, hy, hz, (side * 12 * lat, -14, 10), (4.5, 8, 7))  # caudate head
-        deep |= _ellipsoid(hx, hy, hz, (side * 9 * lat, 12, 3), (7.5, 10, 7))  # thalamus
-    tissue[deep & (brain_depth > 0)] = DEEP_GM
-    vent = np.zeros(grid.shape_zyx, bool)
+        deep |= _ellipsoid(cx, cy, cz, (side * 21 * lat, -2, 2), (6.5, 13, 9))  # lentiform nucleus
+        deep |= _ellipsoid(cx, cy, cz, (side * 12 * lat, -14, 10), (4.5, 8, 7))  # caudate head
+        deep |= _ellipsoid(cx, cy, cz, (side * 9 * lat, 12, 3), (7.5, 10, 7))  # thalamus
+    vent = np.zeros(ci.size, bool)
     for side in (-1, 1):
-        vent |= _ellipsoid(hx, hy, hz, (side * 5.5 * lat, 0, 16), (4.0 * v, 24, 4.5 * v))  # body
-        vent |= _ellipsoid(hx, hy, hz, (side * 7 * lat, -20, 9), (3.5 * v, 10, 6 * v))  # frontal horn
-        vent |= _ellipsoid(hx, hy, hz, (side * 13 * lat, 25, 8), (4.0 * v, 10, 5.5 * v))  # atrium
-        vent |= _ellipsoid(hx, hy, hz, (side * 27 * lat, 4, -12), (1.8 * v, 9, 2.5 * v))  # temporal horn
-    vent |= _ellipsoid(hx, hy, hz, (0, 8, 1), (1.3 * v, 11, 7))  # third ventricle
-    vent |= _ellipsoid(hx, hy, hz, (0, 38, -42), (4.5, 3.0, 5))  # fourth ventricle
-    tissue[vent & (brain_depth > 4)] = VENTRICLE
-    del deep, vent, hx, hy, hz
+        vent |= _ellipsoid(cx, cy, cz, (side * 5.5 * lat, 0, 16), (4.0 * v, 24, 4.5 * v))  # body
+        vent |= _ellipsoid(cx, cy, cz, (side * 7 * lat, -20, 9), (3.5 * v, 10, 6 * v))  # frontal horn
+        vent |= _ellipsoid(cx, cy, cz, (side * 13 * lat, 25, 8), (4.0 * v, 10, 5.5 * v))  # atrium
+        vent |= _ellipsoid(cx, cy, cz, (side * 27 * lat, 4, -12), (1.8 * v, 9, 2.5 * v))  # temporal horn
+    vent |= _ellipsoid(cx, cy, cz, (0, 8, 1), (1.3 * v, 11, 7))  # third ventricle
+    vent |= _ellipsoid(cx, cy, cz, (0, 38, -42), (4.5, 3.0, 5))  # fourth ventricle
+    sub = tis[ci]
+    sub[deep] = DEEP_GM
+    sub[vent & (bd[ci] > 4)] = VENTRICLE
+    tis[ci] = sub
+    tissue.flat[inside] = tis
+    del hx, hy, hz, px, py, pz
 
-    hu = _tissue_hu(tissue, depth, skull_t, scalp_t, axes, rng)
-    return Head(grid=grid, hu=hu, tissue=tissue, depth_mm=depth, age=age, atrophy=atrophy, kind="phantom")
+    hu_box = _tissue_hu(tissue, depth, skull_t, scalp_t, drift, rng)
+    full_tissue = np.zeros(grid.shape_zyx, np.uint8)
+    full_tissue[hbox] = tissue
+    full_depth = np.full(grid.shape_zyx, -100.0, np.float32)
+    full_depth[hbox] = depth
+    hu = np.full(grid.shape_zyx, -1000.0, np.float32)
+    hu[hbox] = hu_box
+    return Head(grid=grid, hu=hu, tissue=full_tissue, depth_mm=full_depth, age=age, atrophy=atrophy, kind="phantom")
 
 
 def _tissue_hu(tissue: np.ndarray, depth: np.ndarray, skull_t: np.ndarray, scalp_t: np.float32,
-               axes, rng: np.random.Generator) -> np.ndarray:
+               drift: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     gm, wm = rng.uniform(35.5, 39.5), rng.uniform(25.5, 29.5)
     lut = np.array([-1000.0, 35.0, 0.0, rng.uniform(4, 10), rng.uniform(3, 9), gm, wm, gm - 1.5], np.float32)
     hu = lut[tissue]
@@ -188,7 +258,7 @@ def _tissue_hu(tissue: np.ndarray, depth: np.ndarray, skull_t: np.ndarray, scalp
     scalp = tissue == SCALP
     w = (-depth[scalp] - skull_t[scalp]) / scalp_t
     hu[scalp] = np.where((w > 0.55) & (w < 0.8), -70.0, 38.0).astype(np.float32)
-    # Slow inhomogeneity and fine texture in soft tissue (before scanner noise).
+    # Slow inhomogeneity in soft tissue (fine texture comes from the scanner noise).
     soft = tissue >= CSF
-    hu[soft] += (1.2 * smooth_field(axes, 70.0, rng) + 0.8 * smooth_field(axes, 8.0, rng))[soft]
+    hu[soft] += drift[soft]
     return hu

@@ -12,6 +12,7 @@ slices); ``simulations.scanner.Grid.for_profile`` maps them onto the chosen scal
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -114,8 +115,8 @@ def _check_mix(profile: Profile, source: str) -> None:
         raise IchfedError(f"{source}: 'population.neoplastic_mix' must have at least one positive weight")
     if sum(non.values()) <= 0:
         raise IchfedError(f"{source}: 'population.non_neoplastic_mix' must have at least one positive weight")
-    if not profile.name or any(c in profile.name for c in "/\\ ,"):
-        raise IchfedError(f"{source}: 'name' must be non-empty without spaces, commas or slashes, got {profile.name!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", profile.name):
+        raise IchfedError(f"{source}: 'name' must be 1-64 letters, digits, '.', '_' or '-', got {profile.name!r}")
 
 
 def etiology_weights(profile: Profile, neoplastic: bool) -> dict[str, float]:

@@ -66,3 +66,51 @@ def tiny_bundle(tmp_path_factory) -> TinyBundle:
         report=report,
         cohort_dir=root / "work" / "cohort",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyNnunetModel:
+    """A real nnU-Net v2 model trained with the `ci` profile on a tiny synthetic site."""
+
+    model_dir: Path  # what shared.segment.train returns (slim checkpoints; goes into bundles)
+    results_dir: Path  # nnU-Net's own nnUNet_results/Dataset501_ICH (checkpoints as nnU-Net writes them)
+    site_dir: Path  # write_cohort("charite-like", 10, seed=0, scale="ci")
+    train_ids: tuple[str, ...]
+    test_ids: tuple[str, ...]  # held out from nnU-Net training
+    train_seconds: float
+
+
+@pytest.fixture(scope="session")
+def tiny_nnunet_model(tmp_path_factory) -> TinyNnunetModel:
+    """Real nnU-Net planning, preprocessing and `ci` training (96 iterations) on 7 synthetic cases.
+
+    Set ICHFED_TEST_NNUNET_DIR to reuse one trained model across local runs; CI trains afresh.
+    """
+    import time
+
+    from shared.segment import export_dataset, train
+    from shared.sitedata import read_site
+    from simulations.cohort import write_cohort
+
+    cached = os.environ.get("ICHFED_TEST_NNUNET_DIR")
+    root = Path(cached) if cached else tmp_path_factory.mktemp("tiny_nnunet")
+    site_dir = root / "site"
+    if not (site_dir / "cases.csv").exists():
+        write_cohort("charite-like", 10, 0, site_dir, scale="ci")
+    site = read_site(site_dir)
+    train_cases, test_cases = site.cases[:7], site.cases[7:]
+    model_dir = root / "work" / "model"
+    seconds = float("nan")
+    if not (cached and model_dir.is_dir()):
+        export_dataset(dataclasses.replace(site, cases=train_cases), root / "raw", dataset_id=501, name="ICH")
+        t0 = time.perf_counter()
+        model_dir = train(root / "raw", 501, "ci", root / "work", seed=0)
+        seconds = time.perf_counter() - t0
+    return TinyNnunetModel(
+        model_dir=model_dir,
+        results_dir=root / "work" / "nnUNet_results" / "Dataset501_ICH",
+        site_dir=site_dir,
+        train_ids=tuple(c.case_id for c in train_cases),
+        test_ids=tuple(c.case_id for c in test_cases),
+        train_seconds=seconds,
+    )

@@ -9,6 +9,7 @@ Endpoints (all JSON unless noted):
   done, error), then the result (the JSON of ``ichfed predict --json``) and viewer geometry.
 - ``GET /api/cases/{token}/slices/{z}.png?window=brain`` a windowed axial slice (PNG).
 - ``GET /api/cases/{token}/overlays/{ich|phe}/{z}.png`` a transparent label overlay (PNG).
+- ``GET /api/cases/{token}/voxels/{z}/{y}/{x}`` HU and label of one voxel (the density read-out).
 - ``DELETE /api/cases/{token}`` forget a case now rather than at expiry.
 """
 
@@ -201,6 +202,16 @@ def create_app(
     def overlay_png(token: str, label: str, z: int):
         return png(token, lambda v: v.overlay_png(z, label))
 
+    @app.get("/api/cases/{token}/voxels/{z}/{y}/{x}")
+    def voxel(token: str, z: int, y: int, x: int):
+        case = get_case(token)
+        if case is None or case.view is None:
+            return error("case: unknown, expired or not finished", 404)
+        try:
+            return case.view.probe(z, y, x)
+        except IchfedError as e:
+            return error(str(e), 404)
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
@@ -222,4 +233,5 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    # No websockets: the page polls; this also skips importing the websockets package.
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, ws="none")

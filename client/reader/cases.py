@@ -131,6 +131,7 @@ class CaseStore:
             if stage in STAGES:
                 case.state = stage
 
+        final, message = "error", None
         try:
             progress("reading")
             result, image, mask = self._analyse(input_path, progress)
@@ -138,25 +139,28 @@ class CaseStore:
             progress("rendering")
             case.view = make_view(image, mask)
             case.result = result
-            case.state = "done"
+            final = "done"
         except IchfedError as e:
-            case.message = _strip_folder(str(e), case.folder)
-            case.state = "error"
+            message = _strip_folder(str(e), case.folder, input_path, case.display_name)
         except Exception as e:  # noqa: BLE001 - the page must stay usable whatever happens
             log.exception("reader: case %s failed", case.token[:6])
-            case.message = f"internal error while reading the case ({type(e).__name__}); see the server log"
-            case.state = "error"
+            message = f"internal error while reading the case ({type(e).__name__}); see the server log"
         finally:
             shutil.rmtree(case.folder, ignore_errors=True)
             case.finished_at = time.time()
             with self._lock:
                 self._running_seq = 0
-            log.info("reader: case %s %s in %.1f s", case.token[:6], case.state, case.finished_at - case.started_at)
+            # Last: a poller that sees "done" or "error" sees everything else already in place.
+            case.message = message
+            case.state = final
+            log.info("reader: case %s %s in %.1f s", case.token[:6], final, case.finished_at - case.started_at)
 
 
-def _strip_folder(message: str, folder: Path) -> str:
-    # Error messages name the file; the temporary folder means nothing to the reader.
-    for prefix in (str(folder / "raw") + "/", str(folder / "series") + "/", str(folder) + "/", str(folder)):
+def _strip_folder(message: str, folder: Path, input_path: Path, display_name: str) -> str:
+    # Error messages name the file; the temporary folder means nothing to the reader, the name
+    # they dropped does.
+    message = message.replace(str(input_path), display_name)
+    for prefix in (str(folder) + "/", str(folder)):
         message = message.replace(prefix, "")
     return message
 

@@ -84,6 +84,15 @@ class CaseView:
             lambda: _overlay_png(self.labels[z] == LABELS[label], COLOURS[label]),
         )
 
+    def probe(self, z: int, y: int, x: int) -> dict:
+        """HU and label at one voxel, for the density read-out under the mouse."""
+        self._check_z(z)
+        ny, nx = self.hu.shape[1:]
+        if not (0 <= y < ny and 0 <= x < nx):
+            raise IchfedError(f"voxel: ({x}, {y}) is outside the {nx} x {ny} slice")
+        names = {v: k for k, v in LABELS.items()}
+        return {"hu": int(self.hu[z, y, x]), "label": names.get(int(self.labels[z, y, x]))}
+
     def _check_z(self, z: int) -> int:
         if not 0 <= z < self.n_slices:
             raise IchfedError(f"slice: must be between 0 and {self.n_slices - 1}, got {z}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from shared.errors import IchfedError
 
@@ -24,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--scale", default="ci", choices=["ci", "demo", "paper"], help="simulated image scale (default ci)")
     p.add_argument("--rounds", type=int, required=True, help="federated rounds")
     p.add_argument("--bundle", required=True, help="signed reference bundle folder")
-    p.add_argument("--pubkey", required=True, help="coordinator's Ed25519 public key (verifies the bundle)")
+    p.add_argument("--pubkey", help="coordinator's Ed25519 public key (default: the development key that "
+                   "'ichfed bootstrap' wrote in <bundle>-keys/)")
     p.add_argument("--signing-key", help="coordinator's private key: sign and distribute the federated bundle")
     p.add_argument("--out", required=True, help="output folder (sites, server state, report)")
     p.add_argument("--local-epochs", type=int, default=20, help="head epochs per round at each site (default 20)")
@@ -42,14 +44,27 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def default_public_key(bundle: str) -> Path:
+    """The development public key ``ichfed bootstrap`` writes beside a bundle, if it is there."""
+    from shared.signing import PUBLIC_KEY_NAME
+
+    b = Path(bundle).resolve()
+    candidate = b.parent / f"{b.name}-keys" / PUBLIC_KEY_NAME
+    if not candidate.is_file():
+        raise IchfedError(f"--pubkey: not given and no development key at {candidate}")
+    log.info("verifying the bundle with %s", candidate)
+    return candidate
+
+
 def run(args) -> int:
     from server.report import paper_table_markdown
     from simulations.flower_sim import run as simulate
 
     if args.rounds < 1:
         raise IchfedError(f"--rounds: must be at least 1, got {args.rounds}")
+    pubkey = args.pubkey or default_public_key(args.bundle)
     report = simulate(
-        args.out, args.bundle, args.pubkey, args.rounds,
+        args.out, args.bundle, pubkey, args.rounds,
         n_sites=args.sites, profiles=_csv(args.profiles), site_dirs=_csv(args.site_dirs),
         cases_per_site=args.cases_per_site, scale=args.scale, seed=args.seed, signing_key=args.signing_key,
         local_epochs=args.local_epochs, learning_rate=args.learning_rate,

@@ -64,10 +64,10 @@ class Deployment:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def _start(self, name: str, argv: list[str], cwd: Path | None = None) -> subprocess.Popen:
+    def _start(self, name: str, argv: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
         proc = subprocess.Popen(
-            argv, cwd=cwd or self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            argv, cwd=cwd or self.root, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         log.close()
@@ -122,7 +122,10 @@ class Deployment:
         ]
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries), "--max-wait-time", "60"]
-        return self._start(name, argv, cwd=cwd)
+        # Each site installs the FAB into its own Flower home, as on separate machines.
+        home = self.root / f"flwr-home-{name}"
+        home.mkdir(exist_ok=True)
+        return self._start(name, argv, cwd=cwd, env={"FLWR_HOME": str(home)})
 
     def flwr(self, *args: str, timeout: float = 120, cwd: Path | None = None, name: str | None = None
              ) -> subprocess.CompletedProcess:
@@ -169,10 +172,19 @@ class Deployment:
         for name in sorted(self.procs, key=lambda n: n == "superlink"):
             self._kill(self.procs[name])
 
-    def group_alive(self, name: str) -> bool:
-        """Whether any process of the group ``name`` still runs."""
-        try:
-            os.killpg(self.procs[name].pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
+    def group_alive(self, name: str) -> list[int]:
+        """PIDs of the group ``name`` that still run (zombies, already dead, are not counted)."""
+        pgid = self.procs[name].pid
+        alive = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            # Fields after the parenthesised command: state, ppid, pgrp, ...
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(d.name))
+        return alive

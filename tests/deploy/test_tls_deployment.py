@@ -10,6 +10,7 @@ processes. Each process runs in its own process group, killed at teardown.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -44,12 +45,28 @@ def _private_key(tiny_bundle) -> Path:
     pytest.fail(f"tiny_bundle: no signing private key in {tiny_bundle.private_key.parent}")
 
 
+def _app_copy(dst: Path) -> Path:
+    """The Flower app (this repository's code and pyproject.toml) in a scratch folder.
+
+    ``flwr run`` rewrites a pyproject.toml that still has ``[tool.flwr.federations]`` (it
+    migrates the section to FLWR_HOME and comments it out); it must never edit the checkout
+    under test, so it builds the FAB from a copy.
+    """
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for pkg in ("client", "server", "shared", "simulations", "ichfed"):
+        shutil.copytree(REPO / pkg, dst / pkg, ignore=ignore)
+    for f in ("pyproject.toml", ".gitignore", "README.md"):
+        if (REPO / f).is_file():
+            shutil.copy2(REPO / f, dst / f)
+    return dst
+
+
 def _make_site(root: Path, name: str, seed: int) -> Path:
-    """A tiny synthetic hospital: 8 cases at ci scale from the cohort writer."""
+    """A tiny synthetic hospital: 6 cases at ci scale from the cohort writer."""
     from simulations.cohort import write_cohort
 
     out = root / "data" / name
-    write_cohort("charite-like", 8, seed, out, scale="ci")
+    write_cohort("charite-like", 6, seed, out, scale="ci")
     return out
 
 
@@ -73,7 +90,7 @@ def federation(tmp_path_factory, tiny_bundle):
                      "--min-cases-for-metrics", "2", "--seed", str(i)]) == 0
         site_cfg[name] = cfg
     # The intruder has a well-formed key that nobody registered.
-    assert main(["site", "init", "--name", "rogue", "--data", str(_make_site(root, "rogue", 7)),
+    assert main(["site", "init", "--name", "rogue", "--data", str(root / "data" / SITES[0]),
                  "--out", str(root / "site_configs" / "rogue.toml"), "--state-dir", str(root / "state" / "rogue"),
                  "--public-key", str(public_key), "--device", "cpu"]) == 0
 
@@ -101,8 +118,8 @@ def federation(tmp_path_factory, tiny_bundle):
         yield {"dep": dep, "root": root, "public_key": public_key}
     finally:
         dep.stop()
-        for name in dep.procs:
-            assert not dep.group_alive(name), f"process group of {name} survived teardown"
+        survivors = {name: dep.group_alive(name) for name in dep.procs}
+        assert not any(survivors.values()), f"processes survived teardown: {survivors}"
 
 
 def test_two_rounds_over_tls_with_node_auth(federation, tiny_bundle):
@@ -117,7 +134,8 @@ def test_two_rounds_over_tls_with_node_auth(federation, tiny_bundle):
         "min-sites=2",
     ])
     t0 = time.monotonic()
-    r = dep.flwr("run", str(REPO), "tls", "--stream", "--run-config", run_config, timeout=540, name="run")
+    app = _app_copy(root / "app")
+    r = dep.flwr("run", str(app), "tls", "--stream", "--run-config", run_config, timeout=540, name="run")
     wall = time.monotonic() - t0
     report_path = state / "report" / "report.json"
     assert r.returncode == 0 and report_path.is_file(), (
@@ -126,6 +144,7 @@ def test_two_rounds_over_tls_with_node_auth(federation, tiny_bundle):
 
     assert report["run"]["num_rounds"] == ROUNDS
     assert sorted(report["run"]["sites"]) == list(SITES)
+    assert "Exit Code" not in r.stdout, r.stdout[-5000:]
     # Neither site had the bundle: both received it through Flower messages and verified it.
     assert sorted(report["distribution"]["received"]) == list(SITES) and report["distribution"]["refused"] == []
     assert len(report["rounds"]) == ROUNDS

@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -25,7 +24,7 @@ def serve_in_thread(app) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", ws="none"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -51,51 +50,51 @@ def reader_predictor(tiny_bundle):
 
 
 @dataclasses.dataclass(frozen=True)
-class Cases:
-    lesion: Path  # a synthetic cohort case in which the predictor finds a hemorrhage
-    lesion_json: dict  # Predictor.predict on it: the JSON of `ichfed predict --json`
-    no_lesion: Path  # a synthetic head without blood: the predictor finds none
-    no_lesion_json: dict
+class Case:
+    path: Path
+    expected: dict  # Predictor.predict on it: the JSON of `ichfed predict --json`
 
 
-def _no_blood_head(like: sitk.Image, path: Path) -> Path:
-    """A head of brain-density tissue inside a skull, on the grid of a cohort case, with no blood."""
-    size = like.GetSize()
-    z, y, x = np.indices(size[::-1], dtype=np.float32)
-    c = [(n - 1) / 2 for n in size[::-1]]
-    r = np.sqrt(((z - c[0]) / (0.45 * size[2])) ** 2 + ((y - c[1]) / (0.42 * size[1])) ** 2
-                + ((x - c[2]) / (0.36 * size[0])) ** 2)
-    hu = np.full(r.shape, -1000.0, dtype=np.float32)
-    hu[r < 1.0] = 1200.0  # skull
-    hu[r < 0.9] = 30.0  # brain
-    hu += np.random.default_rng(0).normal(0, 4, hu.shape).astype(np.float32)
-    img = sitk.GetImageFromArray(hu)
-    img.CopyInformation(like)
-    sitk.WriteImage(img, str(path))
+def _healthy_head(path: Path) -> Path:
+    """A simulated head (the cohort's phantom anatomy and scanner model) with no lesion inserted."""
+    from simulations.cohort import case_rng
+    from simulations.phantom import make_phantom
+    from simulations.profiles import load_profile
+    from simulations.scanner import Grid, acquire, quantise
+
+    prof = load_profile("charite-like")
+    grid = Grid.for_profile("ci", prof.scanner)
+    head = make_phantom(grid, case_rng(7, prof.name, 0, "anatomy"), age=60.0,
+                        atrophy_scale=prof.population.atrophy_scale, tilt_deg=prof.scanner.gantry_tilt_deg)
+    hu = quantise(acquire(head.hu, grid, prof.scanner, case_rng(7, prof.name, 0, "scanner")))
+    sitk.WriteImage(grid.to_image(hu), str(path))
     return path
 
 
 @pytest.fixture(scope="session")
-def reader_cases(reader_predictor, tiny_bundle, tmp_path_factory) -> Cases:
-    """A lesion case from the bundle's synthetic cohort and a blood-free head, with their predictions."""
+def lesion_case(reader_predictor, tiny_bundle) -> Case:
+    """A case of the bundle's synthetic cohort in which the predictor finds a hemorrhage."""
     from shared.sitedata import read_site
 
     site = read_site(tiny_bundle.cohort_dir)
-    # Largest ground-truth ICH first: the tiny segmenter is most likely to find those.
+
     def ich_voxels(case):
         return int((sitk.GetArrayViewFromImage(sitk.ReadImage(str(case.mask_path))) == 1).sum())
 
+    # Largest ground-truth ICH first: the tiny segmenter is most likely to find those.
     ranked = sorted((c for c in site.cases if c.mask_path), key=ich_voxels, reverse=True)
-    lesion = lesion_json = None
     for case in ranked[:3]:
         result = reader_predictor.predict(case.image_path)
         if result["lesion_found"]:
-            lesion, lesion_json = case.image_path, result
-            break
-    assert lesion is not None, "the tiny bundle's segmenter found no ICH in the three largest cohort lesions"
-    folder = tmp_path_factory.mktemp("reader_cases")
-    no_lesion = _no_blood_head(sitk.ReadImage(str(lesion)), folder / "no_blood_head.nii.gz")
-    return Cases(lesion, lesion_json, no_lesion, reader_predictor.predict(no_lesion))
+            return Case(case.image_path, result)
+    raise AssertionError("the tiny bundle's segmenter found no ICH in the three largest cohort lesions")
+
+
+@pytest.fixture(scope="session")
+def no_lesion_case(reader_predictor, tmp_path_factory) -> Case:
+    """A simulated head without blood; the predictor finds no ICH in it."""
+    path = _healthy_head(tmp_path_factory.mktemp("reader_cases") / "healthy_head.nii.gz")
+    return Case(path, reader_predictor.predict(path))
 
 
 @pytest.fixture(scope="session")
@@ -123,3 +122,15 @@ def reader_url(reader_predictor, tmp_path_factory) -> Iterator[tuple[str, Path]]
     )
     with serve_in_thread(app) as url:
         yield url, work
+
+
+@pytest.fixture(scope="session")
+def showcase_case(reader_predictor, ge_series, tmp_path_factory) -> Case:
+    """A synthetic hemorrhage inserted into the real GE head CT at demo scale: the README screenshot."""
+    from simulations.cohort import make_case, write_nifti
+
+    case = make_case("charite-like", 0, 0, scale="demo", background="real")
+    image, _ = case.images()
+    path = tmp_path_factory.mktemp("reader_showcase") / "synthetic-ich-real-head.nii.gz"
+    write_nifti(image, path)
+    return Case(path, reader_predictor.predict(path))

@@ -39,16 +39,16 @@ def _without_timings(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("timings", "source")}
 
 
-def test_good_case_gives_the_json_of_ichfed_predict_and_renders(reader_url, reader_cases):
+def test_good_case_gives_the_json_of_ichfed_predict_and_renders(reader_url, lesion_case):
     url, work = reader_url
-    path = reader_cases.lesion
+    path = lesion_case.path
     r = _upload(url, [(path.name, path.read_bytes())])
     assert r.status_code == 202, r.text
     body = _wait(url, r.json()["token"])
     assert body["state"] == "done", body
     result = body["result"]
     # Same numbers, keys and key order as Predictor.predict (what `ichfed predict --json` prints).
-    expected = reader_cases.lesion_json
+    expected = lesion_case.expected
     assert list(result) == list(expected)
     assert _without_timings(result) == _without_timings(expected)
     assert list(result["timings"]) == list(expected["timings"])
@@ -72,19 +72,19 @@ def test_good_case_gives_the_json_of_ichfed_predict_and_renders(reader_url, read
     assert httpx.get(f"{url}/api/cases/{body['token']}/slices/{z}.png").status_code == 404
 
 
-def test_no_lesion_is_a_result_not_an_error(reader_url, reader_cases):
+def test_no_lesion_is_a_result_not_an_error(reader_url, no_lesion_case):
     url, _ = reader_url
-    assert reader_cases.no_lesion_json["lesion_found"] is False
-    path = reader_cases.no_lesion
+    assert no_lesion_case.expected["lesion_found"] is False
+    path = no_lesion_case.path
     body = _wait(url, _upload(url, [(path.name, path.read_bytes())]).json()["token"])
     assert body["state"] == "done" and body["message"] is None
     result = body["result"]
-    assert _without_timings(result) == _without_timings(reader_cases.no_lesion_json)
+    assert _without_timings(result) == _without_timings(no_lesion_case.expected)
     assert result["lesion_found"] is False and result["label"] is None and result["p_neoplastic"] is None
     assert body["view"]["slices_with"]["ich"] == []
 
 
-def test_non_ct_inputs_get_a_readable_message_and_the_server_keeps_working(reader_url, tmp_path, reader_cases):
+def test_non_ct_inputs_get_a_readable_message_and_the_server_keeps_working(reader_url, tmp_path, no_lesion_case):
     url, work = reader_url
     photo = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 30, 30)).save(photo, format="PNG")
@@ -109,7 +109,7 @@ def test_non_ct_inputs_get_a_readable_message_and_the_server_keeps_working(reade
         assert str(work) not in body["message"]  # the temporary folder means nothing to a reader
     assert list(work.iterdir()) == []
     # Still usable afterwards.
-    path = reader_cases.no_lesion
+    path = no_lesion_case.path
     assert _wait(url, _upload(url, [(path.name, path.read_bytes())]).json()["token"])["state"] == "done"
 
 
@@ -139,9 +139,9 @@ def test_oversized_upload_is_refused_with_413_and_nothing_kept(reader_predictor,
         assert list(work.iterdir()) == []
 
 
-def test_concurrent_uploads_are_queued_not_run_in_parallel(reader_url, reader_cases):
+def test_concurrent_uploads_are_queued_not_run_in_parallel(reader_url, no_lesion_case):
     url, _ = reader_url
-    path = reader_cases.no_lesion
+    path = no_lesion_case.path
     data = path.read_bytes()
     tokens: list[str] = []
 

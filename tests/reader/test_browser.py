@@ -86,9 +86,9 @@ def _wait_done(page, state="done"):
     page.wait_for_selector(f"body[data-case-state={state}]", timeout=300_000)
 
 
-def test_drop_synthetic_case_shows_the_predictors_numbers(page, reader_cases, tmp_path):
-    expected = reader_cases.lesion_json
-    path = reader_cases.lesion
+def test_drop_synthetic_case_shows_the_predictors_numbers(page, lesion_case, tmp_path):
+    expected = lesion_case.expected
+    path = lesion_case.path
     page.evaluate(_DROP_JS, {"name": path.name, "b64": base64.b64encode(path.read_bytes()).decode()})
     page.wait_for_selector("#progress:not([hidden])")
     _wait_done(page)
@@ -111,10 +111,6 @@ def test_drop_synthetic_case_shows_the_predictors_numbers(page, reader_cases, tm
     canvas = page.evaluate(_CANVAS_JS)
     assert canvas["green"] > 0 and canvas["sd"] > 5
     page.screenshot(path=str(tmp_path / "reader-synthetic.png"))
-    if os.environ.get("ICHFED_UPDATE_SCREENSHOT") == "1":
-        target = REPO / "docs" / "img" / "reader.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tmp_path / "reader-synthetic.png", target)
     best = canvas["slice"]
     assert best == page.get_attribute("#slice-canvas", "data-best-slice")
     page.uncheck("#show-ich")
@@ -132,16 +128,21 @@ def test_drop_synthetic_case_shows_the_predictors_numbers(page, reader_cases, tm
     page.wait_for_selector("#slice-canvas[data-drawn-window=subdural]")
 
 
-def test_no_lesion_case_is_shown_as_a_clear_result(page, reader_cases, tmp_path):
-    page.set_input_files("#file-input", str(reader_cases.no_lesion))
+def test_no_lesion_case_is_shown_as_a_clear_result(page, no_lesion_case, tmp_path):
+    page.set_input_files("#file-input", str(no_lesion_case.path))
     _wait_done(page)
     assert "No hemorrhage found" in page.inner_text("#verdict")
     assert page.is_hidden("#message")
     assert page.inner_text("#ich-ml") == "0.0 ml"
+    # Hovering the centre of the head reads out a brain-like density.
+    box = page.locator("#slice-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_selector("#probe-label:has-text('HU')")
+    assert -20 < int(page.inner_text("#probe-label").split()[0]) < 80
     page.screenshot(path=str(tmp_path / "reader-no-lesion.png"))
 
 
-def test_non_ct_input_gets_a_message_and_the_page_stays_usable(page, reader_cases, tmp_path):
+def test_non_ct_input_gets_a_message_and_the_page_stays_usable(page, no_lesion_case, tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image\n")
     page.set_input_files("#file-input", str(bad))
@@ -150,13 +151,13 @@ def test_non_ct_input_gets_a_message_and_the_page_stays_usable(page, reader_case
     assert "could not be read" in page.inner_text("#message")
     assert "no DICOM files found" in page.inner_text("#message")
     page.screenshot(path=str(tmp_path / "reader-error.png"))
-    page.set_input_files("#file-input", str(reader_cases.no_lesion))
+    page.set_input_files("#file-input", str(no_lesion_case.path))
     _wait_done(page)
     assert page.is_hidden("#message")
 
 
 def test_real_ge_head_ct_zip_renders(page, ge_zip, tmp_path):
-    page.set_input_files("#file-input", str(ge_zip))
+    page.evaluate(_DROP_JS, {"name": ge_zip.name, "b64": base64.b64encode(ge_zip.read_bytes()).decode()})
     _wait_done(page)
     page.wait_for_selector("#slice-canvas[data-drawn-slice]")
     canvas = page.evaluate(_CANVAS_JS)
@@ -165,3 +166,40 @@ def test_real_ge_head_ct_zip_renders(page, ge_zip, tmp_path):
     n = int(page.get_attribute("#slice-slider", "max")) + 1
     assert n >= 28 and page.inner_text("#slice-label").endswith("mm")
     page.screenshot(path=str(tmp_path / "reader-ge-head.png"))
+
+
+def test_dicom_folder_from_the_folder_picker(page, no_lesion_case, reader_predictor, tmp_path):
+    import SimpleITK as sitk
+
+    from tests.dicom_factory import write_series
+
+    # The blood-free head written as a DICOM folder, as a PACS export would give it.
+    img = sitk.ReadImage(str(no_lesion_case.path))
+    arr = sitk.GetArrayFromImage(img)
+    sx, sy, sz = img.GetSpacing()
+    ox, oy, oz = img.GetOrigin()
+    folder = tmp_path / "export" / "SERIES1"
+    write_series(folder, list(arr), [(ox, oy, oz + k * sz) for k in range(arr.shape[0])], spacing=(sx, sy))
+    expected = reader_predictor.predict(folder)
+    page.set_input_files("#folder-input", str(folder))
+    _wait_done(page)
+    assert page.inner_text("#case-name") == "SERIES1"
+    assert _shown_number(page.inner_text("#ich-ml")) == pytest.approx(expected["ich_ml"], abs=0.05 + 1e-9)
+    assert _shown_number(page.inner_text("#phe-ml")) == pytest.approx(expected["phe_ml"], abs=0.05 + 1e-9)
+    assert int(page.get_attribute("#slice-slider", "max")) + 1 == arr.shape[0]
+
+
+def test_realistic_case_screenshot(page, showcase_case, tmp_path):
+    """A synthetic hemorrhage in the real GE head: the numbers, and the README screenshot."""
+    expected = showcase_case.expected
+    page.set_input_files("#file-input", str(showcase_case.path))
+    _wait_done(page)
+    page.wait_for_selector("#slice-canvas[data-drawn-slice]")
+    assert _shown_number(page.inner_text("#ich-ml")) == pytest.approx(expected["ich_ml"], abs=0.05 + 1e-9)
+    assert _shown_number(page.inner_text("#phe-ml")) == pytest.approx(expected["phe_ml"], abs=0.05 + 1e-9)
+    shot = tmp_path / "reader-case.png"
+    page.screenshot(path=str(shot))
+    if os.environ.get("ICHFED_UPDATE_SCREENSHOT") == "1":
+        target = REPO / "docs" / "img" / "reader.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target)

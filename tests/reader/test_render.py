@@ -96,3 +96,13 @@ def test_bad_slice_window_or_label_is_a_user_error():
         view.slice_png(0, "lung")
     with pytest.raises(IchfedError, match="label"):
         view.overlay_png(0, "sah")
+
+
+def test_probe_reads_hu_and_label_of_one_voxel():
+    image, mask, _, _ = _pair()
+    view = make_view(image, mask)
+    assert view.probe(4, 15, 10) == {"hu": 70, "label": "ich"}
+    assert view.probe(4, 11, 6) == {"hu": 40, "label": "phe"}
+    assert view.probe(4, 0, 0) == {"hu": 40, "label": None}
+    with pytest.raises(IchfedError, match="outside"):
+        view.probe(4, 30, 0)

@@ -75,3 +75,24 @@ def test_report_files_table_and_figures(tmp_path):
     table = paper_table_markdown(report)
     # the pooled row of each model leaves out the withheld site
     assert "| Federated last-layer fine-tuning | all sites | 20 | 0.800 |" in table
+
+
+def test_federate_cli_status_and_report(tmp_path, capsys):
+    from ichfed.cli import main
+
+    state = tmp_path / "server"
+    assert main(["federate", "status", str(state)]) == 2
+    assert "no checkpoint yet" in capsys.readouterr().err
+    CheckpointStore(state).save(1, _head(0.5), {"bundle_hash": "c" * 64, "num_rounds": 3, "sites": ["a"]},
+                                [{"round": 1, "evaluate": {"pooled": {"n": 9, "auc": 0.75}}}])
+    assert main(["federate", "status", str(state)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["round"] == 1 and status["of"] == 3 and status["pooled"]["auc"] == 0.75
+
+    assert main(["federate", "report", str(state)]) == 2  # no report.json yet: one line, exit 2
+    assert capsys.readouterr().err.startswith("error: ")
+    (state / "report").mkdir()
+    (state / "report" / "report.json").write_text(json.dumps(_report()))
+    assert main(["federate", "report", str(state)]) == 0
+    assert "| Federated last-layer fine-tuning | site-a | 20 | 0.800 |" in capsys.readouterr().out
+    assert (state / "report" / "roc.png").is_file() and (state / "report" / "report.html").is_file()

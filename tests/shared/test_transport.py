@@ -220,7 +220,7 @@ def test_real_bundle_round_trip_size(tmp_path, tiny_bundle):
     out = T.bundle_from_records(arrays2, config2, tmp_path / "cache", tiny_bundle.public_key)
     elapsed = time.perf_counter() - t0
     raw = sum(len(b) for b in _tree(tiny_bundle.path).values())
-    log.warning("real bundle: %d files, %.1f MB on disk, %.1f MB on the wire, round trip %.1f s",
-                len(arrays), raw / 1e6, wire_bytes / 1e6, elapsed)
+    log.warning("real bundle: %d files, %d bytes on disk, %d bytes on the wire (+%d), round trip %.1f s",
+                len(arrays), raw, wire_bytes, wire_bytes - raw, elapsed)
     assert _tree(out) == _tree(tiny_bundle.path)
     assert raw < wire_bytes < raw * 1.01 + 65536

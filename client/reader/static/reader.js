@@ -194,7 +194,10 @@
     stopElapsed();
     $("progress").hidden = true;
     if (state.token) forgetCurrent();
-    showMessage("This case could not be read", message);
+    showMessage(
+      "This case could not be read",
+      `${String(message).replace(/\.$/, "")}. Accepted: a non-contrast head CT as NIfTI (.nii, .nii.gz), a .zip of one DICOM series, or a DICOM folder.`
+    );
     document.body.dataset.caseState = "error";
   }
 
@@ -413,6 +416,36 @@
     $("show-ich").addEventListener("change", (e) => { state.showIch = e.target.checked; draw(); });
     $("show-phe").addEventListener("change", (e) => { state.showPhe = e.target.checked; draw(); });
     $("opacity").addEventListener("input", (e) => { state.opacity = Number(e.target.value) / 100; draw(); });
+    // Density read-out under the mouse, at most one request in flight.
+    let probing = false;
+    let pending = null;
+    const probe = async () => {
+      if (probing || !pending || !state.view) return;
+      const { z, x, y } = pending;
+      pending = null;
+      probing = true;
+      try {
+        const r = await fetch(`/api/cases/${state.token}/voxels/${z}/${y}/${x}`);
+        if (r.ok) {
+          const v = await r.json();
+          const where = v.label ? ` · ${v.label.toUpperCase()}` : "";
+          $("probe-label").textContent = `${v.hu} HU${where}`;
+        }
+      } finally {
+        probing = false;
+        if (pending) probe();
+      }
+    };
+    $("slice-canvas").addEventListener("mousemove", (e) => {
+      if (!state.view) return;
+      const rect = e.target.getBoundingClientRect();
+      const x = Math.floor(((e.clientX - rect.left) / rect.width) * state.view.width);
+      const y = Math.floor(((e.clientY - rect.top) / rect.height) * state.view.height);
+      if (x < 0 || y < 0 || x >= state.view.width || y >= state.view.height) return;
+      pending = { z: state.z, x, y };
+      probe();
+    });
+    $("slice-canvas").addEventListener("mouseleave", () => { pending = null; $("probe-label").textContent = ""; });
     document.addEventListener("keydown", (e) => {
       if (!state.view || e.target.tagName === "INPUT") return;
       if (e.key === "ArrowUp" || e.key === "PageUp") { goTo(state.z + 1); e.preventDefault(); }

@@ -1,0 +1,262 @@
+"""End to end in Flower's simulation engine (Ray) with the real tiny bundle.
+
+One federation run (module fixture) of 4 sites for 2 rounds serves several checks:
+- site 3 holds a single class, so its AUC is null with a reason, and the run goes on;
+- site 4 trusts another coordinator key, so it refuses the bundle and is left out;
+- the aggregated head of each round equals the case-weighted mean of the site updates;
+- every message a site sent (kept in its outgoing audit folder) passes the privacy inspection.
+A second test kills a running server after its first checkpoint and resumes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared import protocol as P
+
+pytestmark = pytest.mark.slow
+
+PROFILES = ("community-hospital", "hamburg-like", "lowdose-mobile")
+ROUNDS = 2
+
+
+def _one_class_site(src: Path, dst: Path) -> Path:
+    """A copy of site ``src`` keeping only its non-neoplastic cases."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    rows = list(csv.DictReader((dst / "cases.csv").open()))
+    keep = [r for r in rows if r["label"] in ("0", "non-neoplastic")]
+    with (dst / "cases.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    assert len(keep) >= 4, "the one-class site needs a few cases"
+    return dst
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    from simulations.cohort import write_cohort
+
+    root = tmp_path_factory.mktemp("fl_sites")
+    dirs = []
+    for i, profile in enumerate(PROFILES[:2]):
+        write_cohort(profile, 8, 11 + i, root / f"cohort-{i}", scale="ci")
+        dirs.append(root / f"cohort-{i}")
+    write_cohort(PROFILES[2], 12, 13, root / "cohort-2-all", scale="ci")
+    dirs.append(_one_class_site(root / "cohort-2-all", root / "cohort-2-negatives"))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def other_key(tmp_path_factory):
+    from shared.signing import generate_keypair
+
+    _, pub = generate_keypair(tmp_path_factory.mktemp("other_coordinator"))
+    return pub
+
+
+@pytest.fixture(scope="module")
+def federation(tiny_bundle, sites, other_key, tmp_path_factory):
+    from simulations.flower_sim import run
+
+    out = tmp_path_factory.mktemp("fl_run")
+    t0 = time.perf_counter()
+    report = run(out, tiny_bundle.path, tiny_bundle.public_key, ROUNDS,
+                 site_dirs=[*sites, sites[0]], local_epochs=5, learning_rate=1e-2, fine_tune_fraction=0.4,
+                 min_cases_for_metrics=2, min_sites=3, signing_key=tiny_bundle.private_key, seed=0,
+                 site_overrides={"3": {"public_key": other_key}})
+    report["_wall_s"] = time.perf_counter() - t0
+    return out, report
+
+
+def _outgoing(out: Path, i: int) -> list[dict]:
+    files = sorted((out / "sites" / f"site-{i}" / "state" / "outgoing").glob("*.json"),
+                   key=lambda f: int(f.name.split("-")[0]))
+    return [json.loads(f.read_text()) for f in files]
+
+
+def test_federation_runs_and_reports(federation, tiny_bundle):
+    out, report = federation
+    names = report["run"]["sites"]
+    assert len(names) == 3 and not any(n.startswith("site-4") for n in names)
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for rnd in report["rounds"]:
+        assert sorted(s["site"] for s in rnd["train"]["sites"]) == sorted(names)
+        assert all(s["status"] == "accepted" for s in rnd["train"]["sites"])
+        assert rnd["evaluate"]["pooled"]["n_sites"] >= 2
+    final = {s["site"]: s for s in report["final"]["sites"]}
+    assert set(final) == set(names)
+    for s in final.values():
+        for model in ("reference", "local", "federated"):
+            assert s[model]["n"] >= 2
+    md = (out / "report" / "report.md").read_text()
+    assert "Before fine-tuning" in md and "Local-only last-layer fine-tuning" in md and "Federated last-layer" in md
+    assert (out / "report" / "roc.png").stat().st_size > 5000 and (out / "report" / "confusion.png").is_file()
+    print(f"federation of 4 sites x {ROUNDS} rounds: {report['_wall_s']:.1f} s")
+
+
+def test_site_with_one_class_gets_null_metrics_with_a_reason(federation):
+    _, report = federation
+    site = next(s for s in report["final"]["sites"] if "negatives" in s["site"])
+    assert site["federated"]["n-pos"] == 0 and site["federated"]["n"] >= 2
+    assert site["federated"]["auc"] is None and site["reasons"]["federated.auc"] == P.REASON_ONE_CLASS
+    assert site["federated"]["sensitivity"] is None and site["federated"]["specificity"] is not None
+    # its threshold could not be calibrated on one class, so it says it used the bundle's
+    assert site["reasons"]["federated.threshold"] == P.REASON_THRESHOLD_FROM_BUNDLE
+
+
+def test_site_with_the_wrong_key_refuses_the_bundle(federation, tiny_bundle):
+    out, report = federation
+    refused = report["distribution"]["refused"]
+    assert len(refused) == 1 and refused[0].startswith("site-4")
+    sent = _outgoing(out, 4)
+    infos = [m["content"]["info"]["items"] for m in sent]
+    assert infos[-1][P.INFO_STATUS] == P.STATUS_REFUSED
+    assert infos[-1][P.INFO_REASON] == P.REASON_BUNDLE_VERIFICATION
+    assert not any(m["message_type"] == "train" for m in sent)  # it never trained
+    assert not (out / "sites" / "site-4" / "state" / "bundles" / report["run"]["bundle_hash"]).exists()
+
+
+def test_aggregate_is_the_case_weighted_mean_of_site_updates(federation):
+    from safetensors.numpy import load_file
+
+    out, _ = federation
+    updates = {i: [m for m in _outgoing(out, i) if m["message_type"] == "train"] for i in (1, 2, 3)}
+    assert all(len(u) == ROUNDS for u in updates.values())
+    for r in range(1, ROUNDS + 1):
+        ckpt = load_file(str(out / "server" / "checkpoints" / f"round-{r:04d}.safetensors"))
+        weights = [updates[i][r - 1]["content"]["metrics"]["items"][P.NUM_EXAMPLES] for i in updates]
+        for key in ("weight", "bias"):
+            arrays = [np.array(updates[i][r - 1]["content"]["arrays"]["items"][key]["values"], np.float64) for i in updates]
+            expected = sum(a * w for a, w in zip(arrays, weights)) / sum(weights)
+            np.testing.assert_allclose(ckpt[key], expected, rtol=1e-5, atol=1e-6)
+        # and the sites trained from the previous global head, so updates differ from each other
+        assert not np.allclose(arrays[0], arrays[1])
+
+
+def test_every_outgoing_message_passes_the_privacy_inspection(federation, sites):
+    out, _ = federation
+    case_ids = set()
+    for d in sites:
+        case_ids |= {r["case_id"] for r in csv.DictReader((d / "cases.csv").open())}
+        case_ids |= {f.name.split(".")[0] for f in (d / "images").iterdir()}
+    forbidden_text = [*case_ids, "/", "\\", ".nii", "images", "masks", str(out)]
+    n_messages = 0
+    for i in (1, 2, 3, 4):
+        sent = _outgoing(out, i)
+        n_messages += len(sent)
+        if i < 4:
+            kinds = [m["message_type"] for m in sent]
+            assert kinds.count("train") == ROUNDS and kinds.count("evaluate") == ROUNDS
+            assert kinds.count("query.final") == 1 and kinds.count("query.bundle") >= 1
+        for m in sent:
+            assert m["error"] is None
+            content = m["content"]
+            assert set(content) <= {P.HEAD, P.METRICS, P.INFO}
+            if P.HEAD in content:
+                items = content[P.HEAD]["items"]
+                assert set(items) == {"weight", "bias"}
+                assert items["weight"]["shape"] == [2, 512] and items["bias"]["shape"] == [2]
+            for key, value in content.get(P.METRICS, {}).get("items", {}).items():
+                assert not any(c in key for c in case_ids)
+                if isinstance(value, list):
+                    assert key.endswith(P.ROC_TPR) and len(value) == len(P.ROC_FPR_GRID)
+                else:
+                    assert isinstance(value, (int, float))
+            for key, value in content.get(P.INFO, {}).get("items", {}).items():
+                assert isinstance(value, str) and len(value) <= 64
+                for text in (key, value):
+                    assert not any(f in text for f in forbidden_text), (key, value)
+    assert n_messages >= 3 * 7 + 1
+
+
+def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, tiny_bundle):
+    from client.runtime import load_local_threshold
+    from safetensors.numpy import load_file
+    from shared.bundle import load_bundle
+    from shared.classifier import load_weights
+
+    out, report = federation
+    fb = report["final_bundle"]
+    assert fb["parent_hash"] == report["run"]["bundle_hash"]
+    lineage = fb["lineage"]
+    assert lineage["parent_hash"] == report["run"]["bundle_hash"]
+    assert lineage["federated"]["rounds"] == ROUNDS and lineage["federated"]["n_sites"] == 3
+    assert lineage["federated"]["aggregate_metrics"]["n_sites"] >= 2
+    bundle = load_bundle(fb["path"], tiny_bundle.public_key)
+    state = load_weights(bundle.classifier_path)
+    last = load_file(str(out / "server" / "checkpoints" / f"round-{ROUNDS:04d}.safetensors"))
+    np.testing.assert_array_equal(state["fc.weight"].numpy(), last["weight"])
+    for i in (1, 2, 3):
+        state_dir = out / "sites" / f"site-{i}" / "state"
+        kept = json.loads((state_dir / "final.json").read_text())
+        assert kept["bundle_hash"] == bundle.hash and Path(kept["bundle_path"]).is_dir()
+        assert load_local_threshold(state_dir, bundle.hash) == pytest.approx(kept["threshold"])
+        load_bundle(kept["bundle_path"], tiny_bundle.public_key)
+
+
+_SCRIPT = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from simulations.flower_sim import run
+a = json.loads(sys.argv[1])
+run(a["out"], a["bundle"], a["pub"], a["rounds"], site_dirs=a["sites"], local_epochs=a["epochs"],
+    min_cases_for_metrics=2, fine_tune_fraction=0.4, seed=0, resume=a["resume"],
+    site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(a["states"])})
+"""
+
+
+def test_resume_after_the_server_is_killed(tiny_bundle, sites, federation, tmp_path):
+    from server.checkpoint import CheckpointStore
+    from simulations.flower_sim import run
+
+    fed_out, _ = federation
+    rounds = 2
+    # reuse the first two sites' caches: this test is about the server, not preprocessing
+    states = [str(fed_out / "sites" / f"site-{i}" / "state") for i in (1, 2)]
+    args = {"out": str(tmp_path / "run"), "bundle": str(tiny_bundle.path), "pub": str(tiny_bundle.public_key),
+            "rounds": rounds, "sites": [str(s) for s in sites[:2]], "epochs": 400, "resume": False, "states": states}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    log_path = tmp_path / "killed-run.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, json.dumps(args)], env=env, start_new_session=True,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    store = CheckpointStore(tmp_path / "run" / "server")
+    try:
+        deadline = time.monotonic() + 240
+        while not store.exists():
+            tail = lambda: log_path.read_text(errors="replace")[-3000:]  # noqa: E731
+            assert proc.poll() is None, f"the first run ended before its first checkpoint:\n{tail()}"
+            assert time.monotonic() < deadline, f"no checkpoint within 240 s:\n{tail()}"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server dies mid-run, with no chance to clean up
+        proc.wait(timeout=30)
+    killed_at = store.latest().round
+    assert 1 <= killed_at < rounds
+    assert not (tmp_path / "run" / "report" / "report.json").exists()
+
+    from shared.errors import IchfedError
+
+    with pytest.raises(IchfedError, match="resume"):  # a fresh start would silently overwrite history
+        run(args["out"], args["bundle"], args["pub"], rounds, site_dirs=args["sites"], local_epochs=5,
+            min_cases_for_metrics=2, fine_tune_fraction=0.4,
+            site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(states)})
+    report = run(args["out"], args["bundle"], args["pub"], rounds, site_dirs=args["sites"], local_epochs=5,
+                 min_cases_for_metrics=2, fine_tune_fraction=0.4, resume=True,
+                 site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(states)})
+    assert report["run"]["resumed_from_round"] == killed_at
+    assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
+    assert store.latest().round == rounds
