@@ -163,6 +163,16 @@ def run(
     report_path = settings.reports / "report.json"
     if report_path.exists():
         report_path.unlink()  # a stale report must not pass for this run's
+    if not resume:
+        # A simulation owns its output folder: a new (not resumed) run replaces the previous run's
+        # server state and audit trail, and keeps the cohorts and the sites' preprocessing caches.
+        import shutil
+
+        if settings.state_dir.exists():
+            log.info("starting afresh: removing the previous run's server state in %s", settings.state_dir)
+            shutil.rmtree(settings.state_dir)
+        for i in range(len(specs)):
+            shutil.rmtree(out / "sites" / f"site-{i + 1}" / "state" / "outgoing", ignore_errors=True)
     _run_simulation(build_server_app(settings), build_client_app(config_paths, extra_mods=extra_client_mods),
                     len(specs), cpus_per_site, device)
     if not report_path.is_file():

@@ -255,7 +255,9 @@ def insert_lesions(head: Head, plan: CasePlan, rng: np.random.Generator, mask_on
         edt = ndimage.distance_transform_edt(~ich, sampling=(sz, sy, sx)).astype(np.float32)
         thick = np.exp(np.float32(0.45) * _box_field(box_axes, 14.0, rng))
         tissue = head.tissue[box]
-        thick = np.where(tissue == WM, thick, thick * np.float32(e.edema_grey_matter_factor))
+        # Local white-matter fraction (not the hard label) so the edema margin is not speckled.
+        wm_frac = ndimage.uniform_filter((tissue == WM).astype(np.float32), size=3, mode="nearest")
+        thick *= np.float32(e.edema_grey_matter_factor) + np.float32(1 - e.edema_grey_matter_factor) * wm_frac
         g = edt / thick
         allowed_phe = paren[box] & ~ich & (sub_mask != ICH)
         phe = _connected_smallest(g, allowed_phe & (sub_mask != PHE), max(1, int(round(phe_ml / vox))), anchor=ich)

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,23 +61,36 @@ class Deployment:
         )
         self.env.update(env or {})
         self.procs: dict[str, subprocess.Popen] = {}
+        self._log_threads: dict[str, threading.Thread] = {}
         self.port: int | None = None
+        self.t0 = time.monotonic()
 
     # -- processes ----------------------------------------------------------------------------
 
     def _start(self, name: str, argv: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
         proc = subprocess.Popen(
-            argv, cwd=cwd or self.root, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            argv, cwd=cwd or self.root, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
-        log.close()
+        # Flower's logs carry no time; stamp each line with seconds since the deployment started,
+        # so a slow phase can be found in the logs of a failed run.
+        t = threading.Thread(target=self._copy_log, args=(proc, self.logs / f"{name}.log"), daemon=True)
+        t.start()
+        self._log_threads[name] = t
         self.procs[name] = proc
         return proc
 
-    def log(self, name: str) -> str:
+    def _copy_log(self, proc: subprocess.Popen, path: Path) -> None:
+        with open(path, "wb") as out:
+            for line in proc.stdout:
+                out.write(f"[{time.monotonic() - self.t0:7.1f}s] ".encode() + line)
+                out.flush()
+
+    def log(self, name: str, stamps: bool = True) -> str:
+        """The output of process ``name`` so far (with or without the time stamps)."""
         p = self.logs / f"{name}.log"
-        return p.read_text(errors="replace") if p.exists() else ""
+        text = p.read_text(errors="replace") if p.exists() else ""
+        return text if stamps else re.sub(r"(?m)^\[\s*[0-9.]+s\] ", "", text)
 
     def start_superlink(self, timeout: float = 120) -> int:
         """Start ``flower-superlink`` with TLS and SuperNode auth; return its port once it listens."""
@@ -137,7 +151,8 @@ class Deployment:
         except subprocess.TimeoutExpired:
             self._kill(proc)
             raise AssertionError(f"flwr {' '.join(args)} timed out after {timeout}s:\n{self.log(tag)[-4000:]}")
-        return subprocess.CompletedProcess(proc.args, proc.returncode, self.log(tag), "")
+        self._log_threads[tag].join(timeout=10)  # the whole output is in the log file before we read it
+        return subprocess.CompletedProcess(proc.args, proc.returncode, self.log(tag, stamps=False), "")
 
     def wait(self, ok, timeout: float, what: str, log_name: str | None = None, interval: float = 0.5) -> None:
         """Poll ``ok()`` until true; fail with the tail of a log otherwise."""

@@ -153,7 +153,11 @@ def test_non_ct_input_gets_a_message_and_the_page_stays_usable(page, no_lesion_c
     page.screenshot(path=str(tmp_path / "reader-error.png"))
     page.set_input_files("#file-input", str(no_lesion_case.path))
     _wait_done(page)
-    assert page.is_hidden("#message")
+    assert page.is_hidden("#message") and page.is_visible("#viewer")
+    # A failed next case does not leave the previous patient's images and numbers on screen.
+    page.set_input_files("#file-input", str(bad))
+    _wait_done(page, "error")
+    assert page.is_hidden("#viewer") and page.is_hidden("#panel-result") and page.is_visible("#panel-empty")
 
 
 def test_real_ge_head_ct_zip_renders(page, ge_zip, tmp_path):

@@ -244,19 +244,21 @@ def test_resume_after_the_server_is_killed(tiny_bundle, sites, federation, tmp_p
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the server dies mid-run, with no chance to clean up
         proc.wait(timeout=30)
-    killed_at = store.latest().round
+    killed_at, before = store.latest().round, store.latest().history
     assert 1 <= killed_at < rounds
     assert not (tmp_path / "run" / "report" / "report.json").exists()
 
+    from server.app import ServerSettings, run_federation
     from shared.errors import IchfedError
 
-    with pytest.raises(IchfedError, match="resume"):  # a fresh start would silently overwrite history
-        run(args["out"], args["bundle"], args["pub"], rounds, site_dirs=args["sites"], local_epochs=5,
-            min_cases_for_metrics=2, fine_tune_fraction=0.4,
-            site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(states)})
+    # the ServerApp itself refuses to start afresh over another run's checkpoints
+    with pytest.raises(IchfedError, match="resume"):
+        run_federation(None, ServerSettings(bundle_path=tiny_bundle.path, public_key=tiny_bundle.public_key,
+                                            state_dir=tmp_path / "run" / "server", num_rounds=rounds))
     report = run(args["out"], args["bundle"], args["pub"], rounds, site_dirs=args["sites"], local_epochs=5,
                  min_cases_for_metrics=2, fine_tune_fraction=0.4, resume=True,
                  site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(states)})
     assert report["run"]["resumed_from_round"] == killed_at
     assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
+    assert report["rounds"][:killed_at] == before  # the rounds done before the kill are kept, not redone
     assert store.latest().round == rounds

@@ -116,6 +116,7 @@
     }
     forgetCurrent();
     hideMessage();
+    clearCase();
     state.busy = true;
     const name = items.length === 1 ? items[0].path : `${items[0].path.split("/")[0]} (${items.length} files)`;
     showProgress(name);
@@ -199,6 +200,19 @@
       `${String(message).replace(/\.$/, "")}. Accepted: a non-contrast head CT as NIfTI (.nii, .nii.gz), a .zip of one DICOM series, or a DICOM folder.`
     );
     document.body.dataset.caseState = "error";
+  }
+
+  // Never show one patient's images or numbers while another case is loading.
+  function clearCase() {
+    state.view = null;
+    state.result = null;
+    state.images.clear();
+    $("viewer").hidden = true;
+    $("panel-result").hidden = true;
+    $("panel-empty").hidden = false;
+    $("dropzone").classList.remove("compact");
+    $("probe-label").textContent = "";
+    delete $("slice-canvas").dataset.drawnSlice;
   }
 
   function forgetCurrent() {
