@@ -110,6 +110,9 @@ def bootstrap(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(out)
+    if out.exists():
+        # create_bundle would refuse it too, but only after minutes to hours of training.
+        raise IchfedError(f"{out}: already exists; choose a new bundle folder")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
 

@@ -133,7 +133,7 @@ class Predictor:
         if save_masks_dir is not None:
             from .atomic import atomic_path
 
-            out = Path(save_masks_dir) / f"{_stem(Path(path))}_mask.nii.gz"
+            out = Path(save_masks_dir) / mask_file_name(Path(path))
             with atomic_path(out) as tmp:
                 sitk.WriteImage(mask, str(tmp), useCompression=True)
             result["mask_path"] = str(out)
@@ -173,6 +173,11 @@ class Predictor:
 
 def _round(v: float | None, nd: int) -> float | None:
     return None if v is None else round(float(v), nd)
+
+
+def mask_file_name(image_path: Path) -> str:
+    """The file name ``predict(save_masks_dir=...)`` gives the label map of ``image_path``."""
+    return f"{_stem(Path(image_path))}_mask.nii.gz"
 
 
 def _stem(p: Path) -> str:

@@ -90,7 +90,7 @@ PROFILES: dict[str, TrainingProfile] = {
     # demo scale (128 x 128 x 28 voxels): a 0.5 GB budget gives a 16 x 96 x 80 patch instead of the
     # whole image, ~3x less work per iteration on a CPU
     "demo": TrainingProfile(trainer="nnUNetTrainer_ichfedDemo", plans_identifier="nnUNetPlans_ichfedSmall",
-                            width_divisor=4, n_proc_da=0, compile=False, gpu_memory_target_gb=0.5, epochs=20),
+                            width_divisor=4, n_proc_da=0, compile=False, gpu_memory_target_gb=0.5, epochs=30),
     "ci": TrainingProfile(trainer="nnUNetTrainer_ichfedCI", plans_identifier="nnUNetPlans_ichfedSmall",
                           width_divisor=4, n_proc_da=0, compile=False, epochs=8),
 }
@@ -204,7 +204,7 @@ def train(raw_root: Path, dataset_id: int, profile: Literal["ci", "demo", "paper
         folds = ("all",) if profile != "paper" or n_cases < 5 else (0, 1, 2, 3, 4)
     folds = tuple(str(f) for f in folds)
     for f in folds:
-        if f != "all" and not (f.isdigit() and n_cases >= 5):
+        if f != "all" and not (f in ("0", "1", "2", "3", "4") and n_cases >= 5):
             raise IchfedError(f"folds: fold {f!r} needs 'all' or 0-4 with at least 5 cases (have {n_cases})")
     cpus = os.cpu_count() or 1
     num_threads = num_threads or int(os.environ.get("OMP_NUM_THREADS") or cpus)

@@ -75,6 +75,8 @@ def load_predictor(args, threshold_config: str | None = None):
 
 
 def run(args) -> int:
+    if args.save_masks:
+        _check_mask_names(args.images)
     predictor = load_predictor(args)
     failed = 0
     for image in args.images:
@@ -90,6 +92,20 @@ def run(args) -> int:
         else:
             print(format_result(result), flush=True)
     return 2 if failed else 0
+
+
+def _check_mask_names(images: list[str]) -> None:
+    """Refuse inputs whose saved masks would overwrite each other (same file stem)."""
+    from pathlib import Path
+
+    from shared.pipeline import mask_file_name
+
+    seen: dict[str, str] = {}
+    for image in images:
+        name = mask_file_name(Path(image))
+        if name in seen:
+            raise IchfedError(f"--save-masks: {image} and {seen[name]} would both be saved as {name}; rename one")
+        seen[name] = image
 
 
 def format_result(r: dict) -> str:

@@ -94,11 +94,16 @@ def test_export_dataset_bad_input_gives_one_line_errors(small_site, tmp_path):
         export_dataset(site, tmp_path / "raw3", name="ICH PHE")
 
 
-def test_train_rejects_bad_arguments_before_running_nnunet(tmp_path):
+def test_train_rejects_bad_arguments_before_running_nnunet(small_site, tmp_path):
     with pytest.raises(IchfedError, match="profile: must be one of"):
         train(tmp_path, 501, "fast", tmp_path / "work")
     with pytest.raises(IchfedError, match="no nnU-Net raw dataset with id 501"):
         train(tmp_path, 501, "ci", tmp_path / "work")
+    export_dataset(read_site(small_site), tmp_path / "raw")
+    # nnU-Net's folds 0-4 need at least 5 cases; this dataset has 3
+    with pytest.raises(IchfedError, match="fold '0' needs 'all' or 0-4 with at least 5 cases"):
+        train(tmp_path / "raw", 501, "paper", tmp_path / "work", folds=(0,))
+    assert not (tmp_path / "work").exists()  # nothing started
 
 
 def test_validate_model_folder_names_what_is_missing(tmp_path):
