@@ -79,12 +79,12 @@ def main() -> int:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
         result["wall_s"] = round(time.perf_counter() - t0, 1)
         if proc.returncode != 0:
-            sys.stderr.write((work / "bootstrap.log").read_text()[-4000:])
+            sys.stderr.write((work / "bootstrap.log").read_text(encoding="utf-8")[-4000:])
             raise SystemExit(f"ichfed bootstrap failed with exit code {proc.returncode} (log: {work / 'bootstrap.log'})")
         report_path = work / "bundle-report.json"
         result["source"] = "run"
         result["log"] = str(work / "bootstrap.log")
-    report = json.loads(Path(report_path).read_text())
+    report = json.loads(Path(report_path).read_text(encoding="utf-8"))
     result.update(summarise(report))
     result["report"] = str(report_path)
     target = TARGET_S.get(result["profile"])

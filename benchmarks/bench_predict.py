@@ -65,7 +65,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or _ci_bundle(work / "ci", args.seed)
     pubkey = args.pubkey or bundle.parent / f"{bundle.name}-keys" / PUBLIC_KEY_NAME
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
 
     cases_dir = work / "cases"
     demo = [_write_case(FIRST_INDEX + k, args.seed, "demo", cases_dir) for k in range(1 + args.volume_cases)]

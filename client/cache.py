@@ -79,7 +79,7 @@ class CaseCache:
             self.misses += 1
             return None
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             features = np.load(d / "features.npy") if meta["lesion_found"] else None
             crop = np.load(d / "crop.npy") if with_crop and meta["lesion_found"] else None
         except (OSError, ValueError, KeyError) as e:

@@ -329,7 +329,7 @@ def load_local_threshold(state_dir: str | os.PathLike, bundle_hash: str) -> floa
     if not path.is_file():
         return None
     try:
-        return float(json.loads(path.read_text())["threshold"])
+        return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
     except (ValueError, KeyError) as e:
         raise IchfedError(f"{path}: not a valid threshold file ({e})") from None
 

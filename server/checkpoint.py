@@ -74,8 +74,8 @@ class CheckpointStore:
         if not pointer.is_file():
             return None
         try:
-            meta_path = self.dir / json.loads(pointer.read_text())["checkpoint"]
-            meta = json.loads(meta_path.read_text())
+            meta_path = self.dir / json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
             weights = self.dir / meta["weights"]
             if hashlib.sha256(weights.read_bytes()).hexdigest() != meta["weights_sha256"]:
                 raise IchfedError(f"{weights}: does not match the sha256 recorded in {meta_path.name}")

@@ -88,14 +88,14 @@ def derive_small_plans(preprocessed_dataset: Path, source_plans: str, target_pla
     Topology, patch size, spacing and normalisation stay exactly as nnU-Net planned them, and the
     data identifier is kept so the preprocessed arrays are shared.
     """
-    plans = json.loads((preprocessed_dataset / f"{source_plans}.json").read_text())
+    plans = json.loads((preprocessed_dataset / f"{source_plans}.json").read_text(encoding="utf-8"))
     plans["plans_name"] = target_plans
     conf = plans["configurations"][configuration]
     conf.setdefault("data_identifier", f"{source_plans}_{configuration}")
     kwargs = conf["architecture"]["arch_kwargs"]
     kwargs["features_per_stage"] = [max(4, int(f) // width_divisor) for f in kwargs["features_per_stage"]]
     plans["configurations"] = {configuration: conf}
-    (preprocessed_dataset / f"{target_plans}.json").write_text(json.dumps(plans, indent=1))
+    (preprocessed_dataset / f"{target_plans}.json").write_text(json.dumps(plans, indent=1), encoding="utf-8")
 
 
 def run_stage(spec: dict) -> None:

@@ -63,7 +63,7 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
     _banner(f"1/3 reference models (bootstrap --profile {profile})")
     if report_path.is_file() and bundle_dir.is_dir():
         load_bundle(bundle_dir, key_dir / PUBLIC_KEY_NAME)  # a cached bundle must still verify
-        report = json.loads(report_path.read_text())
+        report = json.loads(report_path.read_text(encoding="utf-8"))
         print(f"reusing the bundle in {bundle_dir} (delete {out} to retrain)")
     else:
         report = bootstrap(get_profile(profile), out=bundle_dir, work_dir=out / "bundle-work", seed=seed)

@@ -89,7 +89,7 @@ def make_cohorts(specs: Sequence[SiteSpec], scale: str) -> None:
             continue
         meta = spec.data_dir / "cohort.json"
         if meta.is_file() and (spec.data_dir / "cases.csv").is_file():
-            m = json.loads(meta.read_text())
+            m = json.loads(meta.read_text(encoding="utf-8"))
             if (m.get("seed"), m.get("scale"), m.get("n_cases")) == (spec.seed, scale, spec.n_cases) and \
                     (m.get("profile") or {}).get("name") == spec.profile:
                 log.info("site %s: reusing cohort in %s", spec.name, spec.data_dir)
@@ -177,7 +177,7 @@ def run(
                     len(specs), cpus_per_site, device)
     if not report_path.is_file():
         raise IchfedError(f"simulation ended without a report in {settings.reports} (see the log above)")
-    return json.loads(report_path.read_text())
+    return json.loads(report_path.read_text(encoding="utf-8"))
 
 
 def _run_simulation(server_app, client_app, n_nodes: int, cpus_per_site: float, device: str) -> None:

@@ -55,7 +55,7 @@ def tiny_bundle(tmp_path_factory) -> TinyBundle:
         bootstrap(get_profile("ci"), out=out, work_dir=root / "work", seed=0)
     import json
 
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 
     key_dir = root / "bundle-keys"

@@ -110,7 +110,7 @@ def _empty_folder(tmp: Path) -> Path:
 def _non_dicom_folder(tmp: Path) -> Path:
     p = tmp / "notdicom"
     p.mkdir()
-    (p / "readme.txt").write_text("this is not a scan\n")
+    (p / "readme.txt").write_text("this is not a scan\n", encoding="utf-8")
     (p / "slice1.dcm").write_bytes(b"\x00" * 64 + b"not dicom at all")
     return p
 

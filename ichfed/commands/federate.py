@@ -41,7 +41,7 @@ def report(args) -> int:
     if not src.is_file():
         raise IchfedError(f"{src}: not found (the run has not finished, or STATE_DIR is not a server state folder)")
     try:
-        data = json.loads(src.read_text())
+        data = json.loads(src.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise IchfedError(f"{src}: not valid JSON ({e})") from None
     paths = write_report(data, args.out or src.parent)

@@ -216,13 +216,13 @@ def test_site_config_threshold_is_used(tiny_bundle, case_files, tmp_path):
     (state / "thresholds").mkdir(parents=True)
     site_threshold = 0.0123  # below any plausible p: the case must be called neoplastic
     (state / "thresholds" / f"{bundle_hash(tiny_bundle.path)}.json").write_text(
-        json.dumps({"threshold": site_threshold}))
+        json.dumps({"threshold": site_threshold}), encoding="utf-8")
     (tmp_path / "site.toml").write_text(
         'name = "test-site"\n'
         f'data_dir = "{tmp_path / "data"}"\n'
         'state_dir = "state"\n'
         f'public_key = "{tiny_bundle.public_key}"\n'
-        'device = "cpu"\n')
+        'device = "cpu"\n', encoding="utf-8")
     r = ichfed("predict", "--bundle", str(tiny_bundle.path), "--site-config", str(tmp_path / "site.toml"),
                "--json", str(case_files["synthetic"]))
     assert r.returncode == 0, r.stderr

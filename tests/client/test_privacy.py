@@ -91,5 +91,5 @@ def test_privacy_mod_replaces_a_leaking_reply_with_an_error(tmp_path, flwr_task)
     assert sent.has_content()
     files = list(tmp_path.glob("*-train.json"))
     assert len(files) == 1
-    assert '"num-examples": 3' in files[0].read_text()
+    assert '"num-examples": 3' in files[0].read_text(encoding="utf-8")
     assert describe_content(sent.content)[P.INFO]["items"][P.INFO_SITE] == "site-a"

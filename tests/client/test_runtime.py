@@ -16,19 +16,19 @@ def test_site_config_resolves_paths_and_validates(tmp_path):
     cfg_dir = tmp_path / "configs"
     cfg_dir.mkdir()
     (cfg_dir / "a.toml").write_text('name = "site-a"\ndata_dir = "../data"\nstate_dir = "../state"\n'
-                                    'public_key = "../keys/signing.pub"\nlocal_epochs = 3\n')
+                                    'public_key = "../keys/signing.pub"\nlocal_epochs = 3\n', encoding="utf-8")
     cfg = load_site_config(cfg_dir / "a.toml")
     assert cfg.data_dir == (tmp_path / "data").resolve() and cfg.state_dir == (tmp_path / "state").resolve()
     assert cfg.public_key == (tmp_path / "keys" / "signing.pub").resolve()
     assert (cfg.fine_tune_fraction, cfg.local_epochs, cfg.device) == (0.2, 3, "auto")
 
-    (cfg_dir / "b.toml").write_text('name = "b"\ndata_dir = "d"\nstate_dir = "s"\nfine_tune_fraction = 1.5\n')
+    (cfg_dir / "b.toml").write_text('name = "b"\ndata_dir = "d"\nstate_dir = "s"\nfine_tune_fraction = 1.5\n', encoding="utf-8")
     with pytest.raises(IchfedError, match="b.toml.*fine_tune_fraction"):
         load_site_config(cfg_dir / "b.toml")
-    (cfg_dir / "c.toml").write_text('name = "c"\ndata_dir = "d"\nstate_dir = "s"\nlocal_epoch = 3\n')
+    (cfg_dir / "c.toml").write_text('name = "c"\ndata_dir = "d"\nstate_dir = "s"\nlocal_epoch = 3\n', encoding="utf-8")
     with pytest.raises(IchfedError, match="unknown key 'local_epoch'"):
         load_site_config(cfg_dir / "c.toml")
-    (cfg_dir / "d.toml").write_text('name = "../etc"\ndata_dir = "d"\nstate_dir = "s"\n')
+    (cfg_dir / "d.toml").write_text('name = "../etc"\ndata_dir = "d"\nstate_dir = "s"\n', encoding="utf-8")
     with pytest.raises(IchfedError, match="'name'"):
         load_site_config(cfg_dir / "d.toml")
 

@@ -120,8 +120,7 @@ class Deployment:
             f'default = "{name}"\n\n'
             f"[superlink.{name}]\n"
             f'address = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.ca_cert}"\n'
-        )
+            f'root-certificates = "{self.ca_cert}"\n', encoding="utf-8")
 
     def start_supernode(self, name: str, private_key: Path, node_config: str, max_retries: int | None = None,
                         cwd: Path | None = None) -> subprocess.Popen:
@@ -195,7 +194,7 @@ class Deployment:
             if not d.name.isdigit():
                 continue
             try:
-                stat = (d / "stat").read_text()
+                stat = (d / "stat").read_text(encoding="utf-8")
             except OSError:
                 continue
             # Fields after the parenthesised command: state, ppid, pgrp, ...

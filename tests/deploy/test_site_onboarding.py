@@ -35,8 +35,7 @@ def site_dir(tmp_path):
     _ct(root / "images" / "c3.nii.gz", 3)
     (root / "images" / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     (root / "cases.csv").write_text(
-        "case_id,label\nc1,neoplastic\nc2,non-neoplastic\nc3,0\nbroken,1\nmissing,0\nc4,maybe\n"
-    )
+        "case_id,label\nc1,neoplastic\nc2,non-neoplastic\nc3,0\nbroken,1\nmissing,0\nc4,maybe\n", encoding="utf-8")
     return root
 
 
@@ -58,7 +57,7 @@ def test_init_writes_config_and_node_key(tmp_path, site_dir, capsys):
     assert cfg.local_epochs == 7 and cfg.fine_tune_fraction == 0.2
     private, pub = state / "keys" / "charite", state / "keys" / "charite.pub"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
-    assert pub.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert pub.read_text(encoding="utf-8").startswith("ecdsa-sha2-nistp384 ")
     assert f"flwr supernode register {pub}" in out
 
     # Re-running refuses to clobber the config; --force rewrites it but keeps the registered key.
@@ -108,7 +107,7 @@ def test_check_reports_counts_unusable_device_and_bundle(tmp_path, site_dir, cap
     assert "3 usable: 1 neoplastic, 2 non-neoplastic" in text and "unusable  missing: no image" in text
 
     # Damage the cached copy: the dry run says so and the site is not ready.
-    (cached / "nnunet" / "plans.json").write_text("{}")
+    (cached / "nnunet" / "plans.json").write_text("{}", encoding="utf-8")
     assert main(["site", "check", str(cfg_path), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["bundles"][0]["status"].startswith("verification failed")
@@ -126,7 +125,7 @@ def test_check_without_public_key_is_not_ready(tmp_path, site_dir, capsys):
 
 def test_check_bad_config_is_one_line_exit_2(tmp_path, site_dir, capsys):
     bad = tmp_path / "bad.toml"
-    bad.write_text(f'name = "x"\ndata_dir = "{site_dir}"\nstate_dir = "s"\nlocal_epoch = 3\n')
+    bad.write_text(f'name = "x"\ndata_dir = "{site_dir}"\nstate_dir = "s"\nlocal_epoch = 3\n', encoding="utf-8")
     assert main(["site", "check", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "local_epoch" in err[0]

@@ -140,7 +140,7 @@ def test_two_rounds_over_tls_with_node_auth(federation, tiny_bundle):
     report_path = state / "report" / "report.json"
     assert r.returncode == 0 and report_path.is_file(), (
         f"flwr run rc={r.returncode}\n{r.stdout[-5000:]}\n--- site-a ---\n{dep.log('site-a')[-3000:]}")
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
 
     assert report["run"]["num_rounds"] == ROUNDS
     assert sorted(report["run"]["sites"]) == list(SITES)
@@ -158,12 +158,12 @@ def test_two_rounds_over_tls_with_node_auth(federation, tiny_bundle):
         site_state = root / "state" / name
         # Each site cached the reference bundle and the federated one, both verified.
         assert load_bundle(site_state / "bundles" / report["run"]["bundle_hash"], federation["public_key"])
-        final = json.loads((site_state / "final.json").read_text())
+        final = json.loads((site_state / "final.json").read_text(encoding="utf-8"))
         assert final["bundle_hash"] == report["final_bundle"]["hash"]
     # The wire carried no case IDs: the ServerApp's report names none of the sites' cases.
-    text = report_path.read_text()
+    text = report_path.read_text(encoding="utf-8")
     for name in SITES:
-        ids = [line.split(",")[0] for line in (root / "data" / name / "cases.csv").read_text().splitlines()[1:]]
+        ids = [line.split(",")[0] for line in (root / "data" / name / "cases.csv").read_text(encoding="utf-8").splitlines()[1:]]
         assert not [i for i in ids if f'"{i}"' in text]
     print(f"deployment run: {ROUNDS} rounds, 2 sites, wall {wall:.0f} s")
 

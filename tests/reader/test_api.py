@@ -163,7 +163,7 @@ def test_info_and_host_guard(reader_url, reader_predictor):
     url, _ = reader_url
     info = httpx.get(f"{url}/api/info").json()
     assert info["bundle"]["name"] == reader_predictor.bundle.manifest.name
-    assert info["threshold"] == pytest.approx(reader_predictor.threshold)
+    assert info["threshold"] == pytest.approx(reader_predictor.threshold, abs=1e-6)
     assert "brain" in info["windows"]
     # A page on another site reaching this loopback server through DNS rebinding is refused.
     r = httpx.get(f"{url}/api/info", headers={"host": "evil.example"})

@@ -144,7 +144,7 @@ def test_no_lesion_case_is_shown_as_a_clear_result(page, no_lesion_case, tmp_pat
 
 def test_non_ct_input_gets_a_message_and_the_page_stays_usable(page, no_lesion_case, tmp_path):
     bad = tmp_path / "notes.txt"
-    bad.write_text("not an image\n")
+    bad.write_text("not an image\n", encoding="utf-8")
     page.set_input_files("#file-input", str(bad))
     _wait_done(page, "error")
     assert page.is_visible("#message")

@@ -51,14 +51,12 @@ def test_reader_serves_with_the_sites_locally_calibrated_threshold(tiny_bundle, 
     state = tmp_path / "state"
     (state / "thresholds").mkdir(parents=True)
     (state / "thresholds" / f"{bundle_hash(tiny_bundle.path)}.json").write_text(
-        json.dumps({"bundle_hash": bundle_hash(tiny_bundle.path), "threshold": 0.123, "source": "test"})
-    )
+        json.dumps({"bundle_hash": bundle_hash(tiny_bundle.path), "threshold": 0.123, "source": "test"}), encoding="utf-8")
     (tmp_path / "data").mkdir()
     site = tmp_path / "site.toml"
     site.write_text(
         f'name = "test-site"\ndata_dir = "data"\nstate_dir = "state"\npublic_key = "{tiny_bundle.public_key}"\n'
-        'device = "cpu"\n'
-    )
+        'device = "cpu"\n', encoding="utf-8")
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(

@@ -14,7 +14,7 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_pyproject_run_config_defaults_need_only_the_paths():
-    defaults = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    defaults = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
     with pytest.raises(IchfedError, match="'bundle-path' is required"):
         settings_from_run_config(defaults)
     s = settings_from_run_config({**defaults, "bundle-path": "/b", "public-key": "/k.pub", "state-dir": "/s"})

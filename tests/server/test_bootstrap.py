@@ -64,7 +64,7 @@ def test_report_split_is_reproducible_from_its_seed(tiny_bundle):
 
 
 def test_report_markdown_is_written_beside_the_bundle(tiny_bundle):
-    md = (tiny_bundle.path.parent / f"{tiny_bundle.path.name}-report.md").read_text()
+    md = (tiny_bundle.path.parent / f"{tiny_bundle.path.name}-report.md").read_text(encoding="utf-8")
     assert md.startswith("# ichfed bootstrap report (ci)")
     assert "| ICH |" in md and "| PHE |" in md
     assert f"{tiny_bundle.report['threshold']['p']:.4f}" in md
@@ -75,7 +75,7 @@ def test_training_curves_png_and_json_in_work_dir(tiny_bundle):
     png = report_dir / "classifier_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size > 5_000  # a real plot, not an empty canvas
-    history = json.loads((report_dir / "classifier_curves.json").read_text())
+    history = json.loads((report_dir / "classifier_curves.json").read_text(encoding="utf-8"))
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
     assert len(history) >= 1
     for h in history:

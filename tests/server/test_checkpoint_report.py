@@ -64,14 +64,14 @@ def _report():
 def test_report_files_table_and_figures(tmp_path):
     report = _report()
     paths = write_report(report, tmp_path / "report")
-    assert json.loads(paths["json"].read_text())["run"]["num_rounds"] == 2
+    assert json.loads(paths["json"].read_text(encoding="utf-8"))["run"]["num_rounds"] == 2
     for key in ("roc", "confusion"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 5000
-    md = paths["markdown"].read_text()
+    md = paths["markdown"].read_text(encoding="utf-8")
     assert "Before fine-tuning" in md and "Local-only" in md and "Federated" in md
     assert "| Federated last-layer fine-tuning | site-a | 20 | 0.800 |" in md
     assert "withheld" in md and "site-b: federated.auc: fewer-cases-than-minimum" in md
-    assert "<table>" in paths["html"].read_text() and 'src="roc.png"' in paths["html"].read_text()
+    assert "<table>" in paths["html"].read_text(encoding="utf-8") and 'src="roc.png"' in paths["html"].read_text(encoding="utf-8")
     table = paper_table_markdown(report)
     # the pooled row of each model leaves out the withheld site
     assert "| Federated last-layer fine-tuning | all sites | 20 | 0.800 |" in table
@@ -92,7 +92,7 @@ def test_federate_cli_status_and_report(tmp_path, capsys):
     assert main(["federate", "report", str(state)]) == 2  # no report.json yet: one line, exit 2
     assert capsys.readouterr().err.startswith("error: ")
     (state / "report").mkdir()
-    (state / "report" / "report.json").write_text(json.dumps(_report()))
+    (state / "report" / "report.json").write_text(json.dumps(_report()), encoding="utf-8")
     assert main(["federate", "report", str(state)]) == 0
     assert "| Federated last-layer fine-tuning | site-a | 20 | 0.800 |" in capsys.readouterr().out
     assert (state / "report" / "roc.png").is_file() and (state / "report" / "report.html").is_file()

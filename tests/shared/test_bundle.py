@@ -43,8 +43,8 @@ def parts(tmp_path_factory):
     save_weights(model, weights)
     nnunet = root / "Dataset501_ICH" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     (nnunet / "fold_all").mkdir(parents=True)
-    (nnunet / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "ICH": 1, "PHE": 2}}))
-    (nnunet / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans"}))
+    (nnunet / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "ICH": 1, "PHE": 2}}), encoding="utf-8")
+    (nnunet / "plans.json").write_text(json.dumps({"plans_name": "nnUNetPlans"}), encoding="utf-8")
     (nnunet / "fold_all" / "checkpoint_final.pth").write_bytes(os.urandom(4096))
     return {
         "root": root,
@@ -130,7 +130,7 @@ def test_create_refuses_bad_inputs(parts, tmp_path):
     with pytest.raises(IchfedError, match="plans.json missing"):
         bad = tmp_path / "nn"
         (bad / "fold_0").mkdir(parents=True)
-        (bad / "dataset.json").write_text("{}")
+        (bad / "dataset.json").write_text("{}", encoding="utf-8")
         B.create_bundle(tmp_path / "b1", parts["weights"], bad, 0.5, **args)
     with pytest.raises(IchfedError, match=r"threshold: must be a probability in \[0, 1\]"):
         B.create_bundle(tmp_path / "b2", parts["weights"], parts["nnunet"], 1.5, **args)
@@ -147,7 +147,7 @@ def test_create_refuses_bad_inputs(parts, tmp_path):
         (lambda b: (b / "nnunet/plans.json").unlink(), "listed in manifest but missing"),
         (
             lambda b: (b / "manifest.json").write_text(
-                (b / "manifest.json").read_text().replace('"p": 0.22', '"p": 0.01')
+                (b / "manifest.json").read_text(encoding="utf-8").replace('"p": 0.22', '"p": 0.01')
             ),
             "signature does not match",
         ),
@@ -168,9 +168,9 @@ def test_wrong_key_is_refused(signed, parts, tmp_path):
         B.load_bundle(signed, parts["other_pub"])
     # A forger who also rewrites the key fingerprint in the signature file still fails.
     copy = _copy(signed, tmp_path)
-    sig = json.loads((copy / "manifest.sig").read_text())
+    sig = json.loads((copy / "manifest.sig").read_text(encoding="utf-8"))
     sig["key_fingerprint"] = signing.fingerprint(signing.load_public_key(parts["other_pub"]))
-    (copy / "manifest.sig").write_text(json.dumps(sig))
+    (copy / "manifest.sig").write_text(json.dumps(sig), encoding="utf-8")
     with pytest.raises(BundleVerificationError, match="signature does not match"):
         B.load_bundle(copy, parts["other_pub"])
 
@@ -270,7 +270,7 @@ def test_cli_end_to_end(parts, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
     crop_toml = tmp_path / "crop.toml"
-    crop_toml.write_text("[crop]\nsize_xyz = [32, 32, 8]\n")
+    crop_toml.write_text("[crop]\nsize_xyz = [32, 32, 8]\n", encoding="utf-8")
     bundle = tmp_path / "imported"
     rc = _cli(
         "bundle", "import", "--nnunet-folder", str(parts["nnunet"]), "--classifier", str(parts["weights"]),
@@ -300,7 +300,7 @@ def test_cli_end_to_end(parts, tmp_path, capsys):
     assert _cli("bundle", "unpack", str(tar_path), "-o", str(tmp_path / "back"), "--pubkey", pub) == 0
     assert json.loads(capsys.readouterr().out)["hash"] == B.bundle_hash(bundle)
 
-    (tmp_path / "back" / "nnunet" / "plans.json").write_text("{}")
+    (tmp_path / "back" / "nnunet" / "plans.json").write_text("{}", encoding="utf-8")
     assert _cli("bundle", "verify", str(tmp_path / "back"), "--pubkey", pub) == 2
     err = capsys.readouterr().err
     assert "plans.json: sha256 does not match manifest" in err and err.count("\n") == 1

@@ -191,4 +191,4 @@ def test_training_learns_an_easy_signal(tmp_path):
     clf.plot_history(result.history, tmp_path / "curves.png")
     clf.save_history(result.history, tmp_path / "curves.json")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "curves.json").read_text())["history"] == result.history
+    assert json.loads((tmp_path / "curves.json").read_text(encoding="utf-8"))["history"] == result.history

@@ -42,7 +42,7 @@ def test_init_writes_ca_server_cert_node_keys_and_signing_key(tmp_path):
     for node in layout.nodes:
         assert _mode(node.private_key) == 0o600
         assert node.private_key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
-        assert node.public_key.read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert node.public_key.read_text(encoding="utf-8").startswith("ecdsa-sha2-nistp384 ")
         priv = serialization.load_ssh_private_key(node.private_key.read_bytes(), password=None)
         pub = load_node_public_key(node.public_key)
         assert isinstance(priv, ec.EllipticCurvePrivateKey) and priv.curve.name == "secp384r1"

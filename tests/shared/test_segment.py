@@ -44,7 +44,7 @@ def test_export_dataset_writes_nnunet_raw_layout(small_site, tmp_path):
     folder = export_dataset(site, tmp_path / "raw", dataset_id=7, name="ICH")
 
     assert folder == tmp_path / "raw" / "Dataset007_ICH"
-    meta = json.loads((folder / "dataset.json").read_text())
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert meta["channel_names"] == {"0": "CT"}
     assert meta["labels"] == {"background": 0, "ICH": 1, "PHE": 2}
     assert meta["file_ending"] == ".nii.gz"
@@ -73,7 +73,7 @@ def test_export_dataset_skips_cases_without_mask_and_replaces_old_export(small_s
     again = export_dataset(site2, tmp_path / "raw")
 
     assert again == first
-    assert json.loads((again / "dataset.json").read_text())["numTraining"] == 2
+    assert json.loads((again / "dataset.json").read_text(encoding="utf-8"))["numTraining"] == 2
     assert not (again / "labelsTr" / f"{without_mask.case_id}.nii.gz").exists()
     assert not (again / "imagesTr" / f"{without_mask.case_id}_0000.nii.gz").exists()
 
@@ -110,7 +110,7 @@ def test_validate_model_folder_names_what_is_missing(tmp_path):
     with pytest.raises(IchfedError, match="model folder not found"):
         validate_model_folder(tmp_path / "nope")
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "dataset.json").write_text("{}")
+    (tmp_path / "m" / "dataset.json").write_text("{}", encoding="utf-8")
     with pytest.raises(IchfedError) as e:
         validate_model_folder(tmp_path / "m")
     assert str(e.value) == f"{tmp_path / 'm'}: not an nnU-Net model folder (missing plans.json, fold_*/)"
@@ -125,9 +125,9 @@ def test_trained_folder_is_complete_and_loads_without_pickle(tiny_nnunet_model):
 
     model = tiny_nnunet_model.model_dir
     assert validate_model_folder(model) == model
-    dataset = json.loads((model / "dataset.json").read_text())
+    dataset = json.loads((model / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["labels"] == {"background": 0, "ICH": 1, "PHE": 2}
-    plans = json.loads((model / "plans.json").read_text())
+    plans = json.loads((model / "plans.json").read_text(encoding="utf-8"))
     assert "3d_fullres" in plans["configurations"]
     ckpt = torch.load(model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert ckpt["trainer_name"] == "nnUNetTrainer_ichfedCI"
@@ -234,22 +234,22 @@ def test_broken_model_folders_give_one_line_errors(tiny_nnunet_model, tmp_path):
     expect(m, "not loadable without pickle")
 
     m = broken("labels")
-    meta = json.loads((m / "dataset.json").read_text())
+    meta = json.loads((m / "dataset.json").read_text(encoding="utf-8"))
     meta["labels"] = {"background": 0, "ICH": 1, "PHE": 2, "IVH": 3}
-    (m / "dataset.json").write_text(json.dumps(meta))
+    (m / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     expect(m, "labels must be 0 background, 1 ICH, 2 PHE")
 
     m = broken("network_class")
-    plans = json.loads((m / "plans.json").read_text())
+    plans = json.loads((m / "plans.json").read_text(encoding="utf-8"))
     plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "os.system"
-    (m / "plans.json").write_text(json.dumps(plans))
+    (m / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
     expect(m, "is not from dynamic_network_architectures")
 
     m = broken("wrong_width")
-    plans = json.loads((m / "plans.json").read_text())
+    plans = json.loads((m / "plans.json").read_text(encoding="utf-8"))
     kwargs = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     kwargs["features_per_stage"] = [2 * f for f in kwargs["features_per_stage"]]
-    (m / "plans.json").write_text(json.dumps(plans))
+    (m / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
     expect(m, "weights do not fit the network in plans.json", load=lambda p: Segmenter(p, device="cpu"))
 
 

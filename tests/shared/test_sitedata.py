@@ -52,8 +52,7 @@ def site(tmp_path) -> Path:
         "bad_mask,0,49\n"
         "dup,0,51\n"
         "../escape,1,40\n"
-        "two_images,1,33\n"
-    )
+        "two_images,1,33\n", encoding="utf-8")
     _ct(root / "images" / "good_nifti.nii.gz")
     _mask(root / "masks" / "good_nifti.nii.gz")
     _ct(root / "images" / "good_zero.nii")
@@ -103,7 +102,7 @@ def test_site_cases_feed_ingestion(site):
 
 
 def test_one_case_can_have_several_problems(tmp_path):
-    (tmp_path / "cases.csv").write_text("case_id,label\nc1,unknown\n")
+    (tmp_path / "cases.csv").write_text("case_id,label\nc1,unknown\n", encoding="utf-8")
     data = read_site(tmp_path)
     assert data.cases == []
     messages = [p.message for p in data.problems if p.case_id == "c1"]
@@ -111,7 +110,7 @@ def test_one_case_can_have_several_problems(tmp_path):
 
 
 def test_header_only_cases_csv_is_a_site_problem(tmp_path):
-    (tmp_path / "cases.csv").write_text("case_id,label\n")
+    (tmp_path / "cases.csv").write_text("case_id,label\n", encoding="utf-8")
     data = read_site(tmp_path)
     assert data.cases == [] and [p.case_id for p in data.problems] == [None]
 
@@ -132,7 +131,7 @@ def test_missing_or_malformed_cases_csv_names_the_file(tmp_path, content, fragme
     if isinstance(content, bytes):
         csv_path.write_bytes(content)
     elif content is not None:
-        csv_path.write_text(content)
+        csv_path.write_text(content, encoding="utf-8")
     with pytest.raises(IchfedError) as e:
         read_site(tmp_path)
     assert str(csv_path) in str(e.value) and fragment in str(e.value) and "\n" not in str(e.value)
@@ -181,7 +180,7 @@ def test_dicom_cases_are_checked_from_headers(tmp_path):
     """A DICOM case's series and its mask's grid are checked without reading pixel data."""
     root = tmp_path / "site"
     root.mkdir()
-    (root / "cases.csv").write_text("case_id,label\ntilted,1\nmr,0\nempty,1\noff_grid,0\n")
+    (root / "cases.csv").write_text("case_id,label\ntilted,1\nmr,0\nempty,1\noff_grid,0\n", encoding="utf-8")
     frame = tilted_frame(12.0)
     positions = [(0.0, 0.0, z) for z in (0.0, 3.0, 6.0, 8.0)]
     for cid in ("tilted", "off_grid"):

@@ -36,8 +36,8 @@ def _small_bundle(tmp_path, key):
     rng = np.random.default_rng(0)
     save_file({"fc.weight": rng.normal(size=(2, 512)).astype(np.float32), "fc.bias": np.zeros(2, np.float32)},
               str(root / B.CLASSIFIER_FILE))
-    (root / "nnunet" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "ICH": 1, "PHE": 2}}))
-    (root / "nnunet" / "plans.json").write_text(json.dumps({"plans_name": "tiny"}))
+    (root / "nnunet" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "ICH": 1, "PHE": 2}}), encoding="utf-8")
+    (root / "nnunet" / "plans.json").write_text(json.dumps({"plans_name": "tiny"}), encoding="utf-8")
     (root / "nnunet" / "fold_all" / "checkpoint_final.pth").write_bytes(rng.bytes(300_000))
     (root / "nnunet" / "fold_all" / "empty.txt").write_bytes(b"")
     files = {p.relative_to(root).as_posix(): B.sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
@@ -51,7 +51,7 @@ def _small_bundle(tmp_path, key):
         "files": files, "lineage": {},
     }
     assert set(manifest) == {f.name for f in dataclasses.fields(B.Manifest)}
-    (root / B.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (root / B.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     B.sign_bundle(root, key)
     return root
 

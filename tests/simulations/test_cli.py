@@ -28,7 +28,7 @@ def test_cohort_make_preview_profiles_baseline(tmp_path, capsys):
 
 def test_cohort_errors_are_one_line_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
-    bad.write_text("[scanner]\nnoise_sd = 99\n")
+    bad.write_text("[scanner]\nnoise_sd = 99\n", encoding="utf-8")
     assert main(["cohort", "make", "--profile", str(bad), "--cases", "1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {bad}: 'scanner.noise_sd' must be between 3.0 and 15.0, got 99.0"]

@@ -88,7 +88,7 @@ def test_rewriting_a_cohort_replaces_it_and_foreign_folders_are_refused(tmp_path
     assert names == ["hamburg-like-00000.nii.gz", "hamburg-like-00001.nii.gz"]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
+    (foreign / "notes.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(IchfedError, match="not empty"):
         write_cohort("charite-like", 1, 1, foreign, scale="ci")
 

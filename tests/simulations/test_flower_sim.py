@@ -84,7 +84,7 @@ def federation(tiny_bundle, sites, other_key, tmp_path_factory):
 def _outgoing(out: Path, i: int) -> list[dict]:
     files = sorted((out / "sites" / f"site-{i}" / "state" / "outgoing").glob("*.json"),
                    key=lambda f: int(f.name.split("-")[0]))
-    return [json.loads(f.read_text()) for f in files]
+    return [json.loads(f.read_text(encoding="utf-8")) for f in files]
 
 
 def test_federation_runs_and_reports(federation, tiny_bundle):
@@ -101,7 +101,7 @@ def test_federation_runs_and_reports(federation, tiny_bundle):
     for s in final.values():
         for model in ("reference", "local", "federated"):
             assert s[model]["n"] >= 2
-    md = (out / "report" / "report.md").read_text()
+    md = (out / "report" / "report.md").read_text(encoding="utf-8")
     assert "Before fine-tuning" in md and "Local-only last-layer fine-tuning" in md and "Federated last-layer" in md
     assert (out / "report" / "roc.png").stat().st_size > 5000 and (out / "report" / "confusion.png").is_file()
     print(f"federation of 4 sites x {ROUNDS} rounds: {report['_wall_s']:.1f} s")
@@ -201,7 +201,7 @@ def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, ti
     np.testing.assert_array_equal(state["fc.weight"].numpy(), last["weight"])
     for i in (1, 2, 3):
         state_dir = out / "sites" / f"site-{i}" / "state"
-        kept = json.loads((state_dir / "final.json").read_text())
+        kept = json.loads((state_dir / "final.json").read_text(encoding="utf-8"))
         assert kept["bundle_hash"] == bundle.hash and Path(kept["bundle_path"]).is_dir()
         assert load_local_threshold(state_dir, bundle.hash) == pytest.approx(kept["threshold"])
         load_bundle(kept["bundle_path"], tiny_bundle.public_key)

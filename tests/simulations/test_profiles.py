@@ -40,7 +40,7 @@ def test_development_profile_follows_table_1():
 
 def test_profile_from_file_path(tmp_path):
     f = tmp_path / "mysite.toml"
-    f.write_text('[scanner]\nnoise_sd = 12\nkernel = "sharp"\n[population]\nprevalence = 0.5\n')
+    f.write_text('[scanner]\nnoise_sd = 12\nkernel = "sharp"\n[population]\nprevalence = 0.5\n', encoding="utf-8")
     p = load_profile(str(f))
     assert p.name == "mysite"  # defaults to the file stem
     assert p.scanner.noise_sd == 12.0 and p.scanner.kernel == "sharp"
@@ -66,7 +66,7 @@ def test_profile_from_file_path(tmp_path):
 )
 def test_bad_profile_is_one_line_error_naming_file_and_field(tmp_path, text, needle):
     f = tmp_path / "bad.toml"
-    f.write_text(text)
+    f.write_text(text, encoding="utf-8")
     with pytest.raises(IchfedError) as e:
         load_profile(str(f))
     msg = str(e.value)
