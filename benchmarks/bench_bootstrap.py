@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+from _common import device_info  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 log = logging.getLogger("bench_bootstrap")
 TARGET_S = {"demo": 15 * 60.0}
@@ -55,7 +56,7 @@ def main() -> int:
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "device": _device(args.device),
+        "device": device_info(args.device),
         "load_avg_start": os.getloadavg(),
     }
     if args.from_report:
@@ -115,17 +116,6 @@ def summarise(report: dict) -> dict:
         "crop": report["crop"],
         "stage_timings_s": report["timings"],
     }
-
-
-def _device(requested: str) -> dict:
-    import torch
-
-    from shared.device import pick_device
-
-    dev = pick_device(requested)
-    return {"requested": requested, "used": dev.type,
-            "name": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or platform.machine(),
-            "torch": torch.__version__}
 
 
 if __name__ == "__main__":

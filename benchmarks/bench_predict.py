@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+from _common import device_info  # noqa: E402  (benchmarks/ is on sys.path as the script folder)
 
 log = logging.getLogger("bench_predict")
 FIRST_INDEX = 1000
@@ -77,7 +78,7 @@ def main() -> int:
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "device": _device(args.device),
+        "device": device_info(args.device),
         "load_avg_start": os.getloadavg(),
         "targets": {"demo_wall_s": TARGET_DEMO_S, "paper_wall_s": TARGET_PAPER_S,
                     "volume_rel_err": TARGET_VOLUME_REL_ERR},
@@ -173,17 +174,6 @@ def _volume_summary(rows: list[dict]) -> dict:
             "median_abs": round(statistics.median(vals), 4), "max_abs": round(max(vals), 4),
             "within_target": sum(v <= TARGET_VOLUME_REL_ERR for v in vals), "n": len(vals)}
     return summary
-
-
-def _device(requested: str) -> dict:
-    import torch
-
-    from shared.device import pick_device
-
-    dev = pick_device(requested)
-    return {"requested": requested, "used": dev.type,
-            "name": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or platform.machine(),
-            "torch": torch.__version__}
 
 
 if __name__ == "__main__":

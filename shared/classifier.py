@@ -512,7 +512,8 @@ def train_classifier(
                     "val_auc": _auc(va_y, np.exp(lp[:, 1])),
                 }
                 history.append(row)
-                log.debug("epoch %d: %s", epoch, row)
+                # Also at INFO: tqdm is silent when stderr is not a terminal (CI, make demo | tee).
+                log.info("classifier epoch %d/%d: %s", epoch, cfg.epochs, row)
                 if cfg.keep == "best_val_loss" and val_loss < best_loss:
                     best_loss = val_loss
                     best_state = copy.deepcopy(model.state_dict())

@@ -519,7 +519,6 @@ class Segmenter:
 
     def __init__(self, model_dir: Path, device: str = "auto", use_mirroring: bool | None = None,
                  folds: Sequence[int | str] | None = None, num_threads: int | None = None):
-        import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

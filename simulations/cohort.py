@@ -276,3 +276,17 @@ def volume_ratio_auc(profile: str | Profile, n_cases: int = 4000, seed: int = 0)
     auc = float(roc_auc_score(y[half:], model.predict_proba(x[half:])[:, 1]))
     return {"profile": prof.name, "auc": round(auc, 3), "n_cases": n_cases, "seed": seed,
             "prevalence": round(float(y.mean()), 3)}
+
+
+def write_healthy_head(path: Path, profile: str | Profile = "charite-like", seed: int = 0, scale: str = "ci") -> Path:
+    """Write a simulated head with no lesion (phantom anatomy through the profile's scanner model).
+
+    The negative control of every pipeline: it must come out as ``lesion_found: false``.
+    """
+    prof = load_profile(profile)
+    grid = Grid.for_profile(scale, prof.scanner)
+    head = make_phantom(grid, case_rng(seed, prof.name, 0, "anatomy"), age=55.0,
+                        atrophy_scale=prof.population.atrophy_scale, tilt_deg=prof.scanner.gantry_tilt_deg)
+    hu = quantise(acquire(head.hu, grid, prof.scanner, case_rng(seed, prof.name, 0, "scanner")))
+    write_nifti(grid.to_image(hu), Path(path))
+    return Path(path)

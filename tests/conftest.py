@@ -114,3 +114,17 @@ def tiny_nnunet_model(tmp_path_factory) -> TinyNnunetModel:
         test_ids=tuple(c.case_id for c in test_cases),
         train_seconds=seconds,
     )
+
+
+@pytest.fixture
+def flwr_task():
+    """Give this process a Flower task identity (run 1, node 0), as a running ServerApp has.
+
+    ``flwr.app.Message`` reads it when an instruction message is created.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -56,19 +56,10 @@ class Case:
 
 
 def _healthy_head(path: Path) -> Path:
-    """A simulated head (the cohort's phantom anatomy and scanner model) with no lesion inserted."""
-    from simulations.cohort import case_rng
-    from simulations.phantom import make_phantom
-    from simulations.profiles import load_profile
-    from simulations.scanner import Grid, acquire, quantise
+    """A simulated head with no lesion inserted."""
+    from simulations.cohort import write_healthy_head
 
-    prof = load_profile("charite-like")
-    grid = Grid.for_profile("ci", prof.scanner)
-    head = make_phantom(grid, case_rng(7, prof.name, 0, "anatomy"), age=60.0,
-                        atrophy_scale=prof.population.atrophy_scale, tilt_deg=prof.scanner.gantry_tilt_deg)
-    hu = quantise(acquire(head.hu, grid, prof.scanner, case_rng(7, prof.name, 0, "scanner")))
-    sitk.WriteImage(grid.to_image(hu), str(path))
-    return path
+    return write_healthy_head(path, seed=7)
 
 
 @pytest.fixture(scope="session")

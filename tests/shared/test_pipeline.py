@@ -51,19 +51,10 @@ def write_synthetic_case(index: int, path: Path):
 
 
 def write_healthy_head(path: Path) -> Path:
-    """A simulated head (phantom anatomy, scanner model) with no lesion inserted."""
-    from simulations.cohort import case_rng
-    from simulations.phantom import make_phantom
-    from simulations.profiles import load_profile
-    from simulations.scanner import Grid, acquire, quantise
+    """A simulated head with no lesion inserted."""
+    from simulations.cohort import write_healthy_head as write
 
-    prof = load_profile("charite-like")
-    grid = Grid.for_profile("ci", prof.scanner)
-    head = make_phantom(grid, case_rng(11, prof.name, 0, "anatomy"), age=55.0,
-                        atrophy_scale=prof.population.atrophy_scale, tilt_deg=prof.scanner.gantry_tilt_deg)
-    hu = quantise(acquire(head.hu, grid, prof.scanner, case_rng(11, prof.name, 0, "scanner")))
-    sitk.WriteImage(grid.to_image(hu), str(path))
-    return path
+    return write(path, seed=11)
 
 
 def test_truth_mask_reproduces_recorded_volumes(predictor, tiny_bundle):
