@@ -592,13 +592,29 @@ class Segmenter:
         }
         with self._lock, _torch_threads(self.num_threads):
             seg = self._predictor.predict_single_npy_array(array, properties)
-        labels = sitk.GetImageFromArray(np.asarray(seg).astype(np.uint8, copy=False))
+        seg = gate_soft_tissue(np.asarray(seg).astype(np.uint8, copy=False), array[0])
+        labels = sitk.GetImageFromArray(seg)
         labels.CopyInformation(work)
         if orientation is not None:
             original = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
             labels = sitk.DICOMOrient(labels, original)
         labels.CopyInformation(image)
         return labels
+
+
+# Blood and edema are soft tissue. A label on air or bone is always a model error (seen on
+# unfamiliar scanners as speckle of "PHE" in the air around the head), so it is removed before
+# anything is measured. The window is wide enough for acute clot (up to ~100 HU) plus noise.
+SOFT_TISSUE_HU = (-100.0, 200.0)
+
+
+def gate_soft_tissue(labels: np.ndarray, hu: np.ndarray, window: tuple[float, float] = SOFT_TISSUE_HU) -> np.ndarray:
+    """Set labels to background wherever the CT is outside the soft-tissue HU ``window``."""
+    outside = (hu < window[0]) | (hu > window[1])
+    if outside.any():
+        labels = labels.copy()
+        labels[outside] = 0
+    return labels
 
 
 def _build_network(trainer_name: str, plans_manager, configuration_manager, n_in: int, n_out: int):

@@ -257,3 +257,14 @@ def test_broken_model_folders_give_one_line_errors(tiny_nnunet_model, tmp_path):
 def test_predict_rejects_a_2d_image(segmenter):
     with pytest.raises(IchfedError, match="expected a 3D single-channel CT"):
         segmenter.predict(sitk.Image(32, 32, sitk.sitkFloat32))
+
+
+def test_labels_on_air_or_bone_are_removed():
+    """A predicted label is only kept on soft tissue: air (-1000 HU) and bone (+1000 HU) lose it."""
+    from shared.segment import gate_soft_tissue
+
+    hu = np.array([-1000.0, -150.0, -90.0, 20.0, 70.0, 190.0, 250.0, 1000.0], dtype=np.float32)
+    labels = np.array([2, 2, 2, 2, 1, 1, 1, 1], dtype=np.uint8)
+    gated = gate_soft_tissue(labels, hu)
+    assert gated.tolist() == [0, 0, 2, 2, 1, 1, 0, 0]
+    assert labels.tolist() == [2, 2, 2, 2, 1, 1, 1, 1]  # the input is not modified
