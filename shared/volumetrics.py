@@ -58,7 +58,8 @@ def measure(image: sitk.Image, mask: sitk.Image) -> Volumetrics:
     ``image`` holds HU; ``mask`` must share its grid (size, spacing, origin).
     """
     _check_same_grid(image, mask)
-    labels = sitk.GetArrayViewFromImage(as_label_image(mask))
+    # A copy, not a view: a view of the temporary label image would dangle once it is freed.
+    labels = sitk.GetArrayFromImage(as_label_image(mask))
     hu = sitk.GetArrayViewFromImage(image)
     voxel_ml = math.prod(image.GetSpacing()) / 1000.0
 
