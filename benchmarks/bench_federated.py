@@ -33,12 +33,16 @@ import numpy as np
 log = logging.getLogger("bench_federated")
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Crop size (x, y, z) and spacing per bootstrap profile; "paper" is the paper's 200x200x20.
-CROPS = {
-    "ci": ((24, 24, 20), (3.6, 3.6, 5.0), "ci"),
-    "demo": ((50, 50, 20), (1.8, 1.8, 5.0), "demo"),
-    "paper": ((200, 200, 20), (0.45, 0.45, 5.0), "paper"),
-}
+
+
+def _crops() -> dict:
+    """Crop size (x, y, z), spacing and cohort scale of each bootstrap profile (``paper``: 200x200x20)."""
+    from server.bootstrap import PROFILES
+
+    return {name: (p.crop.size_xyz, p.crop.spacing_mm, p.scale) for name, p in PROFILES.items()}
+
+
+CROPS = _crops()
 
 
 def synthetic_crops(n: int, seed: int, crop: str, profile: str = "charite-like", first_index: int = 0):

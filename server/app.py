@@ -326,7 +326,8 @@ def final_evaluation(grid, ready: dict[int, str], head: dict[str, np.ndarray], b
                                 P.CFG_DELIVER: final_bundle is not None}),
     })
     if final_bundle is not None:
-        arrays, config = bundle_to_records(final_bundle["bundle"].path)
+        # Every site here trained on ``bundle``: send only what differs from it (the new head).
+        arrays, config = bundle_to_records(final_bundle["bundle"].path, parent=bundle)
         content[P.BUNDLE_ARRAYS], content[P.BUNDLE_CONFIG] = arrays, config
     sites = []
     for msg in _send(grid, sorted(ready), P.QUERY_FINAL, content, settings.round_timeout_s):

@@ -39,14 +39,26 @@ class BootstrapProfile:
     test_fraction: float = 0.10
     # The paper chose the threshold on held-out data; we carve it from the training 90%.
     validation_fraction: float = 0.20
+    # nnU-Net's cost is set by its iterations, not its case count, but planning and preprocessing
+    # grow with the cases; past a hundred or so, more cases help the classifier far more.
+    segmentation_max_cases: int | None = None
 
 
-# Demo and ci keep the paper's physical field of view (about 90 x 90 x 100 mm) at the coarser
-# in-plane spacing of their cohorts: upsampling a 1.8 mm image to 0.45 mm adds no information.
+# Demo and ci keep the paper's physical field of view (about 90 x 90 x 100 mm) at a coarser
+# in-plane spacing: upsampling a 1.8 mm image to 0.45 mm adds no information, and on a CPU the
+# classifier's cost grows with its voxels.
+#
+# Demo sizes come from a sweep of classifier recipes on an H100
+# (benchmarks/bench_classifier_recipes.py, docs/bundle.md): a ResNet-34 trained from scratch
+# stayed at chance (AUC ~0.5) with 58 training crops whatever the schedule, reached 0.56 with 150
+# and 0.73-0.76 with 380. Distinct cases matter more than epochs, and synthetic cases cost 0.1 s
+# each, so the demo cohort is large and its validation part just big enough for a threshold; the
+# 32 x 32 x 20 crop at 2.8 mm is 2.3x cheaper per step than 50 x 50 x 20 at 1.8 mm.
 PROFILES: dict[str, BootstrapProfile] = {
     "paper": BootstrapProfile("paper", "paper", 291, "paper", "paper", CropSpec()),
     "demo": BootstrapProfile(
-        "demo", "demo", 80, "demo", "demo", CropSpec(size_xyz=(50, 50, 20), spacing_mm=(1.8, 1.8, 5.0))
+        "demo", "demo", 480, "demo", "demo", CropSpec(size_xyz=(32, 32, 20), spacing_mm=(2.8, 2.8, 5.0)),
+        validation_fraction=0.08, segmentation_max_cases=150,
     ),
     "ci": BootstrapProfile(
         "ci", "ci", 16, "ci", "ci", CropSpec(size_xyz=(24, 24, 20), spacing_mm=(3.6, 3.6, 5.0))
@@ -141,7 +153,8 @@ def bootstrap(
     # 1. Segmentation: nnU-Net's own planner and trainer on the training cases.
     t0 = time.perf_counter()
     raw_root = work_dir / "nnunet_raw"
-    export_dataset(_subset(site, split.train), raw_root, dataset_id=501, name="ICH")
+    seg_cases = split.train[: profile.segmentation_max_cases] if profile.segmentation_max_cases else split.train
+    export_dataset(_subset(site, seg_cases), raw_root, dataset_id=501, name="ICH")
     model_dir = train(raw_root, 501, profile.segmentation_profile, work_dir / "nnunet", seed=seed)
     timings["segmentation_training_s"] = time.perf_counter() - t0
 

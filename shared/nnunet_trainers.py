@@ -69,9 +69,9 @@ class nnUNetTrainer_ichfedCI(_ShortTrainer):  # noqa: N801 - nnU-Net finds train
 
 
 class nnUNetTrainer_ichfedDemo(_ShortTrainer):  # noqa: N801
-    """Demo bundle: 30 epochs x 15 iterations with the ichfed small plans (demo scale, 16x96x80 patch)."""
+    """Demo bundle: 40 epochs x 15 iterations with the ichfed small plans (demo scale, 16x96x80 patch)."""
 
-    EPOCHS = 30
+    EPOCHS = 40
     ITERATIONS_PER_EPOCH = 15
     VAL_ITERATIONS_PER_EPOCH = 2
 

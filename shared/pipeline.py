@@ -52,6 +52,7 @@ class Predictor:
 
     ``threshold`` overrides the bundle's threshold (a site's locally calibrated one); it is a
     probability of the neoplastic class, and a case is called neoplastic when ``p >= threshold``.
+    ``use_mirroring`` and ``tile_step_size`` go to nnU-Net's predictor (``shared.segment.Segmenter``).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class Predictor:
         device: str = "auto",
         threshold: float | None = None,
         use_mirroring: bool | None = None,
+        tile_step_size: float = 0.5,
     ) -> None:
         from .classifier import backbone_and_head
         from .device import pick_device
@@ -70,7 +72,8 @@ class Predictor:
         self.crop_spec = bundle.crop_spec
         self.threshold = float(threshold) if threshold is not None else float(bundle.threshold.p)
         self.threshold_source = "site" if threshold is not None else "bundle"
-        self.segmenter = Segmenter(bundle.nnunet_dir, device=str(self.device.type), use_mirroring=use_mirroring)
+        self.segmenter = Segmenter(bundle.nnunet_dir, device=str(self.device.type), use_mirroring=use_mirroring,
+                                   tile_step_size=tile_step_size)
         model = bundle.build_classifier(self.device)
         model.eval()
         self.backbone, self.head = backbone_and_head(model)

@@ -90,7 +90,7 @@ PROFILES: dict[str, TrainingProfile] = {
     # demo scale (128 x 128 x 28 voxels): a 0.5 GB budget gives a 16 x 96 x 80 patch instead of the
     # whole image, ~3x less work per iteration on a CPU
     "demo": TrainingProfile(trainer="nnUNetTrainer_ichfedDemo", plans_identifier="nnUNetPlans_ichfedSmall",
-                            width_divisor=4, n_proc_da=0, compile=False, gpu_memory_target_gb=0.5, epochs=30),
+                            width_divisor=4, n_proc_da=0, compile=False, gpu_memory_target_gb=0.5, epochs=40),
     "ci": TrainingProfile(trainer="nnUNetTrainer_ichfedCI", plans_identifier="nnUNetPlans_ichfedSmall",
                           width_divisor=4, n_proc_da=0, compile=False, epochs=8),
 }
@@ -181,6 +181,49 @@ def _swap_in(new: Path, target: Path) -> None:
 # training
 
 
+def _dataset(raw_root: Path, dataset_id: int, profile: str) -> tuple[Path, int]:
+    """Check the profile and find the raw dataset; no side effects."""
+    if profile not in PROFILES:
+        raise IchfedError(f"profile: must be one of {', '.join(map(repr, PROFILES))}, got {profile!r}")
+    dataset = _find_raw_dataset(Path(raw_root).resolve(), dataset_id)
+    return dataset, _count_raw_cases(dataset)
+
+
+def _workspace(raw_root: Path, dataset_id: int, profile: str, work_dir: Path, num_threads: int | None,
+               num_processes: int | None) -> tuple[dict[str, Path], dict[str, str], dict[str, Any]]:
+    """Create the nnU-Net folders under ``work_dir``; return them, the subprocess environment and common spec."""
+    spec = PROFILES[profile]
+    cpus = os.cpu_count() or 1
+    num_threads = num_threads or int(os.environ.get("OMP_NUM_THREADS") or cpus)
+    num_processes = num_processes or max(1, min(4, cpus))
+    work_dir = Path(work_dir).resolve()
+    dirs = {name: work_dir / name for name in ("nnUNet_preprocessed", "nnUNet_results", "ext_trainers", "logs")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    _write_trainer_shim(dirs["ext_trainers"])
+    env = _nnunet_env(Path(raw_root).resolve(), dirs, num_threads)
+    common = {"dataset_id": dataset_id, "configuration": spec.configuration, "num_threads": num_threads,
+              "plans_identifier": spec.plans_identifier, "num_processes": num_processes}
+    return dirs, env, common
+
+
+def plan(raw_root: Path, dataset_id: int, profile: Literal["ci", "demo", "paper"], work_dir: Path,
+         seed: int = 0, *, num_threads: int | None = None, num_processes: int | None = None) -> Path:
+    """Run nnU-Net's fingerprint extractor, experiment planner and preprocessor for ``profile``.
+
+    Returns the preprocessed dataset folder (``work_dir/nnUNet_preprocessed/DatasetXXX_*``), which
+    holds ``dataset.json`` and the profile's plans file (``PROFILES[profile].plans_identifier``).
+    """
+    dataset, n_cases = _dataset(raw_root, dataset_id, profile)
+    dirs, env, common = _workspace(raw_root, dataset_id, profile, work_dir, num_threads, num_processes)
+    spec = PROFILES[profile]
+    log.info("nnU-Net %s: planning and preprocessing %s (%d cases)", profile, dataset.name, n_cases)
+    plan_env = dict(env, nnUNet_def_n_proc=str(common["num_processes"]))
+    _run_nnunet("plan", {**common, "seed": seed, "stage": "plan", "width_divisor": spec.width_divisor,
+                         "gpu_memory_target_gb": spec.gpu_memory_target_gb}, plan_env, dirs["logs"])
+    return dirs["nnUNet_preprocessed"] / dataset.name
+
+
 def train(raw_root: Path, dataset_id: int, profile: Literal["ci", "demo", "paper"], work_dir: Path,
           seed: int = 0, *, folds: Sequence[int | str] | None = None, device: str = "auto",
           num_threads: int | None = None, num_processes: int | None = None) -> Path:
@@ -193,12 +236,8 @@ def train(raw_root: Path, dataset_id: int, profile: Literal["ci", "demo", "paper
     ``num_threads`` (torch threads in training) defaults to ``$OMP_NUM_THREADS`` or the CPU count;
     ``num_processes`` (planning/preprocessing workers) to min(4, CPU count).
     """
-    if profile not in PROFILES:
-        raise IchfedError(f"profile: must be one of {', '.join(map(repr, PROFILES))}, got {profile!r}")
+    dataset, n_cases = _dataset(raw_root, dataset_id, profile)
     spec = PROFILES[profile]
-    raw_root = Path(raw_root).resolve()
-    dataset = _find_raw_dataset(raw_root, dataset_id)
-    n_cases = _count_raw_cases(dataset)
     torch_device = pick_device(device)
     if folds is None:
         folds = ("all",) if profile != "paper" or n_cases < 5 else (0, 1, 2, 3, 4)
@@ -206,24 +245,10 @@ def train(raw_root: Path, dataset_id: int, profile: Literal["ci", "demo", "paper
     for f in folds:
         if f != "all" and not (f in ("0", "1", "2", "3", "4") and n_cases >= 5):
             raise IchfedError(f"folds: fold {f!r} needs 'all' or 0-4 with at least 5 cases (have {n_cases})")
-    cpus = os.cpu_count() or 1
-    num_threads = num_threads or int(os.environ.get("OMP_NUM_THREADS") or cpus)
-    num_processes = num_processes or max(1, min(4, cpus))
 
-    work_dir = Path(work_dir).resolve()
-    dirs = {name: work_dir / name for name in ("nnUNet_preprocessed", "nnUNet_results", "ext_trainers", "logs")}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    _write_trainer_shim(dirs["ext_trainers"])
-    env = _nnunet_env(raw_root, dirs, num_threads)
-    common = {"dataset_id": dataset_id, "configuration": spec.configuration, "seed": seed,
-              "num_threads": num_threads, "plans_identifier": spec.plans_identifier}
-
-    log.info("nnU-Net %s: planning and preprocessing %s (%d cases)", profile, dataset.name, n_cases)
-    plan_env = dict(env, nnUNet_def_n_proc=str(num_processes))
-    _run_nnunet("plan", {**common, "stage": "plan", "num_processes": num_processes,
-                         "width_divisor": spec.width_divisor, "gpu_memory_target_gb": spec.gpu_memory_target_gb},
-                plan_env, dirs["logs"])
+    dirs, env, common = _workspace(raw_root, dataset_id, profile, work_dir, num_threads, num_processes)
+    plan(raw_root, dataset_id, profile, work_dir, seed, num_threads=common["num_threads"],
+         num_processes=common["num_processes"])
 
     train_env = dict(env)
     if spec.n_proc_da is not None:
@@ -232,7 +257,7 @@ def train(raw_root: Path, dataset_id: int, profile: Literal["ci", "demo", "paper
         train_env["nnUNet_compile"] = "true" if spec.compile else "false"
     log.info("nnU-Net %s: training %s fold(s) %s on %s with %s", profile, spec.configuration,
              ",".join(folds), torch_device.type, spec.trainer)
-    _run_nnunet("train", {**common, "stage": "train", "trainer": spec.trainer, "folds": list(folds),
+    _run_nnunet("train", {**common, "seed": seed, "stage": "train", "trainer": spec.trainer, "folds": list(folds),
                           "device": torch_device.type}, train_env, dirs["logs"],
                 progress_total=spec.epochs * len(folds))
 
@@ -514,15 +539,20 @@ class Segmenter:
     nnU-Net's mirroring test-time augmentation; default on for CUDA, off on CPU (8x the work).
     ``folds``: which ``fold_*`` to ensemble; default the numbered folds if any, else ``all``.
     ``num_threads``: torch CPU threads during ``predict`` (restored afterwards); default unchanged.
+    ``tile_step_size``: nnU-Net's sliding-window step as a fraction of the patch (its default 0.5;
+    larger means fewer, less overlapping patches: faster, slightly less accurate at patch borders).
     Thread-safe: concurrent ``predict`` calls are serialised.
     """
 
     def __init__(self, model_dir: Path, device: str = "auto", use_mirroring: bool | None = None,
-                 folds: Sequence[int | str] | None = None, num_threads: int | None = None):
+                 folds: Sequence[int | str] | None = None, num_threads: int | None = None,
+                 tile_step_size: float = 0.5):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+        if not 0.0 < float(tile_step_size) <= 1.0:
+            raise IchfedError(f"tile_step_size: must be in (0, 1], got {tile_step_size}")
         self.model_dir = validate_model_folder(model_dir, check_weights=False)
         self.device = pick_device(device)
         self.use_mirroring = self.device.type == "cuda" if use_mirroring is None else bool(use_mirroring)
@@ -556,7 +586,7 @@ class Segmenter:
         # nnU-Net prints its set-up remarks; they belong in the debug log, not on stdout
         with contextlib.redirect_stdout(_LogWriter(log)):
             self._predictor = nnUNetPredictor(
-                tile_step_size=0.5, use_gaussian=True, use_mirroring=self.use_mirroring,
+                tile_step_size=float(tile_step_size), use_gaussian=True, use_mirroring=self.use_mirroring,
                 perform_everything_on_device=self.device.type == "cuda", device=self.device,
                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
             self._predictor.manual_initialization(

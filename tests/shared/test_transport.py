@@ -224,3 +224,126 @@ def test_real_bundle_round_trip_size(tmp_path, tiny_bundle):
                 len(arrays), raw, wire_bytes, wire_bytes - raw, elapsed)
     assert _tree(out) == _tree(tiny_bundle.path)
     assert raw < wire_bytes < raw * 1.01 + 65536
+
+
+def test_seed_bundle_puts_a_verifiable_copy_in_the_cache(tmp_path, small_bundle, keys):
+    bundle = B.load_bundle(small_bundle, keys[1])
+    cache = tmp_path / "site" / "bundles"
+    seeded = T.seed_bundle(bundle, cache)
+    assert seeded == cache / bundle.hash
+    assert T.cached_bundle(cache, bundle.hash) == seeded
+    assert _tree(seeded) == _tree(small_bundle)
+    assert B.load_bundle(seeded, keys[1]).hash == bundle.hash
+    assert not [p for p in cache.iterdir() if p.name.startswith(".seed-")]  # no temp folder left
+    # idempotent, and a damaged copy under the hash is replaced by a good one
+    assert T.seed_bundle(bundle, cache) == seeded
+    (seeded / "manifest.json").unlink()
+    assert T.cached_bundle(cache, bundle.hash) is None
+    T.seed_bundle(bundle, cache)
+    assert T.cached_bundle(cache, bundle.hash) == seeded
+
+
+def _rewrite_classifier(root, key, weights, version, foreign_metadata=None):
+    """Rewrite a small bundle's classifier, update its manifest and re-sign it.
+
+    Weights are written the way bundles write them (``save_weights``), or, with
+    ``foreign_metadata``, by plain safetensors as another tool would.
+    """
+    import torch
+    from safetensors.numpy import save_file
+
+    from shared.classifier import save_weights
+
+    if foreign_metadata is None:
+        save_weights({k: torch.from_numpy(v) for k, v in weights.items()}, root / B.CLASSIFIER_FILE)
+    else:
+        save_file(weights, str(root / B.CLASSIFIER_FILE), metadata=foreign_metadata)
+    manifest = json.loads((root / B.MANIFEST).read_text(encoding="utf-8"))
+    manifest["files"] = {p.relative_to(root).as_posix(): B.sha256_file(p) for p in sorted(root.rglob("*"))
+                         if p.is_file() and p.name not in (B.MANIFEST, "manifest.sig")}
+    manifest["version"] = version
+    (root / B.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    B.sign_bundle(root, key)
+
+
+def test_delta_records_send_only_the_changed_head(tmp_path, small_bundle, keys):
+    import shutil
+
+    rng = np.random.default_rng(1)
+    body = rng.normal(size=(64, 512)).astype(np.float32)  # stands in for the frozen backbone
+    _rewrite_classifier(small_bundle, keys[0], {"body": body, "fc.weight": np.ones((2, 512), np.float32),
+                                                "fc.bias": np.zeros(2, np.float32)}, "1.0.0")
+    parent = B.load_bundle(small_bundle, keys[1])
+    child_root = tmp_path / "child"
+    shutil.copytree(small_bundle, child_root)
+    new_head = {"fc.weight": rng.normal(size=(2, 512)).astype(np.float32), "fc.bias": np.array([0.5, -0.5], np.float32)}
+    _rewrite_classifier(child_root, keys[0], {"body": body, **new_head}, "1.0.0+fed2")
+    child = B.load_bundle(child_root, keys[1])
+
+    full_arrays, full_config = T.bundle_to_records(child_root)
+    arrays, config = T.bundle_to_records(child_root, parent=parent)
+    arrays2, config2, wire = over_the_wire(arrays, config)
+    *_, full_wire = over_the_wire(full_arrays, full_config)
+    assert set(arrays.keys()) == {"manifest.json", "manifest.sig"}  # nnU-Net files come from the parent
+    assert config[T.KEY_DERIVED] == [B.CLASSIFIER_FILE]
+    assert wire < full_wire / 10
+
+    cache = tmp_path / "site" / "bundles"
+    with pytest.raises(BundleVerificationError, match="does not hold"):
+        T.bundle_from_records(arrays2, config2, cache, keys[1])  # the site lacks the parent
+    T.seed_bundle(parent, cache)
+    out = T.bundle_from_records(arrays2, config2, cache, keys[1])
+    assert out.name == child.hash
+    assert _tree(out) == _tree(child_root)
+
+    # a tampered replacement tensor cannot produce the signed file
+    cache2 = tmp_path / "site2" / "bundles"
+    T.seed_bundle(parent, cache2)
+    bad = ConfigRecord(dict(config2.items()))
+    raw = bytearray(bad[T.TENSOR_PREFIX + "fc.bias"])
+    raw[0] ^= 1
+    bad[T.TENSOR_PREFIX + "fc.bias"] = bytes(raw)
+    with pytest.raises(BundleVerificationError, match="sha256 does not match"):
+        T.bundle_from_records(arrays2, bad, cache2, keys[1])
+    assert T.cached_bundle(cache2, child.hash) is None
+    assert not [p for p in cache2.iterdir() if p.name.startswith(".incoming-")]
+
+
+@pytest.mark.slow
+def test_federated_bundle_reaches_a_site_as_a_head_delta(tmp_path, tiny_bundle):
+    """The server's derive path (new head on the real ResNet-34) rebuilt byte-exact at a site."""
+    import torch
+
+    from shared.classifier import load_weights
+
+    parent = B.load_bundle(tiny_bundle.path, tiny_bundle.public_key)
+    state = {k: v.clone() for k, v in load_weights(parent.classifier_path).items()}
+    state["fc.weight"] = torch.randn(2, 512, generator=torch.Generator().manual_seed(3))
+    state["fc.bias"] = torch.tensor([0.25, -0.25])
+    child_path = B.derive_bundle(parent, tmp_path / "fed", state, 0.4, version="1.0.0+fed2",
+                                 private_key=tiny_bundle.private_key)
+    arrays, config = T.bundle_to_records(child_path, parent=parent)
+    arrays2, config2, wire = over_the_wire(arrays, config)
+    assert wire < 64 * 1024, wire  # the whole bundle is hundreds of MB
+    cache = tmp_path / "site" / "bundles"
+    T.seed_bundle(parent, cache)
+    out = T.bundle_from_records(arrays2, config2, cache, tiny_bundle.public_key)
+    assert _tree(out) == _tree(child_path)
+    assert B.load_bundle(out, tiny_bundle.public_key).threshold.p == pytest.approx(0.4)
+
+
+def test_delta_falls_back_to_the_whole_file_when_a_site_could_not_rebuild_it(tmp_path, small_bundle, keys):
+    import shutil
+
+    parent = B.load_bundle(small_bundle, keys[1])
+    child_root = tmp_path / "child"
+    shutil.copytree(small_bundle, child_root)
+    _rewrite_classifier(child_root, keys[0], {"fc.weight": np.ones((2, 512), np.float32),
+                                              "fc.bias": np.zeros(2, np.float32)}, "0.0.2",
+                        foreign_metadata={"a": "1", "b": "2", "c": "3"})
+    arrays, config = T.bundle_to_records(child_root, parent=parent)
+    assert B.CLASSIFIER_FILE in arrays.keys() and config[T.KEY_DERIVED] == []
+    cache = tmp_path / "cache"
+    T.seed_bundle(parent, cache)
+    out = T.bundle_from_records(*over_the_wire(arrays, config)[:2], cache, keys[1])
+    assert _tree(out) == _tree(child_root)
