@@ -43,8 +43,8 @@ KEY_TOTAL_BYTES = "bundle-total-bytes"
 KEY_PARENT = "bundle-parent-hash"  # the cached bundle the missing files come from
 KEY_FROM_PARENT = "bundle-from-parent"  # files byte-identical to the parent's, not sent
 KEY_DERIVED = "bundle-derived"  # weight files rebuilt from the parent's with a few tensors replaced
-KEY_TENSORS = "bundle-derived-tensors"  # JSON: {name: {"shape": [...], "dtype": "float32"}}
-TENSOR_PREFIX = "bundle-tensor:"  # + name: the replacement tensor's raw little-endian bytes
+KEY_TENSORS = "bundle-derived-tensors"  # JSON: {file: {tensor: {"shape": [...], "dtype": "float32"}}}
+TENSOR_PREFIX = "bundle-tensor:"  # + "<file>:<tensor>": the replacement tensor's raw little-endian bytes
 
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -86,7 +86,7 @@ def bundle_to_records(bundle_path: str | os.PathLike, parent=None):
     digests: list[str] = []
     from_parent: list[str] = []
     derived: list[str] = []
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, dict[str, np.ndarray]] = {}  # per derived file
     total = 0
     for p in files:
         if p.is_symlink():
@@ -104,9 +104,9 @@ def bundle_to_records(bundle_path: str | os.PathLike, parent=None):
                 from_parent.append(rel)
                 continue
             changed = _changed_tensors(twin, p) if rel.endswith(".safetensors") and twin.is_file() else None
-            if changed is not None and not (set(changed) & set(tensors)) and _rebuilds(twin, changed, digest):
+            if changed is not None and _rebuilds(twin, changed, digest):
                 derived.append(rel)
-                tensors.update(changed)
+                tensors[rel] = changed
                 continue
         arrays[rel] = Array(np.frombuffer(data, dtype=np.uint8))
     manifest = (root / "manifest.json").read_text(encoding="utf-8") if (root / "manifest.json").is_file() else ""
@@ -130,13 +130,16 @@ def bundle_to_records(bundle_path: str | os.PathLike, parent=None):
             KEY_PARENT: parent.hash,
             KEY_FROM_PARENT: from_parent,
             KEY_DERIVED: derived,
-            KEY_TENSORS: json.dumps({k: {"shape": list(v.shape), "dtype": "float32"} for k, v in tensors.items()}),
-            **{TENSOR_PREFIX + k: np.ascontiguousarray(v, dtype="<f4").tobytes() for k, v in tensors.items()},
+            KEY_TENSORS: json.dumps({f: {k: {"shape": list(v.shape), "dtype": "float32"} for k, v in ts.items()}
+                                     for f, ts in tensors.items()}),
+            **{f"{TENSOR_PREFIX}{f}:{k}": np.ascontiguousarray(v, dtype="<f4").tobytes()
+               for f, ts in tensors.items() for k, v in ts.items()},
         })
     config = ConfigRecord(fields)
     sent = sum(a.numpy().nbytes for a in arrays.values())
     log.info("packed bundle %s: %d files, %.1f MB (%.1f MB sent%s)", root, len(rel_paths), total / 1e6, sent / 1e6,
-             f"; {len(from_parent)} from the parent, {len(derived)} rebuilt from {len(tensors)} tensors"
+             f"; {len(from_parent)} from the parent, {len(derived)} rebuilt from "
+             f"{sum(len(t) for t in tensors.values())} tensors"
              if parent is not None else "")
     return ArrayRecord(array_dict=arrays), config
 
@@ -205,18 +208,21 @@ def _rebuild_derived(parent_file: Path, target: Path, tensors: dict[str, np.ndar
     save_weights(state, target)
 
 
-def _read_tensors(config) -> dict[str, np.ndarray]:
+def _read_tensors(config) -> dict[str, dict[str, np.ndarray]]:
+    """The replacement tensors of each derived file, from the ConfigRecord."""
     import json
 
     try:
         spec = json.loads(config[KEY_TENSORS]) if KEY_TENSORS in config else {}
-        out = {}
-        for name, meta in spec.items():
-            shape = tuple(int(d) for d in meta["shape"])
-            raw = config[TENSOR_PREFIX + name]
-            if meta.get("dtype") != "float32" or not isinstance(raw, bytes) or len(raw) != 4 * int(np.prod(shape)):
-                raise ValueError(name)
-            out[name] = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for rel, names in spec.items():
+            out[rel] = {}
+            for name, meta in names.items():
+                shape = tuple(int(d) for d in meta["shape"])
+                raw = config[f"{TENSOR_PREFIX}{rel}:{name}"]
+                if meta.get("dtype") != "float32" or not isinstance(raw, bytes) or len(raw) != 4 * int(np.prod(shape)):
+                    raise ValueError(name)
+                out[rel][name] = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
         return out
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleVerificationError(f"bundle records: derived tensors are malformed ({e})") from None
@@ -262,7 +268,8 @@ def bundle_from_records(arrays, config, cache_dir: str | os.PathLike, public_key
     try:
         for rel, digest in zip(meta["files"], meta["sha256"]):
             if rel in local:
-                _file_from_parent(rel, digest, parent_dir, tmp, tensors if rel in meta["derived"] else None)
+                derived = tensors.get(rel, {}) if rel in meta["derived"] else None
+                _file_from_parent(rel, digest, parent_dir, tmp, derived)
                 continue
             data = _array_bytes(arrays[rel], rel)
             if hashlib.sha256(data).hexdigest() != digest:
@@ -449,7 +456,12 @@ def _file_from_parent(rel: str, digest: str, parent_dir: Path, tmp: Path, tensor
         except OSError:
             shutil.copyfile(source, target)
     else:
-        _rebuild_derived(source, target, tensors)
+        try:
+            _rebuild_derived(source, target, tensors)
+        except BundleVerificationError:
+            raise
+        except IchfedError as e:  # e.g. the cached parent's weights are damaged
+            raise BundleVerificationError(f"bundle records: {rel}: cannot rebuild from the parent bundle ({e})") from None
     if _sha256_file(target) != digest:
         raise BundleVerificationError(f"bundle records: {rel}: rebuilt from the parent bundle, sha256 does not match")
 

@@ -300,9 +300,10 @@ def test_delta_records_send_only_the_changed_head(tmp_path, small_bundle, keys):
     cache2 = tmp_path / "site2" / "bundles"
     T.seed_bundle(parent, cache2)
     bad = ConfigRecord(dict(config2.items()))
-    raw = bytearray(bad[T.TENSOR_PREFIX + "fc.bias"])
+    key = f"{T.TENSOR_PREFIX}{B.CLASSIFIER_FILE}:fc.bias"
+    raw = bytearray(bad[key])
     raw[0] ^= 1
-    bad[T.TENSOR_PREFIX + "fc.bias"] = bytes(raw)
+    bad[key] = bytes(raw)
     with pytest.raises(BundleVerificationError, match="sha256 does not match"):
         T.bundle_from_records(arrays2, bad, cache2, keys[1])
     assert T.cached_bundle(cache2, child.hash) is None
