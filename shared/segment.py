@@ -216,6 +216,11 @@ def plan(raw_root: Path, dataset_id: int, profile: Literal["ci", "demo", "paper"
     """
     dataset, n_cases = _dataset(raw_root, dataset_id, profile)
     dirs, env, common = _workspace(raw_root, dataset_id, profile, work_dir, num_threads, num_processes)
+    return _run_plan(profile, dataset, n_cases, dirs, env, common, seed)
+
+
+def _run_plan(profile: str, dataset: Path, n_cases: int, dirs: dict[str, Path], env: dict[str, str],
+              common: dict[str, Any], seed: int) -> Path:
     spec = PROFILES[profile]
     log.info("nnU-Net %s: planning and preprocessing %s (%d cases)", profile, dataset.name, n_cases)
     plan_env = dict(env, nnUNet_def_n_proc=str(common["num_processes"]))
@@ -247,8 +252,7 @@ def train(raw_root: Path, dataset_id: int, profile: Literal["ci", "demo", "paper
             raise IchfedError(f"folds: fold {f!r} needs 'all' or 0-4 with at least 5 cases (have {n_cases})")
 
     dirs, env, common = _workspace(raw_root, dataset_id, profile, work_dir, num_threads, num_processes)
-    plan(raw_root, dataset_id, profile, work_dir, seed, num_threads=common["num_threads"],
-         num_processes=common["num_processes"])
+    _run_plan(profile, dataset, n_cases, dirs, env, common, seed)
 
     train_env = dict(env)
     if spec.n_proc_da is not None:

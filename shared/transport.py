@@ -336,10 +336,7 @@ def seed_bundle(bundle, cache_dir: str | os.PathLike) -> Path:
                 continue
             target = tmp / f.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(f, target)
-            except OSError:
-                shutil.copy2(f, target)
+            _link_or_copy(f, target)
         final = cache / bundle.hash
         if final.exists():
             shutil.rmtree(final)  # a damaged leftover: cached_bundle above did not accept it
@@ -443,6 +440,14 @@ def _read_config(config) -> dict[str, Any]:
     return out
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link a bundle file (bundles are never modified in place), or copy it across file systems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def _file_from_parent(rel: str, digest: str, parent_dir: Path, tmp: Path, tensors: dict | None) -> None:
     """Link (or copy) an unchanged file from the cached parent, or rebuild a derived one; check its sha256."""
     source = parent_dir.joinpath(*PurePosixPath(rel).parts)
@@ -451,10 +456,7 @@ def _file_from_parent(rel: str, digest: str, parent_dir: Path, tmp: Path, tensor
         raise BundleVerificationError(f"bundle records: {rel}: not in the parent bundle")
     target.parent.mkdir(parents=True, exist_ok=True)
     if tensors is None:
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
+        _link_or_copy(source, target)
     else:
         try:
             _rebuild_derived(source, target, tensors)
