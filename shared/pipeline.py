@@ -13,14 +13,18 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from .crop import Crop, make_crop
 from .ingest import Ingested, read_image
+from .quality import quality_flags
 from .volumetrics import Volumetrics, measure
+
+if TYPE_CHECKING:  # shared.segment imports nnU-Net's stack; loaded when a Predictor is built
+    from .segment import Segmentation
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,11 @@ class Prepared:
     mask: sitk.Image
     crop: Crop
     volumetrics: Volumetrics
+    # Named failed plausibility checks (shared.quality.FLAGS); [] when plausible.
+    quality_flags: list[str] = dataclasses.field(default_factory=list)
+    # What the intracranial mask removed from nnU-Net's labels; None for a given mask.
+    extracranial_ml_removed: float | None = None
+    intracranial: sitk.Image | None = None
 
 
 class _Timer:
@@ -83,11 +92,25 @@ class Predictor:
         """Label map (0 background, 1 ICH, 2 PHE) on the image's own grid."""
         return self.segmenter.predict(image)
 
-    def preprocess(self, image: sitk.Image, mask: sitk.Image | None = None) -> Prepared:
-        """Segment (unless a mask is given), crop and measure one case."""
+    def segment_case(self, image: sitk.Image) -> Segmentation:
+        """Labels plus the intracranial mask and the volume it removed (``Segmenter.segment_case``)."""
+        return self.segmenter.segment_case(image)
+
+    def preprocess(self, image: sitk.Image, mask: sitk.Image | None = None,
+                   segmentation: Segmentation | None = None) -> Prepared:
+        """Segment (unless a mask or a segmentation is given), crop, measure and check one case.
+
+        A given ``mask`` (ground truth) is used as is; predicted labels always come from
+        ``segment_case``, so they are kept inside the skull wherever this is called from.
+        """
         if mask is None:
-            mask = self.segment(image)
-        return Prepared(mask=mask, crop=make_crop(image, mask, self.crop_spec), volumetrics=measure(image, mask))
+            segmentation = segmentation or self.segment_case(image)
+            mask = segmentation.labels
+        vol = measure(image, mask)
+        removed = segmentation.extracranial_ml_removed if segmentation is not None else None
+        return Prepared(mask=mask, crop=make_crop(image, mask, self.crop_spec), volumetrics=vol,
+                        quality_flags=quality_flags(image, mask, vol, removed), extracranial_ml_removed=removed,
+                        intracranial=segmentation.intracranial if segmentation is not None else None)
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """Frozen-backbone features (N, 512) for crops (N, z, y, x)."""
@@ -118,13 +141,13 @@ class Predictor:
         if progress is not None:
             progress("segmentation")
         with timer.stage("segmentation"):
-            mask = self.segment(image)
+            segmentation = self.segment_case(image)
         if progress is not None:
             progress("classification")
         with timer.stage("crop"):
-            prepared = self.preprocess(image, mask)
+            prepared = self.preprocess(image, segmentation=segmentation)
         result = self._result(ingested, prepared, timer)
-        return result, image, mask
+        return result, image, prepared.mask
 
     def predict(self, path: str | os.PathLike, save_masks_dir: str | os.PathLike | None = None) -> dict[str, Any]:
         """Read, segment and classify one image (NIfTI, DICOM folder or zip); the JSON of ``ichfed predict``."""
@@ -158,6 +181,9 @@ class Predictor:
             "threshold": round(self.threshold, 6),
             "threshold_source": self.threshold_source,
             "label": None,
+            "quality_flags": list(prepared.quality_flags),
+            "extracranial_ml_removed": _round(prepared.extracranial_ml_removed, 3),
+            "postprocessing": self.segmenter.postprocessing.name,
         }
         if crop.lesion_found:
             with timer.stage("classification"):

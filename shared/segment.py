@@ -563,6 +563,9 @@ class Segmenter:
         self.num_threads = num_threads
         self.folds = self._pick_folds(folds)
         self._lock = threading.Lock()
+        from .postprocess import read_rule
+
+        self.postprocessing = read_rule(self.model_dir)
 
         dataset_json = _read_json(self.model_dir / "dataset.json")
         plans = _read_json(self.model_dir / "plans.json")
@@ -611,7 +614,18 @@ class Segmenter:
         return chosen
 
     def predict(self, image: sitk.Image) -> sitk.Image:
-        """Segment ``image`` (float HU); return uint8 labels 0/1 ICH/2 PHE with the image's exact geometry."""
+        """Segment ``image`` (float HU); return uint8 labels 0/1 ICH/2 PHE with the image's exact geometry.
+
+        The labels are gated to soft tissue, kept inside the intracranial space and postprocessed
+        with the model folder's rule (``segment_case`` returns what each step removed).
+        """
+        return self.segment_case(image).labels
+
+    def segment_case(self, image: sitk.Image) -> Segmentation:
+        """``predict`` plus the intracranial mask and the volume it removed (``Segmentation``)."""
+        from .intracranial import intracranial_mask, restrict_labels, voxel_ml
+        from .postprocess import apply_rule
+
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             raise IchfedError(f"image: expected a 3D single-channel CT, got {image.GetDimension()}D with "
                               f"{image.GetNumberOfComponentsPerPixel()} component(s)")
@@ -627,13 +641,36 @@ class Segmenter:
         with self._lock, _torch_threads(self.num_threads):
             seg = self._predictor.predict_single_npy_array(array, properties)
         seg = gate_soft_tissue(np.asarray(seg).astype(np.uint8, copy=False), array[0])
-        labels = sitk.GetImageFromArray(seg)
-        labels.CopyInformation(work)
-        if orientation is not None:
-            original = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-            labels = sitk.DICOMOrient(labels, original)
-        labels.CopyInformation(image)
-        return labels
+        # Hemorrhage is intracranial: muscle and scalp at blood density are the demo model's
+        # commonest error, and a crop centred on them is meaningless.
+        inside = intracranial_mask(work)
+        seg, removed = restrict_labels(seg, sitk.GetArrayViewFromImage(inside.mask))
+        seg = apply_rule(seg, self.postprocessing, voxel_ml(work))
+        labels = _like(seg, work, image, orientation)
+        mask = _like(sitk.GetArrayFromImage(inside.mask), work, image, orientation)
+        return Segmentation(labels=labels, intracranial=mask, extracranial_ml_removed=removed * voxel_ml(work),
+                            postprocessing=self.postprocessing.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation:
+    """One case's labels and what was removed on the way (``Segmenter.segment_case``)."""
+
+    labels: sitk.Image
+    intracranial: sitk.Image
+    extracranial_ml_removed: float
+    postprocessing: str
+
+
+def _like(array: np.ndarray, work: sitk.Image, image: sitk.Image, orientation: str | None) -> sitk.Image:
+    """A uint8 array on ``work``'s grid back on ``image``'s grid (undoing the reorientation)."""
+    out = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.uint8))
+    out.CopyInformation(work)
+    if orientation is not None:
+        original = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+        out = sitk.DICOMOrient(out, original)
+    out.CopyInformation(image)
+    return out
 
 
 # Blood and edema are soft tissue. A label on air or bone is always a model error (seen on
