@@ -174,12 +174,16 @@ def bootstrap(
                 labels.append(c.label)
         return np.stack(arrays), np.asarray(labels)
 
-    def crops_from_prediction(batch: list[Any]) -> dict[str, Any]:
-        arrays, labels, dices, no_lesion = [], [], {1: [], 2: []}, []
-        for c in tqdm(batch, desc="segment + crop", disable=None):
+    def segment_batch(batch: list[Any]) -> list[tuple[Any, Any, Any, Any]]:
+        out = []
+        for c in tqdm(batch, desc="segment", disable=None):
             image = read_image(c.image_path).image
-            pred = segmenter.predict(image)
-            truth = read_mask(c.mask_path, image)
+            out.append((c, image, segmenter.predict(image), read_mask(c.mask_path, image)))
+        return out
+
+    def crops_from_prediction(segmented: list[tuple[Any, Any, Any, Any]]) -> dict[str, Any]:
+        arrays, labels, dices, no_lesion = [], [], {1: [], 2: []}, []
+        for c, image, pred, truth in segmented:
             for label in (1, 2):
                 dices[label].append(dice(pred, truth, label))
             crop = make_crop(image, pred, crop_spec)
@@ -196,8 +200,11 @@ def bootstrap(
         }
 
     train_x, train_y = crops_from_truth(split.train)
-    val = crops_from_prediction(split.validation)
-    test = crops_from_prediction(split.test)
+    val_segmented = segment_batch(split.validation)
+    # nnU-Net-style postprocessing, chosen on the validation predictions and stored with the model.
+    val_segmented, postprocessing = _choose_postprocessing(val_segmented, segmenter, model_dir)
+    val = crops_from_prediction(val_segmented)
+    test = crops_from_prediction(segment_batch(split.test))
     timings["crops_s"] = time.perf_counter() - t0
 
     # 3. Classifier.
@@ -252,6 +259,7 @@ def bootstrap(
         "cohort": cohort_desc,
         "crop": to_dict(crop_spec),
         "threshold": {"p": result.threshold.p, "log_p": result.threshold.log_p},
+        "postprocessing": postprocessing,
         "test": {
             "classification": cls,
             "n_no_lesion": len(test["no_lesion_labels"]),
@@ -264,6 +272,32 @@ def bootstrap(
     write_json(out.parent / f"{out.name}-report.json", report)
     write_text(out.parent / f"{out.name}-report.md", render_report(report))
     return report
+
+
+def _choose_postprocessing(segmented: list[tuple[Any, Any, Any, Any]], segmenter: Any,
+                           model_dir: Path) -> tuple[list[tuple[Any, Any, Any, Any]], dict[str, Any]]:
+    """Pick the component rule with the best validation Dice, store it in ``model_dir``, apply it.
+
+    Returns the validation predictions with the rule applied and what goes into the report.
+    ``segmenter`` uses the rule from then on (the test split is segmented with it).
+    """
+    import SimpleITK as sitk
+
+    from shared.intracranial import voxel_ml
+    from shared.postprocess import apply_rule, choose_rule, write_rule
+
+    arrays = [(sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(truth), voxel_ml(image))
+              for _, image, pred, truth in segmented]
+    rule, scores = choose_rule(arrays)
+    write_rule(model_dir, rule, scores)
+    segmenter.postprocessing = rule
+    log.info("postprocessing chosen on %d validation cases: %s (mean Dice %s)", len(arrays), rule.name, scores)
+    out = []
+    for (c, image, pred, truth), (p, _, v) in zip(segmented, arrays):
+        new = sitk.GetImageFromArray(apply_rule(p, rule, v))
+        new.CopyInformation(pred)
+        out.append((c, image, new, truth))
+    return out, {"rule": rule.name, "validation_scores": scores}
 
 
 def _subset(site: Any, cases: list[Any]) -> Any:
@@ -286,6 +320,8 @@ def render_report(report: dict[str, Any]) -> str:
         paper_table([{"name": "Test set", **cls}]),
         "",
         f"Cases with no segmented lesion (not classified): {report['test']['n_no_lesion']}",
+        "",
+        f"Postprocessing (chosen on validation): {report.get('postprocessing', {}).get('rule', 'none')}",
         "",
         "## Segmentation (Dice on the test split)",
         "",

@@ -497,7 +497,7 @@ def copy_model_folder(src: Path, dst: Path, folds: Sequence[int | str] | None = 
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        for name in ("dataset.json", "plans.json", "dataset_fingerprint.json"):
+        for name in ("dataset.json", "plans.json", "dataset_fingerprint.json", "postprocessing.json"):
             if (model / name).is_file():
                 shutil.copyfile(model / name, staging / name)
         for fold_dir in fold_dirs:
