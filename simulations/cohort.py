@@ -81,6 +81,8 @@ class Case:
     grid: Grid
     mask: np.ndarray  # uint8 (z, y, x)
     image: np.ndarray | None  # int16 HU (z, y, x); None when generated mask-only
+    # Bleeds painted with each class cue (``Lesions.cues``): {"fluid_level": n, "calcification": n}.
+    cues: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def images(self) -> tuple[sitk.Image | None, sitk.Image]:
         """(image, mask) as SimpleITK images with identical geometry."""
@@ -166,7 +168,7 @@ def make_case(profile: str | Profile, index: int, seed: int, scale: str = "demo"
         age=plan.age,
         profile=prof.name,
     )
-    return Case(record=record, plan=plan, grid=grid, mask=les.mask, image=image)
+    return Case(record=record, plan=plan, grid=grid, mask=les.mask, image=image, cues=les.cues)
 
 
 def write_nifti(img: sitk.Image, path: Path) -> None:

@@ -39,6 +39,7 @@ class Etiology:
     phe_ratio: float  # median PHE/ICH ratio at the reference ICH volume
     ivh_probability: float
     multiple_probability: float = 0.0  # chance of more than one bleed
+    # Per case, on its largest bleed (drawn with the plan, so their rates are known per class).
     heterogeneity_hu: float = 4.0  # SD of low-frequency HU variation within the clot
     fluid_level_probability: float = 0.0
     calcification_probability: float = 0.0
@@ -48,14 +49,24 @@ class Etiology:
 
 # Parameters tuned so that the class-level medians and IQRs of ICH and PHE volume match Table 1
 # (see docs/simulations.md and tests/simulations/test_volumes.py).
+#
+# No cue belongs to one class only: a classifier that learns "calcified -> malformation" or
+# "several bleeds -> metastasis" would learn the generator, not the disease. Each cue is most
+# frequent where it is typical and also occurs, at a lower clinically plausible rate, in the
+# other class: tumours calcify (oligodendroglioma, some metastases) and bleed into fluid levels;
+# cerebral amyloid angiopathy gives several simultaneous lobar bleeds, coagulopathy sometimes too.
 ETIOLOGIES: dict[str, Etiology] = {
     "metastasis": Etiology(True, "junction", 5.6, 1.55, 3.5, 0.04, multiple_probability=0.55,
-                           heterogeneity_hu=7.0, edema_grey_matter_factor=0.45),
+                           heterogeneity_hu=7.0, edema_grey_matter_factor=0.45, fluid_level_probability=0.02,
+                           calcification_probability=0.03),
     "primary_tumour": Etiology(True, "hemispheric", 10.0, 1.45, 4.6, 0.0, heterogeneity_hu=14.0,
-                               edema_grey_matter_factor=0.45, elongation=1.5),
+                               edema_grey_matter_factor=0.45, elongation=1.5, fluid_level_probability=0.03,
+                               calcification_probability=0.08),
     "hypertensive": Etiology(False, "deep", 7.6, 1.75, 1.5, 0.30, elongation=1.7),
-    "amyloid_angiopathy": Etiology(False, "lobar", 8.0, 1.7, 1.35, 0.05, heterogeneity_hu=5.0),
-    "anticoagulation": Etiology(False, "any", 20.0, 1.3, 1.25, 0.35, fluid_level_probability=0.7),
+    "amyloid_angiopathy": Etiology(False, "lobar", 8.0, 1.7, 1.35, 0.05, heterogeneity_hu=5.0,
+                                   multiple_probability=0.20),
+    "anticoagulation": Etiology(False, "any", 20.0, 1.3, 1.25, 0.35, fluid_level_probability=0.7,
+                                multiple_probability=0.05),
     "vascular_malformation": Etiology(False, "lobar", 2.8, 1.7, 2.5, 0.12, calcification_probability=0.4),
 }
 # Edema falls with hematoma size: log(PHE/ICH) = log(ratio) - SLOPE * log(ICH / reference) + noise.
@@ -76,6 +87,8 @@ class CasePlan:
     phe_ml: tuple[float, ...]  # per bleed
     ivh: bool
     ivh_ml: float
+    fluid_level: bool = False  # hematocrit level in the largest bleed
+    calcified: bool = False  # dense calcified spots at the largest bleed's margin
 
     @property
     def label(self) -> int:
@@ -106,7 +119,10 @@ def sample_plan(profile: Profile, rng: np.random.Generator) -> CasePlan:
     phe_parts = tuple(float(max(phe * s, 0.2)) for s in shares)
     ivh = bool(rng.random() < e.ivh_probability)
     ivh_ml = float(rng.uniform(0.5, 4.0)) if ivh else 0.0
-    return CasePlan(neoplastic, etiology, age, ich_parts, phe_parts, ivh, ivh_ml)
+    # Drawn last, so adding them left every earlier draw (class, volumes, bleeds) unchanged.
+    fluid_level = bool(rng.random() < e.fluid_level_probability)
+    calcified = bool(rng.random() < e.calcification_probability)
+    return CasePlan(neoplastic, etiology, age, ich_parts, phe_parts, ivh, ivh_ml, fluid_level, calcified)
 
 
 @dataclasses.dataclass
@@ -117,6 +133,8 @@ class Lesions:
     hu: np.ndarray | None  # float32 (z, y, x): the head's HU with lesions inserted (None if mask_only)
     n_lesions: int
     ivh_voxels: int
+    # Bleeds painted with each class cue ("fluid_level", "calcification"); empty when mask_only.
+    cues: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _candidates(head: Head, location: str, radius_mm: float, rng: np.random.Generator) -> np.ndarray:
@@ -218,6 +236,7 @@ def insert_lesions(head: Head, plan: CasePlan, rng: np.random.Generator, mask_on
     hu = None if mask_only else head.hu.copy()
     paren = head.parenchyma
     placed = 0
+    cues = {"fluid_level": 0, "calcification": 0}
     for i, (ich_ml, phe_ml) in enumerate(zip(plan.ich_ml, plan.phe_ml)):
         r_ich = (3 * ich_ml * 1000 / (4 * np.pi)) ** (1 / 3)
         r_all = (3 * (ich_ml + phe_ml) * 1000 / (4 * np.pi)) ** (1 / 3)
@@ -264,11 +283,13 @@ def insert_lesions(head: Head, plan: CasePlan, rng: np.random.Generator, mask_on
         sub_mask[phe] = PHE
         sub_mask[ich] = ICH
         if hu is not None:
-            _paint(hu, box, box_axes, ich, phe, edt, tissue, head, e, rng)
+            for cue in _paint(hu, box, box_axes, ich, phe, edt, tissue, head, e, rng,
+                              fluid_level=plan.fluid_level and i == 0, calcified=plan.calcified and i == 0):
+                cues[cue] += 1
     ivh_voxels = 0
     if plan.ivh:
         ivh_voxels = _paint_ivh(head, mask, hu, plan.ivh_ml, rng)
-    return Lesions(mask=mask, hu=hu, n_lesions=placed, ivh_voxels=ivh_voxels)
+    return Lesions(mask=mask, hu=hu, n_lesions=placed, ivh_voxels=ivh_voxels, cues=cues if hu is not None else {})
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -277,7 +298,8 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 
 def _paint(hu: np.ndarray, box, box_axes, ich: np.ndarray, phe: np.ndarray, edt: np.ndarray, tissue: np.ndarray,
-           head: Head, e: Etiology, rng: np.random.Generator) -> None:
+           head: Head, e: Etiology, rng: np.random.Generator, fluid_level: bool = False,
+           calcified: bool = False) -> list[str]:
     """Write clot and edema HU into ``hu[box]``."""
     sub = hu[box]
     grid = head.grid
@@ -294,7 +316,9 @@ def _paint(hu: np.ndarray, box, box_axes, ich: np.ndarray, phe: np.ndarray, edt:
     het = _box_field(box_axes, 10.0, rng)
     het -= het[ich].mean() if ich.any() else 0.0  # centred on the clot: its mean HU stays that of blood
     clot = np.float32(rng.uniform(58, 76)) + np.float32(e.heterogeneity_hu) * het
-    if rng.random() < e.fluid_level_probability:
+    cues = []
+    if fluid_level:
+        cues.append("fluid_level")
         # Hematocrit level: cells settle posteriorly (+y) in a supine patient.
         ys = np.nonzero(ich)[1]
         level = np.quantile(ys, rng.uniform(0.35, 0.65))
@@ -319,12 +343,14 @@ def _paint(hu: np.ndarray, box, box_axes, ich: np.ndarray, phe: np.ndarray, edt:
     else:
         sub[ich] = target[ich]
         sub[phe] = target[phe]
-    if rng.random() < e.calcification_probability and phe.any():
+    if calcified and phe.any():
+        cues.append("calcification")
         # Calcified nidus: a few dense spots at the clot margin.
         border = phe & (edt <= 1.5 * max(sx, sy) + 1e-3)
         idx = np.flatnonzero(border if border.any() else phe)
         for j in rng.choice(idx, size=min(idx.size, int(rng.integers(2, 6))), replace=False):
             sub.flat[j] = np.float32(rng.uniform(200, 600))
+    return cues
 
 
 def _paint_ivh(head: Head, mask: np.ndarray, hu: np.ndarray | None, ivh_ml: float, rng: np.random.Generator) -> int:
