@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -454,13 +455,16 @@ def train_classifier(
     After each epoch the validation loss and AUC are recorded; the returned model is the last
     epoch's or the lowest-validation-loss epoch's (``cfg.keep``). The decision threshold is the
     one maximising sensitivity × specificity on the validation set (``shared.metrics``).
-    The global numpy and torch random states are restored on return.
+    The global numpy and torch random states are restored on return. Training runs with
+    deterministic kernels and a fixed thread count (``shared.determinism``), so the same inputs,
+    config and seed give bit-identical weights on the same machine.
     """
     import copy
 
     import torch
     from tqdm import tqdm
 
+    from .determinism import deterministic_training
     from .device import pick_device
     from .metrics import best_threshold
 
@@ -473,13 +477,16 @@ def train_classifier(
     dev = device if not isinstance(device, str) else pick_device(device)
     rng = np.random.default_rng(seed)
 
-    # batchgenerators draws from the global numpy RNG; seed it and restore it afterwards.
+    # batchgenerators draws from the global numpy RNG and from Python's ``random`` (noise,
+    # contrast and spatial transforms); seed both and restore them afterwards.
     np_state = np.random.get_state()
+    py_state = random.getstate()
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=fork_devices):
+        with torch.random.fork_rng(devices=fork_devices), deterministic_training():
             torch.manual_seed(seed)
             np.random.seed(seed % (2**32))
+            random.seed(seed)
             model = build_model().to(dev)
             opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             loss_fn = torch.nn.NLLLoss()
@@ -531,6 +538,7 @@ def train_classifier(
             threshold = best_threshold(va_y, p_val)
     finally:
         np.random.set_state(np_state)
+        random.setstate(py_state)
     log.info(
         "classifier trained: %d epochs, final val_loss %.4f, val_auc %s, threshold p=%.4f",
         cfg.epochs,
