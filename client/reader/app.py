@@ -4,9 +4,12 @@ Endpoints (all JSON unless noted):
 - ``GET /`` the page; ``GET /static/...`` its script and style (no CDN: everything is local).
 - ``GET /api/info`` model bundle, threshold, upload limit, window presets.
 - ``POST /api/cases`` multipart ``file`` part(s): a NIfTI, a zip of one DICOM series, or the
-  files of a DICOM folder. Answers 202 with a case token; the case is queued.
+  files of a DICOM folder. Answers 202 with a case token; the case is queued. 400 for a
+  malformed body, 413 over the size limit, 429 with ``Retry-After`` when the queue or the
+  store of held cases is full (finished cases are never evicted to make room).
 - ``GET /api/cases/{token}`` state (queued, reading, segmentation, classification, rendering,
-  done, error), then the result (the JSON of ``ichfed predict --json``) and viewer geometry.
+  done, error), then the result (the JSON of ``ichfed predict --json``, including its
+  ``quality_flags`` and ``extracranial_ml_removed``) and viewer geometry.
 - ``GET /api/cases/{token}/slices/{z}.png?window=brain`` a windowed axial slice (PNG).
 - ``GET /api/cases/{token}/overlays/{ich|phe}/{z}.png`` a transparent label overlay (PNG).
 - ``GET /api/cases/{token}/voxels/{z}/{y}/{x}`` HU and label of one voxel (the density read-out).
@@ -19,7 +22,6 @@ import dataclasses
 import logging
 from contextlib import asynccontextmanager
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,10 +31,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from shared.errors import IchfedError
+from shared.quality import FLAGS as QUALITY_FLAGS
 
-from .cases import CaseStore, status
+from .cases import CaseStore, StoreFull, status
 from .render import WINDOWS
 from .upload import UploadTooLarge, receive
+from .workdir import new_case_folder, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,10 @@ class ReaderSettings:
 
     max_upload_mb: float = dataclasses.field(default=512.0, metadata={"range": (0.001, 1_000_000.0)})
     case_ttl_min: float = dataclasses.field(default=30.0, metadata={"range": (0.1, 24 * 60.0)})
+    # Cases held at once (waiting, running or finished and still viewable).
     max_cases: int = dataclasses.field(default=8, metadata={"range": (1, 1000)})
+    # Cases waiting or running at once; more uploads get 429 rather than an ever-longer wait.
+    max_queued: int = dataclasses.field(default=4, metadata={"range": (1, 1000)})
     # Where per-case temporary folders go (default: the system temp folder).
     work_dir: Path | None = None
 
@@ -99,10 +106,14 @@ def create_app(
     ``allowed_hosts`` guards against DNS rebinding (a web page elsewhere reaching this
     loopback server under its own host name); ``None`` allows any host.
     """
-    store = CaseStore(analyse, ttl_s=settings.case_ttl_min * 60.0, max_cases=settings.max_cases)
+    store = CaseStore(
+        analyse, ttl_s=settings.case_ttl_min * 60.0, max_cases=settings.max_cases, max_queued=settings.max_queued
+    )
 
     @asynccontextmanager
     async def lifespan(app):
+        # Patient images a crashed earlier reader left behind go before this one serves anything.
+        remove_leftovers(settings.work_dir)
         yield
         store.close()
 
@@ -125,6 +136,9 @@ def create_app(
     def error(message: str, code: int = 400) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=code)
 
+    def busy(e: StoreFull) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=429, headers={"Retry-After": str(e.retry_after_s)})
+
     def get_case(token: str):
         try:
             return store.get(token)
@@ -141,6 +155,7 @@ def create_app(
             **info,
             "max_upload_bytes": settings.max_upload_bytes,
             "windows": {k: list(v) for k, v in WINDOWS.items()},
+            "quality_flags": dict(QUALITY_FLAGS),
         }
 
     @app.post("/api/cases", status_code=202)
@@ -151,7 +166,11 @@ def create_app(
                 f"upload: {int(length) / 2**20:.1f} MB is larger than the limit of {settings.max_upload_mb:g} MB",
                 413,
             )
-        folder = Path(tempfile.mkdtemp(prefix="ichfed-reader-", dir=settings.work_dir))
+        try:
+            store.admit()  # before reading the body: a refused upload costs no disk or bandwidth
+        except StoreFull as e:
+            return busy(e)
+        folder = new_case_folder(settings.work_dir)
         try:
             received = await receive(
                 request.stream(), request.headers.get("content-type", ""), folder, settings.max_upload_bytes
@@ -166,7 +185,11 @@ def create_app(
             shutil.rmtree(folder, ignore_errors=True)
             raise
         log.info("reader: received %d file(s), %.1f MB", received.n_files, received.n_bytes / 2**20)
-        case = store.submit(folder, received.input_path, received.display_name)
+        try:
+            case = store.submit(folder, received.input_path, received.display_name)
+        except StoreFull as e:  # filled up while this body was being received
+            shutil.rmtree(folder, ignore_errors=True)
+            return busy(e)
         return JSONResponse(status(store, case), status_code=202)
 
     @app.get("/api/cases/{token}")

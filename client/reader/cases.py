@@ -3,12 +3,18 @@
 Each case lives in a temporary folder that is removed as soon as its prediction is done (or
 fails); what stays is the result JSON and the display volumes, in memory only, under a random
 token, until the case expires or the page closes it.
+
+Capacity is bounded by refusing new uploads (``StoreFull``, answered 429 with Retry-After),
+never by evicting finished cases: on a shared reader, one user's uploads must not make another
+user's result vanish while it is being read. Finished cases go only when idle past the TTL or
+when their page closes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import secrets
 import shutil
 import threading
@@ -24,6 +30,17 @@ from .render import CaseView, make_view
 log = logging.getLogger(__name__)
 
 STAGES = ("queued", "reading", "segmentation", "classification", "rendering", "done", "error")
+PENDING = ("queued", "reading", "segmentation", "classification", "rendering")
+# Until a case has finished, assume one takes this long when telling a client when to retry.
+DEFAULT_CASE_S = 30.0
+
+
+class StoreFull(IchfedError):
+    """No room for another case now; ``retry_after_s`` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclasses.dataclass
@@ -52,20 +69,50 @@ class CaseStore:
     for the one GPU or the CPU.
     """
 
-    def __init__(self, analyse: Callable, ttl_s: float = 1800.0, max_cases: int = 8) -> None:
+    def __init__(self, analyse: Callable, ttl_s: float = 1800.0, max_cases: int = 8, max_queued: int = 4) -> None:
         self._analyse = analyse
         self._ttl_s = ttl_s
         self._max_cases = max_cases
+        self._max_queued = max_queued
+        self._last_run_s: float | None = None
         self._cases: dict[str, Case] = {}
         self._lock = threading.Lock()
         self._seq = 0
         self._running_seq = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ichfed-reader")
 
-    def submit(self, folder: Path, input_path: Path, display_name: str) -> Case:
-        """Queue a received case; the worker deletes ``folder`` when done with it."""
+    def admit(self) -> None:
+        """Raise ``StoreFull`` when a new case would be refused (checked before reading an upload)."""
         self.expire()
         with self._lock:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        # Caller holds the lock.
+        pending = [c for c in self._cases.values() if c.state in PENDING]
+        per_case = self._last_run_s if self._last_run_s is not None else DEFAULT_CASE_S
+        if len(pending) >= self._max_queued:
+            raise StoreFull(
+                f"reader: busy, {len(pending)} case(s) already waiting or running (limit {self._max_queued})",
+                _seconds(per_case),
+            )
+        if len(self._cases) >= self._max_cases:
+            now = time.monotonic()
+            frees = [self._ttl_s - (now - c.touched) for c in self._cases.values() if c.state not in PENDING]
+            raise StoreFull(
+                f"reader: holding {len(self._cases)} cases, the limit; one is freed when a page closes "
+                "its case or a case stays idle past its time-to-live",
+                _seconds(min(frees) if frees else per_case),
+            )
+
+    def submit(self, folder: Path, input_path: Path, display_name: str) -> Case:
+        """Queue a received case; the worker deletes ``folder`` when done with it.
+
+        Raises ``StoreFull`` (and leaves ``folder`` to the caller) when there is no room.
+        """
+        self.expire()
+        with self._lock:
+            self._check_room()
             self._seq += 1
             case = Case(token=secrets.token_urlsafe(18), folder=folder, display_name=display_name, seq=self._seq)
             self._cases[case.token] = case
@@ -101,18 +148,12 @@ class CaseStore:
             return True
 
     def expire(self) -> None:
-        """Forget finished cases idle longer than the time-to-live, and the oldest beyond the cap."""
+        """Forget finished cases idle longer than the time-to-live (never to make room for others)."""
         now = time.monotonic()
         with self._lock:
-            finished = sorted(
-                (c for c in self._cases.values() if c.state in ("done", "error")), key=lambda c: c.touched
-            )
-            for c in finished:
+            for c in [c for c in self._cases.values() if c.state in ("done", "error")]:
                 if now - c.touched > self._ttl_s:
                     del self._cases[c.token]
-            finished = [c for c in finished if c.token in self._cases]
-            while len(finished) > self._max_cases:
-                del self._cases[finished.pop(0).token]
 
     def close(self) -> None:
         """Stop the worker after the running case and forget everything."""
@@ -150,10 +191,16 @@ class CaseStore:
             case.finished_at = time.time()
             with self._lock:
                 self._running_seq = 0
+                self._last_run_s = case.finished_at - case.started_at
             # Last: a poller that sees "done" or "error" sees everything else already in place.
             case.message = message
             case.state = final
             log.info("reader: case %s %s in %.1f s", case.token[:6], final, case.finished_at - case.started_at)
+
+
+def _seconds(s: float) -> int:
+    """Whole seconds for a Retry-After header, at least 1."""
+    return max(1, math.ceil(s))
 
 
 def _strip_folder(message: str, folder: Path, input_path: Path, display_name: str) -> str:

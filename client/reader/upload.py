@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import AsyncIterator
 
+from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from shared.errors import IchfedError
@@ -55,7 +56,7 @@ async def receive(
     raw = folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     saved: list[tuple[Path, str]] = []
-    state: dict = {"headers": {}, "field": b"", "value": b"", "fh": None, "error": None}
+    state: dict = {"headers": {}, "field": b"", "value": b"", "fh": None, "error": None, "ended": False}
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         state["field"] += data[start:end]
@@ -91,6 +92,9 @@ async def receive(
             state["fh"] = None
         state["headers"] = {}
 
+    def on_end() -> None:
+        state["ended"] = True
+
     parser = MultipartParser(
         params[b"boundary"],
         {
@@ -100,6 +104,7 @@ async def receive(
             "on_headers_finished": on_headers_finished,
             "on_part_data": on_part_data,
             "on_part_end": on_part_end,
+            "on_end": on_end,
         },
     )
     n_bytes = 0
@@ -112,11 +117,18 @@ async def receive(
             if state["error"] is not None:
                 raise state["error"]
         parser.finalize()
+    except ParseError as e:
+        # A broken body is the client's fault: a 400 with the reason, not a 500 with a traceback.
+        raise IchfedError(f"upload: malformed multipart body ({_first_line(e)})") from None
     finally:
         if state["fh"] is not None:
             state["fh"].close()
     if not saved:
         raise IchfedError("upload: no file received")
+    if not state["ended"]:
+        # Without the closing boundary the last file may be cut short; reading it would give a
+        # confusing error later, or worse, a result from part of a scan.
+        raise IchfedError("upload: the body ended before its closing boundary (interrupted upload?)")
     return _arrange(saved, folder, n_bytes)
 
 
@@ -140,6 +152,10 @@ def _arrange(saved: list[tuple[Path, str]], folder: Path, n_bytes: int) -> Uploa
     if len(saved) > 1 and "/" not in first:
         name = f"{name} (+{len(saved) - 1} files)"
     return Upload(series, name, len(saved), n_bytes)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _mb(n: int) -> str:

@@ -32,6 +32,14 @@ def register(sub) -> None:
     p.add_argument(
         "--case-ttl-min", type=float, default=30.0, help="minutes an idle case stays viewable in memory (default: 30)"
     )
+    p.add_argument(
+        "--max-queued", type=int, default=4,
+        help="cases waiting or running at once; more uploads are refused with 429 and Retry-After (default: 4)",
+    )
+    p.add_argument(
+        "--max-cases", type=int, default=8,
+        help="cases held at once, finished ones included; finished cases are never evicted for new ones (default: 8)",
+    )
     p.set_defaults(func=run)
 
 
@@ -44,7 +52,12 @@ def run(args) -> int:
         raise IchfedError(f"--port: must be between 1 and 65535, got {args.port}")
     settings = from_dict(
         ReaderSettings,
-        {"max_upload_mb": args.max_upload_mb, "case_ttl_min": args.case_ttl_min},
+        {
+            "max_upload_mb": args.max_upload_mb,
+            "case_ttl_min": args.case_ttl_min,
+            "max_queued": args.max_queued,
+            "max_cases": args.max_cases,
+        },
         source="ichfed reader",
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):

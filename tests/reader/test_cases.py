@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
-from client.reader.cases import CaseStore, status
+from client.reader.cases import CaseStore, StoreFull, status
 from shared.errors import IchfedError
 
 
@@ -57,19 +58,22 @@ def test_done_and_failed_cases_leave_no_folder_and_report_the_dropped_name(tmp_p
         store.close()
 
 
-def test_finished_cases_expire_and_only_the_newest_are_kept(tmp_path):
+def test_finished_cases_expire_and_a_full_store_refuses_rather_than_evicts(tmp_path):
     store = CaseStore(_threshold_analyse, ttl_s=0.3, max_cases=2)
     try:
         tokens = []
-        for _ in range(3):
+        for _ in range(2):
             folder, path = _case_folder(tmp_path)
             tokens.append(store.submit(folder, path, "x.nii.gz").token)
             _wait(store, tokens[-1])
-        store.expire()
-        kept = [t for t in tokens if _known(store, t)]
-        assert kept == tokens[1:]
+        folder, path = _case_folder(tmp_path)
+        with pytest.raises(StoreFull) as full:
+            store.submit(folder, path, "x.nii.gz")
+        assert full.value.retry_after_s == 1
+        assert [t for t in tokens if _known(store, t)] == tokens
         time.sleep(0.4)
         assert [t for t in tokens if _known(store, t)] == []
+        store.submit(folder, path, "x.nii.gz")
     finally:
         store.close()
 

@@ -1,0 +1,181 @@
+"""Issue #11 part 5, the reader: malformed uploads, a bounded queue, no eviction of others' results,
+and crash leftovers removed on start. Real uvicorn over real HTTP; the analysis is a real (tiny)
+threshold segmentation so these run in seconds without the nnU-Net bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from client.reader.app import ReaderSettings, create_app
+from client.reader.upload import receive
+from client.reader.workdir import MARKER, PREFIX, new_case_folder, remove_leftovers
+from shared.errors import IchfedError
+
+from .conftest import serve_in_thread
+
+INFO = {"bundle": {"name": "test", "version": "0", "hash": "0" * 64}, "threshold": 0.5, "threshold_source": "bundle"}
+
+
+def _nifti_bytes(tmp_path) -> bytes:
+    arr = np.zeros((3, 8, 8), np.float32)
+    arr[1, 2:4, 2:4] = 70
+    path = tmp_path / "head.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    return path.read_bytes()
+
+
+class GatedAnalyse:
+    """Calls everything above 60 HU ICH, but only once ``gate`` is open: cases stay queued until then."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def __call__(self, path, progress):
+        assert self.gate.wait(60), "test gate never opened"
+        image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+        progress("segmentation")
+        mask = sitk.Cast(image > 60, sitk.sitkUInt8)
+        return {"ich_ml": float(sitk.GetArrayViewFromImage(mask).sum()), "quality_flags": []}, image, mask
+
+
+def _post(url, data: bytes, name="head.nii.gz"):
+    return httpx.post(f"{url}/api/cases", files=[("file", (name, data))], timeout=30)
+
+
+def _wait_done(url, token):
+    for _ in range(600):
+        body = httpx.get(f"{url}/api/cases/{token}", timeout=30).json()
+        if body["state"] in ("done", "error"):
+            return body
+        time.sleep(0.02)
+    raise AssertionError("case did not finish")
+
+
+def _receive(body: bytes, folder):
+    async def chunks():
+        yield body
+
+    return asyncio.run(receive(chunks(), "multipart/form-data; boundary=b", folder, 10**6))
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"nonsense-without-boundary", "malformed multipart"),
+        (b"--b\r\nthis is not a header\r\n\r\nxx\r\n--b--\r\n", "malformed multipart"),
+        (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.nii"\r\n\r\npartial', "closing boundary"),
+    ],
+)
+def test_malformed_or_truncated_multipart_is_a_user_error(tmp_path, body, reason):
+    with pytest.raises(IchfedError, match=reason):
+        _receive(body, tmp_path)
+
+
+def test_malformed_multipart_over_http_is_400_and_leaves_nothing(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    analyse = GatedAnalyse()
+    analyse.gate.set()
+    with serve_in_thread(create_app(analyse, INFO, ReaderSettings(work_dir=work))) as url:
+        for body in (b"--b\r\nthis is not a header\r\n\r\nxx\r\n--b--\r\n", b"garbage", b"--b\r\n"):
+            r = httpx.post(f"{url}/api/cases", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"].startswith("upload: ") and "Traceback" not in r.text
+        assert list(work.iterdir()) == []
+        # The server is fine afterwards.
+        assert _wait_done(url, _post(url, _nifti_bytes(tmp_path)).json()["token"])["state"] == "done"
+
+
+def test_full_queue_is_429_with_retry_after_and_reads_no_body(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    analyse = GatedAnalyse()
+    data = _nifti_bytes(tmp_path)
+    settings = ReaderSettings(work_dir=work, max_queued=2, max_cases=8)
+    with serve_in_thread(create_app(analyse, INFO, settings)) as url:
+        tokens = [_post(url, data).json()["token"] for _ in range(2)]
+        r = _post(url, data)
+        assert r.status_code == 429, r.text
+        assert int(r.headers["retry-after"]) >= 1
+        assert "busy" in r.json()["error"]
+        # Only the two accepted cases have folders; the refused one was never written.
+        assert len(list(work.iterdir())) == 2
+        analyse.gate.set()
+        assert [_wait_done(url, t)["state"] for t in tokens] == ["done", "done"]
+        assert _post(url, data).status_code == 202
+
+
+def test_finished_results_are_not_evicted_by_another_users_uploads(tmp_path):
+    analyse = GatedAnalyse()
+    analyse.gate.set()
+    data = _nifti_bytes(tmp_path)
+    settings = ReaderSettings(work_dir=tmp_path, max_queued=2, max_cases=2, case_ttl_min=0.05)  # 3 s idle
+    with serve_in_thread(create_app(analyse, INFO, settings)) as url:
+        mine = _post(url, data).json()["token"]
+        assert _wait_done(url, mine)["state"] == "done"
+        theirs = _post(url, data).json()["token"]
+        _wait_done(url, theirs)
+        # A third upload (another user) finds the store full: refused, nobody's result dropped.
+        r = _post(url, data)
+        assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 3
+        assert httpx.get(f"{url}/api/cases/{mine}").json()["result"]["ich_ml"] == 4
+        assert httpx.get(f"{url}/api/cases/{theirs}").status_code == 200
+        # Closing a case frees its place at once; an idle one after its time-to-live.
+        assert httpx.delete(f"{url}/api/cases/{theirs}").status_code == 200
+        third = _post(url, data)
+        assert third.status_code == 202
+        _wait_done(url, third.json()["token"])
+        time.sleep(3.3)
+        assert httpx.get(f"{url}/api/cases/{mine}").status_code == 404
+
+
+def _marked(root, name, pid, host=None):
+    folder = root / f"{PREFIX}{name}"
+    folder.mkdir()
+    (folder / "input.nii.gz").write_bytes(b"patient data")
+    (folder / MARKER).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "created": 0}))
+    return folder
+
+
+def test_start_removes_only_our_own_leftovers_of_dead_readers(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        crashed = _marked(tmp_path, "crashed", dead.pid)
+        running = _marked(tmp_path, "running", alive.pid)
+        elsewhere = _marked(tmp_path, "other-host", dead.pid, host="another-machine")
+        unmarked = tmp_path / f"{PREFIX}not-ours"
+        unmarked.mkdir()
+        broken = _marked(tmp_path, "broken", dead.pid)
+        (broken / MARKER).write_text("{")
+        analyse = GatedAnalyse()
+        analyse.gate.set()
+        with serve_in_thread(create_app(analyse, INFO, ReaderSettings(work_dir=tmp_path))) as url:
+            assert httpx.get(f"{url}/api/info").status_code == 200
+            assert not crashed.exists()
+            assert running.exists() and elsewhere.exists() and unmarked.exists() and broken.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    # Once that reader has died too, its folder goes on the next start.
+    assert remove_leftovers(tmp_path) == [running]
+
+
+def test_case_folders_are_private_and_marked_with_this_process(tmp_path):
+    folder = new_case_folder(tmp_path)
+    assert folder.name.startswith(PREFIX) and (folder.stat().st_mode & 0o777) == 0o700
+    assert json.loads((folder / MARKER).read_text())["pid"] == os.getpid()
+    assert remove_leftovers(tmp_path) == []  # this process is alive
