@@ -97,7 +97,11 @@ MODEL_GLOBAL = "global"  # the head the server sent this round
 MODEL_REFERENCE = "reference"  # the bundle's head, no fine-tuning (paper: before fine-tuning)
 MODEL_LOCAL = "local"  # last-layer fine-tuning on this site alone (paper: after fine-tuning)
 MODEL_FEDERATED = "federated"  # the final federated head
-MODELS = (MODEL_GLOBAL, MODEL_REFERENCE, MODEL_LOCAL, MODEL_FEDERATED)
+# The bundle's head at the site's own out-of-sample threshold: separates re-thresholding from training.
+MODEL_REFERENCE_SITE = "reference-site"
+MODELS = (MODEL_GLOBAL, MODEL_REFERENCE, MODEL_REFERENCE_SITE, MODEL_LOCAL, MODEL_FEDERATED)
+# The four arms of the final reply, all scored on the same held-out cases.
+FINAL_ARMS = (MODEL_REFERENCE, MODEL_REFERENCE_SITE, MODEL_LOCAL, MODEL_FEDERATED)
 
 SCALAR_METRICS = (
     "n",
@@ -116,12 +120,30 @@ SCALAR_METRICS = (
     "dice-ich",
     "dice-phe",
     "withheld",
+    "auc-var",  # DeLong variance of this model's AUC
+    "auc-minus-reference",  # paired DeLong AUC difference, this model minus the reference head
+    "auc-minus-reference-var",
+    "auc-minus-local",  # paired DeLong AUC difference, this model minus the local-only head
+    "auc-minus-local-var",
+    "itt-tp",  # intention to treat: cases with no segmented lesion count as predicted non-neoplastic
+    "itt-fp",
+    "itt-tn",
+    "itt-fn",
 )
 # The ROC curve leaves a site only as TPR sampled at these fixed FPRs: a fixed-length
 # aggregate, never the per-case scores the full curve is made of.
 ROC_FPR_GRID = tuple(round(i / 20, 2) for i in range(21))
 ROC_TPR = "roc-tpr"
-LIST_METRICS = {ROC_TPR: len(ROC_FPR_GRID)}
+# Held-out p(neoplastic) per class as counts in SCORE_BINS equal bins of [0, 1] (the server's pooled
+# ROC). Fixed bins and a minimum count per class keep a single case's score from being read back.
+SCORE_BINS = 50
+HIST_NEG = "hist-neg"
+HIST_POS = "hist-pos"
+LIST_METRICS = {ROC_TPR: len(ROC_FPR_GRID), HIST_NEG: SCORE_BINS, HIST_POS: SCORE_BINS}
+# A site config cannot set min_cases_for_metrics below this floor.
+MIN_CASES_FLOOR = 5
+# Thresholds leave a site only rounded to this grid (and never on an observed score).
+THRESHOLD_GRID = 0.01
 
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
