@@ -8,6 +8,11 @@ are identical. The gantry tilt of the site pitches the head relative to the axia
 
 Tissue HU (before the scanner model): skull tables ~1400, diploe ~750, scalp 25-40 with a
 fat layer, grey matter 35-40, white matter 25-30, deep grey matter ~35, CSF 0-15, air -1000.
+Extracranial muscle (temporalis over the temporal squama, the nuchal muscles over the occiput
+towards the skull base) lies between skull and scalp at 40-60 HU, the density of acute blood:
+the demo segmenter trained without it called muscle hemorrhage on real heads (issue 13). It is
+tissue ``SCALP`` (extracranial soft tissue) with its own HU, and its shape is drawn from a
+child generator so that adding it left every other draw of a head unchanged.
 Age-related atrophy widens the subarachnoid space and the sulci and enlarges the ventricles.
 """
 
@@ -178,8 +183,9 @@ def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale
     skull_t += base
     del base
 
+    muscle_t = _muscle_thickness(hx, hy, hz, a, b, c, rng.spawn(1)[0])
     tissue = np.zeros(depth.shape, np.uint8)
-    tissue[depth > -(skull_t + scalp_t)] = SCALP
+    tissue[depth > -(skull_t + scalp_t + muscle_t)] = SCALP
     tissue[depth > -skull_t] = SKULL
     tissue[depth > 0] = CSF
     brain_depth = depth - gap  # depth below the brain surface
@@ -235,6 +241,10 @@ def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale
     del hx, hy, hz, px, py, pz
 
     hu_box = _tissue_hu(tissue, depth, skull_t, scalp_t, drift, rng)
+    # Muscle: the inner muscle_t mm of the soft tissue outside the skull, 40-60 HU.
+    muscle = (tissue == SCALP) & (-depth - skull_t < muscle_t) & (muscle_t > 0.5)
+    hu_box[muscle] = (f32(50.0) + f32(4.0) * drift[muscle]).clip(40.0, 60.0)
+    del muscle_t
     full_tissue = np.zeros(grid.shape_zyx, np.uint8)
     full_tissue[hbox] = tissue
     full_depth = np.full(grid.shape_zyx, -100.0, np.float32)
@@ -242,6 +252,21 @@ def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale
     hu = np.full(grid.shape_zyx, -1000.0, np.float32)
     hu[hbox] = hu_box
     return Head(grid=grid, hu=hu, tissue=full_tissue, depth_mm=full_depth, age=age, atrophy=atrophy, kind="phantom")
+
+
+def _muscle_thickness(hx: np.ndarray, hy: np.ndarray, hz: np.ndarray, a: float, b: float, c: float,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Thickness (mm) of muscle on the outer skull: temporalis laterally, nuchal muscles at the back and base."""
+    f32 = np.float32
+    temporal_mm, nuchal_mm = f32(rng.uniform(6.0, 11.0)), f32(rng.uniform(8.0, 16.0))
+    z_top = f32(rng.uniform(0.25, 0.45) * c)  # superior temporal line
+    lateral = np.clip((np.abs(hx) - f32(0.55 * a)) / f32(0.3 * a), 0, 1)
+    # Temporal fossa: mid-anterior, from the skull base region up to the superior temporal line.
+    temporal = lateral * np.exp(-np.square((hy + f32(0.1 * b)) / f32(0.35 * b)))
+    temporal *= np.clip((z_top - hz) / f32(15.0), 0, 1) * np.clip((hz + f32(0.75 * c)) / f32(15.0), 0, 1)
+    # Nuchal muscles: posterior, below the inion, thickening towards the neck.
+    nuchal = np.clip((hy - f32(0.45 * b)) / f32(0.3 * b), 0, 1) * np.clip(-(hz + f32(0.1 * c)) / f32(0.35 * c), 0, 1)
+    return (temporal_mm * temporal + nuchal_mm * nuchal).astype(np.float32)
 
 
 def _tissue_hu(tissue: np.ndarray, depth: np.ndarray, skull_t: np.ndarray, scalp_t: np.float32,
