@@ -1,0 +1,132 @@
+"""shared.rocstats: DeLong AUC variance, paired differences, pooled ROC from histograms, meta-analysis."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from shared.errors import IchfedError
+from shared.rocstats import delong_auc, delong_paired, meta_analysis, pooled_roc, score_histogram
+
+
+def _simulate(rng: np.random.Generator, n_pos: int, n_neg: int, shift: float = 1.0):
+    y = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+    latent = rng.normal(size=y.size) + shift * y
+    return y, 1.0 / (1.0 + np.exp(-latent))
+
+
+def _naive_delong(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """DeLong 1988 written from the kernel psi(x, y) over all pairs (O(mn)), for cross-checking."""
+
+    def components(s):
+        x, z = s[y == 1], s[y == 0]
+        psi = (x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])
+        return psi.mean(), psi.mean(axis=1), psi.mean(axis=0)
+
+    auc_a, v10a, v01a = components(a)
+    auc_b, v10b, v01b = components(b)
+    m, n = v10a.size, v01a.size
+    s10 = np.cov(np.vstack([v10a, v10b]))
+    s01 = np.cov(np.vstack([v01a, v01b]))
+    cov = s10 / m + s01 / n
+    return auc_a, cov[0, 0], cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+
+
+def test_delong_auc_equals_sklearn_with_ties_and_matches_the_pairwise_formula():
+    rng = np.random.default_rng(3)
+    y, p = _simulate(rng, 23, 31)
+    p = np.round(p, 1)  # many ties, across and within classes
+    est = delong_auc(y, p)
+    assert est.estimate == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    auc, var, _ = _naive_delong(y, p, p)
+    assert est.variance == pytest.approx(var, rel=1e-9)
+    lo, hi = est.ci()
+    assert lo < est.estimate < hi and hi - lo == pytest.approx(2 * 1.959964 * math.sqrt(var), rel=1e-5)
+
+
+def test_delong_variance_agrees_with_a_bootstrap_variance():
+    rng = np.random.default_rng(7)
+    y, p = _simulate(rng, 60, 80)
+    est = delong_auc(y, p)
+    boot = []
+    for _ in range(2000):
+        i = np.r_[rng.choice(np.flatnonzero(y == 1), 60), rng.choice(np.flatnonzero(y == 0), 80)]
+        boot.append(roc_auc_score(y[i], p[i]))
+    assert est.variance == pytest.approx(np.var(boot, ddof=1), rel=0.15)
+
+
+def test_delong_paired_difference_and_its_variance():
+    rng = np.random.default_rng(11)
+    y, a = _simulate(rng, 30, 40, shift=1.5)
+    b = np.clip(a + rng.normal(scale=0.15, size=a.size), 0, 1)
+    diff = delong_paired(y, a, b)
+    assert diff.estimate == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
+    _, _, var = _naive_delong(y, a, b)
+    assert diff.variance == pytest.approx(var, rel=1e-9)
+    # Correlated curves: the paired variance is far below the sum of the two marginal variances.
+    assert diff.variance < 0.5 * (delong_auc(y, a).variance + delong_auc(y, b).variance)
+    same = delong_paired(y, a, a)
+    assert same.estimate == 0.0 and same.variance == pytest.approx(0.0, abs=1e-15)
+
+
+def test_delong_rejects_too_few_cases_per_class_and_mismatched_models():
+    with pytest.raises(IchfedError, match="at least 2 cases of each class"):
+        delong_auc([1, 0, 0, 0], [0.9, 0.1, 0.2, 0.3])
+    with pytest.raises(IchfedError, match="same cases"):
+        delong_paired([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2], [0.9, 0.8, 0.1])
+
+
+def test_score_histogram_bins_and_pooled_roc_auc():
+    rng = np.random.default_rng(5)
+    sites = [_simulate(rng, 20 + 5 * k, 30) for k in range(3)]
+    hists = [score_histogram(y, p, bins=50) for y, p in sites]
+    for (y, p), (neg, pos) in zip(sites, hists):
+        assert len(neg) == len(pos) == 50 and sum(neg) == (y == 0).sum() and sum(pos) == (y == 1).sum()
+    assert score_histogram([1, 0], [1.0, 0.0], bins=50) == ([1] + [0] * 49, [0] * 49 + [1])
+    roc = pooled_roc(hists)
+    y_all = np.concatenate([y for y, _ in sites])
+    p_all = np.concatenate([p for _, p in sites])
+    # Binning the scores to 50 bins (mid-ties) gives exactly sklearn's AUC of the binned scores.
+    binned = np.minimum(np.floor(p_all * 50), 49)
+    assert roc.auc == pytest.approx(roc_auc_score(y_all, binned), abs=1e-12)
+    assert roc.auc == pytest.approx(roc_auc_score(y_all, p_all), abs=0.02)
+    assert (roc.n_pos, roc.n_neg) == (int(y_all.sum()), int((1 - y_all).sum()))
+    assert roc.fpr[0] == roc.tpr[0] == 0.0 and roc.fpr[-1] == roc.tpr[-1] == 1.0
+    assert np.all(np.diff(roc.fpr) >= 0) and np.all(np.diff(roc.tpr) >= 0)
+    assert np.trapezoid(roc.tpr, roc.fpr) == pytest.approx(roc.auc, abs=1e-12)
+
+
+def test_pooled_roc_undefined_without_both_classes_and_rejects_mixed_bins():
+    assert pooled_roc([([3, 0], [0, 0])]).auc is None
+    assert pooled_roc([]).auc is None
+    with pytest.raises(IchfedError, match="same bins"):
+        pooled_roc([([1, 0], [0, 1]), ([1, 0, 0], [0, 0, 1])])
+
+
+def test_meta_analysis_fixed_and_random_effects_textbook_values():
+    # Hand-computed: w = 1/v = (100, 25, 50); fixed = (100*.8 + 25*.6 + 50*.7)/175.
+    e, v = [0.8, 0.6, 0.7], [0.01, 0.04, 0.02]
+    res = meta_analysis(e, v)
+    fixed = (80 + 15 + 35) / 175
+    assert res.fixed.estimate == pytest.approx(fixed)
+    assert res.fixed.se == pytest.approx(math.sqrt(1 / 175))
+    q = 100 * (0.8 - fixed) ** 2 + 25 * (0.6 - fixed) ** 2 + 50 * (0.7 - fixed) ** 2
+    c = 175 - (100**2 + 25**2 + 50**2) / 175
+    assert res.q == pytest.approx(q)
+    assert res.tau2 == pytest.approx(max(0.0, (q - 2) / c))
+    assert res.fixed.ci_low == pytest.approx(fixed - 1.959964 * res.fixed.se, rel=1e-6)
+    assert res.k == 3 and 0.0 <= res.i2 < 1.0
+
+
+def test_meta_analysis_heterogeneous_sites_widen_the_random_effects_interval():
+    res = meta_analysis([0.55, 0.9, 0.6, 0.95], [0.002, 0.002, 0.002, 0.002])
+    assert res.tau2 > 0 and res.i2 > 0.8
+    assert res.random.ci_high - res.random.ci_low > 2 * (res.fixed.ci_high - res.fixed.ci_low)
+    one = meta_analysis([0.7], [0.01])
+    assert one.fixed.estimate == one.random.estimate == 0.7 and one.tau2 == 0.0
+    assert set(one.to_dict()) == {"fixed", "random", "tau2", "i2", "q", "k"}
+    with pytest.raises(IchfedError, match="non-negative"):
+        meta_analysis([0.7], [-0.01])
