@@ -261,12 +261,14 @@ class SiteRuntime:
             return float(fallback), P.REASON_THRESHOLD_FROM_BUNDLE
         return float(t.p), None
 
-    def save_local_threshold(self, bundle_hash: str, threshold: float, source: str) -> Path:
-        """Keep the site's calibrated threshold for ``bundle_hash`` in its state folder."""
-        path = Path(self.config.state_dir) / "thresholds" / f"{bundle_hash}.json"
-        write_json(path, {"bundle_hash": bundle_hash, "threshold": float(threshold), "source": source,
-                          "site": self.config.name})
-        return path
+    def save_local_threshold(self, bundle_hash: str, threshold: float, source: str,
+                             calibration: dict | None = None) -> Path:
+        """Keep the site's threshold (and calibration) for ``bundle_hash`` as its site overlay."""
+        from .overlay import SiteOverlay, save_overlay
+
+        return save_overlay(self.config.state_dir, SiteOverlay(
+            bundle_hash=bundle_hash, threshold=float(threshold), threshold_source=source,
+            calibration=calibration, site=self.config.name))
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, model: str, head: Head, threshold: float, part: Part,
@@ -322,16 +324,11 @@ class SiteRuntime:
 
 
 def load_local_threshold(state_dir: str | os.PathLike, bundle_hash: str) -> float | None:
-    """The threshold a site calibrated for ``bundle_hash``, or None (for ``ichfed predict --site-config``)."""
-    import json
+    """The threshold of the site's overlay for ``bundle_hash``, or None (see ``client.overlay.load_overlay``)."""
+    from .overlay import load_overlay
 
-    path = Path(state_dir) / "thresholds" / f"{bundle_hash}.json"
-    if not path.is_file():
-        return None
-    try:
-        return float(json.loads(path.read_text(encoding="utf-8"))["threshold"])
-    except (ValueError, KeyError) as e:
-        raise IchfedError(f"{path}: not a valid threshold file ({e})") from None
+    overlay = load_overlay(state_dir, bundle_hash)
+    return None if overlay is None else overlay.threshold
 
 
 def _part(rows: list[CachedCase], cases: list) -> Part:

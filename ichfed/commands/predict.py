@@ -70,9 +70,11 @@ def load_predictor(args, threshold_config: str | None = None):
     bundle = load_bundle(args.bundle, pubkey, allow_unsigned=args.allow_unsigned)
     threshold = None
     if site is not None:
-        from client.runtime import load_local_threshold
+        from client.overlay import load_overlay
 
-        threshold = load_local_threshold(site.state_dir, bundle.hash)
+        # The one reader of a site's overlay: a broken threshold file is a one-line error here.
+        overlay = load_overlay(site.state_dir, bundle.hash)
+        threshold = None if overlay is None else overlay.threshold
         if threshold is None:
             log.warning(
                 "%s: no local threshold for bundle %s in %s; using the bundle's threshold",

@@ -1,0 +1,141 @@
+"""A site's own state on top of a bundle: the site overlay, keyed by bundle hash.
+
+Today an overlay holds the site's out-of-sample threshold and the site's re-fitted probability
+calibration; later it can hold local normalisation statistics. It lives in
+``<state_dir>/overlay/<bundle hash>.json`` and never leaves the site.
+
+``load_overlay`` is the one reader: ``ichfed predict --site-config``, ``ichfed reader
+--threshold-from`` and the ClientApp all go through it, so a broken file (NaN, ``null``, a
+string, a threshold outside (0, 1), bad JSON) is the same one-line ``IchfedError`` naming the
+file and field everywhere, never a server error or a silent "all non-neoplastic". Files from
+before the overlay (``<state_dir>/thresholds/<hash>.json``) are read as overlay version 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from shared import protocol as P
+from shared.errors import IchfedError
+
+OVERLAY_VERSION = 1
+OVERLAY_DIR = "overlay"
+LEGACY_DIR = "thresholds"  # overlay version 0: {"bundle_hash", "threshold", "source", "site"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteOverlay:
+    """What a site keeps for one bundle. ``calibration`` is ``Calibration.to_dict()`` or None."""
+
+    bundle_hash: str
+    threshold: float
+    threshold_source: str = "site-calibrated"
+    calibration: dict[str, Any] | None = None
+    site: str | None = None
+    version: int = OVERLAY_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+
+def overlay_path(state_dir: str | os.PathLike, bundle_hash: str) -> Path:
+    """Where the overlay for ``bundle_hash`` lives in a site's state folder."""
+    return Path(state_dir) / OVERLAY_DIR / f"{bundle_hash}.json"
+
+
+def save_overlay(state_dir: str | os.PathLike, overlay: SiteOverlay) -> Path:
+    """Validate and write ``overlay`` atomically; returns its path."""
+    from shared.atomic import write_json
+
+    path = overlay_path(state_dir, overlay.bundle_hash)
+    # Validate what we write with the same rules as what we read, so a bad value fails here, at the site.
+    parse_overlay(overlay.to_dict(), path, overlay.bundle_hash)
+    write_json(path, overlay.to_dict())
+    return path
+
+
+def load_overlay(state_dir: str | os.PathLike, bundle_hash: str) -> SiteOverlay | None:
+    """The site's overlay for ``bundle_hash`` (or its v0 threshold file), validated; None when there is none."""
+    for path in (overlay_path(state_dir, bundle_hash), Path(state_dir) / LEGACY_DIR / f"{bundle_hash}.json"):
+        if path.is_file():
+            return read_overlay_file(path, bundle_hash)
+    return None
+
+
+def read_overlay_file(path: str | os.PathLike, bundle_hash: str | None = None) -> SiteOverlay:
+    """Read and validate one overlay (or v0 threshold) file; one-line ``IchfedError`` when it is unusable."""
+    p = Path(path)
+    try:
+        # NaN / Infinity are not JSON, but Python's json accepts them; they reach the field check
+        # below as floats so the error names the field.
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise IchfedError(f"{p}: not a readable site overlay ({_first_line(e)})") from None
+    return parse_overlay(data, p, bundle_hash)
+
+
+def parse_overlay(data: Any, path: str | os.PathLike, bundle_hash: str | None = None) -> SiteOverlay:
+    """Validate a decoded overlay dict (v0 or v1) from ``path``."""
+    if not isinstance(data, dict):
+        raise IchfedError(f"{path}: a site overlay must be a JSON object, got {type(data).__name__}")
+    version = data.get("version", 0)
+    if version not in (0, OVERLAY_VERSION) or isinstance(version, bool):
+        raise IchfedError(f"{path}: version: unsupported site overlay version {version!r}")
+    threshold = validate_threshold(data.get("threshold"), f"{path}: threshold")
+    stored_hash = data.get("bundle_hash", bundle_hash)
+    if not isinstance(stored_hash, str) or not P.HASH_RE.match(stored_hash):
+        raise IchfedError(f"{path}: bundle_hash: must be a 64-character hex bundle hash")
+    if bundle_hash is not None and stored_hash != bundle_hash:
+        raise IchfedError(f"{path}: bundle_hash: written for bundle {stored_hash[:12]}, not {bundle_hash[:12]}")
+    source = data.get("threshold_source", data.get("source", "site-calibrated"))
+    if not isinstance(source, str):
+        raise IchfedError(f"{path}: threshold_source: must be a string")
+    calibration = data.get("calibration")
+    if calibration is not None:
+        _validate_calibration(calibration, f"{path}: calibration")
+    site = data.get("site")
+    if site is not None and not isinstance(site, str):
+        raise IchfedError(f"{path}: site: must be a string")
+    return SiteOverlay(bundle_hash=stored_hash, threshold=threshold, threshold_source=source,
+                       calibration=calibration, site=site, version=int(version))
+
+
+def validate_threshold(value: Any, where: str) -> float:
+    """``value`` as a probability threshold strictly inside (0, 1), or ``IchfedError("<where>: ...")``.
+
+    0 would call every case neoplastic and 1 none; a NaN compares false with every score and so
+    would silently call every case non-neoplastic.
+    """
+    if value is None:
+        raise IchfedError(f"{where}: missing or null (a probability in (0, 1) is required)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise IchfedError(f"{where}: must be a number, got {type(value).__name__} {value!r}"[:200])
+    v = float(value)
+    if not math.isfinite(v) or not 0.0 < v < 1.0:
+        raise IchfedError(f"{where}: must lie strictly between 0 and 1, got {value!r}")
+    return v
+
+
+def _validate_calibration(value: Any, where: str) -> None:
+    if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
+        raise IchfedError(f"{where}: must be an object with a 'kind'")
+    try:
+        from shared.calibration import Calibration
+    except ImportError:  # the calibration module is optional for reading a threshold
+        return
+    try:
+        Calibration.from_dict(value)
+    except IchfedError:
+        raise
+    except Exception as e:  # a malformed calibration is the file's fault, said in one line
+        raise IchfedError(f"{where}: not a valid calibration ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]

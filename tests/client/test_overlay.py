@@ -1,0 +1,116 @@
+"""The site overlay: one validated reader for a site's threshold/calibration, used by predict,
+the reader and the ClientApp."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.overlay import SiteOverlay, load_overlay, overlay_path, read_overlay_file, save_overlay
+from client.runtime import load_local_threshold
+from shared.errors import IchfedError
+
+REPO = Path(__file__).resolve().parents[2]
+H = "ab" * 32
+
+BAD_THRESHOLDS = [
+    ("NaN", "nan"),
+    ("null", "null"),
+    ('"0.3"', "must be a number"),
+    ("true", "must be a number"),
+    ("0", "strictly between 0 and 1"),
+    ("1", "strictly between 0 and 1"),
+    ("1.5", "strictly between 0 and 1"),
+    ("-0.2", "strictly between 0 and 1"),
+    ("Infinity", "inf"),
+]
+
+
+def _write_v0(state: Path, text: str, bundle_hash: str = H) -> Path:
+    path = state / "thresholds" / f"{bundle_hash}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_overlay_roundtrip_and_v0_files(tmp_path):
+    assert load_overlay(tmp_path, H) is None
+    _write_v0(tmp_path, json.dumps({"threshold": 0.31, "source": "site-calibrated"}))
+    v0 = load_overlay(tmp_path, H)
+    assert (v0.version, v0.threshold, v0.bundle_hash, v0.calibration) == (0, 0.31, H, None)
+    cal = {"kind": "identity"}
+    path = save_overlay(tmp_path, SiteOverlay(bundle_hash=H, threshold=0.27, calibration=cal, site="a"))
+    assert path == overlay_path(tmp_path, H)
+    got = load_overlay(tmp_path, H)  # the v1 overlay wins over the v0 file
+    assert (got.version, got.threshold, got.calibration, got.site) == (1, 0.27, cal, "a")
+    assert load_local_threshold(tmp_path, H) == 0.27
+    with pytest.raises(IchfedError, match="threshold"):
+        save_overlay(tmp_path, SiteOverlay(bundle_hash=H, threshold=float("nan")))
+
+
+@pytest.mark.parametrize("text, match", BAD_THRESHOLDS)
+def test_bad_threshold_is_a_one_line_error_naming_file_and_field(tmp_path, text, match):
+    path = _write_v0(tmp_path, '{"threshold": ' + text + "}")
+    with pytest.raises(IchfedError) as e:
+        load_overlay(tmp_path, H)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{path}: threshold" in msg and match in msg
+
+
+@pytest.mark.parametrize("text, field", [
+    ("not json", "not a readable site overlay"),
+    ("[0.3]", "JSON object"),
+    ("{}", "threshold"),
+    (json.dumps({"threshold": 0.3, "bundle_hash": "cd" * 32}), "bundle_hash"),
+    (json.dumps({"threshold": 0.3, "version": 7}), "version"),
+    (json.dumps({"threshold": 0.3, "calibration": 3}), "calibration"),
+])
+def test_malformed_overlay_files(tmp_path, text, field):
+    path = _write_v0(tmp_path, text)
+    with pytest.raises(IchfedError, match=field):
+        read_overlay_file(path, H)
+
+
+def _ichfed(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "ichfed", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _site_with_bad_threshold(tmp_path: Path, tiny_bundle, text: str) -> Path:
+    from shared.bundle import bundle_hash
+
+    path = _write_v0(tmp_path / "state", '{"threshold": ' + text + "}", bundle_hash(tiny_bundle.path))
+    (tmp_path / "site.toml").write_text(
+        f'name = "s"\ndata_dir = "{tmp_path / "data"}"\nstate_dir = "state"\n'
+        f'public_key = "{tiny_bundle.public_key}"\ndevice = "cpu"\n', encoding="utf-8")
+    return path
+
+
+def _assert_one_line(r: subprocess.CompletedProcess, must_name: str) -> None:
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and must_name in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_predict_site_config_with_nan_threshold_is_one_line_error(tiny_bundle, tmp_path):
+    path = _site_with_bad_threshold(tmp_path, tiny_bundle, "NaN")
+    r = _ichfed("predict", "--bundle", str(tiny_bundle.path), "--site-config", str(tmp_path / "site.toml"),
+                str(tmp_path / "unused.nii.gz"))
+    _assert_one_line(r, f"{path}: threshold")
+
+
+@pytest.mark.slow
+def test_reader_threshold_from_with_null_threshold_is_one_line_error(tiny_bundle, tmp_path):
+    path = _site_with_bad_threshold(tmp_path, tiny_bundle, "null")
+    r = _ichfed("reader", "--bundle", str(tiny_bundle.path), "--threshold-from", str(tmp_path / "site.toml"),
+                "--port", "8765")
+    _assert_one_line(r, f"{path}: threshold")
