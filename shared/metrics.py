@@ -104,6 +104,41 @@ def best_threshold(y_true: Sequence[int], p: Sequence[float]) -> Threshold:
     )
 
 
+def midpoint_threshold(y_true: Sequence[int], p: Sequence[float]) -> Threshold:
+    """The sensitivity x specificity-maximising cut, placed midway between neighbouring scores.
+
+    :func:`best_threshold` puts the cut *on* the lowest-scoring case it calls positive; on
+    scores a model was fitted to, that case is usually the weakest positive and the cut is
+    far too strict on new cases. Halfway to the next lower distinct score (or to 0 below the
+    lowest) classifies the given cases identically, so ``sensitivity``/``specificity`` are
+    unchanged, and no observed score sits on the boundary. Use it on out-of-sample scores.
+    """
+    best = best_threshold(y_true, p)
+    if best.p is None:
+        return best
+    s = np.unique(np.asarray(p, dtype=np.float64))
+    below = s[s < best.p]
+    lower = float(below[-1]) if below.size else 0.0
+    t = (best.p + lower) / 2.0
+    return dataclasses.replace(best, p=t, log_p=math.log(max(t, _TINY)))
+
+
+def snap_threshold(p: float, grid: float = 0.01) -> float:
+    """Round a probability threshold to a fixed grid, kept strictly inside (0, 1).
+
+    A threshold that leaves a site is rounded so its trailing digits cannot carry an
+    individual case's score.
+    """
+    if not 0.0 < grid < 0.5:
+        raise IchfedError(f"grid: must lie in (0, 0.5), got {grid!r}")
+    if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+        raise IchfedError(f"threshold: must be a probability in [0, 1], got {p!r}")
+    steps = round(p / grid)
+    n_max = int(round(1.0 / grid))
+    steps = min(max(steps, 1), n_max - 1)
+    return round(steps * grid, 10)
+
+
 def classification_metrics(
     y_true: Sequence[int],
     p: Sequence[float],
