@@ -114,9 +114,10 @@
       );
       return;
     }
+    // Clear first: that stops the old case's slice downloads before the server forgets it.
+    clearCase();
     forgetCurrent();
     hideMessage();
-    clearCase();
     state.busy = true;
     const name = items.length === 1 ? items[0].path : `${items[0].path.split("/")[0]} (${items.length} files)`;
     showProgress(name);
@@ -139,6 +140,13 @@
       if (xhr.status === 202 && body.token) {
         state.token = body.token;
         poll();
+      } else if (xhr.status === 429) {
+        state.busy = false;
+        stopElapsed();
+        $("progress").hidden = true;
+        const wait = xhr.getResponseHeader("Retry-After");
+        showMessage("The reader is busy", `${body.error || "too many cases"}. Try again${wait ? ` in about ${wait} s` : " shortly"}.`);
+        document.body.dataset.caseState = "busy";
       } else {
         failCase(body.error || `upload failed (HTTP ${xhr.status})`);
       }
@@ -206,6 +214,10 @@
   function clearCase() {
     state.view = null;
     state.result = null;
+    for (const img of state.images.values()) {
+      img.onload = null;
+      img.removeAttribute("src"); // aborts a download still in flight
+    }
     state.images.clear();
     $("viewer").hidden = true;
     $("panel-result").hidden = true;
@@ -269,10 +281,16 @@
     return t < 1 ? 0.5 + (0.5 * (p - t)) / (1 - t) : 1;
   }
 
-  function certainty(p, t) {
-    const d = Math.abs(barPosition(p, t) - 0.5) * 2;
-    const level = d < 0.25 ? "low" : d < 0.6 ? "moderate" : "high";
-    return { d, level };
+  // Failed plausibility checks (shared/quality.py) listed by name with their meaning; a result
+  // without the key (an older predictor) counts as unflagged.
+  function showFlags(r) {
+    const flags = Array.isArray(r.quality_flags) ? r.quality_flags : [];
+    const text = (state.info && state.info.quality_flags) || {};
+    $("quality").hidden = flags.length === 0;
+    $("quality-list").innerHTML = flags
+      .map((f) => `<li><code>${escapeHtml(f)}</code> ${escapeHtml(text[f] || "")}</li>`)
+      .join("");
+    return flags.length > 0;
   }
 
   function showResult(r) {
@@ -281,12 +299,24 @@
     $("case-name").textContent = r.source;
     const verdict = $("verdict");
     const pred = $("prediction");
-    if (!r.lesion_found) {
+    const flagged = showFlags(r);
+    pred.classList.toggle("flagged", flagged);
+    if (flagged) {
+      // A segmentation that fails a plausibility check makes every number after it suspect:
+      // no label and no green/red verdict, only the request to look.
+      verdict.className = "verdict flagged";
+      const what = r.lesion_found
+        ? "The model's label is withheld because the segmentation failed the checks above"
+        : "The segmentation found no ICH, but it failed the checks above";
+      verdict.innerHTML = `Not reliable — review<small>${what}; read the images yourself.</small>`;
+      pred.classList.toggle("disabled", !r.lesion_found);
+      $("p-value").textContent = r.lesion_found ? `${fmtP(r.p_neoplastic)}  (not reliable)` : "—";
+      if (r.lesion_found) $("pbar-marker").style.left = `${(100 * barPosition(r.p_neoplastic, r.threshold)).toFixed(2)}%`;
+    } else if (!r.lesion_found) {
       verdict.className = "verdict none";
       verdict.innerHTML = "No hemorrhage found<small>The segmentation found no intracerebral hemorrhage, so the case was not classified.</small>";
       pred.classList.add("disabled");
       $("p-value").textContent = "—";
-      $("certainty").textContent = "—";
     } else {
       const neo = r.label === "neoplastic";
       verdict.className = `verdict ${neo ? "neoplastic" : "non-neoplastic"}`;
@@ -295,10 +325,6 @@
       const pos = barPosition(r.p_neoplastic, r.threshold);
       $("pbar-marker").style.left = `${(100 * pos).toFixed(2)}%`;
       $("p-value").textContent = `${fmtP(r.p_neoplastic)}  (log ${r.log_p_neoplastic.toFixed(2)})`;
-      const c = certainty(r.p_neoplastic, r.threshold);
-      $("certainty").innerHTML =
-        `<span class="cert-${c.level === "low" ? "low" : "high"}">${c.level}</span> — ` +
-        `${(100 * c.d).toFixed(0)}% of the way from the threshold to ${neo ? "1" : "0"}`;
     }
     $("threshold-value").textContent = `${fmtP(r.threshold)}  (${r.threshold_source || "bundle"})`;
     $("pbar-threshold-label").textContent = `threshold ${fmtP(r.threshold)}`;
@@ -307,6 +333,7 @@
     $("phe-ml").textContent = fmtMl(r.phe_ml);
     $("phe-hu").textContent = fmtHu(r.phe_mean_hu);
     $("n-lesions").textContent = String(r.n_components);
+    $("extracranial-ml").textContent = fmtMl(r.extracranial_ml_removed);
     $("model-line").textContent = `model ${r.bundle.name} v${r.bundle.version} · ${String(r.bundle.hash).slice(0, 12)}`;
     $("timings").textContent = Object.entries(r.timings || {})
       .map(([k, v]) => `${k} ${v.toFixed(1)} s`)
