@@ -32,6 +32,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise IchfedError(f"{p}: not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 by definition; a Latin-1 or UTF-16 file from a Windows editor lands here.
+        raise IchfedError(f"{p}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except OSError as e:
+        raise IchfedError(f"{p}: cannot read ({e.strerror})") from None
 
 
 def from_toml(cls: type[T], path: str | Path, section: str | None = None) -> T:

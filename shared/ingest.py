@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from . import dicom_checks
 from .errors import IchfedError
+from .nifti_checks import check_payload
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ _TAG_INSTANCE = "0020|0013"
 _TAG_SOP_CLASS = "0008|0016"
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _TAGS_READ = (_TAG_MODALITY, _TAG_SERIES_UID, _TAG_SERIES_DESCRIPTION, _TAG_POSITION, _TAG_ORIENTATION,
-              _TAG_GANTRY_TILT, _TAG_INSTANCE, _TAG_SOP_CLASS)
+              _TAG_GANTRY_TILT, _TAG_INSTANCE, _TAG_SOP_CLASS, *dicom_checks.TAGS)
 
 
 @dataclasses.dataclass
@@ -120,6 +122,8 @@ def describe(ingested: Ingested) -> dict:
 
 
 def _read_nifti(p: Path) -> Ingested:
+    # Before ITK allocates what the header declares or zero-fills a short payload.
+    check_payload(p)
     try:
         img = sitk.ReadImage(str(p), sitk.sitkFloat32)
     except RuntimeError:
@@ -209,6 +213,7 @@ class _Slice:
     tilt_tag: float
     instance: int
     z_spacing: float = 0.0  # only for multi-frame files
+    padding_hu: tuple[float, float] | None = None  # pixel padding (0028,0120/0121) in HU
 
 
 def _is_dicom_magic(f: Path) -> bool:
@@ -229,7 +234,11 @@ def _floats(text: str, n: int) -> np.ndarray | None:
 
 
 def _scan(folder: Path, source: Path) -> tuple[list[_Slice], list[Path], list[Path]]:
-    """Read every file's header; return (slices, broken DICOM files, ignored non-DICOM files)."""
+    """Read every file's header; return (slices, broken DICOM files, ignored non-image files).
+
+    Non-image files (text, thumbnails, DICOMDIR, vendor directory objects) are ignored; a slice
+    whose geometry tags are unusable raises ``IchfedError`` naming the tag.
+    """
     slices: list[_Slice] = []
     broken: list[Path] = []
     ignored: list[Path] = []
@@ -245,9 +254,10 @@ def _scan(folder: Path, source: Path) -> tuple[list[_Slice], list[Path], list[Pa
         try:
             reader.ReadImageInformation()
         except RuntimeError:
-            (broken if _is_dicom_magic(f) else ignored).append(f)
+            (broken if _unreadable_is_image(f) else ignored).append(f)
             continue
         meta = {k: reader.GetMetaData(k) for k in _TAGS_READ if reader.HasMetaDataKey(k)}
+        dicom_checks.check_geometry_tags(f, meta)
         if meta.get(_TAG_SOP_CLASS, "").strip("\0 ") == _DICOMDIR_SOP_CLASS:
             ignored.append(f)
             continue
@@ -280,8 +290,25 @@ def _scan(folder: Path, source: Path) -> tuple[list[_Slice], list[Path], list[Pa
             tilt_tag=tilt,
             instance=instance,
             z_spacing=float(reader.GetSpacing()[2]) if len(size) == 3 else 0.0,
+            padding_hu=dicom_checks.padding_range_hu(meta),
         ))
     return slices, broken, ignored
+
+
+def _unreadable_is_image(f: Path) -> bool:
+    """For a file GDCM cannot read: True when it is a broken image slice, False when it is no image at all.
+
+    A complete DICOM object without Pixel Data (DICOMDIR, Philips DIRFILE) is not an image; a DICOM
+    file cut off mid-element is a broken slice; one whose geometry tags are unusable raises naming the tag.
+    """
+    if not _is_dicom_magic(f):
+        return False
+    walked = dicom_checks.raw_header(f)
+    if walked is None:
+        return True
+    complete, meta, has_pixels = walked
+    dicom_checks.check_geometry_tags(f, meta)
+    return has_pixels or not complete
 
 
 def _pick_series(slices: list[_Slice], source: Path, notes: list[str]) -> list[_Slice]:
@@ -326,6 +353,7 @@ def _frame(orientation: np.ndarray) -> np.ndarray:
 
 
 def _read_slice(s: _Slice, source: Path) -> np.ndarray:
+    """One slice's HU values, pixel padding already set to air."""
     try:
         img = sitk.ReadImage(str(s.file), sitk.sitkFloat32, imageIO="GDCMImageIO")
     except RuntimeError:
@@ -335,6 +363,7 @@ def _read_slice(s: _Slice, source: Path) -> np.ndarray:
         arr = arr[0]
     if not np.all(np.isfinite(arr)):
         raise IchfedError(f"{s.file}: DICOM pixel data contains NaN or infinite values")
+    dicom_checks.apply_padding(arr, s.padding_hu)
     return arr
 
 
@@ -362,9 +391,14 @@ def _plan_dicom(folder: Path, source: Path) -> _Plan:
         raise IchfedError(f"{source}: truncated or corrupt DICOM file(s): {names}{more}")
     if not slices:
         raise IchfedError(f"{source}: no DICOM files found ({len(ignored)} file(s), none readable as DICOM)")
-    if ignored:
-        log.info("%s: ignored %d non-DICOM file(s)", source, len(ignored))
     notes: list[str] = []
+    if ignored:
+        # PACS/CD exports put DICOMDIR, vendor directory files, text and thumbnails beside the slices.
+        names = ", ".join(str(f.relative_to(folder)) for f in ignored[:5])
+        more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+        msg = f"skipped {len(ignored)} non-image file(s): {names}{more}"
+        log.info("%s: %s", source, msg)
+        notes.append(msg)
     chosen = _pick_series(slices, source, notes)
 
     if len(chosen) == 1 and len(chosen[0].size) == 3 and chosen[0].size[2] > 1:
@@ -428,6 +462,12 @@ def _read_dicom_folder(folder: Path, source: Path) -> Ingested:
             img = sitk.ReadImage(str(f), sitk.sitkFloat32, imageIO="GDCMImageIO")
         except RuntimeError:
             raise IchfedError(f"{f}: DICOM pixel data is unreadable (truncated or corrupt)") from None
+        if plan.stack[0].padding_hu is not None:
+            arr = sitk.GetArrayFromImage(img)
+            dicom_checks.apply_padding(arr, plan.stack[0].padding_hu)
+            padded = sitk.GetImageFromArray(arr)
+            padded.CopyInformation(img)
+            img = padded
         return Ingested(img, "CT", [], img.GetSize()[2], str(source), plan.notes)
     image = _resample_stack(plan, source)
     return Ingested(image, "CT", plan.corrections, len(plan.stack), str(source), plan.notes)
@@ -455,6 +495,7 @@ def read_geometry(path: str | Path) -> dict | None:
         return {"size": plan.size, "spacing": plan.spacing, "origin": plan.origin,
                 "direction": tuple(float(v) for v in plan.frame.ravel())}
     if p.name.lower().endswith((".nii", ".nii.gz")):
+        check_payload(p, stream_gzip=False)  # header-level: declared size vs file size, pixdim
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(p))
         try:

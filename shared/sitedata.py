@@ -26,6 +26,7 @@ import SimpleITK as sitk
 
 from .errors import IchfedError
 from .ingest import read_geometry
+from .nifti_checks import check_payload
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,15 @@ def read_site(root: str | Path) -> SiteData:
 def read_mask(path: str | Path, like: sitk.Image) -> sitk.Image:
     """Read a label mask (0 background, 1 ICH, 2 PHE) as uint8 on ``like``'s grid.
 
-    Raises ``IchfedError`` naming ``path`` when it is unreadable, not 3D, holds other
-    values, or does not share ``like``'s size, spacing, origin and direction. Geometry
-    within float32 rounding is accepted and set exactly to ``like``'s.
+    Raises ``IchfedError`` naming ``path`` when it is unreadable or truncated, not 3D, holds
+    non-integer (probability) or other values, or does not share ``like``'s size, spacing, origin and
+    direction. Geometry within float32 rounding is accepted and set exactly to ``like``'s.
     """
     p = Path(path)
     if not p.is_file():
         raise IchfedError(f"{p}: mask file not found")
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        check_payload(p)  # ITK zero-fills a short payload: a cut-off mask would lose lesion voxels
     try:
         mask = sitk.ReadImage(str(p))
     except RuntimeError:
@@ -143,6 +146,10 @@ def read_mask(path: str | Path, like: sitk.Image) -> sitk.Image:
         raise IchfedError(f"{p}: mask geometry does not match the image ({why})")
     arr = sitk.GetArrayViewFromImage(mask)
     values = np.unique(arr)
+    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
+        # A probability map or a linearly resampled label image, not labels 0/1/2.
+        raise IchfedError(f"{p}: mask holds non-integer values (e.g. {values[values != np.round(values)][:3].tolist()}); "
+                          "expected an integer label image (0 background, 1 ICH, 2 PHE)")
     if not np.all(np.isin(values, MASK_LABELS)):
         bad = [v.item() for v in values if v not in MASK_LABELS][:5]
         raise IchfedError(f"{p}: mask holds values {bad}; allowed are 0 background, 1 ICH, 2 PHE")

@@ -179,3 +179,84 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "bad_zip": (_bad_zip, "not a readable zip file"),
     "zip_slip": (_zip_slip, "points outside the archive"),
 }
+
+
+# ---------------------------------------------------------------- corrupt geometry, padding, PACS exports
+
+
+def series_with_tags(folder: Path, tags: dict[str, str], n: int = 4, size: int = 16, gap: float = 2.5,
+                     hu: np.ndarray | None = None) -> np.ndarray:
+    """An axial series whose every slice carries ``tags`` on top of (and overriding) the usual ones.
+
+    Tags are written as given (e.g. ``{"0028|0030": "0\\\\0"}`` for a zero PixelSpacing), so a test
+    can hand ingestion exactly the header a broken scanner export would. Returns the HU volume (z, y, x).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    vol = rng.integers(-100, 100, size=(n, size, size)).astype(np.int16) if hu is None else hu.astype(np.int16)
+    study_uid, series_uid = new_uid(), new_uid()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(vol.shape[0]):
+        img = sitk.GetImageFromArray(vol[k])
+        img.SetSpacing((0.8, 0.8))
+        base = {
+            "0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": new_uid(),
+            "0020|000d": study_uid, "0020|000e": series_uid, "0020|0013": str(k + 1),
+            "0020|0032": f"-10\\-20\\{30.0 + gap * k:.6f}", "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0028|0030": "0.8\\0.8", "0028|1052": "-1024", "0028|1053": "1", "0010|0020": "SYNTHETIC",
+        }
+        for key, v in {**base, **tags}.items():
+            img.SetMetaData(key, v)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(img)
+    return vol
+
+
+def dicom_non_image(path: Path, sop_class: str = "1.2.840.10008.1.3.10", private_text: bytes = b"PHILIPS DIRFILE") -> Path:
+    """A DICOM Part-10 file with no pixel data, as a PACS/CD export's ``DICOMDIR`` or Philips ``DIRFILE``.
+
+    Written byte by byte (explicit VR little endian): 128-byte preamble, ``DICM``, a file meta group
+    naming ``sop_class`` and one private text element. GDCM cannot read it as an image.
+    """
+    def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\0" if vr == b"UI" else b" "
+        if vr in (b"OB", b"UN", b"UT"):
+            return group.to_bytes(2, "little") + elem.to_bytes(2, "little") + vr + b"\0\0" + len(value).to_bytes(4, "little") + value
+        return group.to_bytes(2, "little") + elem.to_bytes(2, "little") + vr + len(value).to_bytes(2, "little") + value
+
+    meta = (element(0x0002, 0x0001, b"OB", b"\0\1") + element(0x0002, 0x0002, b"UI", sop_class.encode())
+            + element(0x0002, 0x0003, b"UI", new_uid().encode()) + element(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1"))
+    group_length = element(0x0002, 0x0000, b"UL", b"") [:6] + (4).to_bytes(2, "little") + len(meta).to_bytes(4, "little")
+    body = element(0x0029, 0x0010, b"LO", b"PHILIPS") + element(0x0029, 0x1010, b"UT", private_text * 20)
+    path.write_bytes(b"\0" * 128 + b"DICM" + group_length + meta + body)
+    return path
+
+
+def pacs_export_clutter(folder: Path) -> list[str]:
+    """Add what a PACS/CD export leaves beside the slices; returns the names added."""
+    dicom_non_image(folder / "DICOMDIR")
+    dicom_non_image(folder / "DIRFILE", sop_class="1.3.46.670589.2.5.1.1")
+    (folder / "README.TXT").write_text("Exported by a PACS viewer\n", encoding="utf-8")
+    (folder / "thumb.jpg").write_bytes(b"\xff\xd8\xff\xe0\0\x10JFIF\0" + b"\0" * 200 + b"\xff\xd9")
+    return ["DICOMDIR", "DIRFILE", "README.TXT", "thumb.jpg"]
+
+
+def patch_tag(path: Path, group: int, elem: int, value: str) -> None:
+    """Replace one string element (DS, IS, ...) in a written file, byte by byte.
+
+    For headers GDCM's writer refuses to produce (e.g. an all-zero ImageOrientationPatient).
+    """
+    data = path.read_bytes()
+    tag = group.to_bytes(2, "little") + elem.to_bytes(2, "little")
+    i = data.index(tag, 132)
+    raw = value.encode("ascii")
+    raw += b" " * (len(raw) % 2)
+    if data[i + 4:i + 6].isalpha():  # explicit VR: 2-byte VR, 2-byte length
+        n = int.from_bytes(data[i + 6:i + 8], "little")
+        new = tag + data[i + 4:i + 6] + len(raw).to_bytes(2, "little") + raw
+        path.write_bytes(data[:i] + new + data[i + 8 + n:])
+    else:  # implicit VR (what GDCM's writer produces): 4-byte length
+        n = int.from_bytes(data[i + 4:i + 8], "little")
+        path.write_bytes(data[:i] + tag + len(raw).to_bytes(4, "little") + raw + data[i + 8 + n:])

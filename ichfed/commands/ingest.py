@@ -35,6 +35,11 @@ def run(args) -> int:
     out = Path(args.output)
     if not out.name.lower().endswith((".nii.gz", ".nii")):
         raise IchfedError(f"{out}: output must end in .nii.gz or .nii")
+    if not out.parent.is_dir():
+        # A typo in the folder would otherwise create a tree somewhere unexpected; checked before reading.
+        raise IchfedError(f"{out}: parent folder {out.parent} does not exist")
+    if out.is_dir():
+        raise IchfedError(f"{out}: is a folder; give a file name ending in .nii.gz or .nii")
     ingested = read_image(args.input)
     try:
         with atomic_path(out) as tmp:

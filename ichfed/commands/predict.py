@@ -86,7 +86,9 @@ def load_predictor(args, threshold_config: str | None = None):
 
 
 def run(args) -> int:
+    """Predict every image; a failure is reported for its image and the rest still run (exit 2 if any failed)."""
     if args.save_masks:
+        _check_masks_dir(args.save_masks)
         _check_mask_names(args.images)
     predictor = load_predictor(args)
     failed = 0
@@ -98,11 +100,30 @@ def run(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
+        except (KeyboardInterrupt, BrokenPipeError):
+            raise
+        except Exception as e:  # any failure (a library bug, out of memory) is this image's, not the run's
+            if getattr(args, "debug", False):
+                log.exception("%s", image)
+            print(f"error: {image}: failed ({type(e).__name__}: {e})", file=sys.stderr)
+            failed += 1
+            continue
         if args.json:
             print(json.dumps(result), flush=True)
         else:
             print(format_result(result), flush=True)
     return 2 if failed else 0
+
+
+def _check_masks_dir(path: str) -> None:
+    """Refuse a --save-masks target that is an existing file, before minutes of model loading."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise IchfedError(f"--save-masks: {p} is an existing file, not a folder")
+    if not p.exists() and not p.parent.is_dir():
+        raise IchfedError(f"--save-masks: parent folder {p.parent} does not exist")
 
 
 def _check_mask_names(images: list[str]) -> None:

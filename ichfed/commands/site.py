@@ -104,6 +104,8 @@ def render_check(report: dict) -> str:
     ]
     for u in report["unusable"]:
         lines.append(f"  unusable  {u['case_id'] or '(site)'}: {u['message']}")
+    if report.get("skipped"):
+        lines.append(f"skipped     {report['skipped']}")
     dev = report["device"]
     lines.append(f"device      {dev['selected'] or 'unavailable'} (config '{dev['config']}'; GPU: {dev['gpu'] or 'none'})")
     lines.append(f"public key  {report['public_key'] or 'not set'}")
@@ -203,18 +205,19 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
     site = read_site(cfg.data_dir)
     unusable = [{"case_id": p.case_id, "message": p.message} for p in site.problems]
     usable = []
+    skipped = None
     if open_images:
-        from shared.ingest import read_image
-
         for case in tqdm(site.cases, desc=f"{cfg.name}: reading cases", unit="case", disable=None):
-            try:
-                read_image(case.image_path)
-            except IchfedError as e:
-                unusable.append({"case_id": case.case_id, "message": str(e)})
-                continue
-            usable.append(case)
+            why = _open_case(case)
+            if why:
+                unusable.append({"case_id": case.case_id, "message": why})
+            else:
+                usable.append(case)
     else:
         usable = list(site.cases)
+        n_masks = sum(1 for c in usable if c.mask_path is not None)
+        skipped = (f"--headers-only: pixel data of {len(usable)} image(s) and {n_masks} mask(s) not read, so "
+                   "truncated payloads, DICOM pixel data, mask values and zip contents are not checked")
     n_pos = sum(1 for c in usable if c.label == 1)
     n_neg = len(usable) - n_pos
     if not usable:
@@ -249,12 +252,30 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
             "images_opened": open_images,
         },
         "unusable": unusable,
+        "skipped": skipped,
         "device": device,
         "public_key": str(cfg.public_key) if cfg.public_key else None,
         "bundles": bundles,
         "ready": not not_ready,
         "not_ready": not_ready,
     }
+
+
+def _open_case(case) -> str | None:
+    """Read a case's image fully and its mask against it; the reason it is unusable, or None."""
+    from shared.ingest import read_image
+    from shared.sitedata import read_mask
+
+    try:
+        image = read_image(case.image_path).image
+        if case.mask_path is not None:
+            read_mask(case.mask_path, image)
+    except IchfedError as e:
+        return str(e)
+    except Exception as e:  # a reader failure on one case must not hide the report on the others
+        log.debug("case %s", case.case_id, exc_info=True)
+        return f"{case.image_path}: unreadable ({type(e).__name__}: {e})"
+    return None
 
 
 def _device_report(preference: str) -> dict[str, Any]:

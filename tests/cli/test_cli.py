@@ -100,6 +100,7 @@ def test_ingest_writes_volume_and_prints_json(tmp_path):
     slices = [np.full((10, 12), 40 + 10 * k) for k in range(5)]
     write_series(tmp_path / "ct", slices, positions, frame=frame)
     out = tmp_path / "nested" / "ct.nii.gz"
+    out.parent.mkdir()  # ingest does not create missing parent folders (issue #11)
 
     result = ichfed("ingest", str(tmp_path / "ct"), "-o", str(out))
     assert result.returncode == 0, result.stderr
