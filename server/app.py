@@ -339,11 +339,11 @@ def final_evaluation(grid, ready: dict[int, str], head: dict[str, np.ndarray], b
         parsed = metrics_from_reply(msg)
         info = msg.content[P.INFO]
         sites.append({"site": name, "status": "ok", **{m: parsed.get(m, {}) for m in
-                                                       (P.MODEL_REFERENCE, P.MODEL_LOCAL, P.MODEL_FEDERATED)},
+                                                       P.FINAL_ARMS},
                       "counts": parsed["counts"], "reasons": parsed["reasons"],
                       "kept_bundle": info.get(P.INFO_BUNDLE_HASH), "bundle_problem": info.get(P.INFO_REASON)})
     sites.sort(key=lambda s: s["site"])
-    pooled = {m: pooled_metrics(sites, m) for m in (P.MODEL_REFERENCE, P.MODEL_LOCAL, P.MODEL_FEDERATED)}
+    pooled = {m: pooled_metrics(sites, m) for m in P.FINAL_ARMS}
     return {"sites": sites, "pooled": pooled}
 
 

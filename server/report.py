@@ -1,10 +1,11 @@
 """The run report: ``report.json`` plus ``report.md`` / ``report.html`` with ROC curves and
 confusion matrices as PNG, and the paper-style table.
 
-The table compares, on the same held-out splits:
-(a) the reference bundle before fine-tuning (its own threshold),
-(b) last-layer fine-tuning at each site alone (the paper's approach; site threshold),
-(c) federated last-layer fine-tuning (site threshold).
+The report compares four arms on the same held-out splits (``server/report_arms.py``):
+(a) the reference bundle before fine-tuning (its own threshold), (b) the same head at each
+site's out-of-sample threshold, (c) last-layer fine-tuning at each site alone (the paper's
+approach), (d) federated last-layer fine-tuning. AUC is the primary comparison: pooled from
+score histograms, meta-analysed with DeLong variances, and as paired differences with CIs.
 
 Everything here comes from the aggregates the sites sent; a site's metrics withheld for too
 few cases appear as "withheld" with the reason.
@@ -21,13 +22,11 @@ from typing import Any
 from shared import protocol as P
 from shared.atomic import atomic_path, write_json, write_text
 
+from . import report_arms as arms
+
 log = logging.getLogger(__name__)
 
-FINAL_MODELS = (
-    (P.MODEL_REFERENCE, "Before fine-tuning (reference bundle)"),
-    (P.MODEL_LOCAL, "Local-only last-layer fine-tuning"),
-    (P.MODEL_FEDERATED, "Federated last-layer fine-tuning"),
-)
+FINAL_MODELS = arms.ARMS
 _COLS = ("auc", "accuracy", "sensitivity", "specificity", "threshold")
 
 
@@ -38,11 +37,12 @@ def paper_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     pooled = final.get("pooled") or {}
     for model, title in FINAL_MODELS:
         m = pooled.get(model) or {}
-        rows.append({"name": f"{title} — all sites", "model": model, "site": None, **m})
+        # The all-sites AUC is the histogram-pooled one; a report without it shows n/a.
+        rows.append({"name": f"{title} — all sites", "model": model, "site": None, **m, "auc": m.get("pooled_auc")})
     for site in final.get("sites", []):
         for model, title in FINAL_MODELS:
             m = site.get(model) or {}
-            rows.append({"name": f"{site['site']}: {title}", "model": model, "site": site["site"], **m})
+            rows.append({"name": f"{site_label(site)}: {title}", "model": model, "site": site_label(site), **m})
     return rows
 
 
@@ -71,11 +71,19 @@ def rounds_table_markdown(report: dict[str, Any]) -> str:
             t = train.get(row["site"], {})
             upd = t.get("status", "-") + (f" ({t['reason']})" if t.get("reason") else "")
             cells = ["withheld"] * 4 if m.get("withheld") else [_f(m.get(k)) for k in _COLS[:4]]
-            lines.append(f"| {rnd['round']} | {row['site']} | {upd} | {m.get('n', '')} | " + " | ".join(cells) + " |")
+            lines.append(f"| {rnd['round']} | {site_label(row)} | {upd} | {m.get('n', '')} | " + " | ".join(cells) + " |")
         pooled = rnd.get("evaluate", {}).get("pooled") or {}
+        pooled = {**pooled, "auc": pooled.get("pooled_auc")}
         lines.append(f"| {rnd['round']} | **pooled** | | {pooled.get('n', '')} | "
                      + " | ".join(_f(pooled.get(k)) for k in _COLS[:4]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def site_label(row: dict[str, Any]) -> str:
+    """A site as "name (node 123)": the name is the site's own claim, the node ID is the one its
+    SuperNode key authenticated, so two sites sending one name can still be told apart."""
+    node = row.get("node_id")
+    return row["site"] if node is None else f"{row['site']} (node {node})"
 
 
 def _f(v) -> str:
@@ -87,12 +95,16 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md", "html": out / "report.html",
-             "roc": out / "roc.png", "confusion": out / "confusion.png"}
+             "roc": out / "roc.png", "confusion": out / "confusion.png",
+             "pooled_roc": out / "pooled_roc.png", "reliability": out / "reliability.png"}
     write_json(paths["json"], report)
     has_final = bool((report.get("final") or {}).get("sites"))
     if has_final:
         plot_roc(report, paths["roc"])
         plot_confusion(report, paths["confusion"])
+    for key, plot in (("pooled_roc", arms.plot_pooled_roc), ("reliability", arms.plot_report_reliability)):
+        if not (has_final and plot(report, paths[key])):
+            paths.pop(key)
     write_text(paths["markdown"], markdown(report, has_final))
     write_text(paths["html"], to_html(report, has_final))
     if not has_final:
@@ -111,15 +123,22 @@ def markdown(report: dict[str, Any], with_figures: bool = True) -> str:
         f"- rounds: {run.get('num_rounds')}; sites: {', '.join(run.get('sites', []))}; "
         f"min-sites: {run.get('min_sites')}; seed: {run.get('seed')}",
         f"- resumed from round: {run.get('resumed_from_round', 0)}\n",
-        "## Before fine-tuning, local-only and federated fine-tuning (held-out splits)\n",
-        "Thresholds: the reference model uses the bundle's threshold; fine-tuned models use each site's "
-        "threshold maximising sensitivity × specificity on its fine-tune split. Pooled accuracy, "
-        "sensitivity and specificity come from summed confusion counts; pooled AUC is the case-weighted "
-        "mean of site AUCs.\n",
+        "## Four arms on the same held-out cases\n",
+        arms.PRIMARY_NOTE + "\n",
+        arms.arms_table_markdown(report),
+        "\n" + arms.verdict(report) + "\n",
+        arms.comparisons_table_markdown(report),
+        *arms.no_lesion_lines(report),
+        "\n## Per site (all-sites rows: pooled AUC from histograms)\n",
         paper_table_markdown(report),
     ]
     if with_figures:
-        parts += ["\n![ROC curves](roc.png)\n", "![Confusion matrices](confusion.png)\n"]
+        hist = arms.has_histograms(report)
+        parts += (["\n![Pooled ROC](pooled_roc.png)\n"] if hist else []) + [
+            "\n![ROC curves per site](roc.png)\n", "![Confusion matrices](confusion.png)\n"] + (
+            ["![Reliability](reliability.png)\n"] if hist else [])
+    parts += ["\n### Reliability of the federated head's p(neoplastic), pooled held-out cases\n",
+              arms.reliability_table_markdown(report)]
     reasons = _reasons(report)
     if reasons:
         parts += ["\n### Withheld or undefined metrics\n"] + [f"- {r}" for r in reasons] + [""]
@@ -145,8 +164,12 @@ def to_html(report: dict[str, Any], with_figures: bool = True) -> str:
         return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
     run = report.get("run", {})
-    figs = ('<h3>ROC curves</h3><img src="roc.png" alt="ROC curves">'
-            '<h3>Confusion matrices</h3><img src="confusion.png" alt="Confusion matrices">') if with_figures else ""
+    hist = with_figures and arms.has_histograms(report)
+    figs = (('<h3>Pooled ROC</h3><img src="pooled_roc.png" alt="Pooled ROC">' if hist else "")
+            + '<h3>ROC curves per site</h3><img src="roc.png" alt="ROC curves">'
+            '<h3>Confusion matrices</h3><img src="confusion.png" alt="Confusion matrices">'
+            + ('<h3>Reliability</h3><img src="reliability.png" alt="Reliability diagram">' if hist else "")
+            ) if with_figures else ""
     reasons = "".join(f"<li>{html.escape(r)}</li>" for r in _reasons(report))
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>ichfed run report</title>"
@@ -156,8 +179,13 @@ def to_html(report: dict[str, Any], with_figures: bool = True) -> str:
         "<h1>ichfed federated fine-tuning report</h1>"
         f"<p>bundle <code>{html.escape(run.get('bundle_hash', '')[:16])}</code>, rounds {run.get('num_rounds')}, "
         f"sites {html.escape(', '.join(run.get('sites', [])))}, seed {run.get('seed')}</p>"
-        "<h2>Before fine-tuning, local-only and federated fine-tuning</h2>"
-        + table(paper_table_markdown(report)) + figs
+        "<h2>Four arms on the same held-out cases</h2>"
+        f"<p>{html.escape(arms.PRIMARY_NOTE.replace('**', ''))}</p>"
+        + table(arms.arms_table_markdown(report)) + f"<p>{html.escape(arms.verdict(report))}</p>"
+        + table(arms.comparisons_table_markdown(report))
+        + "".join(f"<p>{html.escape(line[2:])}</p>" for line in arms.no_lesion_lines(report))
+        + "<h2>Per site</h2>" + table(paper_table_markdown(report)) + figs
+        + "<h3>Reliability of the federated head</h3>" + table(arms.reliability_table_markdown(report))
         + (f"<h3>Withheld or undefined metrics</h3><ul>{reasons}</ul>" if reasons else "")
         + "<h2>Rounds</h2>" + table(rounds_table_markdown(report)) + "</body></html>\n"
     )

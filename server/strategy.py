@@ -58,21 +58,12 @@ def check_update(head: dict[str, np.ndarray], reference: dict[str, np.ndarray], 
 
 
 def pooled_metrics(site_rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
-    """Pool per-site metrics of ``model``: confusion counts are summed (accuracy, sensitivity and
-    specificity follow from the sums); AUC is the case-weighted mean of the site AUCs, since the
-    per-case scores a pooled AUC would need never leave the sites."""
-    rows = [r for r in site_rows if r.get(model) and not r[model].get("withheld")]
-    out: dict[str, Any] = {"n_sites": len(rows), "n": sum(int(r[model].get("n") or 0) for r in rows)}
-    conf = {k: sum(int(r[model].get(k) or 0) for r in rows if r[model].get("tp") is not None) for k in ("tp", "fp", "tn", "fn")}
-    with_conf = [r for r in rows if r[model].get("tp") is not None]
-    total = sum(conf.values())
-    out["confusion"] = conf if with_conf else None
-    out["accuracy"] = (conf["tp"] + conf["tn"]) / total if total else None
-    out["sensitivity"] = conf["tp"] / (conf["tp"] + conf["fn"]) if conf["tp"] + conf["fn"] else None
-    out["specificity"] = conf["tn"] / (conf["tn"] + conf["fp"]) if conf["tn"] + conf["fp"] else None
-    aucs = [(r[model]["auc"], int(r[model]["n"])) for r in rows if r[model].get("auc") is not None]
-    out["auc"] = sum(a * n for a, n in aucs) / sum(n for _, n in aucs) if aucs else None
-    return out
+    """Pool per-site metrics of ``model``: summed confusion counts, the pooled AUC from the sites'
+    score histograms, fixed/random-effects AUC (and paired differences) with 95 % CIs, and the
+    case-weighted ``mean_site_auc``. See :mod:`server.pooling`."""
+    from .pooling import pool_model
+
+    return pool_model(site_rows, model)
 
 
 def metrics_from_reply(message) -> dict[str, Any]:
@@ -230,7 +221,7 @@ class HeadFedAvg(FedAvg):
     def _log_table(self, r: int, rows: list[dict[str, Any]], pooled: dict[str, Any]) -> None:
         log.info("round %d: global head on held-out splits", r)
         log.info("  %-16s %5s %6s %6s %6s %6s", "site", "n", "AUC", "Acc", "Sens", "Spec")
-        for row in rows + [{"site": "pooled", P.MODEL_GLOBAL: pooled}]:
+        for row in rows + [{"site": "pooled", P.MODEL_GLOBAL: {**pooled, "auc": pooled.get("pooled_auc")}}]:
             m = row.get(P.MODEL_GLOBAL) or {}
             log.info("  %-16s %5s %6s %6s %6s %6s", row["site"], m.get("n", "-"),
                      *(_fmt(m.get(k)) for k in ("auc", "accuracy", "sensitivity", "specificity")))

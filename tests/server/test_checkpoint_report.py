@@ -73,8 +73,8 @@ def test_report_files_table_and_figures(tmp_path):
     assert "withheld" in md and "site-b: federated.auc: fewer-cases-than-minimum" in md
     assert "<table>" in paths["html"].read_text(encoding="utf-8") and 'src="roc.png"' in paths["html"].read_text(encoding="utf-8")
     table = paper_table_markdown(report)
-    # the pooled row of each model leaves out the withheld site
-    assert "| Federated last-layer fine-tuning | all sites | 20 | 0.800 |" in table
+    # the pooled row of each model leaves out the withheld site; its AUC needs score histograms
+    assert "| Federated last-layer fine-tuning | all sites | 20 | n/a |" in table
 
 
 def test_federate_cli_status_and_report(tmp_path, capsys):

@@ -127,5 +127,5 @@ def test_check_update_and_pooling():
             {"site": "c", "global": {"n": 3, "withheld": 1}}]
     pooled = pooled_metrics(rows, "global")
     assert pooled["n_sites"] == 2 and pooled["n"] == 40
-    assert pooled["auc"] == pytest.approx((0.8 * 10 + 0.6 * 30) / 40)
+    assert pooled["mean_site_auc"] == pytest.approx((0.8 * 10 + 0.6 * 30) / 40)
     assert pooled["sensitivity"] == pytest.approx(13 / 19) and pooled["specificity"] == pytest.approx(15 / 21)

@@ -1,0 +1,103 @@
+"""Combine one model's held-out metrics across sites, from the aggregates the sites sent.
+
+Per model (arm) this yields:
+
+- pooled accuracy / sensitivity / specificity from summed confusion counts, at the arm's own
+  threshold policy, and the same for the intention-to-treat confusion (cases without a
+  segmented lesion scored as predicted non-neoplastic) next to the count of such cases;
+- ``pooled_auc``: a true pooled ROC/AUC built from the sites' per-class score histograms
+  (fixed bins; a site sends them only above the minimum case count);
+- ``auc_meta``: fixed-effect and DerSimonian-Laird random-effects AUC with 95 % CIs from each
+  site's AUC and DeLong variance;
+- for a model that carries paired differences (the federated head): ``minus_reference_meta``
+  and ``minus_local_meta``, the meta-analysed paired AUC differences with 95 % CIs;
+- ``mean_site_auc``: the case-weighted mean of site AUCs, named for what it is (older reports
+  called it "auc").
+
+Undefined summaries are None with a short reason in ``reasons``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared import protocol as P
+from shared.calibration import reliability_from_histograms
+from shared.errors import IchfedError
+from shared.rocstats import meta_analysis, pooled_roc
+
+# (output key, estimate metric, variance metric) of every meta-analysed quantity.
+META_TARGETS = (
+    ("auc_meta", "auc", "auc-var"),
+    ("minus_reference_meta", "auc-minus-reference", "auc-minus-reference-var"),
+    ("minus_local_meta", "auc-minus-local", "auc-minus-local-var"),
+)
+_CONF = ("tp", "fp", "tn", "fn")
+
+
+def pool_model(site_rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    """Everything the report shows for ``model`` across ``site_rows`` (see the module doc)."""
+    rows = [r[model] for r in site_rows if r.get(model) and not r[model].get("withheld")]
+    reasons: dict[str, str] = {}
+    out: dict[str, Any] = {"n_sites": len(rows), "n": sum(int(m.get("n") or 0) for m in rows)}
+    out.update(_confusion_summary(rows, ""))
+    out["n_no_lesion"] = sum(int(m.get("n-no-lesion") or 0) for m in rows)
+    itt = _confusion_summary(rows, "itt-")
+    out["itt"] = itt if itt["confusion"] is not None else None
+    aucs = [(float(m["auc"]), int(m["n"])) for m in rows if m.get("auc") is not None and m.get("n")]
+    out["mean_site_auc"] = sum(a * n for a, n in aucs) / sum(n for _, n in aucs) if aucs else None
+    if not aucs:
+        reasons["mean_site_auc"] = "no site reported an AUC"
+    out.update(_pooled_histograms(rows, reasons))
+    for key, est, var in META_TARGETS:
+        out[key] = _meta(rows, est, var, key, reasons)
+    out["reasons"] = reasons
+    return out
+
+
+def _confusion_summary(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
+    with_conf = [m for m in rows if m.get(prefix + "tp") is not None]
+    conf = {k: sum(int(m.get(prefix + k) or 0) for m in with_conf) for k in _CONF}
+    total = sum(conf.values())
+    pos, neg = conf["tp"] + conf["fn"], conf["tn"] + conf["fp"]
+    return {
+        "confusion": conf if with_conf else None,
+        "accuracy": (conf["tp"] + conf["tn"]) / total if total else None,
+        "sensitivity": conf["tp"] / pos if pos else None,
+        "specificity": conf["tn"] / neg if neg else None,
+    }
+
+
+def _pooled_histograms(rows: list[dict[str, Any]], reasons: dict[str, str]) -> dict[str, Any]:
+    hists = [(m[P.HIST_NEG], m[P.HIST_POS]) for m in rows if m.get(P.HIST_NEG) and m.get(P.HIST_POS)]
+    out: dict[str, Any] = {"pooled_auc": None, "pooled_roc": None, "hist_sites": len(hists),
+                           "hist_neg": None, "hist_pos": None, "reliability": None}
+    if not hists:
+        reasons["pooled_auc"] = "no site sent score histograms"
+        return out
+    try:
+        roc = pooled_roc(hists)
+    except IchfedError as exc:
+        reasons["pooled_auc"] = str(exc)
+        return out
+    neg = [int(sum(h[0][i] for h in hists)) for i in range(len(hists[0][0]))]
+    pos = [int(sum(h[1][i] for h in hists)) for i in range(len(hists[0][1]))]
+    out.update(pooled_auc=roc.auc, pooled_roc={"fpr": roc.fpr, "tpr": roc.tpr}, pooled_n_pos=roc.n_pos,
+               pooled_n_neg=roc.n_neg, hist_neg=neg, hist_pos=pos,
+               reliability=[list(p) for p in reliability_from_histograms(neg, pos)])
+    if roc.auc is None:
+        reasons["pooled_auc"] = "the pooled histograms lack a class"
+    return out
+
+
+def _meta(rows: list[dict[str, Any]], est: str, var: str, key: str, reasons: dict[str, str]) -> dict[str, Any] | None:
+    pairs = [(float(m[est]), float(m[var])) for m in rows if m.get(est) is not None and m.get(var) is not None]
+    if not pairs:
+        if any(est in m for m in rows) or est == "auc":
+            reasons[key] = f"no site sent both '{est}' and '{var}'"
+        return None
+    try:
+        return meta_analysis([e for e, _ in pairs], [v for _, v in pairs]).to_dict()
+    except IchfedError as exc:
+        reasons[key] = str(exc)
+        return None
