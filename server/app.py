@@ -20,9 +20,11 @@ import numpy as np
 from shared import protocol as P
 from shared.errors import IchfedError
 
+from .admission import SiteLedger, admit_metrics_reply
 from .checkpoint import CheckpointStore
 from .report import write_report
-from .strategy import DEFAULT_MAX_UPDATE_NORM, HeadFedAvg, metrics_from_reply, pooled_metrics, site_name
+from .robust import AGGREGATIONS, make_strategy
+from .strategy import DEFAULT_MAX_SITE_SHARE, DEFAULT_MAX_UPDATE_NORM, metrics_from_reply, pooled_metrics, site_name
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ class ServerSettings:
     wait_for_sites_s: float = 600.0
     seed: int = 0
     report_dir: Path | None = None  # default <state_dir>/report
+    aggregation: str = "fedavg"  # or "median" / "trimmed-mean" (server/robust.py)
+    trim_fraction: float = 0.2  # cut at each end by "trimmed-mean"
+    max_site_share: float = DEFAULT_MAX_SITE_SHARE  # the largest FedAvg weight share one site can claim
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -51,6 +56,13 @@ class ServerSettings:
             raise IchfedError(f"run config: 'min-sites' must be at least 1, got {self.min_sites}")
         if not self.max_update_norm > 0:
             raise IchfedError(f"run config: 'max-update-norm' must be positive, got {self.max_update_norm}")
+        if self.aggregation not in AGGREGATIONS:
+            raise IchfedError(f"run config: 'aggregation' must be one of {', '.join(AGGREGATIONS)}, "
+                              f"got {self.aggregation!r}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise IchfedError(f"run config: 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
+        if not 0.0 < self.max_site_share <= 1.0:
+            raise IchfedError(f"run config: 'max-site-share' must be in (0, 1], got {self.max_site_share}")
 
     @property
     def reports(self) -> Path:
@@ -70,6 +82,9 @@ _RUN_CONFIG_KEYS = {
     "wait-for-sites": ("wait_for_sites_s", float),
     "seed": ("seed", int),
     "report-dir": ("report_dir", Path),
+    "aggregation": ("aggregation", str),
+    "trim-fraction": ("trim_fraction", float),
+    "max-site-share": ("max_site_share", float),
 }
 
 
@@ -128,6 +143,8 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
         "min_sites": settings.min_sites,
         "max_update_norm": settings.max_update_norm,
         "seed": settings.seed,
+        "aggregation": settings.aggregation,
+        "max_site_share": settings.max_site_share,
         "resumed_from_round": 0,
     }
     start_round, history = 0, []
@@ -148,15 +165,19 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
     elif settings.resume:
         log.warning("resume requested but %s holds no checkpoint; starting at round 1", store.dir)
 
-    ready, distribution = distribute_bundle(grid, bundle, settings)
+    ledger = SiteLedger()  # one name and one fine-tune count per authenticated node, for the whole run
+    ready, distribution = distribute_bundle(grid, bundle, settings, ledger)
     run_info["sites"] = sorted(ready.values())
+    run_info["site_nodes"] = {name: node for node, name in sorted(ready.items())}
 
     def checkpoint(round_: int, arrays: dict[str, np.ndarray], _record: dict[str, Any]) -> None:
         store.save(round_, arrays, run_info, strategy.history)
 
-    strategy = HeadFedAvg(min_sites=settings.min_sites, max_update_norm=settings.max_update_norm,
-                          ready_nodes=ready.keys(), round_offset=start_round, history=history,
-                          on_round_end=checkpoint)
+    strategy = make_strategy(settings.aggregation, trim_fraction=settings.trim_fraction,
+                             min_sites=settings.min_sites, max_update_norm=settings.max_update_norm,
+                             max_site_share=settings.max_site_share, ledger=ledger,
+                             ready_nodes=ready.keys(), round_offset=start_round, history=history,
+                             on_round_end=checkpoint)
     remaining = settings.num_rounds - start_round
     if remaining > 0:
         cfg = ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_NUM_ROUNDS: settings.num_rounds,
@@ -165,7 +186,7 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
                        timeout=settings.round_timeout_s, train_config=cfg, evaluate_config=ConfigRecord(dict(cfg)))
         head = strategy.last_arrays
     final_bundle = write_federated_bundle(bundle, head, strategy.history, settings)
-    final = final_evaluation(grid, ready, head, bundle, final_bundle, settings)
+    final = final_evaluation(grid, ready, head, bundle, final_bundle, settings, ledger)
     report = {
         "run": {**run_info, "wall_s": round(time.perf_counter() - t0, 2)},
         "distribution": distribution,
@@ -212,12 +233,15 @@ def _send(grid, node_ids, message_type: str, content, timeout_s: float) -> list:
     return list(grid.send_and_receive(messages, timeout=timeout_s)) if messages else []
 
 
-def distribute_bundle(grid, bundle, settings: ServerSettings) -> tuple[dict[int, str], dict[str, Any]]:
+def distribute_bundle(grid, bundle, settings: ServerSettings,
+                      ledger: SiteLedger | None = None) -> tuple[dict[int, str], dict[str, Any]]:
     """Ask every site which bundle it has and send the bundle to those that lack it.
 
     Returns ``{node_id: site}`` of the sites holding the verified bundle, and a summary for the
-    report. Sites that refuse (failed verification) are logged by name and left out.
+    report. Sites that refuse (failed verification) are logged by name and left out, and so is
+    a node claiming a name another node already holds (``ledger``: the first claim wins).
     """
+    ledger = ledger if ledger is not None else SiteLedger()
     from flwr.app import ConfigRecord, RecordDict
 
     from shared.transport import bundle_to_records
@@ -229,7 +253,11 @@ def distribute_bundle(grid, bundle, settings: ServerSettings) -> tuple[dict[int,
     need: list[int] = []
     for msg in _send(grid, nodes, P.QUERY_BUNDLE, offer, settings.round_timeout_s):
         status = _status(msg)
-        if status == P.STATUS_HAVE:
+        clash = _name_clash(ledger, msg)
+        if clash:
+            log.warning("bundle check: node %s refused for this run: %s", msg.metadata.src_node_id, clash)
+            summary["refused"].append(f"{site_name(msg)} (node {msg.metadata.src_node_id})")
+        elif status == P.STATUS_HAVE:
             ready[msg.metadata.src_node_id] = site_name(msg)
             summary["had"].append(site_name(msg))
         elif status == P.STATUS_NEED:
@@ -254,6 +282,16 @@ def distribute_bundle(grid, bundle, settings: ServerSettings) -> tuple[dict[int,
                           f"min-sites is {settings.min_sites}")
     log.info("sites ready: %s", ", ".join(sorted(ready.values())))
     return ready, {k: sorted(v) for k, v in summary.items()}
+
+
+def _name_clash(ledger: SiteLedger, msg) -> str | None:
+    """Why the name in ``msg`` cannot be this node's (another node holds it), else None."""
+    if msg.has_error() or P.INFO not in msg.content.config_records:
+        return None  # an error reply carries no name to claim
+    name = msg.content[P.INFO].get(P.INFO_SITE)
+    if not isinstance(name, str) or not P.SITE_NAME_RE.match(name):
+        return f"site name {name!r} is missing or malformed"
+    return ledger.claim_name(msg.metadata.src_node_id, name)
 
 
 def _status(msg) -> str | None:
@@ -313,9 +351,15 @@ def write_federated_bundle(bundle, head: dict[str, np.ndarray], history: list[di
 
 
 def final_evaluation(grid, ready: dict[int, str], head: dict[str, np.ndarray], bundle,
-                     final_bundle: dict[str, Any] | None, settings: ServerSettings) -> dict[str, Any]:
+                     final_bundle: dict[str, Any] | None, settings: ServerSettings,
+                     ledger: SiteLedger | None = None) -> dict[str, Any]:
     """The final head on every site (each with its own threshold) next to the reference and
-    local-only heads; distributes the federated bundle in the same message."""
+    local-only heads; distributes the federated bundle in the same message.
+
+    Replies are range-checked on arrival (``server.admission``); one that fails is dropped and
+    logged with its node. A site that never answers (its process died) is listed as missing.
+    """
+    ledger = ledger if ledger is not None else SiteLedger()
     from flwr.app import ConfigRecord, RecordDict
 
     from shared.transport import bundle_to_records
@@ -330,18 +374,31 @@ def final_evaluation(grid, ready: dict[int, str], head: dict[str, np.ndarray], b
         arrays, config = bundle_to_records(final_bundle["bundle"].path, parent=bundle)
         content[P.BUNDLE_ARRAYS], content[P.BUNDLE_CONFIG] = arrays, config
     sites = []
-    for msg in _send(grid, sorted(ready), P.QUERY_FINAL, content, settings.round_timeout_s):
-        name = site_name(msg)
+    # An offline site's answer comes from the SuperLink (node 0): that site is listed as missing.
+    replies = [m for m in _send(grid, sorted(ready), P.QUERY_FINAL, content, settings.round_timeout_s)
+               if m.metadata.src_node_id in ready]
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        name = ready.get(node) or site_name(msg)
         if _status(msg) != P.STATUS_OK:
             _log_refusal(msg, "final evaluation")
-            sites.append({"site": name, "status": "failed"})
+            sites.append({"site": name, "node_id": node, "status": "failed"})
+            continue
+        why = admit_metrics_reply(ledger, msg)
+        if why:
+            log.warning("final evaluation: reply of site %s (node %s) dropped: %s", name, node, why)
+            sites.append({"site": name, "node_id": node, "status": "rejected", "reason": why})
             continue
         parsed = metrics_from_reply(msg)
         info = msg.content[P.INFO]
-        sites.append({"site": name, "status": "ok", **{m: parsed.get(m, {}) for m in
+        sites.append({"site": name, "node_id": node, "status": "ok", **{m: parsed.get(m, {}) for m in
                                                        P.FINAL_ARMS},
                       "counts": parsed["counts"], "reasons": parsed["reasons"],
                       "kept_bundle": info.get(P.INFO_BUNDLE_HASH), "bundle_problem": info.get(P.INFO_REASON)})
+    answered = {m.metadata.src_node_id for m in replies}
+    for node in sorted(set(ready) - answered):
+        log.warning("final evaluation: no reply from site %s (node %s)", ready[node], node)
+        sites.append({"site": ready[node], "node_id": node, "status": "missing", "reason": "no reply"})
     sites.sort(key=lambda s: s["site"])
     pooled = {m: pooled_metrics(sites, m) for m in P.FINAL_ARMS}
     return {"sites": sites, "pooled": pooled}

@@ -1,0 +1,238 @@
+"""What the server accepts from a site: range checks on arriving metrics, the case counts a site
+may claim as its FedAvg weight, and one name per authenticated node.
+
+A site is trusted no further than it must be. Its SuperNode key authenticates the node ID (the
+SuperLink checks it), but everything inside a reply is the site's own claim: the name it gives,
+the number of cases it says it trained on, the metrics it reports. Each claim is checked here on
+arrival; a reply that fails is dropped by the caller and logged with the node ID.
+
+The checks are table-driven: known metric names are checked by rule (probabilities in [0, 1],
+counts non-negative integers that add up, variances non-negative, AUC differences in [-1, 1]);
+any other key must be a finite number or a list of finite numbers, so a metric added later is
+still range-checked without an edit here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from shared import protocol as P
+
+# No site fine-tunes on a million ICH cases; a claim above this is a lie or a bug, and a float
+# this size can no longer overflow a weighted sum.
+MAX_CASES = 1_000_000
+
+_UNIT = "unit"  # a finite number in [0, 1]
+_COUNT = "count"  # a non-negative integer
+_VAR = "variance"  # a finite number >= 0
+_DIFF = "difference"  # a finite number in [-1, 1]
+_FLAG = "flag"  # 0 or 1
+_UNIT_LIST = "unit-list"  # a list of numbers in [0, 1]
+_COUNT_LIST = "count-list"  # a list of non-negative integers
+
+# Rules for the "<model>.<metric>" keys (the metric part); unknown metrics fall back to finite.
+MODEL_METRIC_RULES: dict[str, str] = {
+    "auc": _UNIT, "accuracy": _UNIT, "sensitivity": _UNIT, "specificity": _UNIT, "threshold": _UNIT,
+    "dice-ich": _UNIT, "dice-phe": _UNIT,
+    "n": _COUNT, "n-pos": _COUNT, "n-neg": _COUNT, "n-no-lesion": _COUNT,
+    "tp": _COUNT, "fp": _COUNT, "tn": _COUNT, "fn": _COUNT,
+    "itt-tp": _COUNT, "itt-fp": _COUNT, "itt-tn": _COUNT, "itt-fn": _COUNT,
+    "withheld": _FLAG,
+    "auc-var": _VAR, "auc-minus-reference-var": _VAR, "auc-minus-local-var": _VAR,
+    "auc-minus-reference": _DIFF, "auc-minus-local": _DIFF,
+    P.ROC_TPR: _UNIT_LIST, P.HIST_POS: _COUNT_LIST, P.HIST_NEG: _COUNT_LIST,
+}
+# Rules for the site-level keys (not model-scoped).
+SITE_METRIC_RULES: dict[str, str] = {
+    P.NUM_EXAMPLES: _COUNT, P.N_FINE_TUNE: _COUNT, P.N_HELD_OUT: _COUNT, P.N_UNUSABLE: _COUNT,
+}
+
+
+def as_count(value: Any) -> int | None:
+    """``value`` as a non-negative integer no larger than MAX_CASES, else None.
+
+    Integral floats are accepted (a MetricRecord may carry a count as 12.0); 12.5, NaN, bools,
+    negatives and absurd sizes are not.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    if not 0 <= value <= MAX_CASES:
+        return None
+    return int(value)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_value(key: str, value: Any, rule: str | None) -> str | None:
+    """Why ``value`` breaks ``rule`` (None: it is fine)."""
+    if rule in (_UNIT_LIST, _COUNT_LIST) or isinstance(value, list):
+        if not isinstance(value, list):
+            return f"'{key}' is {value!r}, not a list"
+        for v in value:
+            why = _check_value(key, v, _UNIT if rule == _UNIT_LIST else _COUNT if rule == _COUNT_LIST else None)
+            if why:
+                return why
+        return None
+    if rule == _COUNT:
+        return None if as_count(value) is not None else f"'{key}' is {value!r}, not a case count"
+    if rule == _FLAG:
+        return None if value in (0, 1) and not isinstance(value, bool) else f"'{key}' is {value!r}, not 0 or 1"
+    if not _finite(value):
+        return f"'{key}' is {value!r}, not a finite number"
+    if rule == _UNIT and not 0.0 <= value <= 1.0:
+        return f"'{key}' is {value!r}, outside [0, 1]"
+    if rule == _VAR and value < 0:
+        return f"'{key}' is {value!r}, a negative variance"
+    if rule == _DIFF and not -1.0 <= value <= 1.0:
+        return f"'{key}' is {value!r}, outside [-1, 1]"
+    return None
+
+
+def check_reply_metrics(metrics: Mapping[str, Any]) -> str | None:
+    """Why an evaluate or final reply's metrics are impossible (None: they pass).
+
+    Every value is range-checked by its rule; then the counts must add up: per model
+    ``n-pos + n-neg == n``, ``tp + fn == n-pos``, ``fp + tn == n-neg``, each score histogram
+    holds no more cases than its class, and ``n`` equals the site's held-out count.
+    """
+    models: dict[str, dict[str, Any]] = {}
+    for key, value in metrics.items():
+        parts = P.split_metric_key(key)
+        if parts is not None:
+            rule = MODEL_METRIC_RULES.get(parts[1])
+            models.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            rule = SITE_METRIC_RULES.get(key)
+        why = _check_value(key, value, rule)
+        if why:
+            return why
+    held_out = metrics.get(P.N_HELD_OUT)
+    for model, m in models.items():
+        why = _counts_add_up(model, m, held_out)
+        if why:
+            return why
+    return None
+
+
+def _counts_add_up(model: str, m: dict[str, Any], held_out: Any) -> str | None:
+    n, pos, neg = m.get("n"), m.get("n-pos"), m.get("n-neg")
+    if None not in (n, pos, neg) and pos + neg != n:
+        return f"'{model}': n-pos {pos} + n-neg {neg} != n {n}"
+    if held_out is not None and n is not None and n != held_out:
+        return f"'{model}': n {n} differs from the site's held-out count {held_out}"
+    conf = [m.get(k) for k in ("tp", "fp", "tn", "fn")]
+    if None not in conf and pos is not None and neg is not None:
+        tp, fp, tn, fn = conf
+        if tp + fn != pos or fp + tn != neg:
+            return f"'{model}': confusion counts {conf} do not add up to n-pos {pos} / n-neg {neg}"
+    for hist, total in ((P.HIST_POS, pos), (P.HIST_NEG, neg)):
+        if isinstance(m.get(hist), list) and total is not None and sum(m[hist]) > total:
+            return f"'{model}': {hist} holds {sum(m[hist])} cases, more than the {total} of its class"
+    return None
+
+
+def check_train_claims(metrics: Mapping[str, Any]) -> tuple[int | None, str | None]:
+    """The fine-tune count a train reply claims, or the reason the reply is unacceptable.
+
+    ``num-examples`` (the FedAvg weight) must be a positive integer case count, ``n-fine-tune``
+    (when sent) one too and not smaller, and the training loss a finite number: a NaN loss
+    means the site's optimisation diverged, so its head is no better than a NaN weight.
+    """
+    n = metrics.get(P.NUM_EXAMPLES)
+    count = as_count(n)
+    if not count:
+        return None, f"'{P.NUM_EXAMPLES}' is {n!r}, not a positive integer case count (at most {MAX_CASES})"
+    if P.N_FINE_TUNE in metrics:
+        reported = as_count(metrics[P.N_FINE_TUNE])
+        if not reported:
+            return None, f"'{P.N_FINE_TUNE}' is {metrics[P.N_FINE_TUNE]!r}, not a positive integer case count"
+        # The weight is capped at the site's own fine-tune count rather than rejected.
+        count = min(count, reported)
+    loss = metrics.get(P.TRAIN_LOSS)
+    if loss is not None and not _finite(loss):
+        return None, f"'{P.TRAIN_LOSS}' is {loss!r}, not a finite number"
+    for key, value in metrics.items():
+        if key not in (P.NUM_EXAMPLES, P.N_FINE_TUNE, P.TRAIN_LOSS):
+            why = _check_value(key, value, SITE_METRIC_RULES.get(key))
+            if why:
+                return None, why
+    return count, None
+
+
+class SiteLedger:
+    """What the server has learned about each authenticated node during one run: the name it
+    claimed first and the fine-tune count it reported first.
+
+    A name belongs to the node that claimed it first; a later node claiming it is refused for
+    the run, and a node cannot change its name or its fine-tune count mid-run.
+    """
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+        self.counts: dict[int, int] = {}
+
+    def claim_name(self, node_id: int, name: str) -> str | None:
+        """Register ``name`` for ``node_id``; the reason it is refused, or None."""
+        holder = next((n for n, s in self.names.items() if s == name), None)
+        if holder is not None and holder != node_id:
+            return f"site name '{name}' is already held by node {holder}"
+        known = self.names.get(node_id)
+        if known is not None and known != name:
+            return f"node {node_id} joined as '{known}' and now calls itself '{name}'"
+        self.names[node_id] = name
+        return None
+
+    def name(self, node_id: int, fallback: str | None = None) -> str:
+        """The name ``node_id`` holds, else ``fallback`` or ``node-<id>``."""
+        return self.names.get(node_id) or fallback or f"node-{node_id}"
+
+    def check_count(self, node_id: int, n_fine_tune: Any) -> str | None:
+        """Record the node's fine-tune count the first time; later it must not change."""
+        n = as_count(n_fine_tune)
+        if n is None:
+            return f"'{P.N_FINE_TUNE}' is {n_fine_tune!r}, not a case count"
+        known = self.counts.setdefault(node_id, n)
+        if known != n:
+            return f"'{P.N_FINE_TUNE}' changed from {known} to {n} during the run"
+        return None
+
+
+def share_capped(weights: Mapping[int, float], max_share: float) -> dict[int, float]:
+    """Cap each site's weight so that, against the others' claims, it holds at most
+    ``max_share`` of the round: ``w_i <= max_share / (1 - max_share) * sum_{j != i} w_j``.
+
+    With one site, or ``max_share >= 1``, nothing is capped. One site lying about its size can
+    then move the weighted mean by at most ``max_share`` of its own deviation.
+    """
+    if len(weights) < 2 or max_share >= 1.0:
+        return dict(weights)
+    total = sum(weights.values())
+    ratio = max_share / (1.0 - max_share)
+    return {k: min(float(w), ratio * (total - w)) for k, w in weights.items()}
+
+
+def check_identity(ledger: SiteLedger, msg) -> str | None:
+    """A reply must come under the name its authenticated node holds (the first one it claimed)."""
+    info = msg.content[P.INFO] if msg.has_content() and P.INFO in msg.content.config_records else {}
+    name = info.get(P.INFO_SITE)
+    if not isinstance(name, str) or not P.SITE_NAME_RE.match(name):
+        return f"site name {name!r} is missing or malformed"
+    return ledger.claim_name(msg.metadata.src_node_id, name)
+
+
+def admit_metrics_reply(ledger: SiteLedger, msg) -> str | None:
+    """Why an evaluate or final reply cannot be believed (None: admitted): the sender's name,
+    the range and consistency of its metrics, and its fine-tune count against earlier replies."""
+    why = check_identity(ledger, msg)
+    if why or P.METRICS not in msg.content.metric_records:
+        return why
+    metrics = dict(msg.content[P.METRICS])
+    why = check_reply_metrics(metrics)
+    if why is None and P.N_FINE_TUNE in metrics:
+        why = ledger.check_count(msg.metadata.src_node_id, metrics[P.N_FINE_TUNE])
+    return why
