@@ -47,7 +47,13 @@ class GatedAnalyse:
         image = sitk.ReadImage(str(path), sitk.sitkFloat32)
         progress("segmentation")
         mask = sitk.Cast(image > 60, sitk.sitkUInt8)
-        return {"ich_ml": float(sitk.GetArrayViewFromImage(mask).sum()), "quality_flags": []}, image, mask
+        ich_ml = float(sitk.GetArrayViewFromImage(mask).sum())
+        # The keys the page reads, in the shape of Predictor.predict's result (no classifier here).
+        result = {"lesion_found": False, "n_components": 0, "ich_ml": ich_ml, "phe_ml": 0.0, "ich_mean_hu": None,
+                  "phe_mean_hu": None, "p_neoplastic": None, "threshold": 0.5, "threshold_source": "bundle",
+                  "label": None, "quality_flags": [], "extracranial_ml_removed": 0.0, "timings": {},
+                  "bundle": INFO["bundle"]}
+        return result, image, mask
 
 
 def _post(url, data: bytes, name="head.nii.gz"):
@@ -179,3 +185,40 @@ def test_case_folders_are_private_and_marked_with_this_process(tmp_path):
     assert folder.name.startswith(PREFIX) and (folder.stat().st_mode & 0o777) == 0o700
     assert json.loads((folder / MARKER).read_text())["pid"] == os.getpid()
     assert remove_leftovers(tmp_path) == []  # this process is alive
+
+
+def test_bad_queue_limit_is_one_error_line():
+    r = subprocess.run([sys.executable, "-m", "ichfed", "reader", "--bundle", "nope", "--max-queued", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: ichfed reader: 'max_queued' must be between 1 and 1000, got 0"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="Debian's chromium is not installed")
+def test_page_says_busy_with_the_wait_when_the_queue_is_full(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    analyse = GatedAnalyse()
+    data = _nifti_bytes(tmp_path)
+    (tmp_path / "second.nii.gz").write_bytes(data)
+    settings = ReaderSettings(work_dir=tmp_path, max_queued=1)
+    with serve_in_thread(create_app(analyse, INFO, settings)) as url, sync_playwright() as p:
+        first = _post(url, data).json()["token"]  # another user's case, held at the gate
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/")
+            page.wait_for_selector("#model-info b")
+            page.set_input_files("#file-input", str(tmp_path / "second.nii.gz"))
+            page.wait_for_selector("body[data-case-state=busy]", timeout=30_000)
+            message = page.inner_text("#message")
+            assert "The reader is busy" in message and "Try again in about 30 s" in message
+            assert "could not be read" not in message and page.is_hidden("#progress")
+            analyse.gate.set()
+            _wait_done(url, first)
+            page.set_input_files("#file-input", str(tmp_path / "second.nii.gz"))
+            page.wait_for_selector("body[data-case-state=done]", timeout=30_000)
+            assert page.is_hidden("#message")
+        finally:
+            browser.close()
