@@ -29,6 +29,7 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 
 from shared.errors import IchfedError
 from shared.quality import FLAGS as QUALITY_FLAGS
@@ -181,6 +182,11 @@ def create_app(
         except IchfedError as e:
             shutil.rmtree(folder, ignore_errors=True)
             return error(str(e))
+        except ClientDisconnect:
+            # A closed tab or a dropped connection: nothing to answer, nothing to keep, no traceback.
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("reader: upload abandoned by the client")
+            return error("upload: the client disconnected", 400)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -222,3 +223,46 @@ def test_page_says_busy_with_the_wait_when_the_queue_is_full(tmp_path):
             assert page.is_hidden("#message")
         finally:
             browser.close()
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_upload_abandoned_mid_body_leaves_nothing_and_no_traceback(tmp_path, caplog):
+    collect = _Collect()
+    caplog.set_level(logging.INFO, logger="client.reader.app")
+    work = tmp_path / "work"
+    work.mkdir()
+    analyse = GatedAnalyse()
+    analyse.gate.set()
+    with serve_in_thread(create_app(analyse, INFO, ReaderSettings(work_dir=work))) as url:
+        # uvicorn configures its loggers (no propagation) when the server is made: listen on them now.
+        logging.getLogger("uvicorn.error").addHandler(collect)
+        _abandon_upload(url, work)
+        logging.getLogger("uvicorn.error").removeHandler(collect)
+    records = collect.records + caplog.records
+    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records]
+
+
+def _abandon_upload(url, work):
+    """Start a 100 kB upload, send 5 kB of it, and close the connection."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /api/cases HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                  b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
+                  b"filename=\"a.nii\"\r\n\r\n" + b"\0" * 5000)
+        deadline = time.monotonic() + 10
+        while not list(work.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(work.iterdir())  # the body is being received into a case folder
+    deadline = time.monotonic() + 10
+    while list(work.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert list(work.iterdir()) == []
+    assert httpx.get(f"{url}/api/info").status_code == 200
