@@ -131,6 +131,25 @@ def reliability_from_histograms(
     return out
 
 
+def reliability_points(y_true: Sequence[int], p: Sequence[float], bins: int = 10) -> list[tuple[float, float, int]]:
+    """``(mean predicted p, observed fraction positive, n)`` per non-empty equal-width bin.
+
+    For data held locally (bootstrap); the predicted value is the bins' mean score, which
+    is what :func:`sklearn.calibration.calibration_curve` uses, plus the count it omits.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    s = np.asarray(p, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise IchfedError(f"y_true/p: need 1-D arrays of equal length, got {y.shape} and {s.shape}")
+    idx = np.minimum((s * bins).astype(np.int64), bins - 1)
+    out = []
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            out.append((float(s[sel].mean()), float(y[sel].mean()), int(sel.sum())))
+    return out
+
+
 def calibration_error(points: Sequence[tuple[float, float, int]]) -> float | None:
     """Expected calibration error: case-weighted mean of |observed - predicted| over bins."""
     n = sum(c for _, _, c in points)

@@ -14,6 +14,7 @@ from shared.calibration import (
     calibration_error,
     operating_point_summary,
     reliability_from_histograms,
+    reliability_points,
 )
 from shared.errors import IchfedError
 from shared.metrics import best_threshold, midpoint_threshold, snap_threshold
@@ -118,3 +119,8 @@ def test_reliability_and_operating_point_from_histograms():
     assert op["n_called_positive"] == 8
     with pytest.raises(IchfedError):
         reliability_from_histograms([1], [1, 2])
+
+
+def test_reliability_points_use_the_mean_score_per_bin():
+    pts = reliability_points([0, 1, 1, 0], [0.02, 0.04, 0.95, 0.91], bins=10)
+    assert pts[0] == (pytest.approx(0.03), 0.5, 2) and pts[1] == (pytest.approx(0.93), 0.5, 2)
