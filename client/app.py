@@ -217,6 +217,11 @@ def _on_train(state: SiteState, message):
     if feats.fine_tune.n == 0:
         log.error("site %s: no usable fine-tune cases; not training", state.config.name)
         raise _Refusal(P.REASON_NO_CASES)
+    if feats.fine_tune.n < state.runtime.min_cases:
+        # A head trained on one or two cases is close to a copy of their features.
+        log.error("site %s: %d fine-tune cases, fewer than the minimum %d; not sending a head update",
+                  state.config.name, feats.fine_tune.n, state.runtime.min_cases)
+        raise _Refusal(P.REASON_TOO_FEW)
     c = state.config
     result = train_head(
         Head.from_arrays(message.content[P.HEAD]),
@@ -255,33 +260,18 @@ def _on_evaluate(state: SiteState, message):
 
 
 def _on_final(state: SiteState, message):
-    """Reference, local-only and federated heads on the held-out split; keep the final bundle."""
+    """The four arms on the held-out split (``client.final``); keep the final bundle and its overlay."""
+    from .final import final_arms
+
     cfg = _config(message)
     c = state.config
     bundle = state.bundle(str(cfg[P.CFG_BUNDLE_HASH]))
     feats = state.runtime.features(bundle)
-    runtime = state.runtime
-    reference = state.reference_head(bundle)
-    federated = Head.from_arrays(message.content[P.HEAD])
     rounds = int(cfg.get(P.CFG_NUM_ROUNDS, 1))
-
+    arms = final_arms(state.runtime, feats, state.reference_head(bundle), Head.from_arrays(message.content[P.HEAD]),
+                      float(bundle.threshold.p), rounds, device=state.device())
     metrics: dict = {P.NUM_EXAMPLES: feats.held_out.n, P.N_FINE_TUNE: feats.fine_tune.n,
-                     P.N_HELD_OUT: feats.held_out.n, P.N_UNUSABLE: feats.n_unusable}
-    reasons: dict = {}
-    m, r = runtime.evaluate(P.MODEL_REFERENCE, reference, float(bundle.threshold.p), feats.held_out)
-    metrics.update(m), reasons.update(r)
-
-    # The paper's local-only baseline gets as many epochs as the site trained in the federation.
-    local = train_head(reference, feats.fine_tune.features, feats.fine_tune.labels,
-                       epochs=rounds * c.local_epochs, learning_rate=c.learning_rate,
-                       batch_size=c.batch_size, seed=c.seed * 100_003, device=state.device()).head
-    t_local, why = runtime.calibrate(local, feats.fine_tune, bundle.threshold.p)
-    m, r = runtime.evaluate(P.MODEL_LOCAL, local, t_local, feats.held_out, why)
-    metrics.update(m), reasons.update(r)
-
-    t_fed, why_fed = runtime.calibrate(federated, feats.fine_tune, bundle.threshold.p)
-    m, r = runtime.evaluate(P.MODEL_FEDERATED, federated, t_fed, feats.held_out, why_fed)
-    metrics.update(m), reasons.update(r)
+                     P.N_HELD_OUT: feats.held_out.n, P.N_UNUSABLE: feats.n_unusable, **arms.metrics}
 
     final_hash = None
     reason = None
@@ -292,9 +282,10 @@ def _on_final(state: SiteState, message):
         except _Refusal as refusal:
             reason = refusal.reason
             final_hash = None
-    # The federated threshold belongs with the bundle that carries the federated head.
-    source = "site-calibrated" if why_fed is None else "bundle"
-    runtime.save_local_threshold(final_hash or bundle.hash, t_fed, source)
+    # The federated threshold and calibration belong with the bundle that carries the federated head.
+    t_fed = arms.federated_threshold
+    source = "site-calibrated" if t_fed.reason is None else "bundle"
+    state.runtime.save_local_threshold(final_hash or bundle.hash, t_fed.p, source, t_fed.calibration)
     if final_hash:
         from shared.atomic import write_json
 
@@ -302,12 +293,12 @@ def _on_final(state: SiteState, message):
             "bundle_hash": final_hash,
             "bundle_path": str(state.bundle_dir / final_hash),
             "parent_bundle_hash": bundle.hash,
-            "threshold": t_fed,
+            "threshold": t_fed.p,
             "threshold_source": source,
             "rounds": rounds,
         })
-        log.info("site %s: final bundle %s kept with local threshold %.4f", c.name, final_hash[:12], t_fed)
-    return build_reply(c.name, metrics=metrics, reasons=reasons, reason=reason, bundle_hash=final_hash)
+        log.info("site %s: final bundle %s kept with local threshold %.4f", c.name, final_hash[:12], t_fed.p)
+    return build_reply(c.name, metrics=metrics, reasons=arms.reasons, reason=reason, bundle_hash=final_hash)
 
 
 app = build_client_app()

@@ -2,8 +2,12 @@
 
 A reply may carry only
 - the head (``weight`` (2, 512) and ``bias`` (2,), finite float32),
-- named aggregate metrics (counts, AUC, accuracy, sensitivity, specificity, threshold,
-  confusion counts, mean Dice, and a ROC curve sampled at fixed false-positive rates),
+- named aggregate metrics (counts, AUC and its DeLong variance, paired AUC differences and their
+  variances, accuracy, sensitivity, specificity, confusion counts (also intention-to-treat),
+  mean Dice, a ROC curve sampled at fixed false-positive rates, and per-class score histograms
+  on fixed bins with at least ``protocol.MIN_CASES_FLOOR`` cases per class),
+- thresholds only on the fixed grid ``protocol.THRESHOLD_GRID`` (the reference arm's is the
+  bundle's own, public value),
 - a few short fields from a fixed vocabulary (site name, status, reason codes, bundle hash).
 
 Case IDs, per-case values, images and file paths have no key to travel under, so they cannot
@@ -24,8 +28,12 @@ from shared import protocol as P
 log = logging.getLogger(__name__)
 
 _MAX_ABS = 1e6  # no honest metric or head entry is this large; a larger one is a bug or a leak
-_COUNT_METRICS = {"n", "n-pos", "n-neg", "n-no-lesion", "tp", "fp", "tn", "fn", "withheld"}
-_UNIT_METRICS = {"auc", "accuracy", "sensitivity", "specificity", "threshold", "dice-ich", "dice-phe"}
+_COUNT_METRICS = {"n", "n-pos", "n-neg", "n-no-lesion", "tp", "fp", "tn", "fn", "withheld",
+                  "itt-tp", "itt-fp", "itt-tn", "itt-fn"}
+_UNIT_METRICS = {"auc", "accuracy", "sensitivity", "specificity", "threshold", "dice-ich", "dice-phe",
+                 "auc-var", "auc-minus-reference-var", "auc-minus-local-var"}
+_DIFF_METRICS = {"auc-minus-reference", "auc-minus-local"}  # paired differences lie in [-1, 1]
+_HIST_METRICS = {P.HIST_NEG, P.HIST_POS}
 
 
 class PrivacyViolation(RuntimeError):
@@ -175,13 +183,17 @@ def _check_head(record) -> None:
 
 
 def _check_metric(key: str, value: Any) -> None:
+    model = None
     if key in P.SITE_COUNTS:
         metric = "n" if key != P.TRAIN_LOSS else "train-loss"
     else:
         parts = P.split_metric_key(key)
         if parts is None:
             raise PrivacyViolation(f"metric '{key}' is not on the allow-list")
-        metric = parts[1]
+        model, metric = parts
+    if metric in _HIST_METRICS:
+        _check_histogram(key, value)
+        return
     if metric in P.LIST_METRICS:
         if not isinstance(value, list) or len(value) != P.LIST_METRICS[metric]:
             raise PrivacyViolation(f"metric '{key}' must be a list of {P.LIST_METRICS[metric]} values")
@@ -196,8 +208,31 @@ def _check_metric(key: str, value: Any) -> None:
         return
     if metric in _UNIT_METRICS:
         _check_number(key, value, 0.0, 1.0)
+        if metric == "threshold" and model != P.MODEL_REFERENCE:
+            _check_on_grid(key, value)
+        return
+    if metric in _DIFF_METRICS:
+        _check_number(key, value, -1.0, 1.0)
         return
     _check_number(key, value, 0.0, _MAX_ABS)
+
+
+def _check_histogram(key: str, value: Any) -> None:
+    """SCORE_BINS non-negative whole counts summing to at least the floor (or nothing at all)."""
+    if not isinstance(value, list) or len(value) != P.SCORE_BINS:
+        raise PrivacyViolation(f"metric '{key}' must be a list of {P.SCORE_BINS} counts")
+    for v in value:
+        _check_number(key, v, 0.0, _MAX_ABS)
+        if float(v) != int(v):
+            raise PrivacyViolation(f"metric '{key}' must hold whole counts, got {v!r}")
+    if sum(value) < P.MIN_CASES_FLOOR:
+        raise PrivacyViolation(f"metric '{key}' describes fewer than {P.MIN_CASES_FLOOR} cases")
+
+
+def _check_on_grid(key: str, value: float) -> None:
+    steps = value / P.THRESHOLD_GRID
+    if abs(steps - round(steps)) > 1e-6:
+        raise PrivacyViolation(f"metric '{key}' = {value!r} is not on the {P.THRESHOLD_GRID} threshold grid")
 
 
 def _check_number(key: str, value: Any, lo: float, hi: float) -> None:

@@ -39,7 +39,8 @@ class SiteConfig:
     local_epochs: int = dataclasses.field(default=20, metadata={"range": (1, 100_000)})
     learning_rate: float = dataclasses.field(default=1e-3, metadata={"range": (1e-8, 10.0)})
     batch_size: int = dataclasses.field(default=16, metadata={"range": (1, 65_536)})
-    min_cases_for_metrics: int = dataclasses.field(default=5, metadata={"range": (1, 1_000_000)})
+    # The floor (protocol.MIN_CASES_FLOOR) is part of the privacy boundary: a config cannot lower it.
+    min_cases_for_metrics: int = dataclasses.field(default=5, metadata={"range": (P.MIN_CASES_FLOOR, 1_000_000)})
     seed: int = dataclasses.field(default=0, metadata={"range": (0, 2**31 - 1)})
     audit_outgoing: bool = True  # keep a copy of every reply in <state_dir>/outgoing/
 
@@ -48,6 +49,9 @@ class SiteConfig:
             raise IchfedError(
                 f"site config: 'name' must be 1-64 letters, digits, '.', '_' or '-' (got {self.name!r})"
             )
+        if self.min_cases_for_metrics < P.MIN_CASES_FLOOR:  # also when built in code, not only from TOML
+            raise IchfedError(f"site config: 'min_cases_for_metrics' cannot be below {P.MIN_CASES_FLOOR} "
+                              f"(got {self.min_cases_for_metrics})")
 
 
 def load_site_config(path: str | os.PathLike) -> SiteConfig:
@@ -137,6 +141,7 @@ class Part:
     dice_ich: list[float]
     dice_phe: list[float]
     has_masks: bool
+    n_no_lesion_pos: int = 0  # neoplastic cases among n_no_lesion (the intention-to-treat line)
 
     @property
     def n(self) -> int:
@@ -249,17 +254,17 @@ class SiteRuntime:
 
     # -- threshold -------------------------------------------------------------------------
     def calibrate(self, head: Head, part: Part, fallback: float) -> tuple[float, str | None]:
-        """The threshold maximising sensitivity x specificity on ``part`` (the fine-tune split).
+        """The threshold for ``head`` from its scores on ``part`` (the fine-tune split): the midpoint
+        rule on the grid (``client.calibrate.site_threshold``).
 
-        Falls back to ``fallback`` (the bundle's threshold) with a reason code when ``part``
-        lacks a class.
+        For a head that trained on ``part`` these scores are partly in-sample; the final reply's
+        local-only arm uses out-of-fold scores instead. Falls back to ``fallback`` (the bundle's
+        threshold) with a reason code when ``part`` lacks a class.
         """
-        from shared.metrics import best_threshold
+        from .calibrate import site_threshold
 
-        t = best_threshold(part.labels, p_neoplastic(head, part.features)) if part.n else None
-        if t is None or t.p is None:
-            return float(fallback), P.REASON_THRESHOLD_FROM_BUNDLE
-        return float(t.p), None
+        t = site_threshold(part.labels, p_neoplastic(head, part.features), fallback)
+        return t.p, t.reason
 
     def save_local_threshold(self, bundle_hash: str, threshold: float, source: str,
                              calibration: dict | None = None) -> Path:
@@ -271,56 +276,18 @@ class SiteRuntime:
             calibration=calibration, site=self.config.name))
 
     # -- evaluation --------------------------------------------------------------------------
+    @property
+    def min_cases(self) -> int:
+        """``min_cases_for_metrics``, never below the protocol's floor."""
+        return max(int(self.config.min_cases_for_metrics), P.MIN_CASES_FLOOR)
+
     def evaluate(self, model: str, head: Head, threshold: float, part: Part,
                  threshold_reason: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-        """Aggregate metrics of ``head`` at ``threshold`` on ``part``, as ``"<model>.<metric>"`` keys.
+        """Aggregate metrics of ``head`` at ``threshold`` on ``part`` (``client.evaluate.arm_metrics``)."""
+        from .evaluate import arm_metrics
 
-        Fewer than ``min_cases_for_metrics`` cases: only counts are given, ``withheld`` is 1 and
-        every metric carries reason ``fewer-cases-than-minimum``. Undefined metrics are None with
-        a reason code.
-        """
-        from shared.metrics import classification_metrics, roc_points
-
-        k = lambda m: P.metric_key(model, m)  # noqa: E731
-        metrics: dict[str, Any] = {
-            k("n"): part.n,
-            k("n-pos"): int((part.labels == 1).sum()),
-            k("n-neg"): int((part.labels == 0).sum()),
-            k("n-no-lesion"): part.n_no_lesion,
-        }
-        reasons: dict[str, str] = {}
-        gated = ("auc", "accuracy", "sensitivity", "specificity", "threshold", "tp", "fp", "tn", "fn",
-                 P.ROC_TPR, "dice-ich", "dice-phe")
-        if part.n < self.config.min_cases_for_metrics:
-            metrics[k("withheld")] = 1
-            for m in gated:
-                reasons[k(m)] = P.REASON_TOO_FEW if part.n else P.REASON_NO_CASES
-            return metrics, reasons
-        metrics[k("withheld")] = 0
-        p = p_neoplastic(head, part.features)
-        cm = classification_metrics(part.labels, p, threshold, n_boot=0, seed=self.config.seed)
-        metrics[k("threshold")] = float(threshold)
-        if threshold_reason:
-            reasons[k("threshold")] = threshold_reason
-        for m in ("auc", "accuracy", "sensitivity", "specificity"):
-            metrics[k(m)] = cm[m]
-            if cm[m] is None:
-                reasons[k(m)] = P.REASON_ONE_CLASS
-        for m in ("tp", "fp", "tn", "fn"):
-            metrics[k(m)] = cm["confusion"][m]
-        fpr, tpr = roc_points(part.labels, p)
-        if fpr:
-            # the best sensitivity reachable at each fixed false-positive rate (a step ROC curve)
-            f, t = np.asarray(fpr), np.asarray(tpr)
-            metrics[k(P.ROC_TPR)] = [float(t[f <= x + 1e-12].max()) for x in P.ROC_FPR_GRID]
-        else:
-            reasons[k(P.ROC_TPR)] = P.REASON_ONE_CLASS
-        for m, values in (("dice-ich", part.dice_ich), ("dice-phe", part.dice_phe)):
-            if values:
-                metrics[k(m)] = float(np.mean(values))
-            else:
-                reasons[k(m)] = P.REASON_NO_MASKS if not part.has_masks else P.REASON_NO_LESION
-        return metrics, reasons
+        return arm_metrics(model, part, p_neoplastic(head, part.features), threshold, min_cases=self.min_cases,
+                           seed=self.config.seed, threshold_reason=threshold_reason)
 
 
 def load_local_threshold(state_dir: str | os.PathLike, bundle_hash: str) -> float | None:
@@ -339,6 +306,7 @@ def _part(rows: list[CachedCase], cases: list) -> Part:
         features=feats,
         labels=np.array([int(c.label) for _, c in with_lesion], dtype=np.int64),
         n_no_lesion=len(rows) - len(with_lesion),
+        n_no_lesion_pos=sum(int(c.label) == 1 for r, c in zip(rows, cases) if not r.lesion_found),
         dice_ich=[r.dice_ich for r in rows if r.dice_ich is not None],
         dice_phe=[r.dice_phe for r in rows if r.dice_phe is not None],
         has_masks=any(c.mask_path is not None for c in cases),

@@ -3,7 +3,8 @@
 1. ``ichfed bootstrap --profile demo``: reference nnU-Net + ResNet-34 on the synthetic development
    site (charite-like), signed bundle and Table-2-style report. Cached: a second run reuses it.
 2. ``ichfed simulate``: three external simulated hospitals fine-tune the last layer with Flower's
-   simulation engine; prints the paper-style table (no fine-tuning / local-only / federated).
+   simulation engine; prints the four arms (reference, reference at the site threshold, local-only,
+   federated) with pooled and meta-analytic AUC and 95 % CIs, and the paired differences.
 3. ``ichfed predict``: one held-out case read with the federated bundle and the site's own threshold.
 """
 
@@ -49,7 +50,7 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
 
     from ichfed.commands.predict import format_result
     from server.bootstrap import bootstrap, get_profile, render_report
-    from server.report import paper_table_markdown
+    from server.report_arms import arms_table_markdown, comparisons_table_markdown, verdict
     from shared.bundle import load_bundle
     from shared.pipeline import Predictor
     from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
@@ -83,7 +84,10 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
         seed=seed,
         signing_key=key_dir / PRIVATE_KEY_NAME,
     )
-    print(paper_table_markdown(sim))
+    # The four arms with CIs and the paired differences: whether fine-tuning helped, at a glance.
+    print(arms_table_markdown(sim))
+    print(comparisons_table_markdown(sim))
+    print(verdict(sim))
     print(f"full report: {sim_out / 'report' / 'report.md'}")
 
     _banner("3/3 reading a case with the federated model and the site's own threshold")

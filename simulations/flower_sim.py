@@ -109,6 +109,7 @@ def run(
     cases_per_site: int = 12,
     scale: str = "ci",
     seed: int = 0,
+    split_seed: int | None = None,
     signing_key: str | os.PathLike | None = None,
     local_epochs: int = 20,
     learning_rate: float = 1e-3,
@@ -123,6 +124,8 @@ def run(
 ) -> dict[str, Any]:
     """Run a whole simulated federation and return the report (also written to ``out/report``).
 
+    ``seed`` fixes the cohorts; ``split_seed`` (default ``seed``) the sites' fine-tune / held-out
+    splits, so repeats with other split seeds reuse the cohorts and their cached features.
     ``site_overrides`` maps a site name (or its index as a string) to extra site-config fields.
     Raises ``IchfedError`` for bad arguments and when the run fails (e.g. too few usable sites).
     """
@@ -145,7 +148,8 @@ def run(
         cfg = SiteConfig(name=spec.name, data_dir=spec.data_dir, state_dir=out / "sites" / f"site-{i + 1}" / "state",
                          public_key=Path(public_key).resolve(), device=device, fine_tune_fraction=fine_tune_fraction,
                          local_epochs=local_epochs, learning_rate=learning_rate,
-                         min_cases_for_metrics=min_cases_for_metrics, seed=seed + i)
+                         min_cases_for_metrics=min_cases_for_metrics,
+                         seed=(seed if split_seed is None else split_seed) + i)
         if extra:
             from shared.config import from_dict, to_dict
 

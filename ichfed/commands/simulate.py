@@ -32,9 +32,13 @@ def register(sub) -> None:
     p.add_argument("--local-epochs", type=int, default=20, help="head epochs per round at each site (default 20)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate of the head (default 1e-3)")
     p.add_argument("--fine-tune-fraction", type=float, default=0.2, help="share of each site's cases for fine-tuning")
-    p.add_argument("--min-cases", type=int, default=5, help="fewest held-out cases for a site to report metrics")
+    p.add_argument("--min-cases", type=int, default=5,
+                   help="fewest cases for a site to report metrics or send a head update (at least 5)")
     p.add_argument("--min-sites", type=int, help="fewest usable sites per round (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated cohorts (and of the first split)")
+    p.add_argument("--repeats", type=int, default=1, metavar="K",
+                   help="run the federation K times with split seeds seed..seed+K-1 on the same cohorts and "
+                   "cached features; report mean ± SD of every headline figure (default 1)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="site compute device (default cpu)")
     p.add_argument("--resume", action="store_true", help="continue after the last checkpoint in OUT/server")
     p.set_defaults(func=run)
@@ -57,20 +61,32 @@ def default_public_key(bundle: str) -> Path:
 
 
 def run(args) -> int:
-    from server.report import paper_table_markdown
+    from server.report_arms import arms_table_markdown, comparisons_table_markdown
     from simulations.flower_sim import run as simulate
 
     if args.rounds < 1:
         raise IchfedError(f"--rounds: must be at least 1, got {args.rounds}")
+    if args.repeats < 1:
+        raise IchfedError(f"--repeats: must be at least 1, got {args.repeats}")
     pubkey = args.pubkey or default_public_key(args.bundle)
-    report = simulate(
-        args.out, args.bundle, pubkey, args.rounds,
+    kwargs = dict(
         n_sites=args.sites, profiles=_csv(args.profiles), site_dirs=_csv(args.site_dirs),
         cases_per_site=args.cases_per_site, scale=args.scale, seed=args.seed, signing_key=args.signing_key,
         local_epochs=args.local_epochs, learning_rate=args.learning_rate,
         fine_tune_fraction=args.fine_tune_fraction, min_cases_for_metrics=args.min_cases,
-        min_sites=args.min_sites, resume=args.resume, device=args.device,
+        min_sites=args.min_sites, device=args.device,
     )
-    print(paper_table_markdown(report))
+    if args.repeats > 1:
+        from simulations.repeats import run_repeats, summary_markdown
+
+        if args.resume:
+            raise IchfedError("--resume: cannot be combined with --repeats")
+        summary = run_repeats(args.out, args.bundle, pubkey, args.rounds, args.repeats, split_seed=args.seed, **kwargs)
+        print(summary_markdown(summary))
+        print(f"summary: {args.out}/repeats/summary.md")
+        return 0
+    report = simulate(args.out, args.bundle, pubkey, args.rounds, resume=args.resume, **kwargs)
+    print(arms_table_markdown(report))
+    print(comparisons_table_markdown(report))
     print(f"report: {args.out}/report/report.md")
     return 0

@@ -22,13 +22,14 @@ def site_dir(tmp_path_factory):
     from simulations.cohort import write_cohort
 
     out = tmp_path_factory.mktemp("client_site") / "data"
-    write_cohort("community-hospital", 6, 21, out, scale="ci")
+    write_cohort("community-hospital", 10, 21, out, scale="ci")
     return out
 
 
-def _site(tmp_path, site_dir, public_key, name="site-a"):
-    cfg = SiteConfig(name=name, data_dir=site_dir, state_dir=tmp_path / name, public_key=public_key, device="cpu",
-                     local_epochs=3, fine_tune_fraction=0.4, min_cases_for_metrics=2)
+def _site(tmp_path, site_dir, public_key, name="site-a", fraction=0.9, state=None):
+    # 0.9 of 10 cases keeps one case per class held out and leaves at least the floor (5) to fine-tune on
+    cfg = SiteConfig(name=name, data_dir=site_dir, state_dir=tmp_path / (state or name), public_key=public_key,
+                     device="cpu", local_epochs=3, fine_tune_fraction=fraction)
     return write_site_config(cfg, tmp_path / f"{name}.toml")
 
 
@@ -70,7 +71,7 @@ def test_site_receives_verifies_caches_and_trains(tiny_bundle, site_dir, tmp_pat
     new = reply.content[P.HEAD]["weight"].numpy()
     assert new.shape == (2, 512) and not np.array_equal(new, head["weight"])
     n = reply.content[P.METRICS][P.NUM_EXAMPLES]
-    assert n == reply.content[P.METRICS][P.N_FINE_TUNE] >= 1
+    assert n == reply.content[P.METRICS][P.N_FINE_TUNE] >= P.MIN_CASES_FLOOR
     size = message_size(reply)
     assert size <= 16 * 1024, f"a training reply is {size} bytes"
     print(f"training reply: {size} bytes")
@@ -81,6 +82,13 @@ def test_site_receives_verifies_caches_and_trains(tiny_bundle, site_dir, tmp_pat
     reply = _call(app, cfg, P.EVALUATE, train)
     assert reply.content[P.METRICS]["global.n"] >= 1
     assert [p.stat().st_mtime_ns for p in cache_files] == mtimes
+
+    # the same cases split 0.4 / 0.6 leave fewer fine-tune cases than the floor: no head update, and why
+    small = _site(tmp_path, site_dir, tiny_bundle.public_key, name="site-small", fraction=0.4, state="site-a")
+    reply = _call(app, small, P.TRAIN, train)
+    info = reply.content[P.INFO]
+    assert info[P.INFO_STATUS] == P.STATUS_REFUSED and info[P.INFO_REASON] == P.REASON_TOO_FEW
+    assert P.HEAD not in reply.content
 
 
 def test_tampered_or_foreign_bundle_is_refused_and_logged(tiny_bundle, site_dir, tmp_path, flwr_task, caplog):

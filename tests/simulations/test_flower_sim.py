@@ -1,7 +1,8 @@
 """End to end in Flower's simulation engine (Ray) with the real tiny bundle.
 
 One federation run (module fixture) of 4 sites for 2 rounds serves several checks:
-- site 3 holds a single class, so its AUC is null with a reason, and the run goes on;
+- site 3 holds a single class and fewer fine-tune cases than the floor (5): it sends no head
+  update (reason fewer-cases-than-minimum), its held-out metrics are withheld, and the run goes on;
 - site 4 trusts another coordinator key, so it refuses the bundle and is left out;
 - the aggregated head of each round equals the case-weighted mean of the site updates;
 - every message a site sent (kept in its outgoing audit folder) passes the privacy inspection.
@@ -52,7 +53,7 @@ def sites(tmp_path_factory):
     root = tmp_path_factory.mktemp("fl_sites")
     dirs = []
     for i, profile in enumerate(PROFILES[:2]):
-        write_cohort(profile, 8, 11 + i, root / f"cohort-{i}", scale="ci")
+        write_cohort(profile, 12, 11 + i, root / f"cohort-{i}", scale="ci")
         dirs.append(root / f"cohort-{i}")
     write_cohort(PROFILES[2], 12, 13, root / "cohort-2-all", scale="ci")
     dirs.append(_one_class_site(root / "cohort-2-all", root / "cohort-2-negatives"))
@@ -74,8 +75,8 @@ def federation(tiny_bundle, sites, other_key, tmp_path_factory):
     out = tmp_path_factory.mktemp("fl_run")
     t0 = time.perf_counter()
     report = run(out, tiny_bundle.path, tiny_bundle.public_key, ROUNDS,
-                 site_dirs=[*sites, sites[0]], local_epochs=5, learning_rate=1e-2, fine_tune_fraction=0.4,
-                 min_cases_for_metrics=2, min_sites=3, signing_key=tiny_bundle.private_key, seed=0,
+                 site_dirs=[*sites, sites[0]], local_epochs=5, learning_rate=1e-2, fine_tune_fraction=0.5,
+                 min_cases_for_metrics=5, min_sites=2, signing_key=tiny_bundle.private_key, seed=0,
                  site_overrides={"3": {"public_key": other_key}})
     report["_wall_s"] = time.perf_counter() - t0
     return out, report
@@ -94,27 +95,33 @@ def test_federation_runs_and_reports(federation, tiny_bundle):
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for rnd in report["rounds"]:
         assert sorted(s["site"] for s in rnd["train"]["sites"]) == sorted(names)
-        assert all(s["status"] == "accepted" for s in rnd["train"]["sites"])
+        assert [s["status"] == "accepted" for s in sorted(rnd["train"]["sites"], key=lambda s: s["site"])] == \
+            [True, True, False]  # the one-class site is under the floor
         assert rnd["evaluate"]["pooled"]["n_sites"] >= 2
     final = {s["site"]: s for s in report["final"]["sites"]}
     assert set(final) == set(names)
     for s in final.values():
-        for model in ("reference", "local", "federated"):
+        for model in P.FINAL_ARMS:
             assert s[model]["n"] >= 2
     md = (out / "report" / "report.md").read_text(encoding="utf-8")
     assert "Before fine-tuning" in md and "Local-only last-layer fine-tuning" in md and "Federated last-layer" in md
+    assert "site threshold" in md
     assert (out / "report" / "roc.png").stat().st_size > 5000 and (out / "report" / "confusion.png").is_file()
     print(f"federation of 4 sites x {ROUNDS} rounds: {report['_wall_s']:.1f} s")
 
 
-def test_site_with_one_class_gets_null_metrics_with_a_reason(federation):
-    _, report = federation
+def test_site_under_the_floor_sends_no_head_update_and_withholds_metrics(federation):
+    out, report = federation
     site = next(s for s in report["final"]["sites"] if "negatives" in s["site"])
-    assert site["federated"]["n-pos"] == 0 and site["federated"]["n"] >= 2
-    assert site["federated"]["auc"] is None and site["reasons"]["federated.auc"] == P.REASON_ONE_CLASS
-    assert site["federated"]["sensitivity"] is None and site["federated"]["specificity"] is not None
-    # its threshold could not be calibrated on one class, so it says it used the bundle's
-    assert site["reasons"]["federated.threshold"] == P.REASON_THRESHOLD_FROM_BUNDLE
+    for arm in P.FINAL_ARMS:
+        assert site[arm]["withheld"] == 1 and site[arm].get("auc") is None
+        assert site["reasons"][f"{arm}.auc"] == P.REASON_TOO_FEW
+    trains = [m for m in _outgoing(out, 3) if m["message_type"] == "train"]
+    assert len(trains) == ROUNDS
+    for m in trains:
+        assert P.HEAD not in m["content"]
+        info = m["content"]["info"]["items"]
+        assert info[P.INFO_STATUS] == P.STATUS_REFUSED and info[P.INFO_REASON] == P.REASON_TOO_FEW
 
 
 def test_site_with_the_wrong_key_refuses_the_bundle(federation, tiny_bundle):
@@ -133,7 +140,7 @@ def test_aggregate_is_the_case_weighted_mean_of_site_updates(federation):
     from safetensors.numpy import load_file
 
     out, _ = federation
-    updates = {i: [m for m in _outgoing(out, i) if m["message_type"] == "train"] for i in (1, 2, 3)}
+    updates = {i: [m for m in _outgoing(out, i) if m["message_type"] == "train"] for i in (1, 2)}
     assert all(len(u) == ROUNDS for u in updates.values())
     for r in range(1, ROUNDS + 1):
         ckpt = load_file(str(out / "server" / "checkpoints" / f"round-{r:04d}.safetensors"))
@@ -157,7 +164,7 @@ def test_every_outgoing_message_passes_the_privacy_inspection(federation, sites)
     for i in (1, 2, 3, 4):
         sent = _outgoing(out, i)
         n_messages += len(sent)
-        if i < 4:
+        if i < 3:
             kinds = [m["message_type"] for m in sent]
             assert kinds.count("train") == ROUNDS and kinds.count("evaluate") == ROUNDS
             assert kinds.count("query.final") == 1 and kinds.count("query.bundle") >= 1
@@ -172,9 +179,14 @@ def test_every_outgoing_message_passes_the_privacy_inspection(federation, sites)
             for key, value in content.get(P.METRICS, {}).get("items", {}).items():
                 assert not any(c in key for c in case_ids)
                 if isinstance(value, list):
-                    assert key.endswith(P.ROC_TPR) and len(value) == len(P.ROC_FPR_GRID)
+                    metric = key.split(".", 1)[1]
+                    assert len(value) == P.LIST_METRICS[metric]
+                    if metric in (P.HIST_NEG, P.HIST_POS):  # whole counts of at least the floor
+                        assert all(v == int(v) for v in value) and sum(value) >= P.MIN_CASES_FLOOR
                 else:
                     assert isinstance(value, (int, float))
+                if key.endswith(".threshold") and not key.startswith(P.MODEL_REFERENCE + "."):
+                    assert abs(value / P.THRESHOLD_GRID - round(value / P.THRESHOLD_GRID)) < 1e-6  # on the grid
             for key, value in content.get(P.INFO, {}).get("items", {}).items():
                 assert isinstance(value, str) and len(value) <= 64
                 for text in (key, value):
@@ -213,7 +225,7 @@ logging.basicConfig(level=logging.INFO)
 from simulations.flower_sim import run
 a = json.loads(sys.argv[1])
 run(a["out"], a["bundle"], a["pub"], a["rounds"], site_dirs=a["sites"], local_epochs=a["epochs"],
-    min_cases_for_metrics=2, fine_tune_fraction=0.4, seed=0, resume=a["resume"],
+    min_cases_for_metrics=5, fine_tune_fraction=0.5, seed=0, resume=a["resume"],
     site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(a["states"])})
 """
 
@@ -256,7 +268,7 @@ def test_resume_after_the_server_is_killed(tiny_bundle, sites, federation, tmp_p
         run_federation(None, ServerSettings(bundle_path=tiny_bundle.path, public_key=tiny_bundle.public_key,
                                             state_dir=tmp_path / "run" / "server", num_rounds=rounds))
     report = run(args["out"], args["bundle"], args["pub"], rounds, site_dirs=args["sites"], local_epochs=5,
-                 min_cases_for_metrics=2, fine_tune_fraction=0.4, resume=True,
+                 min_cases_for_metrics=5, fine_tune_fraction=0.5, resume=True,
                  site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(states)})
     assert report["run"]["resumed_from_round"] == killed_at
     assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
