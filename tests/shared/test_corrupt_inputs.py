@@ -196,3 +196,20 @@ def test_bad_masks_are_refused(tmp_path):
     with pytest.raises(IchfedError, match="truncated NIfTI"):
         read_mask(cut, like)
     assert sitk.GetArrayFromImage(read_mask(_mask_file(tmp_path / "ok.nii.gz", like, labels), like)).sum() == 400
+
+
+def test_zipped_cd_export_with_nested_slices_is_read(tmp_path):
+    """A CD layout zipped: DICOMDIR and a vendor DIRFILE at the top, slices in DICOM/ST000/SE000/."""
+    import zipfile
+
+    export = tmp_path / "cd"
+    vol = simple_series(export / "DICOM" / "ST000" / "SE000", n=3, size=8)
+    pacs_export_clutter(export)
+    archive = tmp_path / "cd.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(export.rglob("*")):
+            if f.is_file():
+                zf.write(f, str(f.relative_to(export)))
+    ing = read_image(archive)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ing.image), vol.astype(np.float32))
+    assert any("DIRFILE" in n and "DICOMDIR" in n for n in ing.notes)
