@@ -84,11 +84,30 @@ def _delong_components(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.nda
     return aucs, s10 / m + s01 / n
 
 
+def _degenerate_floor(auc: float, m: int, n: int) -> float:
+    """Hanley & McNeil (1982) variance at the AUC moved half a case pair away from 0 or 1.
+
+    DeLong's variance is exactly 0 when a site separates its cases perfectly (AUC 1), which
+    would give that site infinite weight in a meta-analysis; a dozen perfectly ranked cases
+    are not certainty. This floor is what one discordant half-pair would imply.
+    """
+    a = min(max(auc, 0.5 / (m * n)), 1.0 - 0.5 / (m * n))
+    q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
+    return (a * (1 - a) + (m - 1) * (q1 - a * a) + (n - 1) * (q2 - a * a)) / (m * n)
+
+
 def delong_auc(y_true: Sequence[int], p: Sequence[float]) -> AucEstimate:
-    """AUC (equal to sklearn's ``roc_auc_score``, ties counted 1/2) and its DeLong variance."""
+    """AUC (equal to sklearn's ``roc_auc_score``, ties counted 1/2) and its DeLong variance.
+
+    Where DeLong's variance is 0 (perfect or fully tied ranking) the Hanley-McNeil variance at
+    the AUC moved half a case pair inwards is returned instead (see ``_degenerate_floor``).
+    """
     y, s = _labels_scores(y_true, p)
     aucs, cov = _delong_components(y, s)
-    return AucEstimate(float(aucs[0]), float(max(cov[0, 0], 0.0)))
+    var = float(max(cov[0, 0], 0.0))
+    if var <= 0.0:
+        var = _degenerate_floor(float(aucs[0]), int((y == 1).sum()), int((y == 0).sum()))
+    return AucEstimate(float(aucs[0]), var)
 
 
 def delong_paired(y_true: Sequence[int], p_a: Sequence[float], p_b: Sequence[float]) -> AucEstimate:
@@ -100,8 +119,12 @@ def delong_paired(y_true: Sequence[int], p_a: Sequence[float], p_b: Sequence[flo
     y, s = _labels_scores(y_true, np.stack([a, b]))
     aucs, cov = _delong_components(y, s)
     contrast = np.array([1.0, -1.0])
-    var = float(contrast @ cov @ contrast)
-    return AucEstimate(float(aucs[0] - aucs[1]), max(var, 0.0))
+    var = max(float(contrast @ cov @ contrast), 0.0)
+    if var <= 0.0 and not np.array_equal(a, b):
+        # Two different models that both rank perfectly: as in delong_auc, not certainty.
+        m, n = int((y == 1).sum()), int((y == 0).sum())
+        var = (_degenerate_floor(float(aucs[0]), m, n) + _degenerate_floor(float(aucs[1]), m, n)) / 2.0
+    return AucEstimate(float(aucs[0] - aucs[1]), var)
 
 
 def score_histogram(y_true: Sequence[int], p: Sequence[float], bins: int = 50) -> tuple[list[int], list[int]]:

@@ -146,3 +146,11 @@ def test_detectable_difference_is_2_8_standard_errors_at_5_percent_and_80_percen
     assert detectable_difference(0.01, power=0.9) > detectable_difference(0.01)
     with pytest.raises(IchfedError):
         detectable_difference(-1.0)
+
+
+def test_perfect_separation_gets_a_small_positive_variance_not_infinite_weight():
+    y = [1, 1, 1, 0, 0, 0]
+    perfect = delong_auc(y, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+    assert perfect.estimate == 1.0 and 0.0 < perfect.variance < delong_auc(y, [0.9, 0.8, 0.2, 0.7, 0.3, 0.1]).variance
+    both = delong_paired(y, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1], [0.6, 0.9, 0.8, 0.1, 0.3, 0.2])
+    assert both.estimate == 0.0 and both.variance > 0.0
