@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import IchfedError
+from .nifti_checks import MAX_VOLUME_BYTES
 
 TAG_PIXEL_SPACING = "0028|0030"
 TAG_ORIENTATION = "0020|0037"
@@ -69,6 +70,19 @@ def check_geometry_tags(file: Path, meta: dict[str, str]) -> None:
                 or abs(float(np.dot(row, col))) > COSINE_TOLERANCE):
             raise IchfedError(f"{file}: ImageOrientationPatient (0020,0037) is '{raw}'; row and column "
                               "direction cosines must be unit vectors at right angles")
+
+
+def check_volume_size(source: Path, size: tuple[int, ...]) -> None:
+    """Refuse a planned grid whose float32 volume exceeds ``MAX_VOLUME_BYTES`` before it is allocated.
+
+    A few KB of headers can declare 65535x65535 slices or place one slice a kilometre away; the
+    grid then asks for tens of GB.
+    """
+    n_bytes = math.prod(int(v) for v in size) * 4
+    if n_bytes > MAX_VOLUME_BYTES:
+        raise IchfedError(f"{source}: the series would make a {'x'.join(str(int(v)) for v in size)} volume "
+                          f"({n_bytes / 1024**3:.1f} GiB as float32); refusing more than "
+                          f"{MAX_VOLUME_BYTES // 1024**3} GiB (check Rows/Columns and ImagePositionPatient)")
 
 
 def padding_range_hu(meta: dict[str, str]) -> tuple[float, float] | None:

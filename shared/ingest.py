@@ -405,6 +405,7 @@ def _plan_dicom(folder: Path, source: Path) -> _Plan:
         # One multi-frame (enhanced) file: GDCM already assembles a regular 3D grid.
         s = chosen[0]
         frame = _frame(s.orientation)
+        dicom_checks.check_volume_size(source, s.size)
         return _Plan(chosen, frame, np.zeros(1), np.zeros((1, 2)), tuple(s.size), (*s.spacing, s.z_spacing),
                      tuple(float(v) for v in s.position), [], notes, multiframe=True)
 
@@ -450,6 +451,7 @@ def _plan_dicom(folder: Path, source: Path) -> _Plan:
     uv = np.array([[float(np.dot(s.position, frame[:, 0])), float(np.dot(s.position, frame[:, 1]))] for s in stack])
     (u0, v0), (u1, v1) = uv.min(axis=0), uv.max(axis=0)
     size = (int(round((u1 - u0) / sx)) + nx, int(round((v1 - v0) / sy)) + ny, int(round((depth[-1] - depth[0]) / step)) + 1)
+    dicom_checks.check_volume_size(source, size)
     origin = frame[:, 0] * u0 + frame[:, 1] * v0 + frame[:, 2] * depth[0]
     return _Plan(stack, frame, depth, uv, size, (sx, sy, step), tuple(float(v) for v in origin), corrections, notes)
 

@@ -272,7 +272,10 @@ def _geometry_mismatch(a: _Geometry, b: _Geometry) -> str | None:
 
 def _header_check(mask: Path, image_geometry: dict | None) -> str | None:
     try:
+        check_payload(mask, stream_gzip=False)  # header-level: a cut .nii or an absurd declared size
         mg = _read_header(mask)
+    except IchfedError as e:
+        return str(e).removeprefix(f"{mask}: ")
     except RuntimeError:
         return "not a readable image"
     if mg.dimension != 3:

@@ -174,3 +174,18 @@ def test_predict_on_a_truncated_scan_is_an_error_not_no_lesion(tiny_bundle, tmp_
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(cut) in errors[0] and "truncated NIfTI" in errors[0]
     assert [json.loads(line)["source"] for line in r.stdout.splitlines()] == [str(healthy)]
+
+
+def test_site_headers_only_still_refuses_a_cut_uncompressed_mask(site_cfg, capsys):
+    from client.runtime import load_site_config
+
+    masks = load_site_config(site_cfg).data_dir / "masks"
+    good = masks / "c1.nii.gz"
+    cut = masks / "c1.nii"
+    sitk.WriteImage(sitk.ReadImage(str(good)), str(cut))
+    good.unlink()
+    cut.write_bytes(cut.read_bytes()[:400])
+    capsys.readouterr()
+    main(["site", "check", str(site_cfg), "--headers-only", "--json"])
+    unusable = {u["case_id"]: u["message"] for u in json.loads(capsys.readouterr().out)["unusable"]}
+    assert "masks/c1.nii: truncated NIfTI" in unusable["c1"]

@@ -213,3 +213,17 @@ def test_zipped_cd_export_with_nested_slices_is_read(tmp_path):
     ing = read_image(archive)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ing.image), vol.astype(np.float32))
     assert any("DIRFILE" in n and "DICOMDIR" in n for n in ing.notes)
+
+
+def test_dicom_declaring_huge_slices_is_refused_before_allocation(tmp_path):
+    """A few KB of slices whose Rows/Columns (0028,0010/0011) say 65535: 64 GiB would be allocated."""
+    folder = tmp_path / "huge"
+    series_with_tags(folder, {})
+    for f in folder.iterdir():
+        data = bytearray(f.read_bytes())
+        for tag in (b"\x28\x00\x10\x00", b"\x28\x00\x11\x00"):  # implicit VR: tag, 4-byte length, US value
+            i = data.index(tag, 132)
+            data[i + 8:i + 10] = (65535).to_bytes(2, "little")
+        f.write_bytes(bytes(data))
+    with pytest.raises(IchfedError, match=r"65535x65535x4 volume \(64\.0 GiB"):
+        read_image(folder)
