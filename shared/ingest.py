@@ -214,6 +214,7 @@ class _Slice:
     instance: int
     z_spacing: float = 0.0  # only for multi-frame files
     padding_hu: tuple[float, float] | None = None  # pixel padding (0028,0120/0121) in HU
+    bad_geometry: str | None = None  # why PixelSpacing/ImageOrientationPatient are unusable
 
 
 def _is_dicom_magic(f: Path) -> bool:
@@ -237,7 +238,7 @@ def _scan(folder: Path, source: Path) -> tuple[list[_Slice], list[Path], list[Pa
     """Read every file's header; return (slices, broken DICOM files, ignored non-image files).
 
     Non-image files (text, thumbnails, DICOMDIR, vendor directory objects) are ignored; a slice
-    whose geometry tags are unusable raises ``IchfedError`` naming the tag.
+    whose geometry tags are unusable is marked (``bad_geometry``) and refused if its series is used.
     """
     slices: list[_Slice] = []
     broken: list[Path] = []
@@ -257,7 +258,11 @@ def _scan(folder: Path, source: Path) -> tuple[list[_Slice], list[Path], list[Pa
             (broken if _unreadable_is_image(f) else ignored).append(f)
             continue
         meta = {k: reader.GetMetaData(k) for k in _TAGS_READ if reader.HasMetaDataKey(k)}
-        dicom_checks.check_geometry_tags(f, meta)
+        try:
+            dicom_checks.check_geometry_tags(f, meta)
+            bad_geometry = None
+        except IchfedError as e:
+            bad_geometry = str(e)  # fatal only if this slice belongs to the series that is used
         if meta.get(_TAG_SOP_CLASS, "").strip("\0 ") == _DICOMDIR_SOP_CLASS:
             ignored.append(f)
             continue
@@ -291,6 +296,7 @@ def _scan(folder: Path, source: Path) -> tuple[list[_Slice], list[Path], list[Pa
             instance=instance,
             z_spacing=float(reader.GetSpacing()[2]) if len(size) == 3 else 0.0,
             padding_hu=dicom_checks.padding_range_hu(meta),
+            bad_geometry=bad_geometry,
         ))
     return slices, broken, ignored
 
@@ -400,6 +406,9 @@ def _plan_dicom(folder: Path, source: Path) -> _Plan:
         log.info("%s: %s", source, msg)
         notes.append(msg)
     chosen = _pick_series(slices, source, notes)
+    bad = [s.bad_geometry for s in chosen if s.bad_geometry]
+    if bad:
+        raise IchfedError(bad[0] + (f" (and {len(bad) - 1} more slice(s))" if len(bad) > 1 else ""))
 
     if len(chosen) == 1 and len(chosen[0].size) == 3 and chosen[0].size[2] > 1:
         # One multi-frame (enhanced) file: GDCM already assembles a regular 3D grid.

@@ -227,3 +227,16 @@ def test_dicom_declaring_huge_slices_is_refused_before_allocation(tmp_path):
         f.write_bytes(bytes(data))
     with pytest.raises(IchfedError, match=r"65535x65535x4 volume \(64\.0 GiB"):
         read_image(folder)
+
+
+def test_bad_geometry_in_an_unused_series_does_not_block_the_ct(tmp_path):
+    folder = tmp_path / "mixed"
+    vol = simple_series(folder, n=4, size=8)
+    scout = tmp_path / "scout"
+    series_with_tags(scout, {"0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4"}, n=2)
+    for f in scout.iterdir():
+        patch_tag(f, 0x0028, 0x0030, "0\\0")
+        f.rename(folder / f"mr-{f.name}")
+    ing = read_image(folder)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ing.image), vol.astype(np.float32))
+    assert any("ignored non-CT MR series" in n for n in ing.notes)
