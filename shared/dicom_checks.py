@@ -164,3 +164,17 @@ def raw_header(file: Path) -> tuple[bool, dict[str, str], bool] | None:
         else:
             pos += head
     return True, found, pixels
+
+
+def unreadable_is_image(f: Path) -> bool:
+    """For a Part-10 file GDCM cannot read: True when it is a broken image slice, False when it is no image.
+
+    A complete DICOM object without Pixel Data (DICOMDIR, Philips DIRFILE) is not an image; a file cut
+    off mid-element is a broken slice; one whose geometry tags are unusable raises naming the tag.
+    """
+    walked = raw_header(f)
+    if walked is None:
+        return True  # a transfer syntax the walk does not know: treat as a slice GDCM failed on
+    complete, meta, has_pixels = walked
+    check_geometry_tags(f, meta)
+    return has_pixels or not complete

@@ -255,7 +255,7 @@ def _scan(folder: Path, source: Path) -> tuple[list[_Slice], list[Path], list[Pa
         try:
             reader.ReadImageInformation()
         except RuntimeError:
-            (broken if _unreadable_is_image(f) else ignored).append(f)
+            (broken if _is_dicom_magic(f) and dicom_checks.unreadable_is_image(f) else ignored).append(f)
             continue
         meta = {k: reader.GetMetaData(k) for k in _TAGS_READ if reader.HasMetaDataKey(k)}
         try:
@@ -299,22 +299,6 @@ def _scan(folder: Path, source: Path) -> tuple[list[_Slice], list[Path], list[Pa
             bad_geometry=bad_geometry,
         ))
     return slices, broken, ignored
-
-
-def _unreadable_is_image(f: Path) -> bool:
-    """For a file GDCM cannot read: True when it is a broken image slice, False when it is no image at all.
-
-    A complete DICOM object without Pixel Data (DICOMDIR, Philips DIRFILE) is not an image; a DICOM
-    file cut off mid-element is a broken slice; one whose geometry tags are unusable raises naming the tag.
-    """
-    if not _is_dicom_magic(f):
-        return False
-    walked = dicom_checks.raw_header(f)
-    if walked is None:
-        return True
-    complete, meta, has_pixels = walked
-    dicom_checks.check_geometry_tags(f, meta)
-    return has_pixels or not complete
 
 
 def _pick_series(slices: list[_Slice], source: Path, notes: list[str]) -> list[_Slice]:
