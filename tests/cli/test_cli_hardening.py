@@ -90,6 +90,20 @@ def test_a_closed_stdout_ends_quietly(tmp_path, argv):
     assert b"Traceback" not in err and b"Exception ignored" not in err and b"BrokenPipe" not in err
 
 
+@pytest.mark.parametrize("group, elem, value, tag", [(0x0028, 0x0030, "0\\0", "PixelSpacing (0028,0030)"),
+                                                     (0x0020, 0x0037, "0\\0\\0\\0\\0\\0",
+                                                      "ImageOrientationPatient (0020,0037)")])
+def test_ingest_bad_dicom_geometry_is_one_line_exit_2(tmp_path, group, elem, value, tag):
+    from tests.dicom_factory import patch_tag, series_with_tags
+
+    series_with_tags(tmp_path / "s", {})
+    for f in (tmp_path / "s").iterdir():
+        patch_tag(f, group, elem, value)
+    out = tmp_path / "o.nii.gz"
+    assert_one_line_error(ichfed("-q", "ingest", str(tmp_path / "s"), "-o", str(out)), tag)
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- site check
 
 
