@@ -73,6 +73,8 @@ def _check_value(key: str, value: Any, rule: str | None) -> str | None:
     if rule in (_UNIT_LIST, _COUNT_LIST) or isinstance(value, list):
         if not isinstance(value, list):
             return f"'{key}' is {value!r}, not a list"
+        if rule not in (None, _UNIT_LIST, _COUNT_LIST):
+            return f"'{key}' is a list, not a single value"
         for v in value:
             why = _check_value(key, v, _UNIT if rule == _UNIT_LIST else _COUNT if rule == _COUNT_LIST else None)
             if why:

@@ -206,6 +206,8 @@ BAD_EVAL = {
     "histogram with a negative bin": {"global.hist-pos": [-1] + [0] * 48 + [5]},
     "histogram larger than its class": {"global.hist-neg": [60] + [0] * 49},
     "roc above one": {"global.roc-tpr": [2.0] * len(P.ROC_FPR_GRID)},
+    "a list where one value belongs": {"global.auc": [0.5, 5.0]},
+    "NaN inside an unknown list": {"global.future-list": [0.1, float("nan")]},
 }
 
 
