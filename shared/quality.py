@@ -41,16 +41,18 @@ FLAGS: dict[str, str] = {
     "touches_skull": f"more than {MAX_SKULL_CONTACT:.0%} of the labelled voxels lie against bone",
     "touches_volume_edge": "labels reach the edge of the scanned volume (lesion may be cut off)",
     "extracranial_removed": f"more than {MAX_EXTRACRANIAL_ML:g} ml of labels outside the skull were removed",
+    "no_intracranial_mask": "no skull found in the image: labels could not be kept inside it",
 }
 
 
 def quality_flags(image: sitk.Image, labels: sitk.Image, volumetrics: Volumetrics,
-                  extracranial_ml_removed: float | None = None) -> list[str]:
+                  extracranial_ml_removed: float | None = None, intracranial_found: bool = True) -> list[str]:
     """Names of the failed plausibility checks (keys of ``FLAGS``, in that order); [] when plausible.
 
     ``image`` is the HU volume and ``labels`` the label map on the same grid; ``volumetrics``
     is ``shared.volumetrics.measure`` of them; ``extracranial_ml_removed`` what the
-    intracranial mask took away (None for a given, not predicted, mask).
+    intracranial mask took away (None for a given, not predicted, mask); ``intracranial_found``
+    False when no skull was found (``shared.segment.Segmentation``).
     """
     v = volumetrics
     flags: set[str] = set()
@@ -71,6 +73,8 @@ def quality_flags(image: sitk.Image, labels: sitk.Image, volumetrics: Volumetric
             flags.add("touches_volume_edge")
     if extracranial_ml_removed is not None and extracranial_ml_removed > MAX_EXTRACRANIAL_ML:
         flags.add("extracranial_removed")
+    if not intracranial_found:
+        flags.add("no_intracranial_mask")
     return [name for name in FLAGS if name in flags]
 
 

@@ -78,6 +78,8 @@ def test_each_implausible_sign_is_named():
     hu[labels == 1] = 60.0
     assert _flags(hu, labels, removed=35.0) == ["extracranial_removed"]
     assert _flags(hu, labels, removed=0.5) == []
+    image, mask = _volume(hu, labels)
+    assert quality_flags(image, mask, measure(image, mask), 0.0, intracranial_found=False) == ["no_intracranial_mask"]
     assert set(FLAGS) >= {"many_components", "ich_hu_not_blood", "phe_hu_not_edema", "touches_skull",
                           "touches_volume_edge", "extracranial_removed"}
 
