@@ -18,7 +18,6 @@ import dataclasses
 import logging
 from typing import Any
 
-import numpy as np
 
 from shared import protocol as P
 

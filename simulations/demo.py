@@ -95,9 +95,10 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
     case = sorted((site_dir / "data" / "images").iterdir())[-1]
     final = _final_bundle(sim_out)
     bundle = load_bundle(final or bundle_dir, key_dir / PUBLIC_KEY_NAME)
-    from client.runtime import load_local_threshold
+    from client.overlay import load_overlay
 
-    threshold = load_local_threshold(site_dir / "state", bundle.hash)
+    overlay = load_overlay(site_dir / "state", bundle.hash)  # the site's threshold for this exact bundle
+    threshold = None if overlay is None else overlay.threshold
     result = Predictor(bundle, threshold=threshold).predict(case)
     print(format_result(result))
 
