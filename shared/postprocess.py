@@ -124,15 +124,19 @@ def write_rule(model_dir: Path, rule: Rule, scores: dict[str, float] | None = No
     return path
 
 
-def read_rule(model_dir: Path) -> Rule:
-    """The rule stored in ``model_dir`` (``none`` when the folder has no ``postprocessing.json``)."""
+def read_rule(model_dir: Path, data: bytes | None = None) -> Rule:
+    """The rule stored in ``model_dir`` (``none`` when the folder has no ``postprocessing.json``).
+
+    ``data``: the file's bytes already read and checked against a bundle manifest (the file on
+    disk is then not read again, so it cannot be swapped after verification).
+    """
     path = Path(model_dir) / FILE_NAME
-    if not path.is_file():
+    if data is None and not path.is_file():
         return Rule()
     try:
-        data: Any = json.loads(path.read_text())
+        parsed: Any = json.loads(data if data is not None else path.read_bytes())
     except (OSError, ValueError) as e:
         raise IchfedError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
+    if not isinstance(parsed, dict):
         raise IchfedError(f"{path}: expected a JSON object")
-    return Rule(str(data.get("kind", "none")), data.get("min_ml", 0.0))
+    return Rule(str(parsed.get("kind", "none")), parsed.get("min_ml", 0.0))

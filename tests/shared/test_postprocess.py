@@ -97,3 +97,10 @@ def test_bootstrap_choice_is_stored_with_the_model_and_used_by_the_segmenter(tin
     labels = sitk.GetArrayFromImage(seg.labels)
     if reloaded.postprocessing.kind == "largest":
         assert ndimage.label(labels == 1)[1] <= 1
+
+
+def test_rule_from_verified_bytes_ignores_the_file_on_disk(tmp_path):
+    write_rule(tmp_path, Rule("largest"))
+    verified = (tmp_path / FILE_NAME).read_bytes()
+    write_rule(tmp_path, Rule())  # swapped after verification
+    assert read_rule(tmp_path, verified) == Rule("largest")
