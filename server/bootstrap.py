@@ -227,8 +227,15 @@ def bootstrap(
     # 4. End-to-end evaluation on the held-out test split.
     from shared.classifier import predict_proba
 
+    from .bootstrap_calibration import calibrate_reference, reference_threshold
+
     p_test = predict_proba(result.model, test["crops"], device=device) if len(test["crops"]) else np.zeros(0)
-    cls = classification_metrics(test["labels"], p_test, threshold=result.threshold.p, seed=seed)
+    # Threshold and calibration from validation scores, the threshold midway between neighbours.
+    p_val = predict_proba(result.model, val["crops"], device=device)
+    threshold = reference_threshold(val["labels"], p_val, result.threshold)
+    calibration, calibration_report = calibrate_reference(
+        val["labels"], p_val, test["labels"], p_test, threshold.p, out.parent / f"{out.name}-reliability.png")
+    cls = classification_metrics(test["labels"], p_test, threshold=threshold.p, seed=seed)
     seg = {name: dice_summary(test["dice"][label]) for label, name in ((1, "ich"), (2, "phe"))}
 
     # 5. Bundle, signed.
@@ -244,11 +251,12 @@ def bootstrap(
         out,
         classifier_state=weights,
         nnunet_dir=model_dir,
-        threshold=result.threshold,
+        threshold=threshold,
         crop_spec=crop_spec,
         cohort=cohort_desc,
         name=f"ichfed-reference-{profile.name}",
         version="1.0.0",
+        calibration=calibration.to_dict(),
     )
     sign_bundle(bundle_path, key_path)
     timings["total_s"] = time.perf_counter() - t_start
@@ -258,7 +266,8 @@ def bootstrap(
         "seed": seed,
         "cohort": cohort_desc,
         "crop": to_dict(crop_spec),
-        "threshold": {"p": result.threshold.p, "log_p": result.threshold.log_p},
+        "threshold": {"p": threshold.p, "log_p": threshold.log_p, "rule": "midpoint on validation scores"},
+        "calibration": calibration_report,
         "postprocessing": postprocessing,
         "test": {
             "classification": cls,
@@ -333,6 +342,9 @@ def render_report(report: dict[str, Any]) -> str:
             f"| {name.upper()} | {_f(s.get('mean'))} | {_f(s.get('sd'))} | {_f(s.get('median'))} | "
             f"{_f(s.get('min'))} | {_f(s.get('max'))} | {s.get('n')} |"
         )
+    from .bootstrap_calibration import render_calibration
+
+    lines += render_calibration(report.get("calibration"))
     lines += ["", "## Timings (s)", "", *(f"- {k}: {v}" for k, v in report["timings"].items()), ""]
     return "\n".join(lines)
 
