@@ -16,7 +16,7 @@ from shared.errors import IchfedError
 from shared.metrics import best_threshold, classification_metrics
 
 START = Head(np.zeros((2, 512), np.float32), np.array([0.0, -1.5], np.float32))
-TRAIN = dict(epochs=50, learning_rate=1e-2, batch_size=16, seed=0)
+TRAIN = dict(epochs=30, learning_rate=1e-2, batch_size=16, seed=0)
 
 
 def _data(n_pos, n_neg, rng, mu=1.0, dims=64):
