@@ -115,6 +115,8 @@ def bootstrap(
     from shared.crop import make_crop
     from shared.ingest import read_image
     from shared.metrics import classification_metrics, dice, dice_summary
+    from shared.quality import quality_flags
+    from shared.volumetrics import measure
     from shared.segment import Segmenter, export_dataset, train
     from shared.signing import PRIVATE_KEY_NAME, generate_keypair
     from shared.sitedata import read_mask, read_site
@@ -182,8 +184,9 @@ def bootstrap(
         return out
 
     def crops_from_prediction(segmented: list[tuple[Any, Any, Any, Any]]) -> dict[str, Any]:
-        arrays, labels, dices, no_lesion = [], [], {1: [], 2: []}, []
+        arrays, labels, dices, no_lesion, flags = [], [], {1: [], 2: []}, [], []
         for c, image, pred, truth in segmented:
+            flags.append(quality_flags(image, pred, measure(image, pred)))
             for label in (1, 2):
                 dices[label].append(dice(pred, truth, label))
             crop = make_crop(image, pred, crop_spec)
@@ -197,6 +200,9 @@ def bootstrap(
             "labels": np.asarray(labels),
             "dice": dices,
             "no_lesion_labels": no_lesion,
+            # Plausibility flags of the predicted masks (shared.quality), extracranial removal not counted.
+            "quality": {"n_flagged": sum(bool(f) for f in flags),
+                        "counts": {name: sum(name in f for f in flags) for name in sorted({n for f in flags for n in f})}},
         }
 
     train_x, train_y = crops_from_truth(split.train)
@@ -272,6 +278,7 @@ def bootstrap(
         "test": {
             "classification": cls,
             "n_no_lesion": len(test["no_lesion_labels"]),
+            "quality": test["quality"],
             "dice": seg,
         },
         "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -330,7 +337,8 @@ def render_report(report: dict[str, Any]) -> str:
         "",
         f"Cases with no segmented lesion (not classified): {report['test']['n_no_lesion']}",
         "",
-        f"Postprocessing (chosen on validation): {report.get('postprocessing', {}).get('rule', 'none')}",
+        f"Postprocessing (chosen on validation): {report.get('postprocessing', {}).get('rule', 'none')}; "
+        f"test cases with quality flags: {report['test'].get('quality', {}).get('n_flagged', 'n/a')}",
         "",
         "## Segmentation (Dice on the test split)",
         "",
