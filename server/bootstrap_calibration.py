@@ -10,6 +10,7 @@ NPV a reader may quote at the threshold.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,9 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from server.report_arms import plot_reliability
-from shared.calibration import Calibration, calibration_error, operating_point_summary, reliability_points
-from shared.metrics import Threshold, midpoint_threshold
-from shared.rocstats import score_histogram
+from shared.calibration import Calibration, calibration_error, reliability_points
+from shared.metrics import Threshold, classification_metrics, midpoint_threshold
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,12 @@ def calibrate_reference(
 ) -> tuple[Calibration, dict[str, Any]]:
     """Fit Platt scaling on validation; reliability on test (PNG at ``png_path`` + table data) and
     the PPV/NPV at ``threshold`` on validation."""
-    cal = Calibration.fit(y_val, p_val)
+    operating_point = _operating_point(y_val, p_val, threshold)
+    cal = dataclasses.replace(Calibration.fit(y_val, p_val), validation=operating_point)
     y_t = np.asarray(y_test, dtype=np.int64)
     p_t = np.asarray(p_test, dtype=np.float64)
-    out: dict[str, Any] = {"calibration": cal.to_dict(), "bins": RELIABILITY_BINS}
-    neg_v, pos_v = score_histogram(y_val, p_val, bins=RELIABILITY_BINS)
-    out["validation_operating_point"] = operating_point_summary(neg_v, pos_v, threshold)
+    out: dict[str, Any] = {"calibration": cal.to_dict(), "bins": RELIABILITY_BINS,
+                           "validation_operating_point": operating_point}
     if y_t.size == 0:
         out["reliability"] = None
         return cal, out
@@ -60,6 +60,14 @@ def calibrate_reference(
                         "Reliability on the test split"):
         out["png"] = str(png_path)
     return cal, out
+
+
+def _operating_point(y: Sequence[int], p: Sequence[float], threshold: float) -> dict[str, Any]:
+    """PPV / NPV at ``threshold`` on the (local) validation scores, exactly."""
+    conf = classification_metrics(y, p, threshold, n_boot=0)["confusion"]
+    tp, fp, tn, fn = conf["tp"], conf["fp"], conf["tn"], conf["fn"]
+    return {"threshold": float(threshold), "ppv": tp / (tp + fp) if tp + fp else None,
+            "npv": tn / (tn + fn) if tn + fn else None, "n_called_positive": tp + fp, "n_called_negative": tn + fn}
 
 
 def render_calibration(section: dict[str, Any] | None) -> list[str]:

@@ -37,7 +37,11 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """``p_cal = sigmoid(slope * logit(p) + intercept)``; kind "identity" leaves p unchanged."""
+    """``p_cal = sigmoid(slope * logit(p) + intercept)``; kind "identity" leaves p unchanged.
+
+    ``validation`` optionally holds what the fitting data support at the operating threshold
+    (:func:`operating_point_summary`: PPV, NPV and the counts), for a reader to quote.
+    """
 
     kind: str = "identity"
     slope: float = 1.0
@@ -45,6 +49,7 @@ class Calibration:
     n_pos: int = 0
     n_neg: int = 0
     reason: str | None = None
+    validation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -104,6 +109,7 @@ class Calibration:
                 n_pos=int(d.get("n_pos", 0)),
                 n_neg=int(d.get("n_neg", 0)),
                 reason=None if d.get("reason") is None else str(d["reason"]),
+                validation=None if d.get("validation") is None else dict(d["validation"]),
             )
         except (TypeError, ValueError) as exc:
             raise IchfedError(f"calibration: malformed entry ({exc})") from None

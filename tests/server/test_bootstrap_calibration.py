@@ -31,7 +31,9 @@ def test_calibrate_reference_writes_reliability_and_validation_ppv_npv(tmp_path)
     assert cal.kind == "platt" and 0.15 < cal.slope < 0.4  # truth: 0.25
     assert (tmp_path / "out" / "rel.png").read_bytes()[:8] == PNG
     assert section["reliability"]["ece_calibrated"] < 0.7 * section["reliability"]["ece_raw"]
-    assert 0.5 < section["validation_operating_point"]["ppv"] <= 1.0
+    op = section["validation_operating_point"]
+    assert 0.5 < op["ppv"] <= 1.0 and op["n_called_positive"] + op["n_called_negative"] == 300
+    assert cal.validation == op and Calibration.from_dict(cal.to_dict()) == cal  # stored for the reader
     md = "\n".join(render_calibration(section))
     assert "PPV" in md and "![Reliability](rel.png)" in md and "| predicted p (raw) |" in md
     assert render_calibration(None) == []
