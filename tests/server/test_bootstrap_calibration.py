@@ -43,7 +43,7 @@ def test_calibrate_reference_writes_reliability_and_validation_ppv_npv(tmp_path)
 def test_bundle_stores_the_validation_calibration_and_report_shows_reliability(tiny_bundle):
     bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
     cal = Calibration.from_dict(bundle.manifest.calibration)
-    assert cal.to_dict() == tiny_bundle.report["calibration"]["calibration"]
+    assert cal == Calibration.from_dict(tiny_bundle.report["calibration"]["calibration"])
     assert tiny_bundle.report["threshold"]["rule"] == "midpoint on validation scores"
     md = (tiny_bundle.path.parent / f"{tiny_bundle.path.name}-report.md").read_text(encoding="utf-8")
     assert "## Calibration (fitted on validation)" in md
