@@ -49,3 +49,19 @@ def test_bundle_stores_the_validation_calibration_and_report_shows_reliability(t
     assert "## Calibration (fitted on validation)" in md
     png = tiny_bundle.path.parent / f"{tiny_bundle.path.name}-reliability.png"
     assert png.read_bytes()[:8] == PNG
+
+
+@pytest.mark.slow
+def test_a_tampered_calibration_fails_the_bundle_signature(tiny_bundle, tmp_path):
+    import json
+    import shutil
+
+    from shared.errors import BundleVerificationError
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
+    manifest["calibration"] = {**manifest.get("calibration", {}), "kind": "platt", "slope": 5.0}
+    (copy / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(BundleVerificationError):
+        load_bundle(copy, tiny_bundle.public_key)
