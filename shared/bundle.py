@@ -16,6 +16,7 @@ on disk are exactly those listed (nothing changed, added or removed). ``pack``/`
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import datetime as _dt
@@ -114,11 +115,25 @@ class Bundle:
         """The classifier weights (safetensors)."""
         return self.path / self.manifest.classifier.get("file", CLASSIFIER_FILE)
 
+    @property
+    def nnunet_file_hashes(self) -> dict[str, str]:
+        """sha256 of every nnU-Net model file by path relative to ``nnunet_dir`` (for ``Segmenter``)."""
+        prefix = NNUNET_DIR + "/"
+        return {rel[len(prefix):]: h for rel, h in self.manifest.files.items() if rel.startswith(prefix)}
+
+    def read_verified(self, rel: str) -> bytes:
+        """The bytes of bundle file ``rel``, read once and checked against the manifest now.
+
+        Use these bytes, not the file: a file swapped after ``load_bundle`` is refused here.
+        """
+        return read_verified(self.path, rel, self.manifest.files)
+
     def build_classifier(self, device="cpu"):
-        """The ResNet-34 with this bundle's weights, on ``device``, in eval mode."""
+        """The ResNet-34 with this bundle's weights (as verified at this call), on ``device``, in eval mode."""
         from .classifier import load_classifier
 
-        return load_classifier(self.classifier_path, device)
+        rel = self.manifest.classifier.get("file", CLASSIFIER_FILE)
+        return load_classifier(self.classifier_path, device, data=self.read_verified(rel))
 
     def describe(self) -> dict[str, Any]:
         """A short summary (name, version, hash, signer, threshold) for CLI output and logs."""
@@ -153,6 +168,20 @@ def bundle_hash(path: str | Path) -> str:
     if not m.is_file():
         raise BundleVerificationError(f"{m}: missing; not a bundle")
     return hashlib.sha256(m.read_bytes()).hexdigest()
+
+
+def read_verified(root: Path, rel: str, listed: dict[str, Any]) -> bytes:
+    """Read ``root/rel`` into memory once and check it against the manifest's sha256 for it."""
+    path = root / rel
+    if rel not in listed:
+        raise BundleVerificationError(f"{path}: not listed in the bundle manifest")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BundleVerificationError(f"{path}: unreadable ({e.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != listed[rel]:
+        raise BundleVerificationError(f"{path}: sha256 no longer matches the verified manifest (file changed after loading)")
+    return data
 
 
 def _scan_files(root: Path) -> dict[str, Path]:
@@ -215,6 +244,12 @@ def _parse_manifest(raw: bytes, where: Path) -> Manifest:
         raise BundleVerificationError(
             f"{where}: format_version {data.get('format_version')!r} is not supported (this ichfed reads {FORMAT_VERSION})"
         )
+    known = {f.name for f in dataclasses.fields(Manifest)}
+    extra = sorted(k for k in data if k not in known)
+    if extra:
+        # Later ichfed versions add optional entries; they are covered by the signature, never executed.
+        log.debug("%s: ignoring manifest entries this ichfed does not use: %s", where, ", ".join(extra))
+        data = {k: v for k, v in data.items() if k in known}
     try:
         manifest = from_dict(Manifest, data, source=str(where))
     except BundleVerificationError:
@@ -229,7 +264,37 @@ def _parse_manifest(raw: bytes, where: Path) -> Manifest:
             raise BundleVerificationError(f"{where}: 'files.{rel}' is not a sha256 hex digest")
     if manifest.classifier.get("file", CLASSIFIER_FILE) not in manifest.files:
         raise BundleVerificationError(f"{where}: the classifier file is not listed in 'files'")
+    _check_threshold(manifest.threshold, where)
     return manifest
+
+
+def _check_threshold(t: ThresholdSpec, where: Path) -> None:
+    # p and log p are both written so either scale can be used; they must say the same thing.
+    expected = math.log(max(t.p, sys.float_info.min))
+    if not (math.isfinite(t.log_p) and math.isclose(t.log_p, expected, rel_tol=1e-9, abs_tol=1e-9)):
+        raise BundleVerificationError(f"{where}: threshold.log_p {t.log_p!r} does not match threshold.p {t.p!r} "
+                                      f"(expected {expected!r})")
+
+
+def _check_plans_code_free(root: Path, manifest: Manifest, unsigned: bool) -> None:
+    """Refuse a bundle whose nnU-Net plans name anything but the allow-listed network parts."""
+    from .model_policy import check_plans
+
+    rel = f"{NNUNET_DIR}/plans.json"
+    if rel not in manifest.files:
+        return
+    raw = read_verified(root, rel, manifest.files)
+    try:
+        plans = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleVerificationError(f"{root / rel}: not valid JSON ({e})") from None
+    if not isinstance(plans, dict):
+        raise BundleVerificationError(f"{root / rel}: expected a JSON object")
+    try:
+        check_plans(plans, root / rel)
+    except IchfedError as e:
+        suffix = " (refused even with --allow-unsigned)" if unsigned else ""
+        raise BundleVerificationError(f"{e}{suffix}") from None
 
 
 # ----------------------------------------------------------------------------- signing
@@ -313,7 +378,24 @@ def load_bundle(path: str | Path, public_key: str | Path | None, allow_unsigned:
         signer = _check_signature(root, raw, Path(public_key))
     manifest = _parse_manifest(raw, root / MANIFEST)
     _check_files(root, manifest.files)
+    _check_plans_code_free(root, manifest, unsigned=signer is None)
     return Bundle(path=root, manifest=manifest, hash=hashlib.sha256(raw).hexdigest(), signed_by=signer)
+
+
+def open_bundle(path: str | Path, public_key: str | Path | None, allow_unsigned: bool = False) -> Bundle:
+    """``load_bundle`` for a bundle folder or a packed ``.tar`` (unpacked, safely, into a private temp folder).
+
+    The temporary copy lives until the process exits: the returned ``Bundle`` reads its files
+    again at use (``Bundle.read_verified``).
+    """
+    src = Path(path)
+    if not (src.is_file() and tarfile.is_tarfile(src)):
+        return load_bundle(src, public_key, allow_unsigned=allow_unsigned)
+    holder = Path(tempfile.mkdtemp(prefix="ichfed-bundle-"))
+    atexit.register(shutil.rmtree, holder, True)
+    root = unpack(src, holder / "bundle")
+    log.info("unpacked %s into %s", src, root)
+    return load_bundle(root, public_key, allow_unsigned=allow_unsigned)
 
 
 def verify_bundle(path: str | Path, public_key_path: str | Path) -> Manifest:

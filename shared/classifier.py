@@ -198,23 +198,29 @@ def save_weights(module_or_state_dict, path: str | Path) -> None:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
-def load_weights(path: str | Path) -> dict[str, Any]:
-    """Read a safetensors file into a CPU state dict; a missing or corrupt file is an IchfedError."""
+def load_weights(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
+    """Read a safetensors file into a CPU state dict; a missing or corrupt file is an IchfedError.
+
+    ``data``: the file's bytes, already read and hash-checked (``path`` then only names it in errors).
+    """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     p = Path(path)
-    if not p.is_file():
+    if data is None and not p.is_file():
         raise IchfedError(f"{p}: weights file not found")
     try:
-        return load_file(str(p), device="cpu")
+        return load_file(str(p), device="cpu") if data is None else load(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise IchfedError(f"{p}: not a valid safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def load_classifier(path: str | Path, device="cpu"):
-    """Build the ResNet-34 and load weights from a safetensors file (strict), in eval mode."""
-    state = load_weights(path)
+def load_classifier(path: str | Path, device="cpu", data: bytes | None = None):
+    """Build the ResNet-34 and load weights from a safetensors file (strict), in eval mode.
+
+    ``data``: the file's verified bytes (see ``load_weights``).
+    """
+    state = load_weights(path, data)
     model = build_model()
     try:
         model.load_state_dict(state, strict=True)

@@ -82,7 +82,7 @@ class Predictor:
         self.threshold = float(threshold) if threshold is not None else float(bundle.threshold.p)
         self.threshold_source = "site" if threshold is not None else "bundle"
         self.segmenter = Segmenter(bundle.nnunet_dir, device=str(self.device.type), use_mirroring=use_mirroring,
-                                   tile_step_size=tile_step_size)
+                                   tile_step_size=tile_step_size, file_hashes=bundle.nnunet_file_hashes)
         model = bundle.build_classifier(self.device)
         model.eval()
         self.backbone, self.head = backbone_and_head(model)
@@ -109,7 +109,9 @@ class Predictor:
         vol = measure(image, mask)
         removed = segmentation.extracranial_ml_removed if segmentation is not None else None
         return Prepared(mask=mask, crop=make_crop(image, mask, self.crop_spec), volumetrics=vol,
-                        quality_flags=quality_flags(image, mask, vol, removed), extracranial_ml_removed=removed,
+                        quality_flags=quality_flags(image, mask, vol, removed,
+                                                    segmentation.intracranial_found if segmentation else True),
+                        extracranial_ml_removed=removed,
                         intracranial=segmentation.intracranial if segmentation is not None else None)
 
     def embed(self, crops: np.ndarray) -> np.ndarray:

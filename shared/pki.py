@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 
 from . import signing
-from .atomic import atomic_path
+from .atomic import write_bytes, write_private_bytes
 from .errors import IchfedError
 
 log = logging.getLogger(__name__)
@@ -248,8 +248,7 @@ def ensure_signing_key(out_dir: str | os.PathLike) -> bool:
         signing.load_private_key(out / signing.PRIVATE_KEY_NAME)  # fail early on a damaged key
         log.info("keeping existing bundle-signing key %s", out / signing.PRIVATE_KEY_NAME)
         return False
-    _, public = signing.generate_keypair(out)
-    os.chmod(public, 0o644)  # the public half is handed to every site
+    signing.generate_keypair(out)  # the public half is written 0644: it is handed to every site
     return True
 
 
@@ -315,19 +314,9 @@ def _pem_cert(cert) -> bytes:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    # mkstemp creates the temporary file 0600, so the key is never readable by others, even briefly.
-    with atomic_path(path) as tmp:
-        os.chmod(tmp, 0o600)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    # 0600 is set on the empty temporary file, so the key is never readable by others, even briefly.
+    write_private_bytes(path, data)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+    write_bytes(path, data, mode=0o644)

@@ -45,7 +45,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .device import pick_device
-from .errors import IchfedError
+from .errors import BundleVerificationError, IchfedError
+from .model_policy import build_network, check_plans
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ CHECKPOINT = "checkpoint_final.pth"
 _ARRAY_READERS = {"SimpleITKIO", "NibabelIO"}
 # nnU-Net reorients to RAS with SimpleITK before prediction; done here the same way.
 _REORIENT_READERS = {"SimpleITKIOWithReorient": "RAS"}
-_NETWORK_PREFIX = "dynamic_network_architectures."
-_IMPORT_PREFIX = "torch.nn."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,8 +387,7 @@ def validate_model_folder(path: Path, check_weights: bool = True) -> Path:
     configurations = plans.get("configurations")
     if not isinstance(configurations, dict) or not configurations:
         raise IchfedError(f"{model / 'plans.json'}: no 'configurations'")
-    for name, conf in configurations.items():
-        _check_architecture(model / "plans.json", name, conf, configurations)
+    check_plans(plans, model / "plans.json")
     checkpoints = sorted(model.glob(f"fold_*/{CHECKPOINT}"))
     if not checkpoints:
         raise IchfedError(f"{model}: no fold_*/{CHECKPOINT}")
@@ -418,23 +416,6 @@ def _locate_model_dir(root: Path) -> Path:
     raise IchfedError(f"{root}: not an nnU-Net model folder (missing {', '.join(missing)})")
 
 
-def _check_architecture(plans_path: Path, name: str, conf: dict, all_conf: dict) -> None:
-    # plans.json names Python objects that nnU-Net imports with pydoc.locate; only accept the
-    # network library and torch.nn so that a model folder cannot name arbitrary callables.
-    if "inherits_from" in conf and "architecture" not in conf:
-        return
-    arch = conf.get("architecture") if isinstance(conf, dict) else None
-    if not isinstance(arch, dict) or not isinstance(arch.get("arch_kwargs"), dict):
-        raise IchfedError(f"{plans_path}: configuration {name!r} has no 'architecture'")
-    cls = arch.get("network_class_name", "")
-    if not isinstance(cls, str) or not cls.startswith(_NETWORK_PREFIX):
-        raise IchfedError(f"{plans_path}: configuration {name!r}: network class {cls!r} is not from dynamic_network_architectures")
-    for key in arch.get("_kw_requires_import", []):
-        value = arch["arch_kwargs"].get(key)
-        if value is not None and not (isinstance(value, str) and value.startswith(_IMPORT_PREFIX)):
-            raise IchfedError(f"{plans_path}: configuration {name!r}: {key} {value!r} is not a torch.nn class")
-
-
 def _numpy_safe_globals() -> list:
     # Exactly what nnU-Net's training logs pickle: numpy scalars (best EMA Dice, losses) and dtypes.
     from numpy import dtypes
@@ -444,13 +425,18 @@ def _numpy_safe_globals() -> list:
                                                               "Int32DType", "Int64DType", "BoolDType"))]
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read an nnU-Net checkpoint with ``weights_only=True``; return weights and inference metadata."""
+def _load_checkpoint(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """Read an nnU-Net checkpoint with ``weights_only=True``; return weights and inference metadata.
+
+    ``data``: the checkpoint's bytes, already read and hash-checked (``path`` then only names it).
+    """
+    import io
+
     import torch
 
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise IchfedError(f"{path}: not loadable without pickle ({reason[:200]})") from None
@@ -520,16 +506,37 @@ def copy_model_folder(src: Path, dst: Path, folds: Sequence[int | str] | None = 
     return dst
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
+def _read_json(path: Path, raw: bytes | None = None) -> dict:
+    if raw is None and not path.is_file():
         raise IchfedError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes() if raw is None else raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IchfedError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise IchfedError(f"{path}: expected a JSON object")
     return data
+
+
+def _verified_reader(model_dir: Path, file_hashes: dict[str, str] | None):
+    """``read(rel) -> bytes | None``: the file's bytes checked against ``file_hashes`` (None without hashes)."""
+    import hashlib
+
+    def read(rel: str) -> bytes | None:
+        if file_hashes is None:
+            return None
+        path = model_dir / rel
+        if rel not in file_hashes:
+            raise BundleVerificationError(f"{path}: not listed in the bundle manifest")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise BundleVerificationError(f"{path}: unreadable ({e.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != file_hashes[rel]:
+            raise BundleVerificationError(f"{path}: sha256 no longer matches the verified manifest (file changed after loading)")
+        return data
+
+    return read
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,12 +552,15 @@ class Segmenter:
     ``num_threads``: torch CPU threads during ``predict`` (restored afterwards); default unchanged.
     ``tile_step_size``: nnU-Net's sliding-window step as a fraction of the patch (its default 0.5;
     larger means fewer, less overlapping patches: faster, slightly less accurate at patch borders).
+    ``file_hashes``: sha256 by path relative to ``model_dir`` (a bundle's verified manifest); when
+    given, dataset.json, plans.json and the checkpoints are read once into memory, checked against
+    it and built from those bytes, so a file swapped after verification is refused, not used.
     Thread-safe: concurrent ``predict`` calls are serialised.
     """
 
     def __init__(self, model_dir: Path, device: str = "auto", use_mirroring: bool | None = None,
                  folds: Sequence[int | str] | None = None, num_threads: int | None = None,
-                 tile_step_size: float = 0.5):
+                 tile_step_size: float = 0.5, file_hashes: dict[str, str] | None = None):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -567,9 +577,12 @@ class Segmenter:
 
         self.postprocessing = read_rule(self.model_dir)
 
-        dataset_json = _read_json(self.model_dir / "dataset.json")
-        plans = _read_json(self.model_dir / "plans.json")
-        metas = [_load_checkpoint(self.model_dir / f"fold_{f}" / CHECKPOINT) for f in self.folds]
+        read = _verified_reader(self.model_dir, file_hashes)
+        dataset_json = _read_json(self.model_dir / "dataset.json", read("dataset.json"))
+        plans = _read_json(self.model_dir / "plans.json", read("plans.json"))
+        check_plans(plans, self.model_dir / "plans.json")  # the bytes used, not the ones validated above
+        metas = [_load_checkpoint(self.model_dir / f"fold_{f}" / CHECKPOINT, read(f"fold_{f}/{CHECKPOINT}"))
+                 for f in self.folds]
         first = metas[0]
         plans_manager = PlansManager(plans)
         try:
@@ -644,12 +657,17 @@ class Segmenter:
         # Hemorrhage is intracranial: muscle and scalp at blood density are the demo model's
         # commonest error, and a crop centred on them is meaningless.
         inside = intracranial_mask(work)
-        seg, removed = restrict_labels(seg, sitk.GetArrayViewFromImage(inside.mask))
+        # No skull in the image (skull-stripped or cropped input): the mask cannot be trusted, so
+        # the labels are kept and the case is flagged (quality "no_intracranial_mask") instead.
+        found = inside.volume_ml >= MIN_INTRACRANIAL_ML
+        removed = 0
+        if found:
+            seg, removed = restrict_labels(seg, sitk.GetArrayViewFromImage(inside.mask))
         seg = apply_rule(seg, self.postprocessing, voxel_ml(work))
         labels = _like(seg, work, image, orientation)
         mask = _like(sitk.GetArrayFromImage(inside.mask), work, image, orientation)
         return Segmentation(labels=labels, intracranial=mask, extracranial_ml_removed=removed * voxel_ml(work),
-                            postprocessing=self.postprocessing.name)
+                            postprocessing=self.postprocessing.name, intracranial_found=found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -660,6 +678,12 @@ class Segmentation:
     intracranial: sitk.Image
     extracranial_ml_removed: float
     postprocessing: str
+    intracranial_found: bool = True  # False: no skull found, labels not restricted
+
+
+# Less intracranial space than this (an adult's is 1200-1700 ml; a scan cut at the vertex or the
+# skull base still holds several hundred) means no skull was found.
+MIN_INTRACRANIAL_ML = 100.0
 
 
 def _like(array: np.ndarray, work: sitk.Image, image: sitk.Image, orientation: str | None) -> sitk.Image:
@@ -689,26 +713,15 @@ def gate_soft_tissue(labels: np.ndarray, hu: np.ndarray, window: tuple[float, fl
 
 
 def _build_network(trainer_name: str, plans_manager, configuration_manager, n_in: int, n_out: int):
-    """The trainer's own ``build_network_architecture`` when nnU-Net ships that trainer, else the base one.
+    """The network in ``plans.json`` built from the allow-listed classes (``shared.model_policy``).
 
-    Our trainers and most nnU-Net variants only change training, not the network; a variant that
-    does change it and is unknown here fails at ``load_state_dict`` with a clear message.
+    Never through nnU-Net's ``build_network_architecture``: it resolves plan strings with
+    ``pydoc.locate``. Our trainers and most nnU-Net variants change only training;
+    ``nnUNetTrainerBN*`` swaps in batch norm, done here the same way. Any other variant that
+    changes the network fails at ``load_state_dict`` with a clear message.
     """
-    import nnunetv2
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-
-    trainer_class = nnUNetTrainer
-    if trainer_name != "nnUNetTrainer" and not trainer_name.startswith("nnUNetTrainer_ichfed"):
-        with contextlib.redirect_stdout(_LogWriter(log)):
-            found = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer"),
-                                                trainer_name, "nnunetv2.training.nnUNetTrainer")
-        if found is not None and issubclass(found, nnUNetTrainer):
-            trainer_class = found
-        else:
-            log.warning("trainer %s is not part of nnunetv2; building the network from plans.json", trainer_name)
-    return trainer_class.build_network_architecture(plans_manager, configuration_manager, n_in, n_out,
-                                                    enable_deep_supervision=False)
+    del plans_manager  # kept in the signature for callers (benchmarks) that pass it
+    return build_network(configuration_manager, n_in, n_out, batch_norm=trainer_name.startswith("nnUNetTrainerBN"))
 
 
 @contextlib.contextmanager

@@ -8,14 +8,13 @@ hold only the public key. Keys are PEM files: the private key unencrypted PKCS#8
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .atomic import atomic_path, write_bytes
+from .atomic import write_bytes, write_private_bytes
 from .errors import BundleVerificationError, IchfedError
 
 PRIVATE_KEY_NAME = "bundle_signing_key.pem"
@@ -41,12 +40,8 @@ def generate_keypair(out_dir: str | Path) -> tuple[Path, Path]:
     pub_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    with atomic_path(priv_path) as tmp:
-        # Restrict permissions before the secret is written, not after.
-        os.chmod(tmp, 0o600)
-        with open(tmp, "wb") as f:
-            f.write(priv_pem)
-    write_bytes(pub_path, pub_pem)
+    write_private_bytes(priv_path, priv_pem)
+    write_bytes(pub_path, pub_pem, mode=0o644)  # handed to every site
     return priv_path, pub_path
 
 

@@ -29,7 +29,7 @@ def register(sub) -> None:
     s.set_defaults(func=_sign)
 
     v = actions.add_parser("verify", help="check a bundle's signature and every file hash")
-    v.add_argument("bundle", metavar="BUNDLE")
+    v.add_argument("bundle", metavar="BUNDLE", help="bundle folder or packed .tar")
     v.add_argument("--pubkey", metavar="PEM", help="trusted Ed25519 public key")
     v.add_argument("--allow-unsigned", action="store_true", help="accept an unsigned bundle (hashes still checked)")
     v.set_defaults(func=_verify)
@@ -80,11 +80,11 @@ def _sign(args) -> int:
 
 
 def _verify(args) -> int:
-    from shared.bundle import load_bundle
+    from shared.bundle import open_bundle
 
     if args.pubkey is None and not args.allow_unsigned:
         raise IchfedError("--pubkey: a trusted public key is required to verify the bundle")
-    bundle = load_bundle(args.bundle, args.pubkey, allow_unsigned=args.allow_unsigned)
+    bundle = open_bundle(args.bundle, args.pubkey, allow_unsigned=args.allow_unsigned)
     print(json.dumps(bundle.describe(), indent=2))
     return 0
 

@@ -50,7 +50,7 @@ def load_predictor(args, threshold_config: str | None = None):
     With a site config, its coordinator key verifies the bundle and the site's locally calibrated
     threshold for that exact bundle (by hash) replaces the bundle's own.
     """
-    from shared.bundle import load_bundle
+    from shared.bundle import open_bundle
     from shared.pipeline import Predictor
 
     mirroring = {"auto": None, "on": True, "off": False}[getattr(args, "mirroring", "auto")]
@@ -67,7 +67,7 @@ def load_predictor(args, threshold_config: str | None = None):
         pubkey = pubkey or site.public_key
     if pubkey is None and not args.allow_unsigned:
         raise IchfedError("--pubkey: a trusted public key is required to verify the bundle (or --site-config)")
-    bundle = load_bundle(args.bundle, pubkey, allow_unsigned=args.allow_unsigned)
+    bundle = open_bundle(args.bundle, pubkey, allow_unsigned=args.allow_unsigned)  # a folder or a packed .tar
     threshold = None
     if site is not None:
         from client.overlay import load_overlay

@@ -243,7 +243,7 @@ def test_broken_model_folders_give_one_line_errors(tiny_nnunet_model, tmp_path):
     plans = json.loads((m / "plans.json").read_text(encoding="utf-8"))
     plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "os.system"
     (m / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
-    expect(m, "is not from dynamic_network_architectures")
+    expect(m, "is not one nnU-Net.s planners emit")
 
     m = broken("wrong_width")
     plans = json.loads((m / "plans.json").read_text(encoding="utf-8"))
