@@ -16,6 +16,7 @@ from typing import Any
 
 from shared import protocol as P
 from shared.atomic import atomic_path
+from shared.rocstats import detectable_difference
 
 ARMS = (
     (P.MODEL_REFERENCE, "Before fine-tuning (reference bundle)"),
@@ -79,14 +80,19 @@ def arms_table_markdown(report: dict[str, Any]) -> str:
 
 
 def comparisons_table_markdown(report: dict[str, Any]) -> str:
-    """Paired AUC differences (DeLong per site, meta-analysed) with 95 % CIs."""
-    lines = ["| Paired AUC difference | sites | Fixed effect (95 % CI) | Random effects (95 % CI) | I² |",
-             "|---|---:|---:|---:|---:|"]
+    """Paired AUC differences (DeLong per site, meta-analysed) with 95 % CIs, and the smallest
+    difference this design detects (two-sided 5 %, 80 % power, from the random-effects SE).
+    CIs are normal-theory and not clipped to [-1, 1]."""
+    lines = ["| Paired AUC difference | sites | Fixed effect (95 % CI) | Random effects (95 % CI) | I² "
+             "| Detectable difference (80 % power) |",
+             "|---|---:|---:|---:|---:|---:|"]
     pooled = _pooled(report)
     for model, key, title in COMPARISONS:
         meta = (pooled.get(model) or {}).get(key)
+        se = ((meta or {}).get("random") or {}).get("se")
+        mdd = _f(detectable_difference(se)) if se is not None else "n/a"
         lines.append(f"| {title} | {_f((meta or {}).get('k'))} | {_ci(meta, 'fixed')} | {_ci(meta, 'random')} "
-                     f"| {_f((meta or {}).get('i2'), 2)} |")
+                     f"| {_f((meta or {}).get('i2'), 2)} | {mdd} |")
     return "\n".join(lines) + "\n"
 
 

@@ -103,6 +103,8 @@ def test_report_shows_four_arms_with_cis_pooled_roc_and_reliability(tmp_path):
     fed = report["final"]["pooled"]["federated"]["minus_reference_meta"]["random"]
     assert f"{fed['estimate']:.3f} ({fed['ci_low']:.3f} to {fed['ci_high']:.3f})" in md
     assert "Federated AUC: better than the reference" in md
+    detectable = 2.8016 * fed["se"]  # (z_0.975 + z_0.8) x SE
+    assert f"| {detectable:.3f} |" in md
     assert "no segmented lesion: 8" in md
     html_text = paths["html"].read_text(encoding="utf-8")
     assert 'src="pooled_roc.png"' in html_text and "Federated − local-only" in html_text
