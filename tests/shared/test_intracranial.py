@@ -131,3 +131,13 @@ def test_real_background_lesions_lie_inside_and_the_crop_stays_on_them():
         largest = np.argmax(np.bincount(comp.ravel())[1:]) + 1
         dist = ndimage.distance_transform_edt(comp != largest, sampling=image.GetSpacing()[::-1])
         assert dist[tuple(centre)] < 5.0, f"case {k}: crop centre {dist[tuple(centre)]:.1f} mm from the true bleed"
+
+
+def test_an_image_without_skull_has_no_mask_and_segmentation_keeps_its_labels():
+    """A skull-stripped or cropped volume: no intracranial space is found, so nothing is removed."""
+    from shared.segment import MIN_INTRACRANIAL_ML
+
+    hu = np.full((10, 40, 40), 30.0, np.float32)  # brain-like tissue, no bone anywhere
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((2.0, 2.0, 5.0))
+    assert intracranial_mask(image).volume_ml < MIN_INTRACRANIAL_ML
