@@ -318,7 +318,6 @@ def write_federated_bundle(bundle, head: dict[str, np.ndarray], history: list[di
     import torch
 
     from shared.bundle import derive_bundle, load_bundle
-    from shared.classifier import load_weights
 
     last = history[-1] if history else {}
     site_rows = [r for r in last.get("evaluate", {}).get("sites", []) if r.get("status") == "ok"]
@@ -338,7 +337,7 @@ def write_federated_bundle(bundle, head: dict[str, np.ndarray], history: list[di
         }
     }
     if not out.exists():
-        state = load_weights(bundle.classifier_path)
+        state = bundle.classifier_weights()  # the verified bytes, not whatever the file holds now
         state = {k: (v.clone() if hasattr(v, "clone") else v) for k, v in state.items()}
         state["fc.weight"] = torch.from_numpy(np.array(head[P.HEAD_WEIGHT], dtype=np.float32))
         state["fc.bias"] = torch.from_numpy(np.array(head[P.HEAD_BIAS], dtype=np.float32))

@@ -128,6 +128,13 @@ class Bundle:
         """
         return read_verified(self.path, rel, self.manifest.files)
 
+    def classifier_weights(self) -> dict[str, Any]:
+        """The classifier state dict, deserialised from bytes verified against the manifest at this call."""
+        from .classifier import load_weights
+
+        rel = self.manifest.classifier.get("file", CLASSIFIER_FILE)
+        return load_weights(self.classifier_path, data=self.read_verified(rel))
+
     def build_classifier(self, device="cpu"):
         """The ResNet-34 with this bundle's weights (as verified at this call), on ``device``, in eval mode."""
         from .classifier import load_classifier
@@ -549,7 +556,7 @@ def derive_bundle(
         "parent_version": parent.manifest.version,
         **(lineage or {}),
     }
-    return create_bundle(
+    out = create_bundle(
         out_dir,
         classifier_state,
         parent.nnunet_dir,
@@ -561,6 +568,15 @@ def derive_bundle(
         lineage=lin,
         private_key=private_key,
     )
+    # The nnU-Net files were copied from disk: sign nothing that differs from what the parent verified.
+    new_files = json.loads((out / MANIFEST).read_bytes())["files"]
+    prefix = NNUNET_DIR + "/"
+    if {k: v for k, v in new_files.items() if k.startswith(prefix)} != {
+            k: v for k, v in parent.manifest.files.items() if k.startswith(prefix)}:
+        shutil.rmtree(out, ignore_errors=True)
+        raise BundleVerificationError(f"{parent.nnunet_dir}: changed since the parent bundle was verified; "
+                                      "nothing derived from it was kept")
+    return out
 
 
 # ----------------------------------------------------------------------------- tar form

@@ -236,3 +236,19 @@ def test_predict_and_verify_accept_a_packed_bundle(tiny_bundle, tmp_path, capsys
     assert rc == 0, out.err
     result = json.loads(out.out.strip().splitlines()[-1])
     assert result["bundle"]["hash"] == B.bundle_hash(tiny_bundle.path)
+
+
+def test_derive_refuses_to_sign_a_swapped_parent_model(tiny_bundle, tmp_path):
+    """The server derives the federated bundle from the parent's files: a swap after load is not signed."""
+    from shared.segment import CHECKPOINT
+
+    root = _link_copy(tiny_bundle.path, tmp_path / "parent")
+    parent = B.load_bundle(root, tiny_bundle.public_key)
+    ckpt = root / "nnunet" / "fold_all" / CHECKPOINT
+    _replace(ckpt, ckpt.read_bytes() + b"\0")
+    with pytest.raises(BundleVerificationError, match="sha256 no longer matches"):
+        B.read_verified(root, f"nnunet/fold_all/{CHECKPOINT}", parent.manifest.files)
+    state = parent.classifier_weights()  # the classifier itself is unchanged and verified
+    with pytest.raises(BundleVerificationError, match="changed since the parent bundle was verified"):
+        B.derive_bundle(parent, tmp_path / "child", state, 0.5, version="2", private_key=tiny_bundle.private_key)
+    assert not (tmp_path / "child").exists()
