@@ -573,11 +573,13 @@ class Segmenter:
         self.num_threads = num_threads
         self.folds = self._pick_folds(folds)
         self._lock = threading.Lock()
-        from .postprocess import read_rule
-
-        self.postprocessing = read_rule(self.model_dir)
+        from .postprocess import FILE_NAME as POSTPROCESSING, read_rule
 
         read = _verified_reader(self.model_dir, file_hashes)
+        # The postprocessing rule changes the labels as much as the weights do, so it is verified
+        # like them: a rule file not in the verified manifest is refused (read() raises).
+        present = (self.model_dir / POSTPROCESSING).exists() or (file_hashes or {}).get(POSTPROCESSING)
+        self.postprocessing = read_rule(self.model_dir, read(POSTPROCESSING) if present else None)
         dataset_json = _read_json(self.model_dir / "dataset.json", read("dataset.json"))
         plans = _read_json(self.model_dir / "plans.json", read("plans.json"))
         check_plans(plans, self.model_dir / "plans.json")  # the bytes used, not the ones validated above

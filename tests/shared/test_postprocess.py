@@ -104,3 +104,27 @@ def test_rule_from_verified_bytes_ignores_the_file_on_disk(tmp_path):
     verified = (tmp_path / FILE_NAME).read_bytes()
     write_rule(tmp_path, Rule())  # swapped after verification
     assert read_rule(tmp_path, verified) == Rule("largest")
+
+
+def test_rule_file_is_verified_like_the_weights(tiny_nnunet_model, tmp_path):
+    """With a bundle's verified hashes, a swapped or unlisted postprocessing.json is refused, not used."""
+    import hashlib
+
+    from shared.errors import BundleVerificationError
+    from shared.segment import Segmenter, copy_model_folder
+
+    model = copy_model_folder(tiny_nnunet_model.model_dir, tmp_path / "model")
+
+    def hashes() -> dict[str, str]:
+        return {str(p.relative_to(model)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in model.rglob("*") if p.is_file()}
+
+    unlisted = hashes()
+    write_rule(model, Rule("largest"))
+    with pytest.raises(BundleVerificationError, match="postprocessing.json: not listed"):
+        Segmenter(model, device="cpu", file_hashes=unlisted)
+    verified = hashes()
+    assert Segmenter(model, device="cpu", file_hashes=verified).postprocessing == Rule("largest")
+    write_rule(model, Rule())  # swapped after verification
+    with pytest.raises(BundleVerificationError, match="postprocessing.json: sha256 no longer matches"):
+        Segmenter(model, device="cpu", file_hashes=verified)
