@@ -39,6 +39,7 @@ from . import signing
 from .atomic import atomic_path, write_bytes
 from .config import CropSpec, from_dict, to_dict
 from .errors import BundleVerificationError, IchfedError
+from .verified import read_verified
 
 log = logging.getLogger(__name__)
 
@@ -175,20 +176,6 @@ def bundle_hash(path: str | Path) -> str:
     if not m.is_file():
         raise BundleVerificationError(f"{m}: missing; not a bundle")
     return hashlib.sha256(m.read_bytes()).hexdigest()
-
-
-def read_verified(root: Path, rel: str, listed: dict[str, Any]) -> bytes:
-    """Read ``root/rel`` into memory once and check it against the manifest's sha256 for it."""
-    path = root / rel
-    if rel not in listed:
-        raise BundleVerificationError(f"{path}: not listed in the bundle manifest")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise BundleVerificationError(f"{path}: unreadable ({e.strerror})") from None
-    if hashlib.sha256(data).hexdigest() != listed[rel]:
-        raise BundleVerificationError(f"{path}: sha256 no longer matches the verified manifest (file changed after loading)")
-    return data
 
 
 def _scan_files(root: Path) -> dict[str, Path]:

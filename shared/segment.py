@@ -47,6 +47,7 @@ import SimpleITK as sitk
 from .device import pick_device
 from .errors import BundleVerificationError, IchfedError
 from .model_policy import build_network, check_plans
+from .verified import read_verified
 
 log = logging.getLogger(__name__)
 
@@ -520,21 +521,9 @@ def _read_json(path: Path, raw: bytes | None = None) -> dict:
 
 def _verified_reader(model_dir: Path, file_hashes: dict[str, str] | None):
     """``read(rel) -> bytes | None``: the file's bytes checked against ``file_hashes`` (None without hashes)."""
-    import hashlib
 
     def read(rel: str) -> bytes | None:
-        if file_hashes is None:
-            return None
-        path = model_dir / rel
-        if rel not in file_hashes:
-            raise BundleVerificationError(f"{path}: not listed in the bundle manifest")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise BundleVerificationError(f"{path}: unreadable ({e.strerror})") from None
-        if hashlib.sha256(data).hexdigest() != file_hashes[rel]:
-            raise BundleVerificationError(f"{path}: sha256 no longer matches the verified manifest (file changed after loading)")
-        return data
+        return None if file_hashes is None else read_verified(model_dir, rel, file_hashes)
 
     return read
 

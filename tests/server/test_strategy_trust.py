@@ -21,23 +21,9 @@ from server.strategy import HeadFedAvg
 from shared import protocol as P
 from shared.errors import IchfedError
 
+from tests.server.test_strategy import _head, _Nodes  # one fake Grid and head maker for both files
+
 HASH = "a" * 64
-
-
-class _Nodes:
-    """Just enough of a Flower Grid for sampling: the connected node IDs."""
-
-    def __init__(self, ids):
-        self.ids = list(ids)
-
-    def get_node_ids(self):
-        return self.ids
-
-
-def _head(seed, scale=0.05):
-    rng = np.random.default_rng(seed)
-    return {"weight": (rng.normal(size=(2, 512)) * scale).astype(np.float32),
-            "bias": (rng.normal(size=2) * scale).astype(np.float32)}
 
 
 def _arrays(head):
