@@ -77,8 +77,8 @@ def paired_metrics(model: str, labels: np.ndarray, p: np.ndarray, others: Mappin
         key = P.metric_key(model, f"auc-minus-{other}")
         if len(y) < min_cases:
             reasons[key] = reasons[key + "-var"] = P.REASON_TOO_FEW if len(y) else P.REASON_NO_CASES
-        elif y.min() == y.max():
-            reasons[key] = reasons[key + "-var"] = P.REASON_ONE_CLASS
+        elif _delong_undefined(y):
+            reasons[key] = reasons[key + "-var"] = _delong_undefined(y)
         else:
             d = delong_paired(y, p, q)
             metrics[key], metrics[key + "-var"] = float(d.estimate), float(d.variance)
@@ -89,10 +89,19 @@ def _auc_var(model: str, y: np.ndarray, p: np.ndarray, metrics: dict, reasons: d
     from shared.rocstats import delong_auc
 
     key = P.metric_key(model, "auc-var")
-    if y.min() == y.max():
-        reasons[key] = P.REASON_ONE_CLASS
+    why = _delong_undefined(y)
+    if why:
+        reasons[key] = why
     else:
         metrics[key] = float(delong_auc(y, p).variance)
+
+
+def _delong_undefined(y: np.ndarray) -> str | None:
+    """Why DeLong's variance cannot be computed on these labels (it needs two cases of each class), or None."""
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if min(n_pos, n_neg) == 0:
+        return P.REASON_ONE_CLASS
+    return P.REASON_TOO_FEW if min(n_pos, n_neg) < 2 else None
 
 
 def _roc(model: str, y: np.ndarray, p: np.ndarray, metrics: dict, reasons: dict) -> None:

@@ -47,6 +47,8 @@ MIN_HULL_COVER = 0.6
 # A slice with less bone than this (mm^2) has no skull to speak of (air above the vertex,
 # neck below the skull base).
 MIN_BONE_MM2 = 150.0
+# Below the widest slice the hull fallback may grow the space by at most this factor per slice.
+MAX_HULL_GROWTH = 1.15
 BODY_HU = -300.0
 
 
@@ -172,19 +174,32 @@ def _superior_sign(image: sitk.Image) -> int:
 
 def _craniectomy_fallback(inside: np.ndarray, methods: list[str], hulls: dict[int, np.ndarray],
                           superior: int) -> None:
-    """Use the bone's convex hull on open slices above the widest one (in place)."""
+    """Use the bone's convex hull on open slices (in place).
+
+    Above the widest slice (a craniectomy, a thin vertex) the hull is always taken. Below it the
+    hull is taken only where it is no larger than ``MAX_HULL_GROWTH`` times the slice above: at
+    the real skull base the hull of the facial bones is far larger and is refused, while a skull
+    ring that no closing could seal (partial volume on coarse slices, a foramen) keeps the brain.
+    """
     areas = inside.reshape(inside.shape[0], -1).sum(axis=1)
     if not areas.any():
         return
     widest = int(np.argmax(areas))
-    upper = range(widest + 1, inside.shape[0]) if superior > 0 else range(0, widest)
+    upper = range(widest + 1, inside.shape[0]) if superior > 0 else range(widest - 1, -1, -1)
+    lower = range(widest - 1, -1, -1) if superior > 0 else range(widest + 1, inside.shape[0])
     for k in upper:
         hull = hulls.get(k)
-        if hull is None:
-            continue
-        if areas[k] < MIN_HULL_COVER * max(int(hull.sum()), 1):
-            inside[k] = hull
-            methods[k] = "hull"
+        if hull is not None and areas[k] < MIN_HULL_COVER * max(int(hull.sum()), 1):
+            inside[k], methods[k] = hull, "hull"
+    previous = int(areas[widest])
+    for k in lower:
+        hull = hulls.get(k)
+        if hull is not None and areas[k] < MIN_HULL_COVER * max(int(hull.sum()), 1) \
+                and 0 < hull.sum() <= MAX_HULL_GROWTH * previous:
+            inside[k], methods[k] = hull, "hull"
+        previous = int(inside[k].sum())
+        if previous == 0:
+            break  # below the skull base: nothing further down is intracranial
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:

@@ -152,3 +152,19 @@ def test_allow_list_refuses_histograms_under_the_floor_and_off_grid_thresholds(m
 def test_allow_list_accepts_grid_thresholds_and_the_bundles_own():
     build_reply("site-a", metrics={"federated.threshold": 0.43, "reference.threshold": 0.2345,
                                    "federated.auc-minus-reference": -0.12, "federated.hist-pos": [5] + [0] * 49})
+
+
+def test_a_single_positive_withholds_the_auc_variance_instead_of_failing():
+    """Five held-out cases with one positive pass the count floor but DeLong needs two per class:
+    the variance and the paired differences are withheld with a reason, the rest is still sent
+    (before, the whole evaluate reply failed with a site error)."""
+    from client.evaluate import arm_metrics, paired_metrics
+
+    x, y = _data(1, 4, np.random.default_rng(3))
+    p = p_neoplastic(START, x)
+    metrics, reasons = arm_metrics(P.MODEL_GLOBAL, _part(x, y), p, 0.5, min_cases=5)
+    assert P.metric_key(P.MODEL_GLOBAL, "auc") in metrics
+    assert P.metric_key(P.MODEL_GLOBAL, "auc-var") not in metrics
+    assert reasons[P.metric_key(P.MODEL_GLOBAL, "auc-var")] == P.REASON_TOO_FEW
+    m, r = paired_metrics(P.MODEL_FEDERATED, y, p, {P.MODEL_REFERENCE: p[::-1].copy()}, min_cases=5)
+    assert not m and r[P.metric_key(P.MODEL_FEDERATED, "auc-minus-reference")] == P.REASON_TOO_FEW

@@ -62,11 +62,12 @@ def _app_copy(dst: Path) -> Path:
 
 
 def _make_site(root: Path, name: str, seed: int) -> Path:
-    """A tiny synthetic hospital: 6 cases at ci scale from the cohort writer."""
+    """A tiny synthetic hospital: 10 cases at ci scale from the cohort writer (6 to fine-tune: above
+    the floor of 5 cases below which a site sends no head)."""
     from simulations.cohort import write_cohort
 
     out = root / "data" / name
-    write_cohort("charite-like", 6, seed, out, scale="ci")
+    write_cohort("charite-like", 10, seed, out, scale="ci")
     return out
 
 
@@ -86,8 +87,8 @@ def federation(tmp_path_factory, tiny_bundle):
         cfg = root / "site_configs" / f"{name}.toml"
         assert main(["site", "init", "--name", name, "--data", str(data), "--out", str(cfg),
                      "--state-dir", str(root / "state" / name), "--public-key", str(public_key),
-                     "--device", "cpu", "--local-epochs", "3", "--fine-tune-fraction", "0.5",
-                     "--min-cases-for-metrics", "2", "--seed", str(i)]) == 0
+                     "--device", "cpu", "--local-epochs", "3", "--fine-tune-fraction", "0.6",
+                     "--seed", str(i)]) == 0
         site_cfg[name] = cfg
     # The intruder has a well-formed key that nobody registered.
     assert main(["site", "init", "--name", "rogue", "--data", str(root / "data" / SITES[0]),

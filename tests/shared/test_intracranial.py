@@ -141,3 +141,19 @@ def test_an_image_without_skull_has_no_mask_and_segmentation_keeps_its_labels():
     image = sitk.GetImageFromArray(hu)
     image.SetSpacing((2.0, 2.0, 5.0))
     assert intracranial_mask(image).volume_ml < MIN_INTRACRANIAL_ML
+
+
+def test_coarse_ci_scale_phantoms_keep_every_lesion_voxel(tmp_path):
+    """At 3.6 mm no closing seals some lower slices' skull ring (partial volume): the hull fallback
+    below the widest slice must keep the brain there. Before it, case 9 of this cohort lost its whole
+    bleed (6.8 ml) as 'extracranial', and the segmenter's Dice on it fell to 0."""
+    from shared.intracranial import intracranial_mask
+    from shared.sitedata import read_mask, read_site
+    from simulations.cohort import write_cohort
+
+    write_cohort("charite-like", 10, 0, tmp_path / "site", scale="ci")
+    for case in read_site(tmp_path / "site").cases:
+        image = read_image(case.image_path).image
+        lesion = sitk.GetArrayFromImage(read_mask(case.mask_path, image)) > 0
+        inside = sitk.GetArrayFromImage(intracranial_mask(image).mask) > 0
+        assert (lesion & ~inside).sum() == 0, case.case_id
