@@ -118,8 +118,9 @@ def main() -> int:
 
 
 def _pooled(report: dict) -> dict:
-    """Pooled held-out metrics of the reference, local-only and federated heads (the report's table)."""
-    keys = ("n", "n_sites", "auc", "accuracy", "sensitivity", "specificity")
+    """Held-out metrics of each arm as the report pools them (pooled AUC from histograms, the mean of
+    site AUCs named as such, summed-confusion accuracy / sensitivity / specificity)."""
+    keys = ("n", "n_sites", "pooled_auc", "mean_site_auc", "accuracy", "sensitivity", "specificity")
     return {model: {k: m.get(k) for k in keys} for model, m in (report.get("final") or {}).get("pooled", {}).items()}
 
 
