@@ -155,10 +155,7 @@ def plot_pooled_roc(report: dict[str, Any], path: str | os.PathLike) -> bool:
     ax.set(title="Pooled ROC, all sites' held-out cases", xlabel="1 - specificity", ylabel="sensitivity",
            xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -181,10 +178,7 @@ def plot_reliability(points_by_label: dict[str, list], path: str | os.PathLike, 
     ax.set(title=title, xlabel="predicted p(neoplastic)", ylabel="observed fraction neoplastic", xlim=(0, 1),
            ylim=(-0.02, 1.02))
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -193,3 +187,13 @@ def plot_report_reliability(report: dict[str, Any], path: str | os.PathLike) -> 
     pooled = _pooled(report)
     return plot_reliability({title: (pooled.get(model) or {}).get("reliability") for model, title in ARMS
                              if model != P.MODEL_REFERENCE_SITE}, path, "Reliability, pooled held-out cases")
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    """Write ``fig`` as a PNG atomically and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

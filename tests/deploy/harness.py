@@ -9,6 +9,7 @@ teardown, because Flower's children (``flower-superexec``, ``flwr-serverapp``,
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -139,6 +140,31 @@ class Deployment:
         home = self.root / f"flwr-home-{name}"
         home.mkdir(exist_ok=True)
         return self._start(name, argv, cwd=cwd, env={"FLWR_HOME": str(home)})
+
+    def register_and_start_sites(self, site_configs: dict[str, Path], state_root: Path) -> None:
+        """Register each site's node key (``<state_root>/<site>/keys/<site>.pub``, as ``ichfed site
+        init`` writes it) with the SuperLink, then start its SuperNode with its site config."""
+        for name in site_configs:
+            r = self.flwr("supernode", "register", str(state_root / name / "keys" / f"{name}.pub"), "tls",
+                          name=f"register-{name}")
+            assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout[-2000:]
+        for name, cfg in site_configs.items():
+            self.start_supernode(name, state_root / name / "keys" / name, f"site-config='{cfg}'")
+
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink lists as online (0 while it cannot answer)."""
+        r = self.flwr("supernode", "list", "tls", "--format", "json", name="list")
+        try:
+            nodes = json.loads(r.stdout[r.stdout.index("{"):])["nodes"]
+        except (ValueError, KeyError):
+            return 0
+        return sum(1 for n in nodes if n.get("status") == "online")
+
+    def stop_and_check(self) -> None:
+        """Stop every process and fail if any process group survived."""
+        self.stop()
+        survivors = {name: self.group_alive(name) for name in self.procs}
+        assert not any(survivors.values()), f"processes survived teardown: {survivors}"
 
     def flwr(self, *args: str, timeout: float = 120, cwd: Path | None = None, name: str | None = None
              ) -> subprocess.CompletedProcess:

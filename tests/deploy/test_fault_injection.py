@@ -44,15 +44,6 @@ def _make_site(root: Path, name: str, seed: int) -> Path:
     return out
 
 
-def _online(dep: Deployment) -> int:
-    r = dep.flwr("supernode", "list", "tls", "--format", "json", name="list")
-    try:
-        nodes = json.loads(r.stdout[r.stdout.index("{"):])["nodes"]
-    except (ValueError, KeyError):
-        return 0
-    return sum(1 for n in nodes if n.get("status") == "online")
-
-
 def _run_config(tiny_bundle, public_key: Path, state: Path, rounds: int, min_sites: int) -> str:
     return " ".join([f"bundle-path='{tiny_bundle.path}'", f"public-key='{public_key}'",
                      f"signing-key='{_private_key(tiny_bundle)}'", f"state-dir='{state}'",
@@ -92,18 +83,11 @@ def deployment(tmp_path_factory, tiny_bundle):
     dep = Deployment(root, root / "pki" / "ca.crt", root / "pki" / "server.pem", root / "pki" / "server.key")
     try:
         dep.start_superlink()
-        for name in SITES:
-            r = dep.flwr("supernode", "register", str(root / "state" / name / "keys" / f"{name}.pub"), "tls",
-                         name=f"register-{name}")
-            assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout[-2000:]
-        for name in SITES:
-            dep.start_supernode(name, root / "state" / name / "keys" / name, f"site-config='{cfgs[name]}'")
-        dep.wait(lambda: _online(dep) >= len(SITES), 120, "three SuperNodes online", interval=2)
+        dep.register_and_start_sites({name: cfgs[name] for name in SITES}, root / "state")
+        dep.wait(lambda: dep.online_nodes() >= len(SITES), 120, "three SuperNodes online", interval=2)
         yield {"dep": dep, "root": root, "public_key": public_key, "cfgs": cfgs}
     finally:
-        dep.stop()
-        survivors = {name: dep.group_alive(name) for name in dep.procs}
-        assert not any(survivors.values()), f"processes survived teardown: {survivors}"
+        dep.stop_and_check()
 
 
 def test_site_killed_mid_round_is_missing_and_rejoins_the_next_run(deployment, tiny_bundle):
@@ -147,7 +131,7 @@ def test_site_killed_mid_round_is_missing_and_rejoins_the_next_run(deployment, t
     assert CASES - 2 <= sum(k.endswith("case.json") for k in cache) < CASES
     dep.start_supernode(f"{VICTIM}-rejoined", victim_state / "keys" / VICTIM,
                         f"site-config='{deployment['cfgs'][VICTIM]}'")
-    dep.wait(lambda: _online(dep) >= len(SITES), 180, "the victim back online", interval=2)
+    dep.wait(lambda: dep.online_nodes() >= len(SITES), 180, "the victim back online", interval=2)
 
     # Run 2 needs all three sites.
     state2 = root / "server-2"

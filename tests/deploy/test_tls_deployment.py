@@ -98,29 +98,14 @@ def federation(tmp_path_factory, tiny_bundle):
     dep = Deployment(root, pki / "ca.crt", pki / "server.pem", pki / "server.key")
     try:
         dep.start_superlink()
-        for name in SITES:
-            r = dep.flwr("supernode", "register", str(root / "state" / name / "keys" / f"{name}.pub"), "tls",
-                         name=f"register-{name}")
-            assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout[-2000:]
-        for name in SITES:
-            dep.start_supernode(name, root / "state" / name / "keys" / name, f"site-config='{site_cfg[name]}'")
+        dep.register_and_start_sites({name: site_cfg[name] for name in SITES}, root / "state")
         dep.start_supernode("rogue", root / "state" / "rogue" / "keys" / "rogue",
                             f"site-config='{root / 'site_configs' / 'rogue.toml'}'", max_retries=1)
 
-        def online() -> int:
-            r = dep.flwr("supernode", "list", "tls", "--format", "json", name="list")
-            try:
-                nodes = json.loads(r.stdout[r.stdout.index("{"):])["nodes"]
-            except (ValueError, KeyError):
-                return 0
-            return sum(1 for n in nodes if n.get("status") == "online")
-
-        dep.wait(lambda: online() >= len(SITES), 120, "both SuperNodes online", interval=2)
+        dep.wait(lambda: dep.online_nodes() >= len(SITES), 120, "both SuperNodes online", interval=2)
         yield {"dep": dep, "root": root, "public_key": public_key}
     finally:
-        dep.stop()
-        survivors = {name: dep.group_alive(name) for name in dep.procs}
-        assert not any(survivors.values()), f"processes survived teardown: {survivors}"
+        dep.stop_and_check()
 
 
 def test_two_rounds_over_tls_with_node_auth(federation, tiny_bundle):
