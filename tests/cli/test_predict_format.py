@@ -1,0 +1,26 @@
+"""The human-readable `ichfed predict` summary: a flagged case never reads as a confident label."""
+
+from __future__ import annotations
+
+from ichfed.commands.predict import format_result
+
+BASE = {
+    "source": "case.nii.gz", "lesion_found": True, "ich_ml": 4.5, "ich_mean_hu": 58.0, "n_components": 1,
+    "phe_ml": 9.0, "phe_mean_hu": 22.0, "p_neoplastic": 0.71, "threshold": 0.5, "threshold_source": "bundle",
+    "label": "neoplastic", "timings": {"ingest": 0.1}, "bundle": {"name": "b", "version": "1"},
+    "quality_flags": [], "extracranial_ml_removed": 0.0,
+}
+
+
+def test_plausible_case_shows_the_label():
+    text = format_result(BASE)
+    assert "->  neoplastic" in text and "quality flags" not in text and "outside the skull" not in text
+
+
+def test_flagged_case_is_not_reliable_and_names_its_flags():
+    text = format_result({**BASE, "quality_flags": ["many_components", "extracranial_removed"],
+                          "extracranial_ml_removed": 64.2})
+    assert "->  neoplastic" not in text
+    assert "not reliable, review (model: neoplastic)" in text
+    assert "quality flags: many_components, extracranial_removed" in text
+    assert "removed outside the skull: 64.2 ml" in text
