@@ -24,7 +24,7 @@ from typing import Any
 from shared import protocol as P
 from shared.calibration import reliability_from_histograms
 from shared.errors import IchfedError
-from shared.rocstats import meta_analysis, pooled_roc
+from shared.rocstats import meta_analysis, meta_analysis_auc, pooled_roc
 
 # (output key, estimate metric, variance metric) of every meta-analysed quantity.
 META_TARGETS = (
@@ -97,7 +97,10 @@ def _meta(rows: list[dict[str, Any]], est: str, var: str, key: str, reasons: dic
             reasons[key] = f"no site sent both '{est}' and '{var}'"
         return None
     try:
-        return meta_analysis([e for e, _ in pairs], [v for _, v in pairs]).to_dict()
+        # An AUC lives in [0, 1]: pooled on the logit scale; a difference of AUCs on its own scale.
+        pool = meta_analysis_auc if est == "auc" else meta_analysis
+        return {**pool([e for e, _ in pairs], [v for _, v in pairs]).to_dict(),
+                "scale": "logit" if est == "auc" else "raw"}
     except IchfedError as exc:
         reasons[key] = str(exc)
         return None

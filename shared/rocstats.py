@@ -7,7 +7,8 @@
 - :func:`score_histogram` / :func:`pooled_roc`: per-class counts of scores on a fixed grid,
   which the server sums into one pooled ROC curve. Within a bin the order of a positive and a
   negative is unknown, so such pairs count 1/2 (the trapezoid through the bin edges).
-- :func:`meta_analysis`: inverse-variance fixed effect and DerSimonian-Laird random effects,
+- :func:`meta_analysis`: inverse-variance fixed effect and DerSimonian-Laird random effects
+  (:func:`meta_analysis_auc` pools AUCs on the logit scale),
   each with a normal-theory CI. statsmodels has this too, but is not a dependency; the
   formulas are ten lines.
 
@@ -249,6 +250,45 @@ def meta_analysis(estimates: Sequence[float], variances: Sequence[float], alpha:
         q=q,
         k=k,
     )
+
+
+# AUCs are pooled on the logit scale, where a normal approximation holds near 0 and 1; a site
+# AUC of exactly 0 or 1 is moved this far inside so that its logit stays finite.
+_AUC_EDGE = 0.01
+
+
+def meta_analysis_auc(aucs: Sequence[float], variances: Sequence[float], alpha: float = 0.05) -> MetaResult:
+    """:func:`meta_analysis` of site AUCs on the logit scale, back-transformed.
+
+    Each AUC ``a`` (clipped to [0.01, 0.99]) becomes ``logit(a)`` with the delta-method variance
+    ``v / (a (1 - a))^2``; the pooled estimate and its CI are mapped back with the logistic
+    function, so the interval stays inside (0, 1) and is asymmetric near the edges. ``se`` is the
+    delta-method standard error on the AUC scale at the pooled estimate; ``tau2``, ``i2`` and
+    ``q`` are on the logit scale.
+
+    Examples
+    --------
+    >>> r = meta_analysis_auc([0.95, 0.97], [0.002, 0.001])
+    >>> 0.9 < r.fixed.estimate < r.fixed.ci_high < 1.0
+    True
+    """
+    a = np.asarray(aucs, dtype=np.float64)
+    v = np.asarray(variances, dtype=np.float64)
+    if a.ndim != 1 or a.shape != v.shape or a.size == 0:
+        raise IchfedError(f"aucs/variances: need equal, non-empty 1-D lists, got {a.shape} and {v.shape}")
+    if not (np.isfinite(a).all() and ((a >= 0) & (a <= 1)).all()):
+        raise IchfedError("aucs: must be finite and within [0, 1]")
+    a = np.clip(a, _AUC_EDGE, 1.0 - _AUC_EDGE)
+    raw = meta_analysis(np.log(a / (1.0 - a)), v / (a * (1.0 - a)) ** 2, alpha)
+    return dataclasses.replace(raw, fixed=_expit_estimate(raw.fixed), random=_expit_estimate(raw.random))
+
+
+def _expit_estimate(e: Estimate) -> Estimate:
+    def expit(x: float) -> float:
+        return float(1.0 / (1.0 + math.exp(-x)))
+
+    p = expit(e.estimate)
+    return Estimate(p, p * (1.0 - p) * e.se, expit(e.ci_low), expit(e.ci_high))
 
 
 def detectable_difference(se: float, alpha: float = 0.05, power: float = 0.8) -> float:

@@ -12,7 +12,7 @@ from server.report import markdown, write_report
 from server.strategy import pooled_metrics
 from shared import protocol as P
 from shared.metrics import classification_metrics
-from shared.rocstats import delong_auc, delong_paired, meta_analysis, score_histogram
+from shared.rocstats import delong_auc, delong_paired, meta_analysis_auc, score_histogram
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,6 +51,10 @@ def _sites(seed=0, k=4, n=60):
     return sites, {k: np.concatenate(v) for k, v in truth.items()}
 
 
+def diff_scale(pooled):
+    return pooled["minus_reference_meta"]["scale"]
+
+
 def test_pooled_metrics_pooled_auc_meta_analysis_and_paired_differences():
     sites, t = _sites()
     fed = pooled_metrics(sites, P.MODEL_FEDERATED)
@@ -59,8 +63,9 @@ def test_pooled_metrics_pooled_auc_meta_analysis_and_paired_differences():
     assert fed["pooled_n_pos"] == 120 and fed["hist_sites"] == 4
     assert fed["mean_site_auc"] == pytest.approx(np.mean([s["federated"]["auc"] for s in sites]))
     meta = fed["auc_meta"]
-    direct = meta_analysis([s["federated"]["auc"] for s in sites], [s["federated"]["auc-var"] for s in sites])
+    direct = meta_analysis_auc([s["federated"]["auc"] for s in sites], [s["federated"]["auc-var"] for s in sites])
     assert meta["fixed"]["estimate"] == pytest.approx(direct.fixed.estimate) and meta["k"] == 4
+    assert meta["scale"] == "logit" and diff_scale(fed) == "raw"
     assert meta["fixed"]["ci_low"] < meta["fixed"]["estimate"] < meta["fixed"]["ci_high"]
     diff = fed["minus_reference_meta"]
     assert diff["fixed"]["estimate"] == pytest.approx(

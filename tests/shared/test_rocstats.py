@@ -15,6 +15,7 @@ from shared.rocstats import (
     delong_paired,
     detectable_difference,
     meta_analysis,
+    meta_analysis_auc,
     pooled_roc,
     score_histogram,
 )
@@ -139,6 +140,28 @@ def test_meta_analysis_heterogeneous_sites_widen_the_random_effects_interval():
     assert set(one.to_dict()) == {"fixed", "random", "tau2", "i2", "q", "k"}
     with pytest.raises(IchfedError, match="non-negative"):
         meta_analysis([0.7], [-0.01])
+
+
+def test_meta_analysis_auc_pools_on_the_logit_scale_and_keeps_the_interval_inside_0_1():
+    # Near 1, a raw-scale normal CI crosses 1; the logit-scale one cannot.
+    aucs, var = [0.98, 0.99], [0.0004, 0.0003]
+    raw = meta_analysis(aucs, var)
+    res = meta_analysis_auc(aucs, var)
+    assert raw.fixed.ci_high > 1.0
+    assert 0.85 < res.fixed.ci_low < res.fixed.estimate < res.fixed.ci_high < 1.0
+    # Asymmetric: more room below the estimate than above it.
+    assert res.fixed.estimate - res.fixed.ci_low > res.fixed.ci_high - res.fixed.estimate
+    # The back-transformed estimate is the logistic of the inverse-variance mean of logits.
+    lg = [math.log(a / (1 - a)) for a in aucs]
+    w = [(a * (1 - a)) ** 2 / v for a, v in zip(aucs, var)]
+    assert res.fixed.estimate == pytest.approx(1 / (1 + math.exp(-sum(x * wi for x, wi in zip(lg, w)) / sum(w))))
+    # Mid-range AUCs: logit and raw pooling nearly agree.
+    mid = meta_analysis_auc([0.6, 0.7], [0.004, 0.004])
+    assert mid.fixed.estimate == pytest.approx(meta_analysis([0.6, 0.7], [0.004, 0.004]).fixed.estimate, abs=0.01)
+    # A perfect site AUC stays finite; out-of-range input is one-line error.
+    assert 0.9 < meta_analysis_auc([1.0, 0.9], [0.001, 0.002]).fixed.estimate < 1.0
+    with pytest.raises(IchfedError, match="aucs"):
+        meta_analysis_auc([1.2], [0.01])
 
 
 def test_detectable_difference_is_2_8_standard_errors_at_5_percent_and_80_percent_power():
