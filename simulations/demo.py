@@ -48,11 +48,11 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
     """Bootstrap (cached), federate three simulated sites, then read one case."""
     import json
 
-    from ichfed.commands.predict import format_result
     from server.bootstrap import bootstrap, get_profile, render_report
     from server.report_arms import arms_table_markdown, comparisons_table_markdown, verdict
     from shared.bundle import load_bundle
     from shared.pipeline import Predictor
+    from shared.result_text import format_result
     from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
     from simulations.flower_sim import run as simulate
 

@@ -6,7 +6,7 @@ import logging
 
 from shared.errors import IchfedError
 
-from .predict import add_bundle_args, load_predictor
+from ..bundle_args import add_bundle_args, load_predictor
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,30 @@
+"""Options shared by the commands that load a bundle (``ichfed predict``, ``ichfed reader``).
+
+A command module never imports another command; what two of them share lives here.
+"""
+
+from __future__ import annotations
+
+
+def add_bundle_args(p) -> None:
+    """Options every command that loads a bundle shares."""
+    p.add_argument("--bundle", required=True, help="model bundle directory or .tar")
+    p.add_argument("--pubkey", help="coordinator's Ed25519 public key that must have signed the bundle")
+    p.add_argument(
+        "--site-config",
+        help="site config TOML: its public key verifies the bundle and its locally calibrated threshold is used",
+    )
+    p.add_argument(
+        "--allow-unsigned", action="store_true", help="development only: accept a bundle without a valid signature"
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
+
+
+def load_predictor(args):
+    """The ``Predictor`` the parsed options name (``client.site_predictor.open_predictor``)."""
+    from client.site_predictor import open_predictor
+
+    mirroring = {"auto": None, "on": True, "off": False}[getattr(args, "mirroring", "auto")]
+    return open_predictor(args.bundle, pubkey=args.pubkey, site_config=getattr(args, "site_config", None),
+                          allow_unsigned=args.allow_unsigned, device=args.device, use_mirroring=mirroring,
+                          tile_step_size=getattr(args, "tile_step_size", 0.5))

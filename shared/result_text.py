@@ -1,0 +1,31 @@
+"""The human-readable summary of one ``Predictor.predict`` result (``ichfed predict``, the demo)."""
+
+from __future__ import annotations
+
+
+def format_result(r: dict) -> str:
+    """Human-readable summary of one prediction (the dict of ``shared.pipeline.Predictor.predict``)."""
+    lines = [f"{r['source']}"]
+    if not r["lesion_found"]:
+        lines.append("  no hemorrhage found (not classified)")
+    else:
+        lines.append(f"  ICH  {r['ich_ml']:.1f} ml  mean {_hu(r['ich_mean_hu'])}   lesions: {r['n_components']}")
+        lines.append(f"  PHE  {r['phe_ml']:.1f} ml  mean {_hu(r['phe_mean_hu'])}")
+        flags = r.get("quality_flags") or []
+        # A flagged (implausible) segmentation never gets a confident label, here as in the reader.
+        verdict = f"not reliable, review (model: {r['label']})" if flags else r["label"]
+        lines.append(
+            f"  p(neoplastic) = {r['p_neoplastic']:.3f}  (threshold {r['threshold']:.3f}, "
+            f"{r['threshold_source']})  ->  {verdict}"
+        )
+    if r.get("quality_flags"):
+        lines.append(f"  quality flags: {', '.join(r['quality_flags'])}")
+    if r.get("extracranial_ml_removed"):
+        lines.append(f"  removed outside the skull: {r['extracranial_ml_removed']:.1f} ml")
+    t = ", ".join(f"{k} {v:.2f}s" for k, v in r["timings"].items())
+    lines.append(f"  bundle {r['bundle']['name']} {r['bundle']['version']}   timings: {t}")
+    return "\n".join(lines)
+
+
+def _hu(v) -> str:
+    return "n/a" if v is None else f"{v:.0f} HU"
