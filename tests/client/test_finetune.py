@@ -56,3 +56,43 @@ def test_no_cases_leaves_the_head_unchanged():
                      learning_rate=1e-2, batch_size=4, seed=0)
     assert out.epochs == 0
     assert np.array_equal(out.head.weight, head.weight)
+
+
+def _distance(a: Head, b: Head) -> float:
+    return float(np.sqrt(((a.weight - b.weight) ** 2).sum() + ((a.bias - b.bias) ** 2).sum()))
+
+
+def test_the_proximal_term_keeps_the_head_nearer_the_global_head():
+    from client.finetune import HeadTrainResult
+
+    x, y = _data(16, seed=4)
+    start = _random_head(5)
+    kw = dict(epochs=60, learning_rate=1e-2, batch_size=8, seed=1)
+    plain = train_head(start, x, y, **kw)
+    prox = train_head(start, x, y, proximal_mu=1.0, **kw)
+    assert isinstance(prox, HeadTrainResult)
+    assert _distance(prox.head, start) < 0.7 * _distance(plain.head, start)
+    # it still learns: the regularised head separates its training cases better than the start
+    assert roc_auc_score(y, p_neoplastic(prox.head, x)) > roc_auc_score(y, p_neoplastic(start, x))
+    # mu = 0 is exactly the paper's plain fine-tuning
+    zero = train_head(start, x, y, proximal_mu=0.0, **kw)
+    assert np.array_equal(zero.head.weight, plain.head.weight)
+
+
+def test_early_stopping_by_inner_folds_stops_before_overfitting_noise():
+    from client.finetune import choose_epochs, local_update
+
+    rng = np.random.default_rng(0)
+    y = (np.arange(20) % 2).astype(np.int64)
+    noise = rng.normal(size=(20, 512)).astype(np.float32)  # labels carry no signal: more epochs only overfit
+    start = _random_head(2)
+    kw = dict(learning_rate=5e-2, batch_size=8, seed=0)
+    chosen = choose_epochs(start, noise, y, max_epochs=40, **kw)
+    assert 1 <= chosen < 40
+    out = local_update(start, noise, y, max_epochs=40, early_stopping=True, **kw)
+    assert out.epochs == chosen
+    # on a real signal the inner folds let it train longer than on noise
+    x, ys = _data(20, seed=3)
+    assert choose_epochs(start, x * 3, ys, max_epochs=40, **kw) > chosen
+    # a class with one case cannot be validated: all epochs are run
+    assert choose_epochs(start, noise[:6], np.array([1, 0, 0, 0, 0, 0]), max_epochs=40, **kw) == 40
