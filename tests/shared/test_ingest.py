@@ -228,3 +228,36 @@ def test_read_geometry_predicts_the_ingested_grid(tmp_path, kind):
     assert geometry["spacing"] == pytest.approx(img.GetSpacing())
     assert geometry["origin"] == pytest.approx(img.GetOrigin())
     assert geometry["direction"] == pytest.approx(img.GetDirection())
+
+
+# ------------------------------------------------------------------------------ scanner metadata
+
+
+def test_scanner_metadata_is_read_from_dicom_tags_and_unknown_for_nifti(tmp_path):
+    """Manufacturer, model, kernel and slice thickness come from the tags; tilt from tag or geometry."""
+    from tests.dicom_factory import series_with_tags
+
+    series_with_tags(tmp_path / "s", {"0008|0070": "ACME Medical", "0008|1090": "Scan 64",
+                                      "0018|1210": "H30s", "0018|0050": "2.5"})
+    scanner = read_image(tmp_path / "s").scanner
+    assert (scanner.manufacturer, scanner.model, scanner.kernel) == ("ACME Medical", "Scan 64", "H30s")
+    assert scanner.slice_thickness_mm == pytest.approx(2.5) and scanner.tilt_deg == pytest.approx(0.0, abs=1e-3)
+    assert describe(read_image(tmp_path / "s"))["scanner"]["kernel"] == "H30s"
+
+    series_with_tags(tmp_path / "bare", {})  # no scanner tags at all
+    bare = read_image(tmp_path / "bare").scanner
+    assert (bare.manufacturer, bare.kernel, bare.slice_thickness_mm) == ("unknown", "unknown", None)
+
+    img = sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16) - 1000)
+    sitk.WriteImage(img, str(tmp_path / "x.nii.gz"))
+    nifti = read_image(tmp_path / "x.nii.gz").scanner
+    assert (nifti.manufacturer, nifti.model, nifti.slice_thickness_mm, nifti.tilt_deg) == ("unknown", "unknown", None, None)
+
+
+def test_gantry_tilt_measured_from_slice_positions_is_the_scanner_tilt(tmp_path):
+    frame = tilted_frame(12.0)
+    normal = frame[:, 2]
+    positions = [tuple(np.array([0.0, 0.0, 0.0]) + k * 3.0 * np.array([0.0, 0.0, 1.0])) for k in range(4)]
+    write_series(tmp_path / "t", [np.zeros((8, 8))] * 4, positions, frame=frame)
+    assert float(np.dot(normal, [0, 0, 1])) < 0.999  # the stacking axis is not the slice normal
+    assert read_image(tmp_path / "t").scanner.tilt_deg == pytest.approx(12.0, abs=0.2)
