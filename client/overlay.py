@@ -1,8 +1,10 @@
 """A site's own state on top of a bundle: the site overlay, keyed by bundle hash.
 
-Today an overlay holds the site's out-of-sample threshold and the site's re-fitted probability
-calibration; later it can hold local normalisation statistics. It lives in
-``<state_dir>/overlay/<bundle hash>.json`` and never leaves the site.
+An overlay holds the site's out-of-sample threshold, the site's re-fitted probability calibration
+and, optionally, the site's own BatchNorm statistics of the classifier backbone (AdaBN/FedBN,
+``shared.batchnorm_stats``). It lives in ``<state_dir>/overlay/<bundle hash>.json``, the
+statistics beside it in ``<bundle hash>.norm.safetensors`` (their sha256 in the JSON; read
+without pickle and checked against the backbone before use). None of it leaves the site.
 
 ``load_overlay`` is the one reader: ``ichfed predict --site-config``, ``ichfed reader
 --threshold-from`` and the ClientApp all go through it, so a broken file (NaN, ``null``, a
@@ -25,12 +27,14 @@ from shared.errors import IchfedError
 
 OVERLAY_VERSION = 1
 OVERLAY_DIR = "overlay"
+NORM_SUFFIX = ".norm.safetensors"
 LEGACY_DIR = "thresholds"  # overlay version 0: {"bundle_hash", "threshold", "source", "site"}
 
 
 @dataclasses.dataclass(frozen=True)
 class SiteOverlay:
-    """What a site keeps for one bundle. ``calibration`` is ``Calibration.to_dict()`` or None."""
+    """What a site keeps for one bundle. ``calibration`` is ``Calibration.to_dict()`` or None;
+    ``norm_stats`` is ``{"file", "sha256", "n_cases"}`` of the site's BatchNorm statistics or None."""
 
     bundle_hash: str
     threshold: float
@@ -38,6 +42,7 @@ class SiteOverlay:
     calibration: dict[str, Any] | None = None
     site: str | None = None
     version: int = OVERLAY_VERSION
+    norm_stats: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
@@ -49,11 +54,28 @@ def overlay_path(state_dir: str | os.PathLike, bundle_hash: str) -> Path:
     return Path(state_dir) / OVERLAY_DIR / f"{bundle_hash}.json"
 
 
-def save_overlay(state_dir: str | os.PathLike, overlay: SiteOverlay) -> Path:
-    """Validate and write ``overlay`` atomically; returns its path."""
+def norm_stats_path(state_dir: str | os.PathLike, bundle_hash: str) -> Path:
+    """Where the site's BatchNorm statistics for ``bundle_hash`` live, beside its overlay."""
+    return Path(state_dir) / OVERLAY_DIR / f"{bundle_hash}{NORM_SUFFIX}"
+
+
+def save_overlay(state_dir: str | os.PathLike, overlay: SiteOverlay, norm_stats=None) -> Path:
+    """Validate and write ``overlay`` atomically; returns its path.
+
+    ``norm_stats`` (``shared.batchnorm_stats.NormStats``) are written first, beside the overlay,
+    and the overlay records their file and sha256; without them the overlay keeps whatever
+    ``overlay.norm_stats`` says (None: the bundle's own statistics are used).
+    """
     from shared.atomic import write_json
 
     path = overlay_path(state_dir, overlay.bundle_hash)
+    if norm_stats is not None:
+        from shared import batchnorm_stats
+
+        target = norm_stats_path(state_dir, overlay.bundle_hash)
+        digest = batchnorm_stats.save(norm_stats, target)
+        overlay = dataclasses.replace(overlay, norm_stats={"file": target.name, "sha256": digest,
+                                                           "n_cases": int(norm_stats.n_cases)})
     # Validate what we write with the same rules as what we read, so a bad value fails here, at the site.
     parse_overlay(overlay.to_dict(), path, overlay.bundle_hash)
     write_json(path, overlay.to_dict())
@@ -102,8 +124,36 @@ def parse_overlay(data: Any, path: str | os.PathLike, bundle_hash: str | None = 
     site = data.get("site")
     if site is not None and not isinstance(site, str):
         raise IchfedError(f"{path}: site: must be a string")
+    norm = data.get("norm_stats")
+    if norm is not None:
+        _validate_norm_stats(norm, stored_hash, f"{path}: norm_stats")
     return SiteOverlay(bundle_hash=stored_hash, threshold=threshold, threshold_source=source,
-                       calibration=calibration, site=site, version=int(version))
+                       calibration=calibration, site=site, version=int(version), norm_stats=norm)
+
+
+def load_norm_stats(state_dir: str | os.PathLike, overlay: SiteOverlay | None):
+    """The site's BatchNorm statistics the overlay names (``NormStats``, sha256-checked), or None.
+
+    They are only decoded here; ``shared.batchnorm_stats.apply`` checks that they fit the backbone.
+    """
+    if overlay is None or overlay.norm_stats is None:
+        return None
+    from shared import batchnorm_stats
+
+    return batchnorm_stats.load(norm_stats_path(state_dir, overlay.bundle_hash), overlay.norm_stats["sha256"])
+
+
+def _validate_norm_stats(value: Any, bundle_hash: str, where: str) -> None:
+    if not isinstance(value, dict) or set(value) != {"file", "sha256", "n_cases"}:
+        raise IchfedError(f"{where}: must be an object with exactly file, sha256 and n_cases")
+    # The file name is fixed by the bundle hash, so an overlay cannot point anywhere else.
+    if value["file"] != f"{bundle_hash}{NORM_SUFFIX}":
+        raise IchfedError(f"{where}: file: must be {bundle_hash[:12]}...{NORM_SUFFIX}, got {str(value['file'])[:80]!r}")
+    if not isinstance(value["sha256"], str) or not P.HASH_RE.match(value["sha256"]):
+        raise IchfedError(f"{where}: sha256: must be a 64-character hex digest")
+    n = value["n_cases"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise IchfedError(f"{where}: n_cases: must be a non-negative integer")
 
 
 def validate_threshold(value: Any, where: str) -> float:

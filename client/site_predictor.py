@@ -20,7 +20,8 @@ def open_predictor(bundle: str | os.PathLike, *, pubkey: str | os.PathLike | Non
     """Verify and load ``bundle`` (a folder or a packed ``.tar``) into a ``shared.pipeline.Predictor``.
 
     With ``site_config``, its coordinator key verifies the bundle (unless ``pubkey`` is given) and
-    the threshold of the site's overlay for that exact bundle (by hash) replaces the bundle's own.
+    the site's overlay for that exact bundle (by hash) supplies the threshold (replacing the
+    bundle's), the site's calibration (``p_calibrated``) and its BatchNorm statistics.
     Raises ``IchfedError`` for a bad option, a missing key or a bundle that does not verify.
     """
     from shared.bundle import open_bundle
@@ -37,15 +38,17 @@ def open_predictor(bundle: str | os.PathLike, *, pubkey: str | os.PathLike | Non
     if pubkey is None and not allow_unsigned:
         raise IchfedError("--pubkey: a trusted public key is required to verify the bundle (or --site-config)")
     opened = open_bundle(bundle, pubkey, allow_unsigned=allow_unsigned)
-    threshold = None
+    threshold = overlay = norm_stats = None
     if site is not None:
-        from .overlay import load_overlay
+        from .overlay import load_norm_stats, load_overlay
 
         # The one reader of a site's overlay: a broken threshold file is a one-line error here.
         overlay = load_overlay(site.state_dir, opened.hash)
         threshold = None if overlay is None else overlay.threshold
+        norm_stats = load_norm_stats(site.state_dir, overlay)  # the site's own BatchNorm statistics, if any
         if threshold is None:
             log.warning("%s: no local threshold for bundle %s in %s; using the bundle's threshold",
                         site_config, opened.hash[:12], site.state_dir)
     return Predictor(opened, device=device, threshold=threshold, use_mirroring=use_mirroring,
-                     tile_step_size=tile_step_size)
+                     tile_step_size=tile_step_size, norm_stats=norm_stats,
+                     calibration=None if overlay is None else overlay.calibration)

@@ -169,11 +169,12 @@ def from_bytes(data: bytes, where: str) -> NormStats:
 
 
 def save(stats: NormStats, path: str | Path) -> str:
-    """Write ``stats`` atomically to ``path``; returns the file's sha256."""
-    from .atomic import write_bytes
+    """Write ``stats`` atomically (owner-only: they are derived from patients' images) to ``path``;
+    returns the file's sha256."""
+    from .atomic import write_private_bytes
 
     data = to_bytes(stats)
-    write_bytes(path, data)
+    write_private_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

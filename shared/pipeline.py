@@ -62,6 +62,10 @@ class Predictor:
     ``threshold`` overrides the bundle's threshold (a site's locally calibrated one); it is a
     probability of the neoplastic class, and a case is called neoplastic when ``p >= threshold``.
     ``use_mirroring`` and ``tile_step_size`` go to nnU-Net's predictor (``shared.segment.Segmenter``).
+    A site's overlay (``client.overlay``) adds ``norm_stats`` (``shared.batchnorm_stats.NormStats``:
+    the site's BatchNorm statistics, applied to the backbone after checking they fit it) and
+    ``calibration`` (the site's re-fitted ``Calibration.to_dict()``, else the bundle's), which gives
+    ``p_calibrated``; the threshold still applies to ``p_neoplastic``, on which it was chosen.
     """
 
     def __init__(
@@ -71,7 +75,10 @@ class Predictor:
         threshold: float | None = None,
         use_mirroring: bool | None = None,
         tile_step_size: float = 0.5,
+        norm_stats: Any = None,
+        calibration: dict[str, Any] | None = None,
     ) -> None:
+        from .calibration import Calibration
         from .classifier import backbone_and_head
         from .device import pick_device
         from .segment import Segmenter
@@ -86,6 +93,14 @@ class Predictor:
         model = bundle.build_classifier(self.device)
         model.eval()
         self.backbone, self.head = backbone_and_head(model)
+        self.norm_stats_source = "bundle"
+        if norm_stats is not None:
+            from .batchnorm_stats import apply
+
+            apply(self.backbone, norm_stats, where="site overlay norm_stats")
+            self.norm_stats_source = "site"
+        self.calibration_source = "site" if calibration else "bundle"
+        self.calibration = Calibration.from_dict(calibration or bundle.manifest.calibration)
 
     # -- stages ---------------------------------------------------------------------------
     def segment(self, image: sitk.Image) -> sitk.Image:
@@ -182,6 +197,9 @@ class Predictor:
             "log_p_neoplastic": None,
             "threshold": round(self.threshold, 6),
             "threshold_source": self.threshold_source,
+            "p_calibrated": None,
+            "calibration_source": self.calibration_source,
+            "norm_stats_source": self.norm_stats_source,
             "label": None,
             "quality_flags": list(prepared.quality_flags),
             "extracranial_ml_removed": _round(prepared.extracranial_ml_removed, 3),
@@ -192,6 +210,7 @@ class Predictor:
                 p = float(self.p_neoplastic(self.embed(crop.array[None]))[0])
             result["p_neoplastic"] = round(p, 6)
             result["log_p_neoplastic"] = round(math.log(max(p, 1e-300)), 6)
+            result["p_calibrated"] = round(float(self.calibration(p)[()]), 6)
             result["label"] = "neoplastic" if p >= self.threshold else "non-neoplastic"
         result["timings"] = dict(timer.timings)
         result["bundle"] = {
