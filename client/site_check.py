@@ -27,7 +27,7 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
 
     cfg = load_site_config(config_path)
     not_ready: list[str] = []
-    site = read_site(cfg.data_dir)
+    site = read_site(cfg.data_dir, allow_unlabelled=True)
     unusable = [{"case_id": p.case_id, "message": p.message} for p in site.problems]
     usable = []
     skipped = None
@@ -44,7 +44,7 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
         skipped = (f"--headers-only: pixel data of {len(usable)} image(s) and {n_masks} mask(s) not read, so "
                    "truncated payloads, DICOM pixel data, mask values and zip contents are not checked")
     n_pos = sum(1 for c in usable if c.label == 1)
-    n_neg = len(usable) - n_pos
+    n_neg = sum(1 for c in usable if c.label == 0)
     if not usable:
         not_ready.append("no usable cases")
     elif not n_pos or not n_neg:
@@ -73,6 +73,8 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
             "unusable": len({u["case_id"] for u in unusable if u["case_id"] is not None}),
             "neoplastic": n_pos,
             "non_neoplastic": n_neg,
+            # used only for the site's BatchNorm statistics, never for training or metrics
+            "unlabelled": len(usable) - n_pos - n_neg,
             "with_mask": sum(1 for c in usable if c.mask_path is not None),
             "images_opened": open_images,
         },

@@ -1,7 +1,7 @@
 """The site data layout a hospital fills, and a reader that says what is unusable.
 
 ```
-<site>/cases.csv                  case_id,label[,...]  label: neoplastic | non-neoplastic | 1 | 0
+<site>/cases.csv                  case_id,label[,...]  label: neoplastic | non-neoplastic | 1 | 0 | empty
 <site>/images/<case_id>.nii.gz    or .nii, or images/<case_id>/ (one DICOM series), or images/<case_id>.zip
 <site>/masks/<case_id>.nii.gz     optional (or .nii): 0 background, 1 ICH, 2 PHE, image geometry
 ```
@@ -11,6 +11,11 @@ or malformed ``cases.csv`` (or site folder) stops it. Images and masks are check
 file headers only (no pixel data): a DICOM folder must hold a usable CT series, and a mask
 must sit on the grid ingestion will produce (after any tilt/spacing correction). Zips are
 not unpacked here; their problems surface when they are ingested.
+
+An empty label marks an **unlabelled** case (a scan without a confirmed diagnosis). A federated
+site (``read_site(root, allow_unlabelled=True)``) never trains on it or counts it in a metric,
+but uses its crop for the site's own BatchNorm statistics (``shared.batchnorm_stats``); for
+every other reader (reference training) an empty label is a problem like any other.
 """
 
 from __future__ import annotations
@@ -44,10 +49,10 @@ _DIRECTION_ATOL = 1e-4
 
 @dataclasses.dataclass(frozen=True)
 class CaseRef:
-    """One usable case: its label (1 neoplastic, 0 non-neoplastic), image and optional mask."""
+    """One usable case: its label (1 neoplastic, 0 non-neoplastic, None unlabelled), image and optional mask."""
 
     case_id: str
-    label: int
+    label: int | None
     image_path: Path
     mask_path: Path | None
     extra: dict[str, str]
@@ -69,13 +74,24 @@ class SiteData:
     cases: list[CaseRef]
     problems: list[Problem]
 
+    @property
+    def labelled(self) -> list[CaseRef]:
+        """The cases with a label (the only ones any training or metric uses)."""
+        return [c for c in self.cases if c.label is not None]
 
-def read_site(root: str | Path) -> SiteData:
+    @property
+    def unlabelled(self) -> list[CaseRef]:
+        """The cases with an empty label (only read with ``allow_unlabelled``)."""
+        return [c for c in self.cases if c.label is None]
+
+
+def read_site(root: str | Path, *, allow_unlabelled: bool = False) -> SiteData:
     """Read ``<root>/cases.csv`` and locate each case's image and mask.
 
     Raises ``IchfedError`` only when the folder or ``cases.csv`` is missing or malformed;
     every per-case issue (bad id, label not allowed, duplicate id, missing or ambiguous
-    image, mask geometry mismatch) becomes a ``Problem`` and the case is left out.
+    image, mask geometry mismatch) becomes a ``Problem`` and the case is left out. An empty
+    label is kept as ``label=None`` with ``allow_unlabelled`` and is a ``Problem`` without it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -106,7 +122,7 @@ def read_site(root: str | Path) -> SiteData:
             problems.append(Problem(cid, f"cases.csv line {line}: case_id {cid!r} may only hold letters, digits, "
                                          "'.', '_' and '-' and must start with a letter or digit"))
             continue
-        case, why = _case(root, cid, line, row)
+        case, why = _case(root, cid, line, row, allow_unlabelled)
         if why:
             problems.extend(Problem(cid, w) for w in why)
         else:
@@ -192,12 +208,16 @@ def _read_cases_csv(path: Path) -> list[tuple[int, dict[str, str]]]:
     return rows
 
 
-def _case(root: Path, cid: str, line: int, row: dict[str, str]) -> tuple[CaseRef | None, list[str]]:
+def _case(root: Path, cid: str, line: int, row: dict[str, str],
+          allow_unlabelled: bool = False) -> tuple[CaseRef | None, list[str]]:
     why: list[str] = []
     raw_label = row["label"].strip()
     label = LABELS.get(raw_label.lower())
-    if label is None:
-        why.append(f"cases.csv line {line}: label {raw_label!r} is not one of neoplastic, non-neoplastic, 1, 0")
+    if not raw_label and not allow_unlabelled:
+        why.append(f"cases.csv line {line}: empty label (only a federated site uses unlabelled cases)")
+    elif label is None and raw_label:
+        why.append(f"cases.csv line {line}: label {raw_label!r} is not one of neoplastic, non-neoplastic, 1, 0"
+                   + (" or empty" if allow_unlabelled else ""))
 
     image = None
     image_geometry = None

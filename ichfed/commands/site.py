@@ -99,7 +99,8 @@ def render_check(report: dict) -> str:
     lines = [
         f"site {report['site']}  (config {report['config']})",
         f"data        {report['data_dir']}",
-        f"cases       {c['usable']} usable: {c['neoplastic']} neoplastic, {c['non_neoplastic']} non-neoplastic; "
+        f"cases       {c['usable']} usable: {c['neoplastic']} neoplastic, {c['non_neoplastic']} non-neoplastic, "
+        f"{c.get('unlabelled', 0)} unlabelled (normalisation statistics only); "
         f"{c['with_mask']} with reference masks; {c['unusable']} unusable",
     ]
     for u in report["unusable"]:

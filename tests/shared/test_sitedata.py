@@ -109,6 +109,21 @@ def test_one_case_can_have_several_problems(tmp_path):
     assert len(messages) == 2 and any("label" in m for m in messages) and any("no image" in m for m in messages)
 
 
+def test_an_empty_label_is_an_unlabelled_case_only_for_a_federated_site(tmp_path):
+    """A federated site keeps unlabelled cases (label None) for its BatchNorm statistics; every other
+    reader (reference training) reports the empty label as a problem, and a bad label stays one."""
+    (tmp_path / "cases.csv").write_text("case_id,label\nc1,1\nc2, \nc3,\nc4,maybe\n", encoding="utf-8")
+    for cid in ("c1", "c2", "c3", "c4"):
+        _ct(tmp_path / "images" / f"{cid}.nii.gz")
+    fed = read_site(tmp_path, allow_unlabelled=True)
+    assert [(c.case_id, c.label) for c in fed.cases] == [("c1", 1), ("c2", None), ("c3", None)]
+    assert [c.case_id for c in fed.labelled] == ["c1"] and [c.case_id for c in fed.unlabelled] == ["c2", "c3"]
+    assert [p.case_id for p in fed.problems] == ["c4"] and "or empty" in fed.problems[0].message
+    strict = read_site(tmp_path)
+    assert [c.case_id for c in strict.cases] == ["c1"] and strict.unlabelled == []
+    assert {p.case_id: "empty label" in p.message for p in strict.problems} == {"c2": True, "c3": True, "c4": False}
+
+
 def test_header_only_cases_csv_is_a_site_problem(tmp_path):
     (tmp_path / "cases.csv").write_text("case_id,label\n", encoding="utf-8")
     data = read_site(tmp_path)
