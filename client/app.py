@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from shared import protocol as P
+from shared.stats_protocol import ACTION_STATS
 from shared.errors import BundleVerificationError, IchfedError
 
 from .finetune import Head, train_head
@@ -187,6 +188,10 @@ def build_client_app(
     def final(message: Message, context) -> Message:
         return handle(message, context, _on_final)
 
+    @app.query(ACTION_STATS)  # ichfed stats: the site's Table 1 (client/stats.py)
+    def stats(message: Message, context) -> Message:
+        return handle(message, context, _on_stats)
+
     return app
 
 
@@ -299,6 +304,23 @@ def _on_final(state: SiteState, message):
         })
         log.info("site %s: final bundle %s kept with local threshold %.4f", c.name, final_hash[:12], t_fed.p)
     return build_reply(c.name, metrics=metrics, reasons=arms.reasons, reason=reason, bundle_hash=final_hash)
+
+
+def _on_stats(state: SiteState, message):
+    """The site's Table 1: counts and fixed-bin histograms only, suppressed at the site (``client.stats``)."""
+    from .stats import NeedsBundle, site_table1
+
+    wanted = str(_config(message).get(P.CFG_BUNDLE_HASH, ""))
+    bundle = state.bundle(wanted) if wanted else None  # segments cases without reference masks
+    try:
+        t1 = site_table1(state.config, bundle, state.device())
+    except NeedsBundle as e:
+        log.error("site %s: %s", state.config.name, e)
+        raise _Refusal(P.REASON_BUNDLE_MISSING) from None
+    if "table1.n" not in t1.metrics or t1.metrics["table1.n"] == 0:
+        log.error("site %s: fewer usable cases than min_cases_for_metrics; no Table 1 sent", state.config.name)
+        raise _Refusal(P.REASON_TOO_FEW)
+    return build_reply(state.config.name, metrics=t1.metrics, reasons=t1.reasons, scanner=t1.scanner)
 
 
 app = build_client_app()

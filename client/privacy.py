@@ -8,7 +8,10 @@ A reply may carry only
   on fixed bins with at least ``protocol.MIN_CASES_FLOOR`` cases per class),
 - thresholds only on the fixed grid ``protocol.THRESHOLD_GRID`` (the reference arm's is the
   bundle's own, public value),
-- a few short fields from a fixed vocabulary (site name, status, reason codes, bundle hash).
+- a few short fields from a fixed vocabulary (site name, status, reason codes, bundle hash),
+- a Table 1 (``query.stats``, ``shared/stats_protocol.py``): counts and fixed-bin histograms by
+  class, each count and bin 0 or at least ``protocol.MIN_CASES_FLOOR``, and scanner categories
+  (short printable labels) with such counts.
 
 Case IDs, per-case values, images and file paths have no key to travel under, so they cannot
 leave. ``build_reply`` constructs every reply and checks it; ``privacy_mod`` checks every
@@ -24,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from shared import protocol as P
+from shared import stats_protocol as S
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +53,13 @@ def build_reply(
     reasons: Mapping[str, str] | None = None,
     reason: str | None = None,
     bundle_hash: str | None = None,
+    scanner: Mapping[str, Mapping[str, int]] | None = None,
 ):
     """Build the content (a Flower ``RecordDict``) of a site's reply and check it.
 
     ``metrics`` values that are ``None`` are left out (a MetricRecord has no null); say why
-    in ``reasons`` under the same key. Raises ``PrivacyViolation`` for anything not allowed.
+    in ``reasons`` under the same key. ``scanner`` maps a scanner field to its category counts
+    (a stats reply). Raises ``PrivacyViolation`` for anything not allowed.
     """
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -83,6 +89,12 @@ def build_reply(
             else:
                 clean[k] = float(v)
         content[P.METRICS] = MetricRecord(clean)
+    if scanner:
+        record: dict[str, Any] = {}
+        for field, counts in scanner.items():
+            record[field] = [str(c) for c in counts]
+            record[f"{field}.n"] = [int(n) for n in counts.values()]
+        content[S.SCANNER] = ConfigRecord(record)
     content[P.INFO] = ConfigRecord(info)
     check_content(content)
     return content
@@ -101,6 +113,8 @@ def check_content(content) -> None:
         elif name == P.INFO and isinstance(record, ConfigRecord):
             for key, value in record.items():
                 _check_info(key, value)
+        elif name == S.SCANNER and isinstance(record, ConfigRecord):
+            _check_scanner(record)
         else:
             raise PrivacyViolation(f"reply record '{name}' ({type(record).__name__}) is not on the allow-list")
 
@@ -183,6 +197,10 @@ def _check_head(record) -> None:
 
 
 def _check_metric(key: str, value: Any) -> None:
+    stats = S.split_key(key)
+    if stats is not None:
+        _check_stats_metric(key, stats[1], value)
+        return
     model = None
     if key in P.SITE_COUNTS:
         metric = "n" if key != P.TRAIN_LOSS else "train-loss"
@@ -255,8 +273,55 @@ def _check_info(key: str, value: Any) -> None:
         ok = bool(P.HASH_RE.match(value))
     elif key.endswith(P.REASON_SUFFIX):
         target = key[: -len(P.REASON_SUFFIX)]
-        ok = (target in P.SITE_COUNTS or P.split_metric_key(target) is not None) and value in P.REASONS
+        ok = (target in P.SITE_COUNTS or P.split_metric_key(target) is not None
+              or S.split_key(target) is not None) and value in P.REASONS
     else:
         raise PrivacyViolation(f"info '{key}' is not on the allow-list")
     if not ok:
         raise PrivacyViolation(f"info '{key}' has a value outside its fixed vocabulary")
+
+
+def _check_small_count(key: str, v: Any) -> None:
+    """A whole count that is 0 or at least the floor: 1..floor-1 would single out a case or two."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or float(v) != int(v) \
+            or not 0 <= v <= _MAX_ABS:
+        raise PrivacyViolation(f"metric '{key}' must hold whole counts, got {v!r}")
+    if 0 < v < P.MIN_CASES_FLOOR:
+        raise PrivacyViolation(f"metric '{key}' holds a count of {int(v)}, below the floor of {P.MIN_CASES_FLOOR}")
+
+
+def _check_stats_metric(key: str, metric: str, value: Any) -> None:
+    """Table 1 keys: counts, or histograms on the protocol's fixed bins."""
+    if metric in S.HISTOGRAMS:
+        bins = S.n_bins(S.HISTOGRAMS[metric])
+        if not isinstance(value, list) or len(value) != bins:
+            raise PrivacyViolation(f"metric '{key}' must be a list of {bins} counts")
+        for v in value:
+            _check_small_count(key, v)
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise PrivacyViolation(f"metric '{key}' must be a count, got {value!r}")
+    _check_small_count(key, value)
+
+
+def _check_scanner(record) -> None:
+    """Scanner fields: "<field>" -> labels, "<field>.n" -> counts, the same length, each count above the floor."""
+    for key, value in record.items():
+        field = key[:-2] if key.endswith(".n") else key
+        if field not in S.SCANNER_FIELDS:
+            raise PrivacyViolation(f"scanner '{key}' is not on the allow-list")
+        if not isinstance(value, list) or len(value) > S.MAX_CATEGORIES:
+            raise PrivacyViolation(f"scanner '{key}' must be a list of at most {S.MAX_CATEGORIES} entries")
+        if key.endswith(".n"):
+            labels = record.get(field)
+            if not isinstance(labels, list) or len(labels) != len(value):
+                raise PrivacyViolation(f"scanner '{key}' must count the labels of '{field}' one for one")
+            for n in value:
+                if not isinstance(n, int) or n < P.MIN_CASES_FLOOR:
+                    raise PrivacyViolation(f"scanner '{key}' holds a count below the floor of {P.MIN_CASES_FLOOR}")
+        else:
+            if f"{field}.n" not in record.keys():
+                raise PrivacyViolation(f"scanner '{key}' has no counts")
+            for label in value:
+                if not isinstance(label, str) or not S.CATEGORY_RE.match(label):
+                    raise PrivacyViolation(f"scanner '{key}' has a label outside the category form")

@@ -5,6 +5,13 @@ A command module never imports another command; what two of them share lives her
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+from shared.errors import IchfedError
+
+log = logging.getLogger(__name__)
+
 
 def add_bundle_args(p) -> None:
     """Options every command that loads a bundle shares."""
@@ -28,3 +35,15 @@ def load_predictor(args):
     return open_predictor(args.bundle, pubkey=args.pubkey, site_config=getattr(args, "site_config", None),
                           allow_unsigned=args.allow_unsigned, device=args.device, use_mirroring=mirroring,
                           tile_step_size=getattr(args, "tile_step_size", 0.5))
+
+
+def default_public_key(bundle: str) -> Path:
+    """The development public key ``ichfed bootstrap`` writes beside a bundle, if it is there."""
+    from shared.signing import PUBLIC_KEY_NAME
+
+    b = Path(bundle).resolve()
+    candidate = b.parent / f"{b.name}-keys" / PUBLIC_KEY_NAME
+    if not candidate.is_file():
+        raise IchfedError(f"--pubkey: not given and no development key at {candidate}")
+    log.info("verifying the bundle with %s", candidate)
+    return candidate

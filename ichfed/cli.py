@@ -19,7 +19,7 @@ from shared.errors import IchfedError
 from . import __version__
 
 # Order here is the order in `ichfed --help`.
-COMMANDS = ["ingest", "cohort", "bootstrap", "predict", "bundle", "site", "federate", "simulate", "pki", "reader"]
+COMMANDS = ["ingest", "cohort", "bootstrap", "predict", "bundle", "site", "federate", "simulate", "stats", "pki", "reader"]
 
 
 def build_parser() -> argparse.ArgumentParser:

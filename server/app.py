@@ -48,6 +48,7 @@ class ServerSettings:
     aggregation: str = "fedavg"  # or "median" / "trimmed-mean" (server/robust.py)
     trim_fraction: float = 0.2  # cut at each end by "trimmed-mean"
     max_site_share: float = DEFAULT_MAX_SITE_SHARE  # the largest FedAvg weight share one site can claim
+    mode: str = "federate"  # or "stats": the sites' Table 1 only (server/stats_run.py), no training
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -61,6 +62,8 @@ class ServerSettings:
                               f"got {self.aggregation!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise IchfedError(f"run config: 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
+        if self.mode not in ("federate", "stats"):
+            raise IchfedError(f"run config: 'mode' must be 'federate' or 'stats', got {self.mode!r}")
         if not 0.0 < self.max_site_share <= 1.0:
             raise IchfedError(f"run config: 'max-site-share' must be in (0, 1], got {self.max_site_share}")
 
@@ -85,6 +88,7 @@ _RUN_CONFIG_KEYS = {
     "aggregation": ("aggregation", str),
     "trim-fraction": ("trim_fraction", float),
     "max-site-share": ("max_site_share", float),
+    "mode": ("mode", str),
 }
 
 
@@ -118,7 +122,13 @@ def build_server_app(settings: ServerSettings | None = None):
 
     @app.main()
     def main(grid, context) -> None:
-        run_federation(grid, settings or settings_from_run_config(dict(context.run_config)))
+        s = settings or settings_from_run_config(dict(context.run_config))
+        if s.mode == "stats":
+            from .stats_run import run_stats
+
+            run_stats(grid, s)
+        else:
+            run_federation(grid, s)
 
     return app
 

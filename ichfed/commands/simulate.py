@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 from shared.errors import IchfedError
 
-log = logging.getLogger(__name__)
+from ..bundle_args import default_public_key
 
 
 def register(sub) -> None:
@@ -46,18 +43,6 @@ def register(sub) -> None:
 
 def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
-def default_public_key(bundle: str) -> Path:
-    """The development public key ``ichfed bootstrap`` writes beside a bundle, if it is there."""
-    from shared.signing import PUBLIC_KEY_NAME
-
-    b = Path(bundle).resolve()
-    candidate = b.parent / f"{b.name}-keys" / PUBLIC_KEY_NAME
-    if not candidate.is_file():
-        raise IchfedError(f"--pubkey: not given and no development key at {candidate}")
-    log.info("verifying the bundle with %s", candidate)
-    return candidate
 
 
 def run(args) -> int:
