@@ -1,0 +1,56 @@
+"""`ichfed stats` end to end in Flower's simulation engine (Ray) with the real tiny bundle.
+
+Two sites with reference masks answer query.stats; a third has no masks and segments its cases
+with the bundle's nnU-Net. The server writes Table 1 per site and pooled; every message a site
+sent (its outgoing audit) passed the privacy allow-list and carries no per-case value.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from shared import stats_protocol as S
+
+pytestmark = pytest.mark.slow
+
+
+def test_ichfed_stats_writes_table1_per_site_and_pooled(tiny_bundle, tmp_path, capsys):
+    from ichfed.cli import main
+    from simulations.cohort import write_cohort
+
+    dirs = []
+    for i, profile in enumerate(("community-hospital", "hamburg-like", "lowdose-mobile")):
+        d = tmp_path / f"data-{i}"
+        write_cohort(profile, 12 if i < 2 else 5, 300 + i, d, scale="ci")
+        dirs.append(d)
+    shutil.rmtree(dirs[2] / "masks")  # this site has no reference masks: the bundle segments its cases
+
+    out = tmp_path / "run"
+    code = main(["stats", "--site-dirs", ",".join(map(str, dirs)), "--bundle", str(tiny_bundle.path),
+                 "--pubkey", str(tiny_bundle.public_key), "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "all sites" in printed and "table1.html" in printed
+
+    table = json.loads((out / "table1" / "table1.json").read_text(encoding="utf-8"))
+    assert len(table["sites"]) == 3 and not table["run"]["refused"] and not table["run"]["missing"]
+    by_name = {s["site"]: s for s in table["sites"]}
+    counts = [by_name[n]["counts"] for n in sorted(by_name)]
+    assert [c.get(S.N) for c in counts] == [12, 12, 5]
+    assert [c.get(S.N_FROM_MASKS) for c in counts] == [12, 12, 0]
+    assert table["pooled"]["counts"][S.N] == 29
+    for name in ("table1.md", "table1.html", "table1_volumes.png"):
+        assert (out / "table1" / name).stat().st_size > 200
+
+    # What left each site: only the stats message, nothing per case.
+    for i in range(3):
+        sent = sorted((out / "sites" / f"site-{i + 1}" / "state" / "outgoing").glob("*-query.stats.json"))
+        assert len(sent) == 1
+        entry = json.loads(sent[0].read_text(encoding="utf-8"))
+        keys = set(entry["content"]["metrics"]["items"])
+        assert all(S.split_key(k) is not None for k in keys)
+        assert "case" not in json.dumps(entry).lower().replace("cases", "")
