@@ -66,6 +66,10 @@ def measure_cases(site, bundle=None, device: str = "cpu") -> tuple[list[CaseStat
     rows: list[CaseStats] = []
     unusable = len({p.case_id for p in site.problems if p.case_id is not None})
     for case in tqdm(site.cases, desc="table 1: measuring cases", unit="case", disable=None):
+        if case.label is None:  # an unlabelled case has no class to be counted in
+            log.warning("table 1: case %s has no label; left out", case.case_id)
+            unusable += 1
+            continue
         if case.mask_path is None and bundle is None:
             raise NeedsBundle(f"{case.case_id}: no reference mask and no bundle to segment it")
         try:
