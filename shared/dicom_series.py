@@ -159,40 +159,45 @@ def _scan(folder: Path, source: Path) -> tuple[list[_Slice], list[Path], list[Pa
         if meta.get(_TAG_SOP_CLASS, "").strip("\0 ") == _DICOMDIR_SOP_CLASS:
             ignored.append(f)
             continue
-        size = reader.GetSize()
-        origin = np.asarray(reader.GetOrigin(), dtype=float)
-        direction = np.asarray(reader.GetDirection(), dtype=float).reshape(3, 3)
-        position = _floats(meta.get(_TAG_POSITION, ""), 3)
-        orientation = _floats(meta.get(_TAG_ORIENTATION, ""), 6)
-        if position is None:
-            position = origin
-        if orientation is None:
-            orientation = np.concatenate([direction[:, 0], direction[:, 1]])
-        try:
-            tilt = float(meta.get(_TAG_GANTRY_TILT, "0").strip() or 0.0)
-        except ValueError:
-            tilt = 0.0
-        try:
-            instance = int(float(meta.get(_TAG_INSTANCE, "0").strip() or 0))
-        except ValueError:
-            instance = 0
-        slices.append(_Slice(
-            file=f,
-            modality=meta.get(_TAG_MODALITY, "").strip().upper(),
-            series_uid=meta.get(_TAG_SERIES_UID, "").strip("\0 "),
-            description=meta.get(_TAG_SERIES_DESCRIPTION, "").strip(),
-            size=tuple(size),
-            spacing=(float(reader.GetSpacing()[0]), float(reader.GetSpacing()[1])),
-            position=position,
-            orientation=orientation,
-            tilt_tag=tilt,
-            instance=instance,
-            z_spacing=float(reader.GetSpacing()[2]) if len(size) == 3 else 0.0,
-            padding_hu=dicom_checks.padding_range_hu(meta),
-            bad_geometry=bad_geometry,
-            scanner_tags={k: meta[k].strip("\0 ") for k in _SCANNER_TAGS if meta.get(k, "").strip("\0 ")},
-        ))
+        slices.append(_slice_from_header(f, reader, meta, bad_geometry))
     return slices, broken, ignored
+
+
+def _slice_from_header(f: Path, reader, meta: dict[str, str], bad_geometry: str | None) -> _Slice:
+    """One slice's geometry and tags from its header (``reader`` has read its information)."""
+    size = reader.GetSize()
+    origin = np.asarray(reader.GetOrigin(), dtype=float)
+    direction = np.asarray(reader.GetDirection(), dtype=float).reshape(3, 3)
+    position = _floats(meta.get(_TAG_POSITION, ""), 3)
+    orientation = _floats(meta.get(_TAG_ORIENTATION, ""), 6)
+    if position is None:
+        position = origin
+    if orientation is None:
+        orientation = np.concatenate([direction[:, 0], direction[:, 1]])
+    try:
+        tilt = float(meta.get(_TAG_GANTRY_TILT, "0").strip() or 0.0)
+    except ValueError:
+        tilt = 0.0
+    try:
+        instance = int(float(meta.get(_TAG_INSTANCE, "0").strip() or 0))
+    except ValueError:
+        instance = 0
+    return _Slice(
+        file=f,
+        modality=meta.get(_TAG_MODALITY, "").strip().upper(),
+        series_uid=meta.get(_TAG_SERIES_UID, "").strip("\0 "),
+        description=meta.get(_TAG_SERIES_DESCRIPTION, "").strip(),
+        size=tuple(size),
+        spacing=(float(reader.GetSpacing()[0]), float(reader.GetSpacing()[1])),
+        position=position,
+        orientation=orientation,
+        tilt_tag=tilt,
+        instance=instance,
+        z_spacing=float(reader.GetSpacing()[2]) if len(size) == 3 else 0.0,
+        padding_hu=dicom_checks.padding_range_hu(meta),
+        bad_geometry=bad_geometry,
+        scanner_tags={k: meta[k].strip("\0 ") for k in _SCANNER_TAGS if meta.get(k, "").strip("\0 ")},
+    )
 
 
 def _pick_series(slices: list[_Slice], source: Path, notes: list[str]) -> list[_Slice]:
@@ -274,6 +279,19 @@ def plan_series(folder: Path, source: Path) -> _Plan:
     ``source`` names the input in error messages (the zip, for an unpacked one). Raises
     ``IchfedError`` for a folder ``read_series`` would refuse on header grounds.
     """
+    chosen, notes = _chosen_series(folder, source)
+    if len(chosen) == 1 and len(chosen[0].size) == 3 and chosen[0].size[2] > 1:
+        # One multi-frame (enhanced) file: GDCM already assembles a regular 3D grid.
+        s = chosen[0]
+        frame = _frame(s.orientation)
+        dicom_checks.check_volume_size(source, s.size)
+        return _Plan(chosen, frame, np.zeros(1), np.zeros((1, 2)), tuple(s.size), (*s.spacing, s.z_spacing),
+                     tuple(float(v) for v in s.position), [], notes, multiframe=True, tilt_deg=abs(s.tilt_tag))
+    return _regular_grid(_main_stack(chosen, source, notes), source, notes)
+
+
+def _chosen_series(folder: Path, source: Path) -> tuple[list[_Slice], list[str]]:
+    """The slices of the CT series to use, and notes on what else the folder held."""
     slices, broken, ignored = _scan(folder, source)
     if broken:
         names = ", ".join(str(f.relative_to(folder)) for f in broken[:3])
@@ -293,15 +311,11 @@ def plan_series(folder: Path, source: Path) -> _Plan:
     bad = [s.bad_geometry for s in chosen if s.bad_geometry]
     if bad:
         raise IchfedError(bad[0] + (f" (and {len(bad) - 1} more slice(s))" if len(bad) > 1 else ""))
+    return chosen, notes
 
-    if len(chosen) == 1 and len(chosen[0].size) == 3 and chosen[0].size[2] > 1:
-        # One multi-frame (enhanced) file: GDCM already assembles a regular 3D grid.
-        s = chosen[0]
-        frame = _frame(s.orientation)
-        dicom_checks.check_volume_size(source, s.size)
-        return _Plan(chosen, frame, np.zeros(1), np.zeros((1, 2)), tuple(s.size), (*s.spacing, s.z_spacing),
-                     tuple(float(v) for v in s.position), [], notes, multiframe=True, tilt_deg=abs(s.tilt_tag))
 
+def _main_stack(chosen: list[_Slice], source: Path, notes: list[str]) -> list[_Slice]:
+    """The largest set of parallel slices of one size and spacing (at least two)."""
     # A localizer or a reformat sometimes shares the series UID; keep the largest stack
     # of slices that share size, pixel spacing and orientation.
     groups: dict[tuple, list[_Slice]] = defaultdict(list)
@@ -315,7 +329,11 @@ def plan_series(folder: Path, source: Path) -> _Plan:
         notes.append(msg)
     if len(stack) < 2:
         raise IchfedError(f"{source}: only one 2D CT slice; a 3D series of at least 2 slices is needed")
+    return stack
 
+
+def _regular_grid(stack: list[_Slice], source: Path, notes: list[str]) -> _Plan:
+    """Order the slices along their normal, note tilt and uneven gaps, and lay out the output grid."""
     frame = _frame(np.mean([s.orientation for s in stack], axis=0))
     normal = frame[:, 2]
     stack.sort(key=lambda s: (float(np.dot(s.position, normal)), s.instance))

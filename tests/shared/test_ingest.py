@@ -261,3 +261,11 @@ def test_gantry_tilt_measured_from_slice_positions_is_the_scanner_tilt(tmp_path)
     write_series(tmp_path / "t", [np.zeros((8, 8))] * 4, positions, frame=frame)
     assert float(np.dot(normal, [0, 0, 1])) < 0.999  # the stacking axis is not the slice normal
     assert read_image(tmp_path / "t").scanner.tilt_deg == pytest.approx(12.0, abs=0.2)
+
+
+@pytest.mark.skipif(not REAL_TILT.is_dir(), reason=f"real tilted CT not found at {REAL_TILT} (shared/ beside the repo)")
+def test_real_ge_series_scanner_metadata():
+    scanner = read_image(REAL_TILT).scanner
+    assert (scanner.manufacturer, scanner.model, scanner.kernel) == ("GE MEDICAL SYSTEMS", "HiSpeed Dual", "STD+")
+    assert scanner.slice_thickness_mm == pytest.approx(4.0)
+    assert scanner.tilt_deg == pytest.approx(18.5, abs=0.1)  # the tilt the slice positions show (cos 0.948)
