@@ -20,29 +20,13 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
     A bad config raises ``IchfedError``; everything else is reported in the returned dict,
     with ``ready`` False and ``not_ready`` reasons when the site cannot take part.
     """
-    from tqdm import tqdm
-
     from .runtime import load_site_config
     from shared.sitedata import read_site
 
     cfg = load_site_config(config_path)
     not_ready: list[str] = []
     site = read_site(cfg.data_dir, allow_unlabelled=True)
-    unusable = [{"case_id": p.case_id, "message": p.message} for p in site.problems]
-    usable = []
-    skipped = None
-    if open_images:
-        for case in tqdm(site.cases, desc=f"{cfg.name}: reading cases", unit="case", disable=None):
-            why = _open_case(case)
-            if why:
-                unusable.append({"case_id": case.case_id, "message": why})
-            else:
-                usable.append(case)
-    else:
-        usable = list(site.cases)
-        n_masks = sum(1 for c in usable if c.mask_path is not None)
-        skipped = (f"--headers-only: pixel data of {len(usable)} image(s) and {n_masks} mask(s) not read, so "
-                   "truncated payloads, DICOM pixel data, mask values and zip contents are not checked")
+    usable, unusable, skipped = _read_cases(cfg.name, site, open_images)
     n_pos = sum(1 for c in usable if c.label == 1)
     n_neg = sum(1 for c in usable if c.label == 0)
     if not usable:
@@ -86,6 +70,26 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
         "ready": not not_ready,
         "not_ready": not_ready,
     }
+
+
+def _read_cases(name: str, site, open_images: bool) -> tuple[list, list[dict[str, Any]], str | None]:
+    """(usable cases, unusable cases with why, what was not checked) of ``site``."""
+    from tqdm import tqdm
+
+    unusable = [{"case_id": p.case_id, "message": p.message} for p in site.problems]
+    if not open_images:
+        n_masks = sum(1 for c in site.cases if c.mask_path is not None)
+        return list(site.cases), unusable, (
+            f"--headers-only: pixel data of {len(site.cases)} image(s) and {n_masks} mask(s) not read, so "
+            "truncated payloads, DICOM pixel data, mask values and zip contents are not checked")
+    usable = []
+    for case in tqdm(site.cases, desc=f"{name}: reading cases", unit="case", disable=None):
+        why = _open_case(case)
+        if why:
+            unusable.append({"case_id": case.case_id, "message": why})
+        else:
+            usable.append(case)
+    return usable, unusable, None
 
 
 def _open_case(case) -> str | None:

@@ -90,7 +90,7 @@ def test_check_reports_counts_unusable_device_and_bundle(tmp_path, site_dir, cap
     assert main(["site", "check", str(cfg_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cases"] == {"listed": 6, "usable": 3, "unusable": 3, "neoplastic": 1, "non_neoplastic": 2, "with_mask": 0,
-                               "images_opened": True}
+                               "unlabelled": 0, "images_opened": True}
     unusable = {u["case_id"]: u["message"] for u in report["unusable"]}
     assert set(unusable) == {"broken", "missing", "c4"}
     assert "broken.nii.gz" in unusable["broken"] and "no image" in unusable["missing"]
