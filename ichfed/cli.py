@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
+from pathlib import Path
+
+from shared import logs
 from shared.errors import IchfedError
+from shared.logs import flush_tallies
 
 from . import __version__
 
@@ -30,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ichfed {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the log (Flower, Ray, per-case details) on the console, not only in the "
+                        "run folder's log file")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on the console")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"ichfed.commands.{name}").register(sub)
@@ -55,13 +61,13 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as e:  # --help/--version printed: flush here, where a closed pipe is handled
         sys.stdout.flush()
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        _setup_logging(args)
         code = int(args.func(args) or 0)
+        flush_tallies()  # repeated case-level conditions, once each
         sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's shutdown
         return code
     except IchfedError as e:
@@ -72,6 +78,20 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def _log_dir(args) -> Path | None:
+    """The run folder of commands that have one (simulate: --out; bootstrap: its work folder)."""
+    if args.command == "simulate":
+        return Path(args.out)
+    if args.command == "bootstrap":
+        return Path(args.work) if args.work else Path(args.out).parent / f"{Path(args.out).name}-work"
+    return None
+
+
+def _setup_logging(args) -> None:
+    """Console: progress, results, warnings; everything else in the run folder's log file."""
+    logs.setup(_log_dir(args), verbose=args.verbose, debug=args.debug, quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -102,9 +102,12 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str
     if has_final:
         plot_roc(report, paths["roc"])
         plot_confusion(report, paths["confusion"])
+    paths["rounds_plot"] = out / "rounds.png"
     for key, plot in (("pooled_roc", arms.plot_pooled_roc), ("reliability", arms.plot_report_reliability)):
         if not (has_final and plot(report, paths[key])):
             paths.pop(key)
+    if not plot_rounds(report, paths["rounds_plot"]):
+        paths.pop("rounds_plot")
     write_text(paths["markdown"], markdown(report, has_final))
     write_text(paths["html"], to_html(report, has_final))
     if not has_final:
@@ -143,6 +146,8 @@ def markdown(report: dict[str, Any], with_figures: bool = True) -> str:
     if reasons:
         parts += ["\n### Withheld or undefined metrics\n"] + [f"- {r}" for r in reasons] + [""]
     parts += ["\n## Rounds: global head on each site's held-out split\n", rounds_table_markdown(report)]
+    if report.get("rounds"):  # written whenever there are rounds (write_report, plot_rounds)
+        parts += ["\n![Per-round AUC, training loss, update norm and head bytes](rounds.png)\n"]
     return "\n".join(parts)
 
 
@@ -187,7 +192,10 @@ def to_html(report: dict[str, Any], with_figures: bool = True) -> str:
         + "<h2>Per site</h2>" + table(paper_table_markdown(report)) + figs
         + "<h3>Reliability of the federated head</h3>" + table(arms.reliability_table_markdown(report))
         + (f"<h3>Withheld or undefined metrics</h3><ul>{reasons}</ul>" if reasons else "")
-        + "<h2>Rounds</h2>" + table(rounds_table_markdown(report)) + "</body></html>\n"
+        + "<h2>Rounds</h2>" + table(rounds_table_markdown(report))
+        + ('<img src="rounds.png" alt="Per-round AUC, training loss, update norm and head bytes">'
+           if report.get("rounds") else "")
+        + "</body></html>\n"
     )
 
 
@@ -250,3 +258,43 @@ def plot_confusion(report: dict[str, Any], path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+
+
+def plot_rounds(report: dict[str, Any], path: str | os.PathLike) -> bool:
+    """Across rounds: the global head's pooled and mean-site AUC on the held-out splits, the
+    case-weighted training loss, the mean and largest update norm, and the head payload bytes
+    exchanged (the same figures as the ``round_finished`` events). False when there are no rounds."""
+    from shared.progress import round_metrics
+
+    rounds = report.get("rounds") or []
+    if not rounds:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["round"] for r in rounds]
+    ms = [round_metrics(r) for r in rounds]
+
+    def series(key):
+        return [float("nan") if m.get(key) is None else m[key] for m in ms]
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), squeeze=False)
+    panels = [
+        ("global head AUC, held-out", [("pooled AUC (histograms)", "global_pooled_auc"),
+                                       ("mean site AUC", "global_mean_site_auc")], (0, 1.02)),
+        ("training loss (case-weighted)", [("loss", "train_loss_weighted")], None),
+        ("head update norm", [("mean", "update_norm_mean"), ("max", "update_norm_max")], None),
+        ("head payload bytes", [("sent to sites", "head_bytes_sent"), ("received", "head_bytes_received")], None),
+    ]
+    for ax, (title, lines, ylim) in zip(axes[0], panels):
+        for label, key in lines:
+            ax.plot(xs, series(key), marker="o", label=label)
+        ax.set(title=title, xlabel="round")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.set_xticks(xs)
+        ax.legend(fontsize=7)
+    arms._save(fig, path)
+    return True

@@ -140,6 +140,7 @@ class HeadFedAvg(FedAvg):
         self._sent: dict[str, np.ndarray] | None = None
         self._current: dict[str, Any] = {}
         self.last_arrays: dict[str, np.ndarray] | None = None
+        self.progress = None  # a shared.progress.RunProgress the ServerApp attaches, if any
 
     # -- training ---------------------------------------------------------------------------
     def _only_ready(self, messages):
@@ -155,6 +156,8 @@ class HeadFedAvg(FedAvg):
         self._current = {"round": r, "train": {"sites": []}, "evaluate": {"sites": []}}
         messages = self._only_ready(super().configure_train(r, arrays, config, grid))
         self._asked = [m.metadata.dst_node_id for m in messages]
+        if self.progress is not None:
+            self.progress.round_started(r, len(messages))
         return messages
 
     def aggregate_train(self, server_round, replies):
@@ -183,6 +186,8 @@ class HeadFedAvg(FedAvg):
                 row.update(status="rejected", reason=reason)
             rows.append(row)
         rows.extend(self._missing(r, "training", replies))
+        if self.progress is not None:
+            self.progress.stage_replies(r, "train", rows)
         weights = share_capped(claims, self.max_site_share)
         for msg, row in zip(accepted, accepted_rows):
             w = weights[msg.metadata.src_node_id]

@@ -98,8 +98,10 @@ def make_crop(image: sitk.Image, mask: sitk.Image, spec: CropSpec | None = None)
     arr[sitk.GetArrayViewFromImage(lesion) == 0] = 0.0
 
     clipped = _reaches_beyond(kept, origin, spacing, direction, size)
-    if clipped:
-        log.info("lesion reaches beyond the %s crop; the part outside is cut off", "x".join(map(str, size)))
+    # One line per case would flood the log: counted, and summarised once per stage (shared.logs).
+    from .logs import tally
+
+    tally(log, f"lesion reaches beyond the {'x'.join(map(str, size))} crop (the part outside is cut off)", clipped)
     return Crop(
         array=arr.astype(np.float32, copy=False),
         lesion_found=True,

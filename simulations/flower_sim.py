@@ -121,12 +121,16 @@ def run(
     cpus_per_site: float = 1.0,
     site_overrides: dict[str, dict[str, Any]] | None = None,
     extra_client_mods: Sequence[Callable] = (),
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run a whole simulated federation and return the report (also written to ``out/report``).
 
     ``seed`` fixes the cohorts; ``split_seed`` (default ``seed``) the sites' fine-tune / held-out
     splits, so repeats with other split seeds reuse the cohorts and their cached features.
     ``site_overrides`` maps a site name (or its index as a string) to extra site-config fields.
+    ``ray_address`` runs the virtual sites on an existing Ray cluster (``ray start --head``'s
+    address, e.g. ``10.0.0.5:6379``) instead of a Ray instance started for this run; every
+    node of that cluster must see ``out`` and the bundle at the same paths.
     Raises ``IchfedError`` for bad arguments and when the run fails (e.g. too few usable sites).
     """
     from client.app import build_client_app
@@ -177,18 +181,26 @@ def run(
             shutil.rmtree(settings.state_dir)
         for i in range(len(specs)):
             shutil.rmtree(out / "sites" / f"site-{i + 1}" / "state" / "outgoing", ignore_errors=True)
-    _run_simulation(build_server_app(settings), build_client_app(config_paths, extra_mods=extra_client_mods),
-                    len(specs), cpus_per_site, device)
+    from shared.progress import site_mod
+
+    sites = [(out / "sites" / f"site-{i + 1}" / "state", spec.name) for i, spec in enumerate(specs)]
+    mods = [site_mod(lambda context: sites[int(context.node_config["partition-id"])]), *extra_client_mods]
+    log.info("progress of the run: %s; of each site: %s", settings.state_dir / "events.jsonl",
+             out / "sites" / "site-N" / "state" / "events.jsonl")
+    _run_simulation(build_server_app(settings), build_client_app(config_paths, extra_mods=mods),
+                    len(specs), cpus_per_site, device, ray_address)
     if not report_path.is_file():
         raise IchfedError(f"simulation ended without a report in {settings.reports} (see the log above)")
     return json.loads(report_path.read_text(encoding="utf-8"))
 
 
-def _run_simulation(server_app, client_app, n_nodes: int, cpus_per_site: float, device: str) -> None:
-    import warnings
+def backend_config(n_nodes: int, cpus_per_site: float, device: str,
+                   ray_address: str | None = None) -> dict[str, Any]:
+    """Flower's Ray backend config: resources per virtual site, and how Ray is started.
 
-    from flwr.simulation import run_simulation
-
+    Without ``ray_address`` a private Ray instance gets this machine's CPUs; with it, Ray joins
+    that cluster, which already knows its resources (Ray refuses ``num_cpus`` then).
+    """
     from shared.device import pick_device
 
     gpus = 0.0
@@ -197,17 +209,49 @@ def _run_simulation(server_app, client_app, n_nodes: int, cpus_per_site: float, 
 
         gpus = min(1.0, torch.cuda.device_count() / max(1, n_nodes))
     total_cpus = max(1, os.cpu_count() or 1)
-    backend_config = {
-        "client_resources": {"num_cpus": min(cpus_per_site, total_cpus), "num_gpus": gpus},
-        "init_args": {"num_cpus": total_cpus, "num_gpus": 1 if gpus else 0, "include_dashboard": False},
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes,
-                           backend_config=backend_config)
-        except RuntimeError as e:
-            cause = e.__cause__
-            if isinstance(cause, IchfedError):
-                raise cause from None
-            raise
+    if ray_address:
+        init_args: dict[str, Any] = {"address": ray_address}
+        num_cpus = cpus_per_site
+    else:
+        # "local": a private instance even when `ray start` left a cluster address in /tmp/ray
+        # (ray.init() without an address would join that cluster, and refuse num_cpus there).
+        init_args = {"address": "local", "num_cpus": total_cpus, "num_gpus": 1 if gpus else 0,
+                     "include_dashboard": False}
+        num_cpus = min(cpus_per_site, total_cpus)
+    return {"client_resources": {"num_cpus": num_cpus, "num_gpus": gpus}, "init_args": init_args}
+
+
+def _run_simulation(server_app, client_app, n_nodes: int, cpus_per_site: float, device: str,
+                    ray_address: str | None = None) -> None:
+    # Flower 1.42 deprecates the ``run_simulation`` Python entry point (in favour of ``flwr
+    # run``) but not its engine: ``_run_simulation`` is what both ``run_simulation`` and the
+    # ``flwr-simulation`` process call. Calling it keeps the apps in this process (no FAB to
+    # build) without the deprecation banner.
+    from flwr.simulation.run_simulation import _run_simulation as run_engine
+    from flwr.supercore.telemetry import EventType
+
+    from shared.logs import quiet_flower
+
+    quiet_flower()  # Flower's records reach the console once (and by default only the log file)
+    try:
+        run_engine(num_supernodes=n_nodes, client_app=client_app, server_app=server_app, backend_name="ray",
+                   backend_config=backend_config(n_nodes, cpus_per_site, device, ray_address),
+                   exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
+    except RuntimeError as e:
+        cause = e.__cause__
+        if isinstance(cause, IchfedError):
+            raise cause from None
+        raise
+    finally:
+        _shutdown_ray(ray_address)
+
+
+def _shutdown_ray(ray_address: str | None) -> None:
+    """Disconnect from Ray: a private instance stops, a cluster given by address keeps running."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception as e:  # shutting down is best effort; the run's outcome is already known
+        log.debug("ray.shutdown: %s", e)

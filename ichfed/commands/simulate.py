@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from shared.errors import IchfedError
 
 from ..bundle_args import default_public_key
@@ -38,6 +41,10 @@ def register(sub) -> None:
                    "cached features; report mean ± SD of every headline figure (default 1)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="site compute device (default cpu)")
     p.add_argument("--resume", action="store_true", help="continue after the last checkpoint in OUT/server")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="run the virtual sites on an existing Ray cluster (the address 'ray start --head' "
+                   "printed, e.g. 10.0.0.5:6379); every node must see OUT and the bundle at the same paths "
+                   "(default: a private Ray instance on this machine)")
     p.set_defaults(func=run)
 
 
@@ -59,7 +66,7 @@ def run(args) -> int:
         cases_per_site=args.cases_per_site, scale=args.scale, seed=args.seed, signing_key=args.signing_key,
         local_epochs=args.local_epochs, learning_rate=args.learning_rate,
         fine_tune_fraction=args.fine_tune_fraction, min_cases_for_metrics=args.min_cases,
-        min_sites=args.min_sites, device=args.device,
+        min_sites=args.min_sites, device=args.device, ray_address=args.ray_address,
     )
     if args.repeats > 1:
         from simulations.repeats import run_repeats, summary_markdown
@@ -70,6 +77,7 @@ def run(args) -> int:
         print(summary_markdown(summary))
         print(f"summary: {args.out}/repeats/summary.md")
         return 0
+    print(f"progress: {Path(args.out) / 'server' / 'events.jsonl'} (one JSON line per event)", file=sys.stderr)
     report = simulate(args.out, args.bundle, pubkey, args.rounds, resume=args.resume, **kwargs)
     print(arms_table_markdown(report))
     print(comparisons_table_markdown(report))

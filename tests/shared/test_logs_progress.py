@@ -1,0 +1,143 @@
+"""The logging setup and the run's event log: console vs file, tallies, events.jsonl, the round figures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import pytest
+
+from shared import logs, progress
+
+
+@pytest.fixture
+def restore_root():
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    yield
+    for h in list(root.handlers):
+        if getattr(h, logs._MARK, False):
+            root.removeHandler(h)
+            h.close()
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
+def test_console_shows_own_warnings_file_keeps_everything(tmp_path, capsys, restore_root):
+    path = logs.setup(tmp_path, verbose=False)
+    assert capsys.readouterr().err.strip() == f"log: {path}"
+    logging.getLogger("server.strategy").info("round 1 table")
+    logging.getLogger("server.strategy").warning("update rejected")
+    logging.getLogger("alembic.runtime.plugins").info("setup plugin x")
+    logging.getLogger("ray").warning("library warning")
+    logging.getLogger("flwr").info("[ROUND 1/2]")
+    import warnings
+
+    warnings.warn("a library's FutureWarning", FutureWarning)
+    err = capsys.readouterr().err
+    assert "update rejected" in err
+    for hidden in ("round 1 table", "setup plugin", "library warning", "[ROUND 1/2]", "FutureWarning"):
+        assert hidden not in err
+    text = path.read_text()
+    for kept in ("round 1 table", "update rejected", "library warning", "[ROUND 1/2]", "FutureWarning"):
+        assert kept in text
+    assert "setup plugin" not in text  # alembic's set-up chatter is only kept with --debug
+    assert text.count("[ROUND 1/2]") == 1
+
+
+def test_verbose_brings_info_back_and_flower_prints_once(tmp_path, capsys, restore_root):
+    import flwr.supercore.logger  # noqa: F401 - installs Flower's own console handler
+
+    logs.setup(tmp_path, verbose=True)
+    logs.quiet_flower()
+    capsys.readouterr()
+    logging.getLogger("flwr").info("configure_train: Sampled 3 nodes")
+    logging.getLogger("client.app").info("site a: trained")
+    err = capsys.readouterr().err
+    assert err.count("configure_train: Sampled 3 nodes") == 1
+    assert "site a: trained" in err
+
+
+def test_tally_counts_cases_and_summarises_once(tmp_path, capsys, restore_root):
+    logs.setup(tmp_path)
+    capsys.readouterr()
+    lg = logging.getLogger("shared.crop")
+    for i in range(10):
+        logs.tally(lg, "lesion reaches beyond the crop", hit=i % 3 == 0)
+    counts = logs.flush_tallies()
+    assert counts == {"lesion reaches beyond the crop": (4, 10)}
+    err = capsys.readouterr().err
+    assert err.count("lesion reaches beyond the crop") == 1
+    assert "lesion reaches beyond the crop: 4 of 10 cases" in err
+    assert logs.flush_tallies() == {}  # reset
+
+
+def test_site_file_collects_records_and_summary(tmp_path, restore_root):
+    logs.setup_worker()
+    lg = logging.getLogger("client.app")
+    with logs.site_file(tmp_path / "state", "site-a") as path:
+        lg.info("site site-a: trained")
+        logs.tally(logging.getLogger("shared.crop"), "lesion beyond", True)
+    lg.info("after the site: not in its file")
+    text = path.read_text()
+    assert "site site-a: trained" in text and "site site-a: lesion beyond: 1 of 1 cases" in text
+    assert "after the site" not in text
+
+
+def test_event_log_lines_are_whole_under_threads(tmp_path):
+    ev = progress.EventLog(tmp_path / "events.jsonl")
+
+    def writer(k):
+        for i in range(50):
+            ev.write("tick", writer=k, i=i, payload="x" * 500, bad=float("nan"))
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert len(lines) == 200
+    records = [json.loads(line) for line in lines]
+    assert {r["bad"] for r in records} == {None}  # NaN is not JSON: written as null
+    assert sorted((r["writer"], r["i"]) for r in records) == [(k, i) for k in range(4) for i in range(50)]
+
+
+def _record(r, losses, norms, aucs, status=None):
+    status = status or ["accepted"] * len(losses)
+    train = [{"site": f"s{i}", "node_id": i, "status": st, "train_loss": lo, "update_norm": no}
+             for i, (lo, no, st) in enumerate(zip(losses, norms, status))]
+    evaluate = [{"site": f"s{i}", "node_id": i, "status": "ok", "global": {"auc": a}} for i, a in enumerate(aucs)]
+    return {"round": r, "train": {"sites": train, "aggregated": {"train-loss": sum(losses) / len(losses)}},
+            "evaluate": {"sites": evaluate, "pooled": {"pooled_auc": 0.7, "mean_site_auc": sum(aucs) / len(aucs)}}}
+
+
+def test_round_metrics_and_run_progress_events(tmp_path):
+    rec = _record(1, [0.5, 0.7, 0.9], [1.0, 3.0, 2.0], [0.6, 0.8, 0.7], status=["accepted", "accepted", "rejected"])
+    m = progress.round_metrics(rec)
+    assert m["train"] == {"expected": 3, "answered": 3, "refused": 1, "missing": 0}
+    assert m["update_norm_mean"] == pytest.approx(2.0) and m["update_norm_max"] == 3.0
+    assert m["head_bytes_received"] == 2 * progress.head_payload_bytes() == 2 * 4 * (2 * 512 + 2)
+    assert m["global_mean_site_auc"] == pytest.approx(0.7)
+    run = progress.RunProgress(tmp_path, 2)
+    run.round_started(1, 3)
+    run.stage_replies(1, "train", rec["train"]["sites"])
+    run.round_finished(1, rec)
+    run.close(report="r.md")
+    events = progress.read_events(tmp_path / "events.jsonl")
+    assert [e["event"] for e in events] == ["run_started", "round_started", "train_replies", "round_finished",
+                                            "run_finished"]
+    assert events[3]["round"] == 1 and events[3]["train"]["refused"] == 1
+
+
+def test_rounds_figure_in_report(tmp_path):
+    from server.report import write_report
+
+    report = {"run": {"num_rounds": 2, "sites": ["s0", "s1", "s2"]},
+              "rounds": [_record(1, [0.7, 0.7, 0.7], [1, 1, 1], [0.6, 0.6, 0.6]),
+                         _record(2, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.7, 0.7, 0.7])],
+              "final": {"sites": [], "pooled": {}}}
+    paths = write_report(report, tmp_path)
+    assert paths["rounds_plot"].stat().st_size > 1000
+    assert 'src="rounds.png"' in paths["html"].read_text()
