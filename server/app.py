@@ -180,14 +180,21 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
     run_info["sites"] = sorted(ready.values())
     run_info["site_nodes"] = {name: node for node, name in sorted(ready.items())}
 
-    def checkpoint(round_: int, arrays: dict[str, np.ndarray], _record: dict[str, Any]) -> None:
+    from shared.progress import RunProgress, reply_counts
+
+    progress = RunProgress(settings.state_dir, settings.num_rounds, first_round=start_round + 1)
+    progress.event("bundle_distributed", sites=len(ready), **{k: len(v) for k, v in distribution.items()})
+
+    def checkpoint(round_: int, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> None:
         store.save(round_, arrays, run_info, strategy.history)
+        progress.round_finished(round_, record)
 
     strategy = make_strategy(settings.aggregation, trim_fraction=settings.trim_fraction,
                              min_sites=settings.min_sites, max_update_norm=settings.max_update_norm,
                              max_site_share=settings.max_site_share, ledger=ledger,
                              ready_nodes=ready.keys(), round_offset=start_round, history=history,
                              on_round_end=checkpoint)
+    strategy.progress = progress
     remaining = settings.num_rounds - start_round
     if remaining > 0:
         cfg = ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_NUM_ROUNDS: settings.num_rounds,
@@ -197,6 +204,8 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
         head = strategy.last_arrays
     final_bundle = write_federated_bundle(bundle, head, strategy.history, settings)
     final = final_evaluation(grid, ready, head, bundle, final_bundle, settings, ledger)
+    progress.event("final_evaluation", pooled_auc={m: (final["pooled"].get(m) or {}).get("pooled_auc")
+                                                   for m in P.FINAL_ARMS}, **reply_counts(final["sites"]))
     report = {
         "run": {**run_info, "wall_s": round(time.perf_counter() - t0, 2)},
         "distribution": distribution,
@@ -205,6 +214,7 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
         "final_bundle": final_bundle["info"] if final_bundle else None,
     }
     paths = write_report(report, settings.reports)
+    progress.close(report=str(paths["markdown"]), wall_s=report["run"]["wall_s"])
     log.info("run finished: report at %s", paths["markdown"])
     return report
 
