@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from shared import protocol as P
@@ -53,16 +54,18 @@ class NeedsBundle(IchfedError):
     """A case has no reference mask and no verified bundle was given to segment it."""
 
 
-def measure_cases(site, bundle=None, device: str = "cpu") -> tuple[list[CaseStats], int]:
+def measure_cases(site, bundle=None, device: str = "cpu",
+                  cache_dir: Path | None = None) -> tuple[list[CaseStats], int]:
     """Measure every case of ``site`` (``shared.sitedata.SiteData``); returns (rows, unusable count).
 
     ``bundle`` (a verified ``shared.bundle.Bundle``) segments cases without a reference mask; the
     ``Predictor`` is built only when such a case comes up. Raises ``NeedsBundle`` if one does and
-    no bundle was given.
+    no bundle was given. With ``cache_dir``, what segmentation measured is kept there by image
+    content and bundle hash (at the site), so a second statistics run does not segment again.
     """
     from tqdm import tqdm
 
-    predictor = None
+    predictor = _Lazy(bundle, device)
     rows: list[CaseStats] = []
     unusable = len({p.case_id for p in site.problems if p.case_id is not None})
     for case in tqdm(site.cases, desc="table 1: measuring cases", unit="case", disable=None):
@@ -73,11 +76,7 @@ def measure_cases(site, bundle=None, device: str = "cpu") -> tuple[list[CaseStat
         if case.mask_path is None and bundle is None:
             raise NeedsBundle(f"{case.case_id}: no reference mask and no bundle to segment it")
         try:
-            if case.mask_path is None and predictor is None:
-                from shared.pipeline import Predictor
-
-                predictor = Predictor(bundle, device=device)
-            rows.append(_measure(case, predictor))
+            rows.append(_measure_cached(case, bundle, predictor, cache_dir))
         except IchfedError as e:
             log.warning("table 1: case %s unusable: %s", case.case_id, e)
             unusable += 1
@@ -87,7 +86,44 @@ def measure_cases(site, bundle=None, device: str = "cpu") -> tuple[list[CaseStat
     return rows, unusable
 
 
-def _measure(case, predictor) -> CaseStats:
+class _Lazy:
+    """The bundle's ``Predictor``, built (nnU-Net and classifier loaded) only when a case needs it."""
+
+    def __init__(self, bundle, device: str) -> None:
+        self.bundle, self.device, self._p = bundle, device, None
+
+    def get(self):
+        if self._p is None:
+            from shared.pipeline import Predictor
+
+            self._p = Predictor(self.bundle, device=self.device)
+        return self._p
+
+
+def _measure_cached(case, bundle, predictor: _Lazy, cache_dir: Path | None) -> CaseStats:
+    """``_measure``, through the site's cache for segmented cases (masks are cheap to re-read)."""
+    if cache_dir is None or case.mask_path is not None:
+        return _measure(case, predictor)
+    import hashlib
+    import json
+
+    from shared.atomic import write_json
+
+    from .cache import content_hash
+
+    key = hashlib.sha256(f"{content_hash(case.image_path)}|{bundle.hash}|table1-v1".encode()).hexdigest()
+    path = Path(cache_dir) / f"{key}.json"
+    label = S.CLASS_OF_LABEL[int(case.label)]  # the label may change without the image changing
+    try:
+        return CaseStats(**{**json.loads(path.read_text(encoding="utf-8")), "cls": label})
+    except (OSError, ValueError, TypeError):
+        pass  # absent or damaged: measure again
+    row = _measure(case, predictor)
+    write_json(path, dataclasses.asdict(row))
+    return row
+
+
+def _measure(case, predictor: _Lazy) -> CaseStats:
     from shared.ingest import read_image
     from shared.sitedata import read_mask
     from shared.volumetrics import measure
@@ -96,7 +132,7 @@ def _measure(case, predictor) -> CaseStats:
     if case.mask_path is not None:
         vol = measure(ingested.image, read_mask(case.mask_path, like=ingested.image))
     else:
-        vol = predictor.preprocess(ingested.image).volumetrics
+        vol = predictor.get().preprocess(ingested.image).volumetrics
     return CaseStats(cls=S.CLASS_OF_LABEL[int(case.label)], ich_ml=vol.ich_ml, phe_ml=vol.phe_ml,
                      ich_mean_hu=vol.ich_mean_hu, phe_mean_hu=vol.phe_mean_hu, n_components=vol.n_components,
                      from_mask=case.mask_path is not None, scanner=scanner_categories(ingested.scanner))
@@ -197,7 +233,7 @@ def site_table1(config, bundle=None, device: str = "cpu") -> SiteTable1:
     site = read_site(config.data_dir)
     for problem in site.problems:
         log.warning("site %s: %s%s", config.name, f"{problem.case_id}: " if problem.case_id else "", problem.message)
-    rows, unusable = measure_cases(site, bundle, device)
+    rows, unusable = measure_cases(site, bundle, device, cache_dir=Path(config.state_dir) / "table1-cache")
     log.info("site %s: table 1 over %d cases (%d from reference masks), %d unusable",
              config.name, len(rows), sum(r.from_mask for r in rows), unusable)
     return table1(rows, unusable, config.min_cases_for_metrics)

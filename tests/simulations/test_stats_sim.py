@@ -54,3 +54,27 @@ def test_ichfed_stats_writes_table1_per_site_and_pooled(tiny_bundle, tmp_path, c
         keys = set(entry["content"]["metrics"]["items"])
         assert all(S.split_key(k) is not None for k in keys)
         assert "case" not in json.dumps(entry).lower().replace("cases", "")
+
+
+def test_segmented_measurements_are_cached_at_the_site(tiny_bundle, tmp_path):
+    """A second Table 1 of a site without masks reads what segmentation measured from its cache."""
+    from client.runtime import SiteConfig
+    from client.stats import site_table1
+    from shared.bundle import load_bundle
+    from simulations.cohort import write_cohort
+
+    data = tmp_path / "data"
+    write_cohort("community-hospital", 5, 7, data, scale="ci")
+    shutil.rmtree(data / "masks")
+    cfg = SiteConfig(name="s", data_dir=data, state_dir=tmp_path / "state")
+    bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
+    first = site_table1(cfg, bundle)
+    cached = sorted((tmp_path / "state" / "table1-cache").glob("*.json"))
+    assert len(cached) == 5
+    entry = json.loads(cached[0].read_text(encoding="utf-8"))
+    entry["ich_ml"] = 1234.0  # a planted value shows the second run reads the cache, not the model
+    cached[0].write_text(json.dumps(entry), encoding="utf-8")
+    second = site_table1(cfg, bundle)
+    assert second.metrics[S.site_key(S.N)] == first.metrics[S.site_key(S.N)] == 5
+    assert second.metrics != first.metrics or all(
+        first.metrics.get(S.class_key(c, "hist-ich-ml")) is None for c in S.CLASSES)
