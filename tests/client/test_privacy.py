@@ -93,3 +93,27 @@ def test_privacy_mod_replaces_a_leaking_reply_with_an_error(tmp_path, flwr_task)
     assert len(files) == 1
     assert '"num-examples": 3' in files[0].read_text(encoding="utf-8")
     assert describe_content(sent.content)[P.INFO]["items"][P.INFO_SITE] == "site-a"
+
+
+def test_stats_reply_is_allowed_and_a_small_count_in_it_is_stopped_on_the_way_out(flwr_task):
+    """query.stats (ichfed stats): counts and fixed-bin histograms pass; a count of 2 never leaves."""
+    from shared import stats_protocol as S
+
+    hist = [0] * S.n_bins(S.VOLUME_EDGES_ML)
+    hist[2] = 7
+    content = build_reply("site-a", metrics={"table1.n": 12, "table1.neoplastic.n": 7,
+                                             "table1.neoplastic.hist-ich-ml": hist},
+                          reasons={"table1.non-neoplastic.n": P.REASON_TOO_FEW},
+                          scanner={"manufacturer": {"GE MEDICAL SYSTEMS": 12}})
+    assert set(content.keys()) == {P.METRICS, P.INFO, S.SCANNER}
+    assert describe_content(content)[S.SCANNER]["items"] == {"manufacturer": ["GE MEDICAL SYSTEMS"],
+                                                             "manufacturer.n": [12]}
+
+    incoming = Message(RecordDict(), dst_node_id=7, message_type=S.QUERY_STATS)
+
+    def leaky(message, context):
+        return Message(RecordDict({P.METRICS: MetricRecord({"table1.neoplastic.n": 2}),
+                                   P.INFO: ConfigRecord({P.INFO_SITE: "site-a", P.INFO_STATUS: P.STATUS_OK})}),
+                       reply_to=message)
+
+    assert privacy_mod(incoming, None, leaky).has_error()
