@@ -65,9 +65,11 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        _setup_logging(args)
+        log_file = _setup_logging(args)
         code = int(args.func(args) or 0)
         flush_tallies()  # repeated case-level conditions, once each
+        if log_file is not None and not sys.stderr.isatty():
+            print(f"log: {log_file}", file=sys.stderr)  # on a terminal it was named at the start
         sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's shutdown
         return code
     except IchfedError as e:
@@ -89,9 +91,9 @@ def _log_dir(args) -> Path | None:
     return None
 
 
-def _setup_logging(args) -> None:
-    """Console: progress, results, warnings; everything else in the run folder's log file."""
-    logs.setup(_log_dir(args), verbose=args.verbose, debug=args.debug, quiet=args.quiet)
+def _setup_logging(args) -> Path | None:
+    """Console: progress, results, warnings; everything else in the run folder's log file (returned)."""
+    return logs.setup(_log_dir(args), verbose=args.verbose, debug=args.debug, quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def setup(log_dir: str | Path | None = None, *, verbose: bool = False, debug: bo
     verbose : INFO of every logger on the console too (``-v``).
     debug : DEBUG on the console and in the file (``--debug``).
     quiet : only errors on the console.
-    announce : print "log: PATH" once on stderr.
+    announce : print "log: PATH" on stderr now when it is a terminal (a script's stderr keeps its
+        one-line ``error:`` contract; ``ichfed`` names the file after a successful command instead).
     """
     root = logging.getLogger()
     _remove_ours(root)
@@ -99,7 +100,7 @@ def setup(log_dir: str | Path | None = None, *, verbose: bool = False, debug: bo
         setattr(fh, _MARK, True)
         fh.setFormatter(logging.Formatter(_FILE_FORMAT))
         root.addHandler(fh)
-        if announce:
+        if announce and sys.stderr.isatty():  # else the CLI names it once at the end (one-line errors)
             print(f"log: {path}", file=sys.stderr, flush=True)
         logging.getLogger("ichfed").info("=== %s", " ".join(sys.argv))  # where one run's lines begin
     logging.captureWarnings(True)  # library warnings (Ray's FutureWarning, ...) into the file

@@ -34,13 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases-per-site", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the whole log on the console too")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Console: banners, progress and results; Flower, Ray and per-case lines go to OUT/ichfed.log.
+    from shared.logs import setup
+
+    log_file = setup(Path(args.out), verbose=args.verbose)
     try:
         run(Path(args.out), args.profile, args.cases_per_site, args.rounds, args.seed)
     except IchfedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not sys.stderr.isatty():
+        print(f"log: {log_file}", file=sys.stderr)  # on a terminal it was named at the start
     return 0
 
 
@@ -51,6 +57,7 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
     from server.bootstrap import bootstrap, get_profile, render_report
     from server.report_arms import arms_table_markdown, comparisons_table_markdown, verdict
     from shared.bundle import load_bundle
+    from shared.logs import flush_tallies
     from shared.pipeline import Predictor
     from shared.result_text import format_result
     from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
@@ -68,6 +75,7 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
         print(f"reusing the bundle in {bundle_dir} (delete {out} to retrain)")
     else:
         report = bootstrap(get_profile(profile), out=bundle_dir, work_dir=out / "bundle-work", seed=seed)
+        flush_tallies()  # repeated case-level conditions of the development site, once each
     print(render_report(report))
 
     _banner(f"2/3 federated last-layer fine-tuning: {len(SITE_PROFILES)} simulated sites, {rounds} rounds")
