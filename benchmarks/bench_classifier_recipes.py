@@ -118,7 +118,8 @@ def shrink(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def recipes():
-    from shared.classifier import AugmentationConfig, ClassifierTrainConfig
+    from shared.classifier_augment import AugmentationConfig
+    from shared.classifier_training import ClassifierTrainConfig
 
     # The demo profile as it was when the sweep ran: 15 epochs with augmentation, all crops for BatchNorm.
     base = ClassifierTrainConfig(epochs=15, batch_size=8, learning_rate=1e-3, keep="best_val_loss",
@@ -152,7 +153,11 @@ def sweep(data: Path, device: str, budget_s: float, save) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from shared.classifier import predict_proba, train_classifier
+    from shared.classifier import predict_log_probs
+    from shared.classifier_training import train_classifier
+
+    def predict_proba(model, crops, device):
+        return np.exp(predict_log_probs(model, crops, device)[:, 1])
 
     d = np.load(data)
     tx, ty = d["train_x"].astype(np.float32) / 255, d["train_y"]
@@ -178,8 +183,8 @@ def sweep(data: Path, device: str, budget_s: float, save) -> dict:
             r = train_classifier(a, ty[idx], b, ey, cfg, device=device, seed=0)
             row = {"name": name, "size": size, "n": len(idx), "epochs": cfg.epochs,
                    "wall_s": round(time.perf_counter() - t, 1),
-                   "auc_predicted_masks": roc_auc_score(ey, predict_proba(r.model, b, device=device)),
-                   "auc_true_masks": roc_auc_score(ey, predict_proba(r.model, g, device=device)),
+                   "auc_predicted_masks": roc_auc_score(ey, predict_proba(r.model, b, device)),
+                   "auc_true_masks": roc_auc_score(ey, predict_proba(r.model, g, device)),
                    "val_auc_per_epoch": [h["val_auc"] for h in r.history]}
         except Exception:
             row = {"name": name, "error": traceback.format_exc()[-600:]}

@@ -16,32 +16,11 @@ import logging
 
 import numpy as np
 
-from shared import protocol as P
+from shared.head import Head
 
 log = logging.getLogger(__name__)
 
 INNER_FOLDS = 5  # early stopping: stratified folds inside the fine-tune split (fewer when a class is small)
-
-
-@dataclasses.dataclass(frozen=True)
-class Head:
-    """Final-layer weights as plain arrays: ``weight`` (2, 512), ``bias`` (2,), float32."""
-
-    weight: np.ndarray
-    bias: np.ndarray
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays under their message keys."""
-        return {P.HEAD_WEIGHT: self.weight, P.HEAD_BIAS: self.bias}
-
-    @classmethod
-    def from_arrays(cls, arrays) -> "Head":
-        """From a mapping of key -> array (numpy arrays or Flower ``Array``)."""
-        def get(k):
-            v = arrays[k]
-            return np.asarray(v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else v, np.float32)
-
-        return cls(weight=get(P.HEAD_WEIGHT).copy(), bias=get(P.HEAD_BIAS).copy())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,18 +34,11 @@ class HeadTrainResult:
 
 
 def _linear(head: Head, device):
-    import torch
-
-    layer = torch.nn.Linear(head.weight.shape[1], head.weight.shape[0])
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(np.asarray(head.weight, np.float32)))
-        layer.bias.copy_(torch.from_numpy(np.asarray(head.bias, np.float32)))
-    return layer.to(device)
+    return head.to_linear(device)
 
 
 def _head_of(layer) -> Head:
-    return Head(weight=layer.weight.detach().cpu().numpy().astype(np.float32),
-                bias=layer.bias.detach().cpu().numpy().astype(np.float32))
+    return Head.from_linear(layer)
 
 
 def _fit(start: Head, x, y, *, epochs: int, learning_rate: float, batch_size: int, seed: int, device,
@@ -180,12 +152,5 @@ def local_update(head: Head, features: np.ndarray, labels: np.ndarray, *, max_ep
 
 
 def p_neoplastic(head: Head, features: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """Probability of class 1 (neoplastic) for each feature row, as float64."""
-    import torch
-
-    if len(features) == 0:
-        return np.zeros(0, dtype=np.float64)
-    layer = _linear(head, device)
-    with torch.no_grad():
-        lp = torch.log_softmax(layer(torch.as_tensor(np.asarray(features, np.float32), device=device)), dim=1)
-    return lp[:, 1].exp().cpu().numpy().astype(np.float64)
+    """Probability of class 1 (neoplastic) for each feature row, as float64 (``Head.p_neoplastic``)."""
+    return head.p_neoplastic(features, device)

@@ -111,7 +111,9 @@ def bootstrap(
 ) -> dict[str, Any]:
     """Run the whole reference training; returns the report dict (also written beside the bundle)."""
     from shared.bundle import create_bundle, sign_bundle
-    from shared.classifier import ClassifierTrainConfig, plot_history, save_weights, train_classifier
+    from shared.classifier import save_weights
+    from shared.classifier_history import plot_history
+    from shared.classifier_training import ClassifierTrainConfig, train_classifier
     from shared.crop import make_crop
     from shared.ingest import read_image
     from shared.metrics import classification_metrics, dice, dice_summary
@@ -231,13 +233,16 @@ def bootstrap(
     write_json(reports_dir / "classifier_curves.json", result.history)
 
     # 4. End-to-end evaluation on the held-out test split.
-    from shared.classifier import predict_proba
+    from shared.classifier import predict_log_probs
 
     from .bootstrap_calibration import calibrate_reference, reference_threshold
 
-    p_test = predict_proba(result.model, test["crops"], device=device) if len(test["crops"]) else np.zeros(0)
+    def p_neoplastic(crops):
+        return np.exp(predict_log_probs(result.model, crops, device)[:, 1]) if len(crops) else np.zeros(0)
+
+    p_test = p_neoplastic(test["crops"])
     # Threshold and calibration from validation scores, the threshold midway between neighbours.
-    p_val = predict_proba(result.model, val["crops"], device=device)
+    p_val = p_neoplastic(val["crops"])
     threshold = reference_threshold(val["labels"], p_val, result.threshold)
     calibration, calibration_report = calibrate_reference(
         val["labels"], p_val, test["labels"], p_test, threshold.p, out.parent / f"{out.name}-reliability.png")

@@ -81,6 +81,7 @@ class Predictor:
         from .calibration import Calibration
         from .classifier import backbone_and_head
         from .device import pick_device
+        from .head import Head
         from .segment import Segmenter
 
         self.bundle = bundle
@@ -92,7 +93,8 @@ class Predictor:
                                    tile_step_size=tile_step_size, file_hashes=bundle.nnunet_file_hashes)
         model = bundle.build_classifier(self.device)
         model.eval()
-        self.backbone, self.head = backbone_and_head(model)
+        self.backbone, fc = backbone_and_head(model)
+        self.head = Head.from_linear(fc)
         self.norm_stats_source = "bundle"
         if norm_stats is not None:
             from .batchnorm_stats import apply
@@ -136,14 +138,8 @@ class Predictor:
         return embed(self.backbone, crops, self.device)
 
     def p_neoplastic(self, features: np.ndarray) -> np.ndarray:
-        """Probability of the neoplastic class for each feature row."""
-        import torch
-
-        from .classifier import log_probs
-
-        with torch.no_grad():
-            lp = log_probs(self.head, torch.as_tensor(features, dtype=torch.float32, device=self.device))
-        return lp[:, 1].exp().cpu().numpy().astype(np.float64)
+        """Probability of the neoplastic class for each feature row (``Head.p_neoplastic``)."""
+        return self.head.p_neoplastic(features, self.device)
 
     # -- whole cases ----------------------------------------------------------------------
     def predict_image(

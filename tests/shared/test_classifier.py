@@ -11,6 +11,10 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
 from shared import classifier as clf  # noqa: E402
+from shared import classifier_augment as aug  # noqa: E402
+from shared import classifier_history as hist  # noqa: E402
+from shared import classifier_training as training  # noqa: E402
+from shared.head import Head  # noqa: E402
 from shared.errors import IchfedError  # noqa: E402
 
 # Small crops keep CPU tests fast; the network ends in adaptive pooling, so it accepts any
@@ -53,11 +57,26 @@ def test_head_of_backbone_equals_full_model(model):
     with torch.no_grad():
         full = clf.model_log_probs(model, x)
         features = backbone(x)
-        split = clf.log_probs(head, features)
+        split = Head.from_linear(head).log_probs(features)
     assert features.shape == (3, 512)
-    torch.testing.assert_close(split, full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(split).float(), full, rtol=0, atol=1e-6)
     # log-softmax: probabilities of the two classes sum to one.
     torch.testing.assert_close(full.exp().sum(1), torch.ones(3, dtype=full.dtype))
+
+
+def test_backbone_is_monai_resnet_without_fc_sharing_the_model_parameters(model):
+    from monai.networks.nets import ResNet
+
+    backbone, head = clf.backbone_and_head(model)
+    assert isinstance(backbone, ResNet) and backbone.fc is None
+    # The same tensors, not copies: the keys are the model's minus fc, and no meta tensor is left.
+    model_state = model.state_dict()
+    bb_state = backbone.state_dict()
+    assert set(bb_state) == {k for k in model_state if not k.startswith("fc.")}
+    assert all(bb_state[k].data_ptr() == model_state[k].data_ptr() for k in bb_state)
+    assert not any(p.is_meta for p in backbone.parameters())
+    with pytest.raises(IchfedError, match="fc = Linear"):
+        clf.backbone_and_head(backbone)
 
 
 def test_embed_matches_backbone_and_is_batch_independent(model):
@@ -68,8 +87,9 @@ def test_embed_matches_backbone_and_is_batch_independent(model):
     assert e_batched.shape == (5, 512) and e_batched.dtype == np.float32
     # Eval-mode BatchNorm: a case's features do not depend on its batch mates.
     np.testing.assert_allclose(e_batched, e_single, rtol=1e-5, atol=1e-5)
-    p_split = clf.p_neoplastic(head, e_batched)
-    p_full = clf.predict_proba(model, crops, device="cpu", batch_size=2)
+    p_split = Head.from_linear(head).p_neoplastic(e_batched)
+    with torch.no_grad():
+        p_full = clf.model_log_probs(model, clf.as_batch_tensor(crops, "cpu"))[:, 1].exp().double().numpy()
     np.testing.assert_allclose(p_split, p_full, rtol=1e-5, atol=1e-6)
     assert np.all((p_full > 0) & (p_full < 1))
 
@@ -121,11 +141,11 @@ def test_bad_weights_are_one_line_errors(tmp_path):
 
 
 def test_augmentation_keeps_lesion_masking():
-    cfg = clf.AugmentationConfig(p_rotation=1.0, p_scale=1.0, p_brightness=1.0, p_contrast=1.0, p_noise=1.0)
-    augmenter = clf._build_augmenter(cfg, ZYX)
+    cfg = aug.AugmentationConfig(p_rotation=1.0, p_scale=1.0, p_brightness=1.0, p_contrast=1.0, p_noise=1.0)
+    augmenter = aug.build_augmenter(cfg, ZYX)
     crops, _ = synthetic_crops(6, seed=4)
     np.random.seed(0)
-    out = clf.augment_batch(augmenter, crops)
+    out = aug.augment_batch(augmenter, crops)
     assert out.shape == crops.shape and out.dtype == np.float32
     assert not np.allclose(out, crops), "augmentation changed nothing"
     # Noise and brightness act only inside the (moved) lesion: the background stays exactly 0,
@@ -136,33 +156,33 @@ def test_augmentation_keeps_lesion_masking():
 
 
 def test_train_config_profiles_and_validation():
-    paper = clf.ClassifierTrainConfig.profile("paper")
+    paper = training.ClassifierTrainConfig.profile("paper")
     assert (paper.epochs, paper.batch_size, paper.learning_rate) == (182, 64, 2.96e-4)
     assert paper.augmentation.enabled
-    assert clf.ClassifierTrainConfig.profile("ci").epochs < 10
+    assert training.ClassifierTrainConfig.profile("ci").epochs < 10
     with pytest.raises(IchfedError, match="profile: must be one of"):
-        clf.ClassifierTrainConfig.profile("fast")
+        training.ClassifierTrainConfig.profile("fast")
     from shared.config import from_dict
 
     with pytest.raises(IchfedError, match="'augmentation.p_noise' must be between 0.0 and 1.0"):
-        from_dict(clf.ClassifierTrainConfig, {"augmentation": {"p_noise": 2}})
+        from_dict(training.ClassifierTrainConfig, {"augmentation": {"p_noise": 2}})
 
 
 def test_train_rejects_single_class_validation():
     crops, labels = synthetic_crops(6, seed=5)
     with pytest.raises(IchfedError, match="val_labels: need both classes"):
-        clf.train_classifier(crops, labels, crops[:2], np.zeros(2, int), clf.ClassifierTrainConfig.ci(), "cpu", 0)
+        training.train_classifier(crops, labels, crops[:2], np.zeros(2, int), training.ClassifierTrainConfig.ci(), "cpu", 0)
 
 
 def test_training_is_seeded_and_restores_global_rng():
     crops, labels = synthetic_crops(8, seed=6)
-    cfg = clf.ClassifierTrainConfig(epochs=1, batch_size=4, keep="last")
+    cfg = training.ClassifierTrainConfig(epochs=1, batch_size=4, keep="last")
     np.random.seed(123)
     before = np.random.random()
     np.random.seed(123)
-    a = clf.train_classifier(crops, labels, crops, labels, cfg, "cpu", seed=7)
+    a = training.train_classifier(crops, labels, crops, labels, cfg, "cpu", seed=7)
     assert np.random.random() == before, "training leaked into the global numpy RNG"
-    b = clf.train_classifier(crops, labels, crops, labels, cfg, "cpu", seed=7)
+    b = training.train_classifier(crops, labels, crops, labels, cfg, "cpu", seed=7)
     assert a.history == b.history
     assert torch.equal(a.model.fc.weight, b.model.fc.weight)
 
@@ -180,15 +200,15 @@ def test_training_learns_an_easy_signal(tmp_path):
     train_x, train_y = synthetic_crops(32, seed=10)
     val_x, val_y = synthetic_crops(12, seed=11)
     test_x, test_y = synthetic_crops(20, seed=12)
-    result = clf.train_classifier(train_x, train_y, val_x, val_y, clf.ClassifierTrainConfig.ci(), "cpu", seed=0)
+    result = training.train_classifier(train_x, train_y, val_x, val_y, training.ClassifierTrainConfig.ci(), "cpu", seed=0)
     assert [h["epoch"] for h in result.history] == list(range(1, 5))
     assert all(set(h) == {"epoch", "train_loss", "val_loss", "val_auc"} for h in result.history)
-    p = clf.predict_proba(result.model, test_x, device="cpu")
+    p = np.exp(clf.predict_log_probs(result.model, test_x, "cpu")[:, 1])
     auc = roc_auc_score(test_y, p)
     assert auc > 0.85, f"held-out AUC {auc:.3f}; history {result.history}"
     assert 0.0 <= result.threshold.p <= 1.0
     assert result.threshold.sensitivity * result.threshold.specificity > 0.5
-    clf.plot_history(result.history, tmp_path / "curves.png")
-    clf.save_history(result.history, tmp_path / "curves.json")
+    hist.plot_history(result.history, tmp_path / "curves.png")
+    hist.save_history(result.history, tmp_path / "curves.json")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "curves.json").read_text(encoding="utf-8"))["history"] == result.history

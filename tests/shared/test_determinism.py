@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from shared import classifier as clf
+from shared import classifier_training as training
 from shared.determinism import deterministic_training, train_threads
 from shared.errors import IchfedError
 
@@ -28,9 +29,9 @@ def _train(seed: int):
     x, y = _crops(10, seed=3)
     # The ci schedule with augmentation on: augmentation draws are part of what must repeat.
     # One epoch of two batches: enough for every random draw (order, augmentation, BatchNorm subset).
-    cfg = clf.ClassifierTrainConfig(epochs=1, batch_size=4, learning_rate=1e-3, keep="best_val_loss",
+    cfg = training.ClassifierTrainConfig(epochs=1, batch_size=4, learning_rate=1e-3, keep="best_val_loss",
                                     precise_batchnorm=True, batchnorm_samples=4)
-    return clf.train_classifier(x[:8], y[:8], x[8:], y[8:], cfg, "cpu", seed=seed)
+    return training.train_classifier(x[:8], y[:8], x[8:], y[8:], cfg, "cpu", seed=seed)
 
 
 def test_same_seed_gives_bit_identical_weights_and_history():

@@ -118,3 +118,22 @@ def test_norm_and_distance():
     assert a.distance(b) == pytest.approx(1.0)
     assert a.allclose(a.copy()) and not a.allclose(b)
     assert math.isnan(Head(weight=w * np.nan, bias=np.zeros(2)).norm())
+
+
+def test_bundle_head_scores_as_the_bundle_model(tiny_bundle):
+    """The reference head read from a bundle file scores features exactly as the bundle's model."""
+    import torch
+
+    from shared.bundle import load_bundle
+    from shared.classifier import as_batch_tensor, backbone_and_head, embed, model_log_probs
+
+    bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
+    head = Head.from_bundle(bundle)
+    model = bundle.build_classifier("cpu")
+    backbone, fc = backbone_and_head(model)
+    _same(head, Head.from_linear(fc))
+    crops = np.zeros((3, 20, 24, 24), np.float32)
+    crops[:, 5:15, 6:18, 6:18] = np.random.default_rng(2).uniform(0.2, 0.9, size=(3, 10, 12, 12))
+    with torch.no_grad():
+        full = model_log_probs(model, as_batch_tensor(crops, "cpu")).double().numpy()
+    np.testing.assert_allclose(head.log_probs(embed(backbone, crops, "cpu")), full, atol=1e-6)
