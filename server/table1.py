@@ -29,7 +29,8 @@ def parse_reply(site: str, metrics: dict[str, Any], reasons: dict[str, str],
                 scanner: dict[str, list]) -> dict[str, Any]:
     """One site's stats reply as plain data: ``{"site", "counts", "classes", "scanner", "withheld"}``.
 
-    A histogram of the wrong length is dropped (and logged): it cannot be pooled with the others.
+    A histogram of the wrong length, or anything that is not a whole non-negative count, is
+    dropped (and logged): a site cannot make the pooled column negative or fractional.
     """
     out: dict[str, Any] = {"site": site, "counts": {}, "classes": {c: {"counts": {}, "hist": {}} for c in S.CLASSES},
                            "scanner": {}, "withheld": sorted(reasons)}
@@ -39,6 +40,9 @@ def parse_reply(site: str, metrics: dict[str, Any], reasons: dict[str, str],
             log.warning("stats: site %s sent an unknown key %s; ignored", site, key)
             continue
         cls, metric = parts
+        if not all(_is_count(v) for v in (value if isinstance(value, list) else [value])):
+            log.warning("stats: site %s: %s is not made of whole non-negative counts; dropped", site, key)
+            continue
         if metric in S.HISTOGRAMS:
             if not isinstance(value, list) or len(value) != S.n_bins(S.HISTOGRAMS[metric]):
                 log.warning("stats: site %s: histogram %s has the wrong shape; dropped", site, key)
@@ -50,9 +54,14 @@ def parse_reply(site: str, metrics: dict[str, Any], reasons: dict[str, str],
             out["classes"][cls]["counts"][metric] = int(value)
     for field in S.SCANNER_FIELDS:
         labels, counts = scanner.get(field), scanner.get(f"{field}.n")
-        if isinstance(labels, list) and isinstance(counts, list) and len(labels) == len(counts):
+        if isinstance(labels, list) and isinstance(counts, list) and len(labels) == len(counts) \
+                and all(_is_count(n) for n in counts):
             out["scanner"][field] = {str(lab): int(n) for lab, n in zip(labels, counts)}
     return out
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 and float(v) == int(v)
 
 
 def pool(sites: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from client.privacy import PrivacyViolation, build_reply, check_content
-from client.runtime import SiteConfig
+from client.site_config import SiteConfig
 from client.stats import CaseStats, histogram, site_table1, table1
 from server.table1 import build_table1, markdown, parse_reply, quantile, to_html, write_table1
 from shared import protocol as P
@@ -142,3 +142,16 @@ def test_quantiles_interpolate_in_the_bin_and_bound_open_bins():
     assert quantile([0, 0, 4, 0], edges, 0.25)["value"] == pytest.approx(12.5)
     assert quantile([0, 0, 0, 6], edges, 0.5) == {"bound": "≥ 20"}
     assert quantile([0, 0, 0, 0], edges, 0.5) is None
+
+
+def test_server_drops_what_cannot_be_a_count():
+    bins = S.n_bins(S.VOLUME_EDGES_ML)
+    parsed = parse_reply("site-x", {"table1.n": 20, "table1.neoplastic.n": -5,
+                                    "table1.neoplastic.hist-ich-ml": [0.5] + [0] * (bins - 1),
+                                    "table1.non-neoplastic.hist-ich-ml": [0, 9],
+                                    "table1.non-neoplastic.hist-phe-ml": [0, 9] + [0] * (bins - 2)},
+                         {}, {"kernel": ["B30"], "kernel.n": [-3]})
+    assert parsed["counts"] == {"n": 20}
+    assert parsed["classes"]["neoplastic"] == {"counts": {}, "hist": {}}
+    assert list(parsed["classes"]["non-neoplastic"]["hist"]) == ["hist-phe-ml"]
+    assert parsed["scanner"] == {}
