@@ -31,3 +31,11 @@ def test_run_config_values_are_checked():
         settings_from_run_config({**base, "num-server-rounds": "many"})
     with pytest.raises(IchfedError, match="at least 1"):
         settings_from_run_config({**base, "min-sites": 0})
+
+
+def test_run_config_mode_selects_the_statistics_run():
+    base = {"bundle-path": "/b", "public-key": "/k", "state-dir": "/s"}
+    assert settings_from_run_config(base).mode == "federate"
+    assert settings_from_run_config({**base, "mode": "stats"}).mode == "stats"
+    with pytest.raises(IchfedError, match="'mode' must be 'federate' or 'stats'"):
+        settings_from_run_config({**base, "mode": "table"})
