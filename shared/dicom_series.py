@@ -16,9 +16,9 @@ are resampled onto a regular grid:
   round(coverage / spacing) + 1, so the last plane may lie up to half a spacing past the
   last slice; it repeats that slice rather than dropping coverage.
 
-Series choice: only modality CT is accepted; non-CT series beside a CT are ignored, and of
-several CT series the one with the most slices is used; both cases log a warning and add
-a ``notes`` entry.
+Series choice (``shared/dicom_headers.py``, headers only): only modality CT is accepted; non-CT
+series beside a CT are ignored, and of several CT series the one with the most slices is used;
+both cases log a warning and add a ``notes`` entry.
 
 Rescale slope/intercept are applied by GDCM when a slice is read; values are cast to float32.
 """
@@ -34,6 +34,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import dicom_checks
+from .dicom_headers import (TAG_KERNEL, TAG_MANUFACTURER, TAG_MODEL, TAG_SLICE_THICKNESS, SliceHeader,
+                            pick_series, scan_headers)
 from .errors import IchfedError
 
 log = logging.getLogger(__name__)
@@ -44,26 +46,6 @@ FILL_HU = -1024.0
 GAP_TOLERANCE = 0.01
 #: angle (degrees) between slice normal and stacking direction that counts as gantry tilt
 TILT_TOLERANCE_DEG = 0.5
-
-_TAG_MODALITY = "0008|0060"
-_TAG_SERIES_UID = "0020|000e"
-_TAG_SERIES_DESCRIPTION = "0008|103e"
-_TAG_POSITION = "0020|0032"
-_TAG_ORIENTATION = "0020|0037"
-_TAG_GANTRY_TILT = "0018|1120"
-_TAG_INSTANCE = "0020|0013"
-_TAG_SOP_CLASS = "0008|0016"
-# Scanner metadata kept for the site's Table 1 (``ichfed stats``): never pixel data or patient tags.
-_TAG_MANUFACTURER = "0008|0070"
-_TAG_MODEL = "0008|1090"
-_TAG_KERNEL = "0018|1210"
-_TAG_SLICE_THICKNESS = "0018|0050"
-_SCANNER_TAGS = (_TAG_MANUFACTURER, _TAG_MODEL, _TAG_KERNEL, _TAG_SLICE_THICKNESS)
-_DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
-_TAGS_READ = (_TAG_MODALITY, _TAG_SERIES_UID, _TAG_SERIES_DESCRIPTION, _TAG_POSITION, _TAG_ORIENTATION,
-              _TAG_GANTRY_TILT, _TAG_INSTANCE, _TAG_SOP_CLASS, *_SCANNER_TAGS, *dicom_checks.TAGS)
-
-
 
 @dataclasses.dataclass(frozen=True)
 class Scanner:
@@ -92,147 +74,6 @@ class DicomVolume:
     scanner: Scanner
 
 
-@dataclasses.dataclass
-class _Slice:
-    file: Path
-    modality: str
-    series_uid: str
-    description: str
-    size: tuple[int, ...]
-    spacing: tuple[float, float]
-    position: np.ndarray
-    orientation: np.ndarray  # 6 values: row cosines, column cosines
-    tilt_tag: float
-    instance: int
-    z_spacing: float = 0.0  # only for multi-frame files
-    padding_hu: tuple[float, float] | None = None  # pixel padding (0028,0120/0121) in HU
-    bad_geometry: str | None = None  # why PixelSpacing/ImageOrientationPatient are unusable
-    scanner_tags: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def _is_dicom_magic(f: Path) -> bool:
-    try:
-        with open(f, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def _floats(text: str, n: int) -> np.ndarray | None:
-    try:
-        vals = [float(v) for v in text.strip().replace(" ", "").split("\\") if v != ""]
-    except ValueError:
-        return None
-    return np.asarray(vals, dtype=float) if len(vals) == n else None
-
-
-def _scan(folder: Path, source: Path) -> tuple[list[_Slice], list[Path], list[Path]]:
-    """Read every file's header; return (slices, broken DICOM files, ignored non-image files).
-
-    Non-image files (text, thumbnails, DICOMDIR, vendor directory objects) are ignored; a slice
-    whose geometry tags are unusable is marked (``bad_geometry``) and refused if its series is used.
-    """
-    slices: list[_Slice] = []
-    broken: list[Path] = []
-    ignored: list[Path] = []
-    # Hidden files and folders (.DS_Store, ._resource forks, .git) are never slices.
-    files = sorted(f for f in folder.rglob("*")
-                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
-    if not files:
-        raise IchfedError(f"{source}: folder is empty (expected one DICOM series)")
-    reader = sitk.ImageFileReader()
-    reader.SetImageIO("GDCMImageIO")
-    for f in files:
-        reader.SetFileName(str(f))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            (broken if _is_dicom_magic(f) and dicom_checks.unreadable_is_image(f) else ignored).append(f)
-            continue
-        meta = {k: reader.GetMetaData(k) for k in _TAGS_READ if reader.HasMetaDataKey(k)}
-        try:
-            dicom_checks.check_geometry_tags(f, meta)
-            bad_geometry = None
-        except IchfedError as e:
-            bad_geometry = str(e)  # fatal only if this slice belongs to the series that is used
-        if meta.get(_TAG_SOP_CLASS, "").strip("\0 ") == _DICOMDIR_SOP_CLASS:
-            ignored.append(f)
-            continue
-        slices.append(_slice_from_header(f, reader, meta, bad_geometry))
-    return slices, broken, ignored
-
-
-def _slice_from_header(f: Path, reader, meta: dict[str, str], bad_geometry: str | None) -> _Slice:
-    """One slice's geometry and tags from its header (``reader`` has read its information)."""
-    size = reader.GetSize()
-    origin = np.asarray(reader.GetOrigin(), dtype=float)
-    direction = np.asarray(reader.GetDirection(), dtype=float).reshape(3, 3)
-    position = _floats(meta.get(_TAG_POSITION, ""), 3)
-    orientation = _floats(meta.get(_TAG_ORIENTATION, ""), 6)
-    if position is None:
-        position = origin
-    if orientation is None:
-        orientation = np.concatenate([direction[:, 0], direction[:, 1]])
-    try:
-        tilt = float(meta.get(_TAG_GANTRY_TILT, "0").strip() or 0.0)
-    except ValueError:
-        tilt = 0.0
-    try:
-        instance = int(float(meta.get(_TAG_INSTANCE, "0").strip() or 0))
-    except ValueError:
-        instance = 0
-    return _Slice(
-        file=f,
-        modality=meta.get(_TAG_MODALITY, "").strip().upper(),
-        series_uid=meta.get(_TAG_SERIES_UID, "").strip("\0 "),
-        description=meta.get(_TAG_SERIES_DESCRIPTION, "").strip(),
-        size=tuple(size),
-        spacing=(float(reader.GetSpacing()[0]), float(reader.GetSpacing()[1])),
-        position=position,
-        orientation=orientation,
-        tilt_tag=tilt,
-        instance=instance,
-        z_spacing=float(reader.GetSpacing()[2]) if len(size) == 3 else 0.0,
-        padding_hu=dicom_checks.padding_range_hu(meta),
-        bad_geometry=bad_geometry,
-        scanner_tags={k: meta[k].strip("\0 ") for k in _SCANNER_TAGS if meta.get(k, "").strip("\0 ")},
-    )
-
-
-def _pick_series(slices: list[_Slice], source: Path, notes: list[str]) -> list[_Slice]:
-    """Choose the CT series to use; say what else was there.
-
-    Policy: only modality CT is accepted. Other modalities beside a CT series are ignored
-    with a note. Of several CT series, the one with the most slices wins (ties: the
-    lowest series UID, so the choice is deterministic) and the choice is noted.
-    """
-    series: dict[str, list[_Slice]] = defaultdict(list)
-    for s in slices:
-        series[s.series_uid].append(s)
-    ct = {uid: ss for uid, ss in series.items() if ss[0].modality == "CT"}
-    other = {uid: ss for uid, ss in series.items() if ss[0].modality != "CT"}
-
-    def label(ss: list[_Slice]) -> str:
-        return f"{ss[0].modality or 'no modality'} series with {len(ss)} file(s)"
-
-    if not ct:
-        found = ", ".join(sorted(label(ss) for ss in other.values()))
-        raise IchfedError(f"{source}: no CT series found (found {found}); only CT is accepted")
-    if other:
-        msg = "ignored non-CT " + ", ".join(sorted(label(ss) for ss in other.values()))
-        log.warning("%s: %s", source, msg)
-        notes.append(msg)
-    ranked = sorted(ct.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    uid, chosen = ranked[0]
-    if len(ranked) > 1:
-        msg = (f"{len(ranked)} CT series found; using series {uid or '(no UID)'} with {len(chosen)} slices, "
-               f"ignored " + ", ".join(f"{u or '(no UID)'} ({len(ss)} slices)" for u, ss in ranked[1:]))
-        log.warning("%s: %s", source, msg)
-        notes.append(msg)
-    return chosen
-
-
 def _frame(orientation: np.ndarray) -> np.ndarray:
     """Orthonormal (row, column, normal) columns from the six direction cosines."""
     row = orientation[:3] / np.linalg.norm(orientation[:3])
@@ -241,7 +82,7 @@ def _frame(orientation: np.ndarray) -> np.ndarray:
     return np.stack([row, col, np.cross(row, col)], axis=1)
 
 
-def _read_slice(s: _Slice, source: Path) -> np.ndarray:
+def _read_slice(s: SliceHeader, source: Path) -> np.ndarray:
     """One slice's HU values, pixel padding already set to air."""
     try:
         img = sitk.ReadImage(str(s.file), sitk.sitkFloat32, imageIO="GDCMImageIO")
@@ -260,7 +101,7 @@ def _read_slice(s: _Slice, source: Path) -> np.ndarray:
 class _Plan:
     """Everything about a DICOM series that headers tell: which slices, in what order, onto what grid."""
 
-    stack: list[_Slice]
+    stack: list[SliceHeader]
     frame: np.ndarray  # columns: row, column, normal
     depth: np.ndarray  # each slice's coordinate along the normal
     uv: np.ndarray  # each slice's first pixel along row and column
@@ -290,9 +131,9 @@ def plan_series(folder: Path, source: Path) -> _Plan:
     return _regular_grid(_main_stack(chosen, source, notes), source, notes)
 
 
-def _chosen_series(folder: Path, source: Path) -> tuple[list[_Slice], list[str]]:
+def _chosen_series(folder: Path, source: Path) -> tuple[list[SliceHeader], list[str]]:
     """The slices of the CT series to use, and notes on what else the folder held."""
-    slices, broken, ignored = _scan(folder, source)
+    slices, broken, ignored = scan_headers(folder, source)
     if broken:
         names = ", ".join(str(f.relative_to(folder)) for f in broken[:3])
         more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
@@ -307,18 +148,18 @@ def _chosen_series(folder: Path, source: Path) -> tuple[list[_Slice], list[str]]
         msg = f"skipped {len(ignored)} non-image file(s): {names}{more}"
         log.info("%s: %s", source, msg)
         notes.append(msg)
-    chosen = _pick_series(slices, source, notes)
+    chosen = pick_series(slices, source, notes)
     bad = [s.bad_geometry for s in chosen if s.bad_geometry]
     if bad:
         raise IchfedError(bad[0] + (f" (and {len(bad) - 1} more slice(s))" if len(bad) > 1 else ""))
     return chosen, notes
 
 
-def _main_stack(chosen: list[_Slice], source: Path, notes: list[str]) -> list[_Slice]:
+def _main_stack(chosen: list[SliceHeader], source: Path, notes: list[str]) -> list[SliceHeader]:
     """The largest set of parallel slices of one size and spacing (at least two)."""
     # A localizer or a reformat sometimes shares the series UID; keep the largest stack
     # of slices that share size, pixel spacing and orientation.
-    groups: dict[tuple, list[_Slice]] = defaultdict(list)
+    groups: dict[tuple, list[SliceHeader]] = defaultdict(list)
     for s in chosen:
         key = (s.size[:2], tuple(np.round(s.spacing, 4)), tuple(np.round(s.orientation, 3)))
         groups[key].append(s)
@@ -332,7 +173,7 @@ def _main_stack(chosen: list[_Slice], source: Path, notes: list[str]) -> list[_S
     return stack
 
 
-def _regular_grid(stack: list[_Slice], source: Path, notes: list[str]) -> _Plan:
+def _regular_grid(stack: list[SliceHeader], source: Path, notes: list[str]) -> _Plan:
     """Order the slices along their normal, note tilt and uneven gaps, and lay out the output grid."""
     frame = _frame(np.mean([s.orientation for s in stack], axis=0))
     normal = frame[:, 2]
@@ -395,11 +236,11 @@ def _scanner(plan: _Plan) -> Scanner:
         return max(sorted(set(values)), key=values.count) if values else None
 
     try:
-        thickness = float(common(_TAG_SLICE_THICKNESS) or "nan")
+        thickness = float(common(TAG_SLICE_THICKNESS) or "nan")
     except ValueError:
         thickness = float("nan")
-    return Scanner(manufacturer=common(_TAG_MANUFACTURER) or "unknown", model=common(_TAG_MODEL) or "unknown",
-                   kernel=common(_TAG_KERNEL) or "unknown",
+    return Scanner(manufacturer=common(TAG_MANUFACTURER) or "unknown", model=common(TAG_MODEL) or "unknown",
+                   kernel=common(TAG_KERNEL) or "unknown",
                    slice_thickness_mm=thickness if np.isfinite(thickness) and thickness > 0 else None,
                    tilt_deg=round(float(plan.tilt_deg), 3))
 
