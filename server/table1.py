@@ -219,7 +219,8 @@ def plot_volumes(table: dict[str, Any], path: str | os.PathLike) -> None:
     names = ("hist-ich-ml", "hist-phe-ml")
     fig, axes = plt.subplots(len(names), len(S.CLASSES), figsize=(6 * len(S.CLASSES), 3.6 * len(names)), squeeze=False)
     edges = S.VOLUME_EDGES_ML
-    labels = [f"<{edges[0]:g}"] + [f"{a:g}–{b:g}" for a, b in zip(edges, edges[1:])] + [f"≥{edges[-1]:g}"]
+    # The open bin below the first edge (0 ml) is always empty for a volume, so it is not drawn.
+    labels = [f"{a:g}–{b:g}" for a, b in zip(edges, edges[1:])] + [f"≥{edges[-1]:g}"]
     for i, name in enumerate(names):
         for j, cls in enumerate(S.CLASSES):
             ax = axes[i][j]
@@ -229,6 +230,7 @@ def plot_volumes(table: dict[str, Any], path: str | os.PathLike) -> None:
                 h = col["classes"][cls]["hist"].get(name)
                 if not h or not sum(h):
                     continue
+                h = h[1:]
                 x = [b + (k - len(cols) / 2) * width + width / 2 for b in range(len(h))]
                 ax.bar(x, [v / sum(h) for v in h], width=width, label=f"{col['site']} (n={sum(h)})",
                        color="black" if col is table["pooled"] else None)
