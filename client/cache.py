@@ -58,6 +58,8 @@ class CachedCase:
     dice_phe: float | None = None
     ich_ml: float | None = None
     phe_ml: float | None = None
+    # Names of the segmentation's failed plausibility checks (shared.quality.FLAGS).
+    quality_flags: tuple[str, ...] = ()
 
 
 class CaseCache:
@@ -82,6 +84,7 @@ class CaseCache:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             features = np.load(d / "features.npy") if meta["lesion_found"] else None
             crop = np.load(d / "crop.npy") if with_crop and meta["lesion_found"] else None
+            flags = tuple(meta["quality_flags"])  # an entry from before quality flags is recomputed
         except (OSError, ValueError, KeyError) as e:
             # A damaged entry is recomputed rather than trusted.
             log.warning("cache entry %s unreadable (%s); recomputing", key[:12], e)
@@ -96,6 +99,7 @@ class CaseCache:
             dice_phe=meta.get("dice_phe"),
             ich_ml=meta.get("ich_ml"),
             phe_ml=meta.get("phe_ml"),
+            quality_flags=flags,
         )
 
     def put(self, key: str, case: CachedCase) -> None:
@@ -117,5 +121,6 @@ class CaseCache:
                 "dice_phe": case.dice_phe,
                 "ich_ml": case.ich_ml,
                 "phe_ml": case.phe_ml,
+                "quality_flags": list(case.quality_flags),
             },
         )

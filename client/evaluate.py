@@ -4,7 +4,8 @@ Everything returned is an aggregate the privacy allow-list (``client/privacy.py`
 counts, AUC with its DeLong variance, accuracy / sensitivity / specificity at the threshold,
 the confusion counts (plus an intention-to-treat confusion in which cases with no segmented
 lesion are predicted non-neoplastic), a ROC curve sampled at fixed FPRs, per-class score
-histograms on fixed bins, and paired DeLong AUC differences between arms on the same cases.
+histograms on fixed bins, paired DeLong AUC differences between arms on the same cases, and how
+many held-out cases carry each segmentation quality flag (``shared.quality``).
 Metrics that would describe fewer than ``min_cases`` cases are withheld with a reason code.
 """
 
@@ -17,7 +18,8 @@ import numpy as np
 from shared import protocol as P
 
 GATED = ("auc", "auc-var", "accuracy", "sensitivity", "specificity", "threshold", "tp", "fp", "tn", "fn",
-         "itt-tp", "itt-fp", "itt-tn", "itt-fn", P.ROC_TPR, P.HIST_NEG, P.HIST_POS, "dice-ich", "dice-phe")
+         "itt-tp", "itt-fp", "itt-tn", "itt-fn", P.ROC_TPR, P.HIST_NEG, P.HIST_POS, "dice-ich", "dice-phe",
+         *P.QUALITY_METRICS)
 
 
 def arm_metrics(model: str, part, p: np.ndarray, threshold: float, *, min_cases: int, seed: int = 0,
@@ -35,6 +37,8 @@ def arm_metrics(model: str, part, p: np.ndarray, threshold: float, *, min_cases:
         reasons.update({k(m): P.REASON_TOO_FEW if part.n else P.REASON_NO_CASES for m in GATED})
         return metrics, reasons
     metrics[k("withheld")] = 0
+    metrics[k(P.N_FLAGGED)] = int(getattr(part, "n_flagged", 0))
+    metrics.update({k(f"flag-{name}"): int(n) for name, n in getattr(part, "flag_counts", {}).items()})
     cm = classification_metrics(y, p, threshold, n_boot=0, seed=seed)
     metrics[k("threshold")] = float(threshold)
     if threshold_reason:

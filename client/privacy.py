@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 _MAX_ABS = 1e6  # no honest metric or head entry is this large; a larger one is a bug or a leak
 _COUNT_METRICS = {"n", "n-pos", "n-neg", "n-no-lesion", "tp", "fp", "tn", "fn", "withheld",
-                  "itt-tp", "itt-fp", "itt-tn", "itt-fn"}
+                  "itt-tp", "itt-fp", "itt-tn", "itt-fn", *P.QUALITY_METRICS}
 _UNIT_METRICS = {"auc", "accuracy", "sensitivity", "specificity", "threshold", "dice-ich", "dice-phe",
                  "auc-var", "auc-minus-reference-var", "auc-minus-local-var"}
 _DIFF_METRICS = {"auc-minus-reference", "auc-minus-local"}  # paired differences lie in [-1, 1]

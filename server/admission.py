@@ -39,6 +39,7 @@ MODEL_METRIC_RULES: dict[str, str] = {
     "tp": _COUNT, "fp": _COUNT, "tn": _COUNT, "fn": _COUNT,
     "itt-tp": _COUNT, "itt-fp": _COUNT, "itt-tn": _COUNT, "itt-fn": _COUNT,
     "withheld": _FLAG,
+    **{m: _COUNT for m in P.QUALITY_METRICS},
     "auc-var": _VAR, "auc-minus-reference-var": _VAR, "auc-minus-local-var": _VAR,
     "auc-minus-reference": _DIFF, "auc-minus-local": _DIFF,
     P.ROC_TPR: _UNIT_LIST, P.HIST_POS: _COUNT_LIST, P.HIST_NEG: _COUNT_LIST,

@@ -42,6 +42,7 @@ def pool_model(site_rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
     out: dict[str, Any] = {"n_sites": len(rows), "n": sum(int(m.get("n") or 0) for m in rows)}
     out.update(_confusion_summary(rows, ""))
     out["n_no_lesion"] = sum(int(m.get("n-no-lesion") or 0) for m in rows)
+    out["quality_flags"] = _flag_counts(rows)
     itt = _confusion_summary(rows, "itt-")
     out["itt"] = itt if itt["confusion"] is not None else None
     aucs = [(float(m["auc"]), int(m["n"])) for m in rows if m.get("auc") is not None and m.get("n")]
@@ -53,6 +54,15 @@ def pool_model(site_rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
         out[key] = _meta(rows, est, var, key, reasons)
     out["reasons"] = reasons
     return out
+
+
+def _flag_counts(rows: list[dict[str, Any]]) -> dict[str, int] | None:
+    """Held-out cases with any quality flag ("any") and per flag, summed over the sites that sent them."""
+    sent = [m for m in rows if m.get(P.N_FLAGGED) is not None]
+    if not sent:
+        return None
+    return {"any": sum(int(m[P.N_FLAGGED]) for m in sent)} | {
+        key[len("flag-"):]: sum(int(m.get(key) or 0) for m in sent) for key in P.QUALITY_METRICS if key != P.N_FLAGGED}
 
 
 def _confusion_summary(rows: list[dict[str, Any]], prefix: str) -> dict[str, Any]:

@@ -119,7 +119,16 @@ def no_lesion_lines(report: dict[str, Any]) -> list[str]:
     ref = pooled.get(P.MODEL_REFERENCE) or {}
     n = ref.get("n_no_lesion")
     return [f"- held-out cases with no segmented lesion: {_f(n)} (not scored by the classifier; the ITT columns "
-            "count them as predicted non-neoplastic)"]
+            "count them as predicted non-neoplastic)", quality_flag_line(ref.get("quality_flags"))]
+
+
+def quality_flag_line(counts: dict[str, int] | None) -> str:
+    """Held-out cases whose segmentation failed a plausibility check, in total and per flag."""
+    if not counts:
+        return "- held-out cases with quality flags: n/a (no site reported them, or too few cases)"
+    per_flag = ", ".join(f"{name} {n}" for name, n in counts.items() if name != "any" and n)
+    return (f"- held-out cases with quality flags (segmentation to review): {counts.get('any', 0)}"
+            + (f" ({per_flag})" if per_flag else ""))
 
 
 def reliability_table_markdown(report: dict[str, Any], model: str = P.MODEL_FEDERATED) -> str:

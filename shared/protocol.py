@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+from .quality import FLAGS as QUALITY_FLAGS
+
 # -- message types ("<category>.<action>" as Flower's ClientApp dispatches them) ------------
 ACTION_BUNDLE = "bundle"
 ACTION_FINAL = "final"
@@ -103,6 +105,10 @@ MODELS = (MODEL_GLOBAL, MODEL_REFERENCE, MODEL_REFERENCE_SITE, MODEL_LOCAL, MODE
 # The four arms of the final reply, all scored on the same held-out cases.
 FINAL_ARMS = (MODEL_REFERENCE, MODEL_REFERENCE_SITE, MODEL_LOCAL, MODEL_FEDERATED)
 
+# Held-out cases whose segmentation failed a plausibility check (shared.quality): any flag, and per flag.
+N_FLAGGED = "n-flagged"
+QUALITY_METRICS = (N_FLAGGED,) + tuple(f"flag-{name}" for name in QUALITY_FLAGS)
+
 SCALAR_METRICS = (
     "n",
     "n-pos",
@@ -129,7 +135,7 @@ SCALAR_METRICS = (
     "itt-fp",
     "itt-tn",
     "itt-fn",
-)
+) + QUALITY_METRICS
 # The ROC curve leaves a site only as TPR sampled at these fixed FPRs: a fixed-length
 # aggregate, never the per-case scores the full curve is made of.
 ROC_FPR_GRID = tuple(round(i / 20, 2) for i in range(21))

@@ -14,11 +14,14 @@ perihematomal edema 0-35 HU mean (below grey matter's ~36, above CSF's ~5).
 
 from __future__ import annotations
 
-import numpy as np
-import SimpleITK as sitk
-from scipy import ndimage
+from typing import TYPE_CHECKING
 
-from .volumetrics import ICH_LABEL, PHE_LABEL, Volumetrics
+import numpy as np
+
+if TYPE_CHECKING:  # the flag names are imported by shared.protocol, which stays free of imaging libraries
+    import SimpleITK as sitk
+
+    from .volumetrics import Volumetrics
 
 ICH_HU_RANGE = (35.0, 100.0)
 PHE_HU_RANGE = (0.0, 35.0)
@@ -45,7 +48,7 @@ FLAGS: dict[str, str] = {
 }
 
 
-def quality_flags(image: sitk.Image, labels: sitk.Image, volumetrics: Volumetrics,
+def quality_flags(image: "sitk.Image", labels: "sitk.Image", volumetrics: "Volumetrics",
                   extracranial_ml_removed: float | None = None, intracranial_found: bool = True) -> list[str]:
     """Names of the failed plausibility checks (keys of ``FLAGS``, in that order); [] when plausible.
 
@@ -54,6 +57,10 @@ def quality_flags(image: sitk.Image, labels: sitk.Image, volumetrics: Volumetric
     intracranial mask took away (None for a given, not predicted, mask); ``intracranial_found``
     False when no skull was found (``shared.segment.Segmentation``).
     """
+    import SimpleITK as sitk
+
+    from .volumetrics import ICH_LABEL, PHE_LABEL
+
     v = volumetrics
     flags: set[str] = set()
     lab = sitk.GetArrayViewFromImage(labels)
@@ -78,8 +85,10 @@ def quality_flags(image: sitk.Image, labels: sitk.Image, volumetrics: Volumetric
     return [name for name in FLAGS if name in flags]
 
 
-def _n_sizable(ich: np.ndarray, labels: sitk.Image) -> int:
+def _n_sizable(ich: np.ndarray, labels: "sitk.Image") -> int:
     """ICH components (face connectivity, as ``volumetrics``) of at least ``COMPONENT_MIN_ML``."""
+    from scipy import ndimage
+
     comp, n = ndimage.label(ich)
     if n == 0:
         return 0
@@ -90,6 +99,8 @@ def _n_sizable(ich: np.ndarray, labels: sitk.Image) -> int:
 
 def _skull_contact(hu: np.ndarray, lesion: np.ndarray) -> float:
     """Share of lesion voxels with bone among their in-plane 8 neighbours."""
+    from scipy import ndimage
+
     # Only the lesion's bounding box (plus one voxel) matters; the whole scan would cost 10x.
     idx = np.nonzero(lesion)
     box = tuple(slice(max(0, int(i.min()) - 1), int(i.max()) + 2) for i in idx)
