@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from .physics_augment import BatchgeneratorsPhysics, PhysicsAugment, PhysicsAugmentConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentationConfig:
@@ -41,10 +43,18 @@ class AugmentationConfig:
         default=(0.0, 0.002), metadata={"length": 2, "range": (0.0, 1.0)}
     )
     p_noise: float = dataclasses.field(default=0.15, metadata={"range": (0.0, 1.0)})
+    # Scanner physics of the site profiles (kernel, noise, HU offset, slice thickness): shared.physics_augment.
+    physics: PhysicsAugmentConfig = dataclasses.field(default_factory=PhysicsAugmentConfig)
 
 
-def build_augmenter(cfg: AugmentationConfig, crop_zyx: tuple[int, int, int]):
-    """The batchgenerators transform chain for batches {'data': (B,1,z,y,x), 'seg': (B,1,z,y,x)}."""
+def build_augmenter(cfg: AugmentationConfig, crop_zyx: tuple[int, int, int],
+                    spacing_mm: tuple[float, float, float] = (2.8, 2.8, 5.0),
+                    hu_window: tuple[float, float] = (-20.0, 120.0)):
+    """The batchgenerators transform chain for batches {'data': (B,1,z,y,x), 'seg': (B,1,z,y,x)}.
+
+    ``spacing_mm`` (x, y, z) and ``hu_window`` are the crops' (``CropSpec``), used by the physics
+    transforms to express blur in mm and noise and offsets in HU.
+    """
     from batchgenerators.transforms.abstract_transforms import Compose
     from batchgenerators.transforms.color_transforms import (
         BrightnessMultiplicativeTransform,
@@ -80,6 +90,8 @@ def build_augmenter(cfg: AugmentationConfig, crop_zyx: tuple[int, int, int]):
     ]
     if cfg.mirror_x:
         transforms.append(MirrorTransform(axes=(2,)))
+    if cfg.physics.enabled:
+        transforms.append(BatchgeneratorsPhysics(PhysicsAugment(cfg.physics, spacing_mm, hu_window)))
     transforms += [
         BrightnessMultiplicativeTransform(multiplier_range=tuple(cfg.brightness), per_channel=True, p_per_sample=cfg.p_brightness),
         ContrastAugmentationTransform(contrast_range=tuple(cfg.contrast), per_channel=True, p_per_sample=cfg.p_contrast),
