@@ -195,7 +195,7 @@ def test_every_outgoing_message_passes_the_privacy_inspection(federation, sites)
 
 
 def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, tiny_bundle):
-    from client.runtime import load_local_threshold
+    from client.overlay import load_overlay
     from safetensors.numpy import load_file
     from shared.bundle import load_bundle
     from shared.classifier import load_weights
@@ -215,7 +215,7 @@ def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, ti
         state_dir = out / "sites" / f"site-{i}" / "state"
         kept = json.loads((state_dir / "final.json").read_text(encoding="utf-8"))
         assert kept["bundle_hash"] == bundle.hash and Path(kept["bundle_path"]).is_dir()
-        assert load_local_threshold(state_dir, bundle.hash) == pytest.approx(kept["threshold"])
+        assert load_overlay(state_dir, bundle.hash).threshold == pytest.approx(kept["threshold"])
         load_bundle(kept["bundle_path"], tiny_bundle.public_key)
 
 
