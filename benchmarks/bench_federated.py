@@ -37,9 +37,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _crops() -> dict:
     """Crop size (x, y, z), spacing and cohort scale of each bootstrap profile (``paper``: 200x200x20)."""
-    from server.bootstrap import PROFILES
+    from server.bootstrap import RECIPES
 
-    return {name: (p.crop.size_xyz, p.crop.spacing_mm, p.scale) for name, p in PROFILES.items()}
+    return {name: (r.crop.size_xyz, r.crop.spacing_mm, r.scale) for name, r in RECIPES.items()}
 
 
 CROPS = _crops()
@@ -136,7 +136,7 @@ def bench_finetune(args) -> dict:
 
     from client.cache import CachedCase, CaseCache
     from client.finetune import Head, p_neoplastic, train_head
-    from client.runtime import SiteConfig
+    from client.site_config import SiteConfig
     from shared.classifier import embed
     from shared.device import pick_device
 
@@ -239,9 +239,11 @@ def _reply(content, message_type: str):
 
 def bench_bytes(args) -> dict:
     """Part (b): bytes of the train, evaluate and final replies of one site."""
-    from client.finetune import Head, train_head
+    from client.calibrate import site_threshold
+    from client.evaluate import arm_metrics
+    from client.features import Part
+    from client.finetune import Head, p_neoplastic, train_head
     from client.privacy import build_reply
-    from client.runtime import Part, SiteConfig, SiteRuntime
     from shared import protocol as P
     from shared.transport import message_size
 
@@ -254,20 +256,19 @@ def bench_bytes(args) -> dict:
     head = train_head(head0, feats[:n_ft], labels[:n_ft], epochs=5, learning_rate=1e-3, batch_size=16, seed=0).head
     ft = Part(feats[:n_ft], labels[:n_ft], 0, [0.8] * n_ft, [0.6] * n_ft, True)
     ho = Part(feats[n_ft:], labels[n_ft:], 1, [0.8] * n_ho, [0.6] * n_ho, True)
-    with tempfile.TemporaryDirectory() as tmp:
-        runtime = SiteRuntime(SiteConfig(name="hospital-site-01", data_dir=Path(tmp), state_dir=Path(tmp),
-                                         min_cases_for_metrics=5))
-        counts = {P.N_FINE_TUNE: ft.n, P.N_HELD_OUT: ho.n, P.N_UNUSABLE: 2}
-        train = build_reply("hospital-site-01", head=head.arrays(),
-                            metrics={P.NUM_EXAMPLES: ft.n, P.TRAIN_LOSS: 0.41, **counts})
-        t, why = runtime.calibrate(head, ft, 0.5)
-        m, r = runtime.evaluate(P.MODEL_GLOBAL, head, t, ho, why)
-        evaluate = build_reply("hospital-site-01", metrics={**m, P.NUM_EXAMPLES: ho.n, **counts}, reasons=r)
-        metrics, reasons = {P.NUM_EXAMPLES: ho.n, **counts}, {}
-        for model in (P.MODEL_REFERENCE, P.MODEL_LOCAL, P.MODEL_FEDERATED):
-            m, r = runtime.evaluate(model, head, t, ho, why)
-            metrics.update(m), reasons.update(r)
-        final = build_reply("hospital-site-01", metrics=metrics, reasons=reasons, bundle_hash="ab" * 32)
+    # the replies a site with min_cases_for_metrics = 5 builds
+    counts = {P.N_FINE_TUNE: ft.n, P.N_HELD_OUT: ho.n, P.N_UNUSABLE: 2}
+    train = build_reply("hospital-site-01", head=head.arrays(),
+                        metrics={P.NUM_EXAMPLES: ft.n, P.TRAIN_LOSS: 0.41, **counts})
+    t = site_threshold(ft.labels, p_neoplastic(head, ft.features), 0.5)
+    p_ho = p_neoplastic(head, ho.features)
+    m, r = arm_metrics(P.MODEL_GLOBAL, ho, p_ho, t.p, min_cases=5, threshold_reason=t.reason)
+    evaluate = build_reply("hospital-site-01", metrics={**m, P.NUM_EXAMPLES: ho.n, **counts}, reasons=r)
+    metrics, reasons = {P.NUM_EXAMPLES: ho.n, **counts}, {}
+    for model in (P.MODEL_REFERENCE, P.MODEL_LOCAL, P.MODEL_FEDERATED):
+        m, r = arm_metrics(model, ho, p_ho, t.p, min_cases=5, threshold_reason=t.reason)
+        metrics.update(m), reasons.update(r)
+    final = build_reply("hospital-site-01", metrics=metrics, reasons=reasons, bundle_hash="ab" * 32)
     sizes = {
         "train_reply": message_size(_reply(train, P.TRAIN)),
         "evaluate_reply": message_size(_reply(evaluate, P.EVALUATE)),

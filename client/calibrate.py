@@ -9,24 +9,32 @@ between neighbouring scores (``shared.metrics.midpoint_threshold``), then rounde
 grid ``protocol.THRESHOLD_GRID`` and kept off every observed score, so the value that leaves the
 site is not any case's score. The site's probability calibration is re-fitted on the same
 out-of-fold scores. Everything here stays at the site.
+
+These site-local folds serve the heads a site trains alone (the local-only arm). The federated
+head's out-of-fold scores come from the cross-fit fold heads of the federation itself
+(``client.cross_fit``), which no site trained on the scored cases.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from shared import protocol as P
 
-from .finetune import Head, p_neoplastic, train_head
+from .finetune import Head, p_neoplastic
+from .seeds import out_of_fold_seed
 
 log = logging.getLogger(__name__)
 
 LOO_BELOW = 10  # fewer fine-tune cases than this: leave-one-out instead of 5-fold
 FOLDS = 5
+
+TrainFn = Callable[[Head, np.ndarray, np.ndarray, int], Head]
+"""``train(start, features, labels, seed) -> head``: how the site trains one head."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +46,19 @@ class SiteThreshold:
     calibration: dict[str, Any] | None = None  # ``shared.calibration.Calibration.to_dict()``
 
 
-def out_of_fold_scores(start: Head, features: np.ndarray, labels: np.ndarray, *, epochs: int,
-                       learning_rate: float, batch_size: int, seed: int, device: str = "cpu") -> np.ndarray:
+def out_of_fold_scores(start: Head, features: np.ndarray, labels: np.ndarray, train: TrainFn, *,
+                       seed: int) -> np.ndarray:
     """p(neoplastic) of every fine-tune case from a head trained from ``start`` on the other folds.
 
     Stratified 5-fold (scikit-learn), or leave-one-out below ``LOO_BELOW`` cases. A case whose
     fold left its training part with no cases keeps the score of ``start``.
+
+    Parameters
+    ----------
+    start : the head every fold starts from
+    features, labels : the fine-tune split
+    train : ``train(start, x, y, seed) -> head``, the site's training of one head
+    seed : the folds' seed; fold k trains with ``client.seeds.out_of_fold_seed(seed, k)``
     """
     from sklearn.model_selection import KFold, LeaveOneOut, StratifiedKFold
 
@@ -61,8 +76,7 @@ def out_of_fold_scores(start: Head, features: np.ndarray, labels: np.ndarray, *,
     else:
         splitter = KFold(n_splits=FOLDS, shuffle=True, random_state=seed)
     for k, (train_idx, test_idx) in enumerate(splitter.split(x, y)):
-        head = train_head(start, x[train_idx], y[train_idx], epochs=epochs, learning_rate=learning_rate,
-                          batch_size=batch_size, seed=seed * 1009 + k, device=device).head
+        head = train(start, x[train_idx], y[train_idx], out_of_fold_seed(seed, k))
         oof[test_idx] = p_neoplastic(head, x[test_idx])
     return oof
 

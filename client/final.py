@@ -4,7 +4,8 @@
 - ``reference-site``: the same head at the site's own threshold, chosen on the fine-tune split
   (the reference head never trained on it, so its scores there are out-of-sample);
 - ``local``: last-layer fine-tuning on this site alone, thresholded on out-of-fold scores;
-- ``federated``: the final federated head, thresholded by the same rule on its fine-tune scores.
+- ``federated``: the final federated head, thresholded by the same rule on out-of-fold scores of
+  its cross-fit fold heads (``client.cross_fit``; in-sample scores when the run has no folds).
 
 Comparing ``reference`` with ``reference-site`` isolates what re-thresholding alone does;
 ``local`` and ``federated`` against ``reference-site`` isolate training. AUC, which needs no
@@ -18,12 +19,13 @@ import dataclasses
 import logging
 from typing import Any
 
-
 from shared import protocol as P
 
-from .calibrate import SiteThreshold, out_of_fold_scores, site_threshold
+from .calibrate import SiteThreshold, TrainFn, out_of_fold_scores, site_threshold
 from .evaluate import arm_metrics, paired_metrics
-from .finetune import Head, p_neoplastic, train_head
+from .features import SiteFeatures
+from .finetune import Head, p_neoplastic
+from .site_config import SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +34,29 @@ log = logging.getLogger(__name__)
 class FinalArms:
     metrics: dict[str, Any]
     reasons: dict[str, str]
-    federated_threshold: SiteThreshold  # kept in the site overlay with the federated bundle
 
 
-def final_arms(runtime, feats, reference: Head, federated: Head, bundle_threshold: float, rounds: int,
-               device: str = "cpu") -> FinalArms:
-    """Metrics of the four arms on ``feats.held_out`` plus the paired AUC differences."""
-    c = runtime.config
+def final_arms(config: SiteConfig, feats: SiteFeatures, reference: Head, federated: Head, t_fed: SiteThreshold,
+               bundle_threshold: float, train: TrainFn, *, seed: int) -> FinalArms:
+    """Metrics of the four arms on ``feats.held_out`` plus the paired AUC differences.
+
+    Parameters
+    ----------
+    config : the site's config (``min_cases``, ``seed``)
+    feats : the site's fine-tune and held-out parts
+    reference, federated : the bundle's head and the final federated head
+    t_fed : the site's threshold for ``federated`` (``SiteSession.threshold``: out-of-fold with
+        cross-fit folds, else on the head's own fine-tune scores)
+    bundle_threshold : the bundle's threshold (the reference arm's)
+    train : ``train(start, x, y, seed) -> head``, the local-only baseline's training
+    seed : the local-only baseline's seed (``client.seeds.round_seed(site seed)``)
+    """
     fine, held = feats.fine_tune, feats.held_out
-    min_cases = runtime.min_cases
-    # The paper's local-only baseline gets as many epochs as the site trained in the federation.
-    train_kw = dict(epochs=rounds * c.local_epochs, learning_rate=c.learning_rate, batch_size=c.batch_size,
-                    seed=c.seed * 100_003, device=device)
-    local = train_head(reference, fine.features, fine.labels, **train_kw).head
-
+    min_cases = config.min_cases
+    local = train(reference, fine.features, fine.labels, seed)
     t_ref_site = site_threshold(fine.labels, p_neoplastic(reference, fine.features), bundle_threshold)
-    t_local = site_threshold(fine.labels, out_of_fold_scores(reference, fine.features, fine.labels, **train_kw),
+    t_local = site_threshold(fine.labels, out_of_fold_scores(reference, fine.features, fine.labels, train, seed=seed),
                              bundle_threshold)
-    t_fed = site_threshold(fine.labels, p_neoplastic(federated, fine.features), bundle_threshold)
 
     scores = {P.MODEL_REFERENCE: p_neoplastic(reference, held.features),
               P.MODEL_LOCAL: p_neoplastic(local, held.features),
@@ -60,10 +67,10 @@ def final_arms(runtime, feats, reference: Head, federated: Head, bundle_threshol
     metrics: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     for model, threshold, why in arms:
-        m, r = arm_metrics(model, held, scores[model], threshold, min_cases=min_cases, seed=c.seed,
+        m, r = arm_metrics(model, held, scores[model], threshold, min_cases=min_cases, seed=config.seed,
                            threshold_reason=why)
         metrics.update(m), reasons.update(r)
     for model, others in ((P.MODEL_FEDERATED, (P.MODEL_REFERENCE, P.MODEL_LOCAL)), (P.MODEL_LOCAL, (P.MODEL_REFERENCE,))):
         m, r = paired_metrics(model, held.labels, scores[model], {o: scores[o] for o in others}, min_cases=min_cases)
         metrics.update(m), reasons.update(r)
-    return FinalArms(metrics=metrics, reasons=reasons, federated_threshold=t_fed)
+    return FinalArms(metrics=metrics, reasons=reasons)

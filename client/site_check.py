@@ -20,7 +20,7 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
     A bad config raises ``IchfedError``; everything else is reported in the returned dict,
     with ``ready`` False and ``not_ready`` reasons when the site cannot take part.
     """
-    from .runtime import load_site_config
+    from .site_config import load_site_config
     from shared.sitedata import read_site
 
     cfg = load_site_config(config_path)

@@ -43,7 +43,7 @@ def init_site(
     Paths are stored absolute so the SuperNode can be started from any folder. An existing
     key pair is kept by default because the coordinator has registered its public half.
     """
-    from .runtime import SiteConfig, load_site_config, write_site_config
+    from .site_config import SiteConfig, load_site_config, write_site_config
     from shared.config import from_dict
     from shared.pki import check_site_name, write_node_keypair
 

@@ -31,7 +31,7 @@ def open_predictor(bundle: str | os.PathLike, *, pubkey: str | os.PathLike | Non
         raise IchfedError(f"--tile-step-size: must be in (0, 1], got {tile_step_size:g}")
     site = None
     if site_config:
-        from .runtime import load_site_config
+        from .site_config import load_site_config
 
         site = load_site_config(site_config)
         pubkey = pubkey or site.public_key

@@ -39,6 +39,31 @@ HEAD_BIAS = "bias"
 HEAD_FEATURES = 512
 HEAD_CLASSES = 2
 HEAD_SHAPES = {HEAD_WEIGHT: (HEAD_CLASSES, HEAD_FEATURES), HEAD_BIAS: (HEAD_CLASSES,)}
+# Cross-fitted federation: the HEAD record also holds K fold heads, fold k under
+# "fold<k>.weight" / "fold<k>.bias". Every site trains fold head k on its fine-tune cases outside
+# its own fold k, so the average of fold head k never saw any site's fold-k cases, and a site
+# can choose the federated threshold on out-of-fold scores. K = 0: the main head only.
+CROSS_FIT_PREFIX = "fold"
+MAX_CROSS_FIT_FOLDS = 10
+
+
+def fold_prefix(k: int) -> str:
+    """Key prefix of cross-fit fold head ``k`` in the HEAD record (``"fold3."``)."""
+    return f"{CROSS_FIT_PREFIX}{int(k)}."
+
+
+def head_keys(n_folds: int = 0) -> tuple[str, ...]:
+    """Every key of a HEAD record with ``n_folds`` fold heads (main head first)."""
+    return tuple(HEAD_SHAPES) + tuple(fold_prefix(k) + key for k in range(n_folds) for key in HEAD_SHAPES)
+
+
+def cross_fit_folds(keys) -> int | None:
+    """K when ``keys`` are exactly ``head_keys(K)`` for some 0 <= K <= MAX_CROSS_FIT_FOLDS, else None."""
+    keys = set(keys)
+    n, extra = divmod(len(keys) - len(HEAD_SHAPES), len(HEAD_SHAPES))
+    if extra or not 0 <= n <= MAX_CROSS_FIT_FOLDS or keys != set(head_keys(n)):
+        return None
+    return n
 
 # ConfigRecord keys the server sends
 CFG_ROUND = "server-round"  # also injected by Flower's FedAvg

@@ -33,7 +33,7 @@ def run_stats(out: str | os.PathLike, bundle: str | os.PathLike, public_key: str
     import json
 
     from client.app import build_client_app
-    from client.runtime import SiteConfig, load_site_config, write_site_config
+    from client.site_config import SiteConfig, load_site_config, write_site_config
     from server.app import ServerSettings, build_server_app
 
     from .flower_sim import _run_simulation, make_cohorts, plan_sites

@@ -191,7 +191,7 @@ def test_predict_on_a_truncated_scan_is_an_error_not_no_lesion(tiny_bundle, tmp_
 
 
 def test_site_headers_only_still_refuses_a_cut_uncompressed_mask(site_cfg, capsys):
-    from client.runtime import load_site_config
+    from client.site_config import load_site_config
 
     masks = load_site_config(site_cfg).data_dir / "masks"
     good = masks / "c1.nii.gz"

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from client.overlay import SiteOverlay, load_overlay, overlay_path, read_overlay_file, save_overlay
-from client.runtime import load_local_threshold
 from shared.errors import IchfedError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +48,6 @@ def test_overlay_roundtrip_and_v0_files(tmp_path):
     assert path == overlay_path(tmp_path, H)
     got = load_overlay(tmp_path, H)  # the v1 overlay wins over the v0 file
     assert (got.version, got.threshold, got.calibration, got.site) == (1, 0.27, cal, "a")
-    assert load_local_threshold(tmp_path, H) == 0.27
     with pytest.raises(IchfedError, match="threshold"):
         save_overlay(tmp_path, SiteOverlay(bundle_hash=H, threshold=float("nan")))
 

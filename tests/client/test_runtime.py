@@ -1,4 +1,4 @@
-"""Site config, split, cache and evaluation (on synthetic embeddings)."""
+"""Site config, split, cache, evaluation and the session's threshold (on synthetic embeddings)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import pytest
 
 from client.cache import CachedCase, CaseCache, cache_key, content_hash
 from client.finetune import Head
-from client.runtime import Part, SiteConfig, SiteRuntime, load_site_config, load_local_threshold, stratified_split
+from client.cross_fit import HeadSet
+from client.evaluate import arm_metrics
+from client.features import Part
+from client.finetune import p_neoplastic
+from client.session import SiteSession
+from client.site_config import SiteConfig, load_site_config
+from client.split import SiteSplit, stratified_split
 from shared import protocol as P
 from shared.errors import IchfedError
 
@@ -36,6 +42,7 @@ def test_site_config_resolves_paths_and_validates(tmp_path):
 def test_split_is_stratified_seeded_and_disjoint():
     labels = {f"case-{i:03d}": int(i % 3 == 0) for i in range(60)}  # 20 positives, 40 negatives
     s = stratified_split(labels, 0.2, seed=5)
+    assert isinstance(s, SiteSplit)
     assert set(s.fine_tune).isdisjoint(s.held_out) and set(s.fine_tune) | set(s.held_out) == set(labels)
     assert sum(labels[c] for c in s.fine_tune) == 4 and len(s.fine_tune) == 12  # the paper's 20 % = 12
     assert stratified_split(labels, 0.2, seed=5) == s
@@ -72,38 +79,33 @@ def _part(n_pos, n_neg, seed=0, no_lesion=0):
     return Part(features=x, labels=y, n_no_lesion=no_lesion, dice_ich=[], dice_phe=[], has_masks=False)
 
 
-def _runtime(tmp_path, min_cases=5):
-    return SiteRuntime(SiteConfig(name="a", data_dir=tmp_path, state_dir=tmp_path / "state",
-                                  min_cases_for_metrics=min_cases))
+def _evaluate(model, head, threshold, part, min_cases=5):
+    return arm_metrics(model, part, p_neoplastic(head, part.features), threshold, min_cases=min_cases)
 
 
 def test_evaluation_metrics_reasons_and_withholding(tmp_path):
-    rt = _runtime(tmp_path)
     head = Head(weight=np.stack([np.zeros(512), np.ones(512) * 0.05]).astype(np.float32), bias=np.zeros(2, np.float32))
-    m, r = rt.evaluate("global", head, 0.5, _part(6, 8, no_lesion=2))
+    m, r = _evaluate("global", head, 0.5, _part(6, 8, no_lesion=2))
     assert m["global.n"] == 14 and m["global.n-no-lesion"] == 2 and m["global.withheld"] == 0
     assert 0.0 <= m["global.auc"] <= 1.0 and m["global.tp"] + m["global.fn"] == 6
     assert len(m["global.roc-tpr"]) == len(P.ROC_FPR_GRID) and m["global.roc-tpr"][-1] == 1.0
     assert r["global.dice-ich"] == P.REASON_NO_MASKS
 
     # one class only: AUC undefined with a reason, the other numbers still reported
-    m, r = rt.evaluate("global", head, 0.5, _part(0, 9))
+    m, r = _evaluate("global", head, 0.5, _part(0, 9))
     assert m["global.auc"] is None and r["global.auc"] == P.REASON_ONE_CLASS
     assert m["global.specificity"] is not None and m["global.sensitivity"] is None
 
     # fewer cases than the site's minimum: counts only, every metric withheld and marked
-    m, r = rt.evaluate("global", head, 0.5, _part(2, 2))
+    m, r = _evaluate("global", head, 0.5, _part(2, 2))
     assert m["global.withheld"] == 1 and "global.auc" not in m and "global.accuracy" not in m
     assert r["global.auc"] == P.REASON_TOO_FEW
 
 
-def test_calibration_and_local_threshold_file(tmp_path):
-    rt = _runtime(tmp_path)
+def test_session_threshold_without_cross_fit_uses_the_heads_own_scores(tmp_path):
+    session = SiteSession(SiteConfig(name="a", data_dir=tmp_path, state_dir=tmp_path / "state"))
     head = Head(weight=np.stack([np.zeros(512), np.ones(512) * 0.05]).astype(np.float32), bias=np.zeros(2, np.float32))
-    t, why = rt.calibrate(head, _part(5, 5), fallback=0.5)
-    assert why is None and 0.0 < t < 1.0
-    t, why = rt.calibrate(head, _part(0, 5), fallback=0.37)
-    assert (t, why) == (0.37, P.REASON_THRESHOLD_FROM_BUNDLE)
-    rt.save_local_threshold("f" * 64, 0.42, "site-calibrated")
-    assert load_local_threshold(tmp_path / "state", "f" * 64) == 0.42
-    assert load_local_threshold(tmp_path / "state", "e" * 64) is None
+    t = session.threshold(HeadSet(main=head), _part(5, 5), fallback=0.5)
+    assert t.reason is None and 0.0 < t.p < 1.0
+    t = session.threshold(HeadSet(main=head), _part(0, 5), fallback=0.37)
+    assert (t.p, t.reason) == (0.37, P.REASON_THRESHOLD_FROM_BUNDLE)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from client.runtime import load_site_config
+from client.site_config import load_site_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "site_configs").glob("*.toml"))
 

@@ -10,13 +10,33 @@ from client.calibrate import on_grid, out_of_fold_scores, site_threshold
 from client.final import final_arms
 from client.finetune import Head, p_neoplastic, train_head
 from client.privacy import PrivacyViolation, build_reply
-from client.runtime import Part, SiteConfig, SiteFeatures, SiteRuntime
+from client.features import Part, SiteFeatures
+from client.seeds import out_of_fold_seed
+from client.session import SiteSession
+from client.site_config import SiteConfig, load_site_config
 from shared import protocol as P
 from shared.errors import IchfedError
 from shared.metrics import best_threshold, classification_metrics
 
 START = Head(np.zeros((2, 512), np.float32), np.array([0.0, -1.5], np.float32))
 TRAIN = dict(epochs=30, learning_rate=1e-2, batch_size=16, seed=0)
+
+
+def _trainer(epochs, learning_rate, batch_size, **_):
+    """``train(start, x, y, seed) -> head`` as ``client.calibrate.out_of_fold_scores`` takes it (each fold brings its own seed)."""
+    return lambda start, x, y, s: train_head(start, x, y, epochs=epochs, learning_rate=learning_rate,
+                                             batch_size=batch_size, seed=s).head
+
+
+def _final_arms(config, feats, reference, federated, bundle_threshold, rounds):
+    """The four arms as the session computes them (without cross-fit: the federated head's own scores)."""
+    session = SiteSession(config)
+    t_fed = site_threshold(feats.fine_tune.labels, p_neoplastic(federated, feats.fine_tune.features), bundle_threshold)
+
+    def local_only(start, x, y, seed):
+        return session.local_update(start, x, y, seed=seed, device="cpu", epochs=rounds * config.local_epochs)[0]
+
+    return final_arms(config, feats, reference, federated, t_fed, bundle_threshold, local_only, seed=0)
 
 
 def _data(n_pos, n_neg, rng, mu=1.0, dims=64):
@@ -45,7 +65,7 @@ def test_out_of_sample_threshold_on_a_site_whose_head_separates_its_fine_tune_ca
     old = classification_metrics(yh, held, best_threshold(yf, in_sample).p, n_boot=0)
     assert old["sensitivity"] < 0.3
 
-    oof = out_of_fold_scores(START, xf, yf, **TRAIN)
+    oof = out_of_fold_scores(START, xf, yf, _trainer(**TRAIN), seed=0)
     t = site_threshold(yf, oof, fallback=0.5)
     new = classification_metrics(yh, held, t.p, n_boot=0)
     assert t.reason is None
@@ -61,12 +81,12 @@ def test_leave_one_out_below_ten_cases_and_one_class_fallback():
     rng = np.random.default_rng(1)
     x, y = _data(4, 4, rng)
     kw = dict(TRAIN, epochs=5)
-    oof = out_of_fold_scores(START, x, y, **kw)
+    oof = out_of_fold_scores(START, x, y, _trainer(**kw), seed=0)
     full = p_neoplastic(train_head(START, x, y, **kw).head, x)
     assert oof.shape == (8,) and np.all((oof > 0) & (oof < 1)) and not np.allclose(oof, full)
     # case i's score comes from a head trained on the other seven only
     i = 3
-    loo = train_head(START, np.delete(x, i, 0), np.delete(y, i), **dict(kw, seed=0 * 1009 + i)).head
+    loo = train_head(START, np.delete(x, i, 0), np.delete(y, i), **dict(kw, seed=out_of_fold_seed(0, i))).head
     assert oof[i] == pytest.approx(p_neoplastic(loo, x[i:i + 1])[0], abs=1e-6)
 
     t = site_threshold(np.zeros(6, np.int64), np.linspace(0.1, 0.6, 6), fallback=0.3712)
@@ -77,13 +97,12 @@ def test_leave_one_out_below_ten_cases_and_one_class_fallback():
 def test_min_cases_floor_cannot_be_lowered(tmp_path):
     with pytest.raises(IchfedError, match="min_cases_for_metrics"):
         SiteConfig(name="a", data_dir=tmp_path, state_dir=tmp_path, min_cases_for_metrics=3)
-    from client.runtime import load_site_config
 
     (tmp_path / "s.toml").write_text('name = "s"\ndata_dir = "d"\nstate_dir = "st"\nmin_cases_for_metrics = 2\n',
                                      encoding="utf-8")
     with pytest.raises(IchfedError, match="s.toml.*min_cases_for_metrics"):
         load_site_config(tmp_path / "s.toml")
-    assert SiteRuntime(SiteConfig(name="a", data_dir=tmp_path, state_dir=tmp_path)).min_cases == P.MIN_CASES_FLOOR
+    assert SiteConfig(name="a", data_dir=tmp_path, state_dir=tmp_path).min_cases == P.MIN_CASES_FLOOR
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +111,12 @@ def arms(tmp_path_factory):
     xf, yf = _data(6, 6, rng, mu=0.4)
     xh, yh = _data(12, 14, rng, mu=0.4)
     tmp = tmp_path_factory.mktemp("arms")
-    rt = SiteRuntime(SiteConfig(name="a", data_dir=tmp, state_dir=tmp, local_epochs=10, learning_rate=1e-2))
+    config = SiteConfig(name="a", data_dir=tmp, state_dir=tmp, local_epochs=10, learning_rate=1e-2)
     feats = SiteFeatures(fine_tune=_part(xf, yf), held_out=_part(xh, yh, no_lesion=3, no_lesion_pos=2), n_unusable=0)
     xr, yr = _data(10, 10, rng, mu=0.4)  # the "bundle's" head: trained elsewhere, weakly
     reference = train_head(START, xr, yr, **dict(TRAIN, epochs=3)).head
     federated = train_head(reference, np.concatenate([xf, xr]), np.concatenate([yf, yr]), **TRAIN).head
-    return final_arms(rt, feats, reference, federated, bundle_threshold=0.2345, rounds=2), yh
+    return _final_arms(config, feats, reference, federated, bundle_threshold=0.2345, rounds=2), yh
 
 
 def test_four_arms_on_the_same_held_out_cases(arms):
@@ -126,9 +145,9 @@ def test_histograms_withheld_when_a_class_is_under_the_floor(tmp_path):
     rng = np.random.default_rng(3)
     xf, yf = _data(6, 6, rng)
     xh, yh = _data(3, 10, rng)  # 3 positives held out: fewer than the floor of 5
-    rt = SiteRuntime(SiteConfig(name="a", data_dir=tmp_path, state_dir=tmp_path, local_epochs=2))
+    config = SiteConfig(name="a", data_dir=tmp_path, state_dir=tmp_path, local_epochs=2)
     feats = SiteFeatures(fine_tune=_part(xf, yf), held_out=_part(xh, yh), n_unusable=0)
-    out = final_arms(rt, feats, START, START, bundle_threshold=0.3, rounds=1)
+    out = _final_arms(config, feats, START, START, bundle_threshold=0.3, rounds=1)
     assert "federated.hist-pos" not in out.metrics and "federated.hist-neg" not in out.metrics
     assert out.reasons["federated.hist-pos"] == P.REASON_TOO_FEW
     assert out.metrics["federated.auc"] is not None  # the AUC itself is still sent

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from client.runtime import load_site_config
+from client.site_config import load_site_config
 from ichfed.cli import main
 from shared import transport as T
 from shared.device import pick_device

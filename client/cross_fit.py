@@ -1,0 +1,87 @@
+"""Cross-fitted federation at a site: K fold heads beside the main head, and out-of-fold scores.
+
+The server's HEAD record holds the main head and K fold heads (``protocol.head_keys``). A site
+trains the main head on all its fine-tune cases and fold head k on its fine-tune cases outside
+its own fold k (seeded, stratified: ``client.split.assign_folds``). FedAvg averages every key, so
+the aggregated fold head k never saw any site's fold-k cases, and scoring each fine-tune case
+with its own fold's aggregated head gives out-of-fold scores of the *federated* model: the
+federated arm's threshold and calibration are chosen on them (``client.calibrate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+import numpy as np
+
+from shared import protocol as P
+
+from .finetune import Head, p_neoplastic
+from .split import assign_folds
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSet:
+    """The main head and the cross-fit fold heads of one HEAD record (``folds`` empty: no cross-fit)."""
+
+    main: Head
+    folds: tuple[Head, ...] = ()
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.folds)
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping) -> "HeadSet":
+        """From a HEAD record (or any key -> array mapping) holding exactly ``protocol.head_keys(K)``.
+
+        Raises ``ValueError`` for any other set of keys.
+        """
+        keys = list(arrays.keys())
+        k = P.cross_fit_folds(keys)
+        if k is None:
+            raise ValueError(f"head record keys {sorted(keys)} are not a main head plus 0..{P.MAX_CROSS_FIT_FOLDS} "
+                             "fold heads")
+        return cls(main=Head.from_arrays(arrays), folds=tuple(Head.from_arrays(arrays, P.fold_prefix(i))
+                                                              for i in range(k)))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every head under its record key (``protocol.head_keys(K)``)."""
+        out = self.main.to_arrays()
+        for i, fold in enumerate(self.folds):
+            out.update(fold.to_arrays(P.fold_prefix(i)))
+        return out
+
+
+TrainFn = Callable[[Head, np.ndarray, np.ndarray, int], tuple[Head, float]]
+"""``train(start, features, labels, fold) -> (head, loss)``; ``fold`` is -1 for the main head."""
+
+
+def case_folds(part, n_folds: int, seed: int) -> np.ndarray:
+    """The cross-fit fold of each feature row of ``part`` (by case ID and label; ``client.split.assign_folds``)."""
+    ids = part.case_ids if part.case_ids else tuple(f"row-{i:06d}" for i in range(part.n))
+    return assign_folds(ids, part.labels, n_folds, seed)
+
+
+def train_head_set(heads: HeadSet, part, folds: np.ndarray, train: TrainFn) -> tuple[HeadSet, float]:
+    """Train the main head on every row of ``part`` and fold head k on the rows with ``folds != k``.
+
+    Returns the trained heads and the main head's training loss.
+    """
+    main, loss = train(heads.main, part.features, part.labels, -1)
+    trained = []
+    for k, start in enumerate(heads.folds):
+        keep = folds != k  # fold head k never sees this site's fold-k cases
+        trained.append(train(start, part.features[keep], part.labels[keep], k)[0])
+    return HeadSet(main=main, folds=tuple(trained)), loss
+
+
+def cross_fit_scores(heads: HeadSet, part, folds: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """p(neoplastic) of each row of ``part`` from the fold head of its own fold (that never trained on it)."""
+    scores = np.zeros(part.n, np.float64)
+    for k, head in enumerate(heads.folds):
+        rows = folds == k
+        if rows.any():
+            scores[rows] = p_neoplastic(head, part.features[rows], device)
+    return scores

@@ -1,0 +1,197 @@
+"""A site's cases as arrays: preprocessing through the cache into frozen-backbone features,
+per split part. Everything here stays at the site (per-case arrays in memory and on disk)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from shared import protocol as P
+from shared.errors import IchfedError
+from shared.quality import FLAGS as QUALITY_FLAGS
+
+from .cache import CachedCase, CaseCache, cache_key, content_hash
+from .seeds import split_seed
+from .site_config import SiteConfig
+from .split import SiteSplit, stratified_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Part:
+    """One split part's cases as arrays: features of the cases with a segmented lesion, and counts."""
+
+    features: np.ndarray  # (n, 512) float32
+    labels: np.ndarray  # (n,) int64
+    n_no_lesion: int
+    dice_ich: list[float]
+    dice_phe: list[float]
+    has_masks: bool
+    n_no_lesion_pos: int = 0  # neoplastic cases among n_no_lesion (the intention-to-treat line)
+    case_ids: tuple[str, ...] = ()  # of the feature rows, when known (cross-fit folds are drawn on them)
+    # Cases of the split (with or without a lesion) per quality flag, and with any flag.
+    flag_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    n_flagged: int = 0
+
+    @property
+    def n(self) -> int:
+        return int(len(self.labels))
+
+
+@dataclasses.dataclass
+class SiteFeatures:
+    """The site's fine-tune and held-out parts for one bundle, and how many cases were unusable."""
+
+    fine_tune: Part
+    held_out: Part
+    n_unusable: int
+
+    def counts(self, num_examples: int) -> dict[str, int]:
+        """The site counts every reply carries, with ``num_examples`` (FedAvg's weight key)."""
+        return {P.NUM_EXAMPLES: int(num_examples), P.N_FINE_TUNE: self.fine_tune.n,
+                P.N_HELD_OUT: self.held_out.n, P.N_UNUSABLE: self.n_unusable}
+
+
+class FeatureStore:
+    """Preprocesses a site's cases once per bundle (through the on-disk cache, memoised per process)."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        self.cache = CaseCache(Path(config.state_dir) / "cache")
+        self._memo: dict[str, tuple[tuple, SiteFeatures]] = {}
+
+    def read_site(self):
+        """The site's cases (``shared.sitedata.read_site``); problems are logged here, never sent."""
+        from shared.sitedata import read_site
+
+        site = read_site(self.config.data_dir)
+        for problem in site.problems:
+            log.warning("site %s: %s%s", self.config.name, f"{problem.case_id}: " if problem.case_id else "",
+                        problem.message)
+        return site
+
+    def split(self, site) -> SiteSplit:
+        """The seeded stratified split of ``site``'s cases; recorded in the state folder for audit."""
+        c = self.config
+        split = stratified_split({x.case_id: int(x.label) for x in site.cases}, c.fine_tune_fraction,
+                                 split_seed(c.seed))
+        split.write(Path(c.state_dir) / "split.json", seed=c.seed, fraction=c.fine_tune_fraction)
+        return split
+
+    def features(self, bundle) -> SiteFeatures:
+        """Features for every case (cached on disk by content + bundle + crop spec; memoised per process)."""
+        site = self.read_site()
+        stamp = tuple(sorted((c.case_id, _stat(c.image_path), _stat(c.mask_path), c.label) for c in site.cases))
+        memo = self._memo.get(bundle.hash)
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
+        split = self.split(site)
+        by_id = {c.case_id: c for c in site.cases}
+        predictor = _LazyPredictor(bundle, self.config.device)
+        rows: dict[str, CachedCase] = {}
+        unusable = len([p for p in site.problems if p.case_id is not None])
+        from tqdm import tqdm
+
+        for case in tqdm(site.cases, desc=f"{self.config.name}: preprocessing", unit="case", disable=None):
+            try:
+                rows[case.case_id] = self._case(case, bundle, predictor)
+            except IchfedError as e:
+                # An unreadable case is counted and logged at the site; the run goes on without it.
+                log.warning("site %s: case %s unusable: %s", self.config.name, case.case_id, e)
+                unusable += 1
+            except Exception:  # one case breaking the pipeline must not cost the site its other cases
+                log.exception("site %s: case %s failed in preprocessing", self.config.name, case.case_id)
+                unusable += 1
+        log.info("site %s: cache %d hits, %d misses", self.config.name, self.cache.hits, self.cache.misses)
+
+        def part(ids: tuple[str, ...]) -> Part:
+            kept = [c for c in ids if c in rows]
+            return _part([rows[c] for c in kept], [by_id[c] for c in kept])
+
+        feats = SiteFeatures(fine_tune=part(split.fine_tune), held_out=part(split.held_out), n_unusable=unusable)
+        self._memo = {bundle.hash: (stamp, feats)}  # one bundle at a time: the older one's arrays are dropped
+        return feats
+
+    def _case(self, case, bundle, predictor: "_LazyPredictor") -> CachedCase:
+        case_hash = content_hash(case.image_path)
+        mask_hash = content_hash(case.mask_path) if case.mask_path is not None else None
+        key = cache_key(case_hash, bundle.hash, bundle.crop_spec.key(), mask_hash)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        from shared.ingest import read_image
+
+        ingested = read_image(case.image_path)
+        prepared = predictor.get().preprocess(ingested.image)
+        crop = prepared.crop
+        features = None
+        if crop.lesion_found and crop.array is not None:
+            features = predictor.get().embed(crop.array[None])[0].astype(np.float32)
+        dice_ich = dice_phe = None
+        if case.mask_path is not None:
+            from shared.metrics import dice
+            from shared.sitedata import read_mask
+
+            truth = read_mask(case.mask_path, like=ingested.image)
+            dice_ich, dice_phe = dice(prepared.mask, truth, 1), dice(prepared.mask, truth, 2)
+        entry = CachedCase(
+            lesion_found=features is not None,
+            features=features,
+            crop=crop.array if features is not None else None,
+            dice_ich=dice_ich,
+            dice_phe=dice_phe,
+            ich_ml=prepared.volumetrics.ich_ml,
+            phe_ml=prepared.volumetrics.phe_ml,
+            quality_flags=tuple(prepared.quality_flags),
+        )
+        self.cache.put(key, entry)
+        return entry
+
+
+def _part(rows: list[CachedCase], cases: list) -> Part:
+    with_lesion = [(r, c) for r, c in zip(rows, cases) if r.lesion_found]
+    feats = (np.stack([r.features for r, _ in with_lesion]).astype(np.float32)
+             if with_lesion else np.zeros((0, P.HEAD_FEATURES), np.float32))
+    return Part(
+        features=feats,
+        labels=np.array([int(c.label) for _, c in with_lesion], dtype=np.int64),
+        n_no_lesion=len(rows) - len(with_lesion),
+        n_no_lesion_pos=sum(int(c.label) == 1 for r, c in zip(rows, cases) if not r.lesion_found),
+        dice_ich=[r.dice_ich for r in rows if r.dice_ich is not None],
+        dice_phe=[r.dice_phe for r in rows if r.dice_phe is not None],
+        has_masks=any(c.mask_path is not None for c in cases),
+        case_ids=tuple(c.case_id for _, c in with_lesion),
+        flag_counts={name: sum(name in r.quality_flags for r in rows) for name in QUALITY_FLAGS},
+        n_flagged=sum(bool(r.quality_flags) for r in rows),
+    )
+
+
+def _stat(path) -> tuple:
+    if path is None:
+        return ()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("missing",)
+    return (st.st_size, st.st_mtime_ns)
+
+
+class _LazyPredictor:
+    """Builds the (heavy) ``Predictor`` only when a case is not in the cache."""
+
+    def __init__(self, bundle, device: str) -> None:
+        self.bundle = bundle
+        self.device = device
+        self._p = None
+
+    def get(self):
+        if self._p is None:
+            from shared.pipeline import Predictor
+
+            self._p = Predictor(self.bundle, device=self.device)
+        return self._p

@@ -1,0 +1,85 @@
+"""A site's configuration: ``site_configs/<name>.toml`` as a typed, validated ``SiteConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Literal
+
+from shared import protocol as P
+from shared.config import from_dict, load_toml
+from shared.errors import IchfedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteConfig:
+    """``site_configs/<name>.toml``. Relative paths are relative to the TOML file's folder."""
+
+    name: str
+    data_dir: Path
+    state_dir: Path
+    public_key: Path | None = None  # the coordinator's Ed25519 key; without it no bundle is trusted
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    fine_tune_fraction: float = dataclasses.field(default=0.2, metadata={"range": (0.01, 0.99)})
+    local_epochs: int = dataclasses.field(default=20, metadata={"range": (1, 100_000)})
+    learning_rate: float = dataclasses.field(default=1e-3, metadata={"range": (1e-8, 10.0)})
+    batch_size: int = dataclasses.field(default=16, metadata={"range": (1, 65_536)})
+    # The floor (protocol.MIN_CASES_FLOOR) is part of the privacy boundary: a config cannot lower it.
+    min_cases_for_metrics: int = dataclasses.field(default=5, metadata={"range": (P.MIN_CASES_FLOOR, 1_000_000)})
+    seed: int = dataclasses.field(default=0, metadata={"range": (0, 2**31 - 1)})
+    audit_outgoing: bool = True  # keep a copy of every reply in <state_dir>/outgoing/
+
+    @property
+    def min_cases(self) -> int:
+        """``min_cases_for_metrics``, never below the protocol's floor."""
+        return max(int(self.min_cases_for_metrics), P.MIN_CASES_FLOOR)
+
+    def __post_init__(self) -> None:
+        if not P.SITE_NAME_RE.match(self.name):
+            raise IchfedError(
+                f"site config: 'name' must be 1-64 letters, digits, '.', '_' or '-' (got {self.name!r})"
+            )
+        if self.min_cases_for_metrics < P.MIN_CASES_FLOOR:  # also when built in code, not only from TOML
+            raise IchfedError(f"site config: 'min_cases_for_metrics' cannot be below {P.MIN_CASES_FLOOR} "
+                              f"(got {self.min_cases_for_metrics})")
+
+
+def load_site_config(path: str | os.PathLike) -> SiteConfig:
+    """Read and validate a site TOML; resolve its paths against the file's folder."""
+    p = Path(path)
+    data = load_toml(p)
+    cfg = from_dict(SiteConfig, data, source=str(p))
+    base = p.resolve().parent
+
+    def resolve(q: Path | None) -> Path | None:
+        return None if q is None else (q if q.is_absolute() else (base / q)).resolve()
+
+    return dataclasses.replace(
+        cfg, data_dir=resolve(cfg.data_dir), state_dir=resolve(cfg.state_dir), public_key=resolve(cfg.public_key)
+    )
+
+
+def write_site_config(cfg: SiteConfig, path: str | os.PathLike) -> Path:
+    """Write ``cfg`` as TOML (absolute paths), atomically."""
+    from shared.atomic import write_text
+
+    lines = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if v is None:
+            continue
+        if isinstance(v, Path):
+            v = str(v)
+        if isinstance(v, str):
+            lines.append(f"{f.name} = {_toml_str(v)}")
+        elif isinstance(v, bool):
+            lines.append(f"{f.name} = {'true' if v else 'false'}")
+        else:
+            lines.append(f"{f.name} = {v!r}")
+    write_text(path, "\n".join(lines) + "\n")
+    return Path(path)
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
