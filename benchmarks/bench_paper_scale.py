@@ -104,7 +104,8 @@ def main() -> int:
 
 def _plan(work: Path, seed: int) -> Path:
     """nnU-Net's fingerprint extractor and planner (``paper`` profile) on 5 synthetic paper-scale cases."""
-    from shared.segment import export_dataset, plan
+    from shared.segment_dataset import export_dataset
+    from shared.segment_train import plan
     from shared.sitedata import read_site
     from simulations.cohort import write_cohort
 
@@ -140,7 +141,7 @@ def _timing_bundle(plans_dir: Path, root: Path, seed: int) -> tuple[Path, Path]:
     from shared.bundle import create_bundle
     from shared.classifier import build_model
     from shared.config import CropSpec
-    from shared.segment import _build_network
+    from shared.segment_model import network_from_plans
     from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_keypair
 
     bundle = root / "bundle"
@@ -154,13 +155,13 @@ def _timing_bundle(plans_dir: Path, root: Path, seed: int) -> tuple[Path, Path]:
     pm = PlansManager(plans)
     cm = pm.get_configuration(CONFIGURATION)
     torch.manual_seed(seed)
-    net = _build_network("nnUNetTrainer", pm, cm, determine_num_input_channels(pm, cm, dataset_json),
+    net = network_from_plans("nnUNetTrainer", pm, cm, determine_num_input_channels(pm, cm, dataset_json),
                          pm.get_label_manager(dataset_json).num_segmentation_heads)
     model = root / "nnunet"
     (model / "fold_all").mkdir(parents=True)
     shutil.copy2(plans_dir / "dataset.json", model / "dataset.json")
     shutil.copy2(plans_dir / f"{PLANS_NAME}.json", model / "plans.json")
-    # The slim checkpoint layout that ``shared.segment`` writes for its own trained models.
+    # The slim checkpoint layout that ``shared.segment_model`` writes for its own trained models.
     torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
                 "init_args": {"configuration": CONFIGURATION, "fold": "all"},
                 "inference_allowed_mirroring_axes": (0, 1, 2), "current_epoch": 0},

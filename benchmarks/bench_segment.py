@@ -1,8 +1,8 @@
 """Benchmark nnU-Net segmentation: training time of a profile and CPU/GPU inference time per case.
 
 Writes ``benchmarks/results/segment_<profile>.json``. Steps, each timed: a synthetic
-``charite-like`` site (``simulations.cohort.write_cohort``), ``shared.segment.export_dataset`` on the
-training cases, ``shared.segment.train`` (nnU-Net planning/preprocessing and training, in its
+``charite-like`` site (``simulations.cohort.write_cohort``), ``shared.segment_dataset.export_dataset`` on the
+training cases, ``shared.segment_train.train`` (nnU-Net planning/preprocessing and training, in its
 subprocess) and ``Segmenter.predict`` on held-out cases, with their ICH and PHE Dice.
 
 Wall time depends on what else runs on the machine, so the load average is recorded too.
@@ -45,7 +45,9 @@ def main() -> int:
     import SimpleITK as sitk
 
     from shared.ingest import read_image
-    from shared.segment import Segmenter, export_dataset, train
+    from shared.segment import Segmenter
+    from shared.segment_dataset import export_dataset
+    from shared.segment_train import train
     from shared.sitedata import read_mask, read_site
     from simulations.cohort import write_cohort
 

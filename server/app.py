@@ -335,9 +335,8 @@ def write_federated_bundle(bundle, head: dict[str, np.ndarray], history: list[di
     if settings.signing_key is None:
         log.info("no signing-key configured: the federated head stays in the checkpoints, no bundle is written")
         return None
-    import torch
-
     from shared.bundle import derive_bundle, load_bundle
+    from shared.head import Head
 
     last = history[-1] if history else {}
     site_rows = [r for r in last.get("evaluate", {}).get("sites", []) if r.get("status") == "ok"]
@@ -357,11 +356,9 @@ def write_federated_bundle(bundle, head: dict[str, np.ndarray], history: list[di
         }
     }
     if not out.exists():
-        state = bundle.classifier_weights()  # the verified bytes, not whatever the file holds now
-        state = {k: (v.clone() if hasattr(v, "clone") else v) for k, v in state.items()}
-        state["fc.weight"] = torch.from_numpy(np.array(head[P.HEAD_WEIGHT], dtype=np.float32))
-        state["fc.bias"] = torch.from_numpy(np.array(head[P.HEAD_BIAS], dtype=np.float32))
-        derive_bundle(bundle, out, state, threshold, version=f"{bundle.manifest.version}+fed{settings.num_rounds}",
+        # Layout v2: only the head file is new; the parent's other files are linked and checked against its manifest.
+        new_head = head if isinstance(head, Head) else Head.from_arrays(head)
+        derive_bundle(bundle, out, new_head, threshold, version=f"{bundle.manifest.version}+fed{settings.num_rounds}",
                       lineage=lineage, private_key=settings.signing_key)
     new = load_bundle(out, settings.public_key)
     log.info("federated bundle %s written to %s", new.hash[:12], out)

@@ -119,7 +119,9 @@ def bootstrap(
     from shared.metrics import classification_metrics, dice, dice_summary
     from shared.quality import quality_flags
     from shared.volumetrics import measure
-    from shared.segment import Segmenter, export_dataset, train
+    from shared.segment import Segmenter
+    from shared.segment_dataset import export_dataset
+    from shared.segment_train import train
     from shared.signing import PRIVATE_KEY_NAME, generate_keypair
     from shared.sitedata import read_mask, read_site
 

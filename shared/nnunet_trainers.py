@@ -1,12 +1,12 @@
 """nnU-Net v2 trainer subclasses for the short ``ci`` and ``demo`` profiles, and the stage runner.
 
-nnU-Net finds trainers by class name. ``shared.segment.train`` writes a one-line module into a
+nnU-Net finds trainers by class name. ``shared.segment_train.train`` writes a one-line module into a
 folder named by ``nnUNet_extTrainer`` that re-exports the classes below, which is how nnunetv2 2.8
 discovers trainers that live outside its own package (``recursive_find_trainer_class_by_name``
 imports every module of each folder in that variable, so it cannot point at ``shared/`` itself:
 its modules use relative imports).
 
-``run_stage`` is the entry point of the subprocess that ``shared.segment`` starts for planning,
+``run_stage`` is the entry point of the subprocess that ``shared.segment_train`` starts for planning,
 preprocessing and training. It runs in its own process so that nnU-Net's environment variables,
 worker pools and ``print`` output never touch the caller. This module imports nnunetv2 at import
 time; only that subprocess and the predictor's trainer lookup import it.
@@ -99,7 +99,7 @@ def derive_small_plans(preprocessed_dataset: Path, source_plans: str, target_pla
 
 
 def run_stage(spec: dict) -> None:
-    """Run one nnU-Net stage described by ``spec`` (see ``shared.segment``) in this process."""
+    """Run one nnU-Net stage described by ``spec`` (see ``shared.segment_train``) in this process."""
     seed = int(spec.get("seed", 0))
     random.seed(seed)
     np.random.seed(seed)

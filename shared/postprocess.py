@@ -21,15 +21,15 @@ Rules (``kind``):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from .errors import IchfedError
+from .files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,5 @@ def read_rule(model_dir: Path, data: bytes | None = None) -> Rule:
     path = Path(model_dir) / FILE_NAME
     if data is None and not path.is_file():
         return Rule()
-    try:
-        parsed: Any = json.loads(data if data is not None else path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise IchfedError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(parsed, dict):
-        raise IchfedError(f"{path}: expected a JSON object")
+    parsed = read_json(path, data)
     return Rule(str(parsed.get("kind", "none")), parsed.get("min_ml", 0.0))

@@ -72,7 +72,7 @@ def tiny_bundle(tmp_path_factory) -> TinyBundle:
 class TinyNnunetModel:
     """A real nnU-Net v2 model trained with the `ci` profile on a tiny synthetic site."""
 
-    model_dir: Path  # what shared.segment.train returns (slim checkpoints; goes into bundles)
+    model_dir: Path  # what shared.segment_train.train returns (slim checkpoints; goes into bundles)
     results_dir: Path  # nnU-Net's own nnUNet_results/Dataset501_ICH (checkpoints as nnU-Net writes them)
     site_dir: Path  # write_cohort("charite-like", 10, seed=0, scale="ci")
     train_ids: tuple[str, ...]
@@ -88,7 +88,8 @@ def tiny_nnunet_model(tmp_path_factory) -> TinyNnunetModel:
     """
     import time
 
-    from shared.segment import export_dataset, train
+    from shared.segment_dataset import export_dataset
+    from shared.segment_train import train
     from shared.sitedata import read_site
     from simulations.cohort import write_cohort
 

@@ -1,4 +1,4 @@
-"""`ichfed bundle`: make signing keys, build, sign, verify, pack and unpack model bundles."""
+"""`ichfed bundle`: make signing keys, build, sign, verify, upgrade, pack and unpack model bundles."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def register(sub) -> None:
     i.add_argument("--out", required=True, metavar="DIR", help="new bundle folder")
     i.add_argument("--key", metavar="PEM", help="sign with this Ed25519 private key")
     i.set_defaults(func=_import)
+
+    up = actions.add_parser("upgrade", help="rewrite a layout-v1 bundle as layout v2 (the head in its own file)",
+                            description="Verify a v1 bundle and write the same models in layout v2 to a new folder. "
+                            "The manifest changes, so the new bundle needs a new signature (--key).")
+    up.add_argument("bundle", metavar="IN", help="the v1 bundle folder")
+    up.add_argument("out", metavar="OUT", help="new folder for the v2 bundle")
+    up.add_argument("--pubkey", metavar="PEM", help="trusted Ed25519 public key to verify IN")
+    up.add_argument("--allow-unsigned", action="store_true", help="accept an unsigned IN (hashes still checked)")
+    up.add_argument("--key", metavar="PEM", help="sign OUT with this Ed25519 private key")
+    up.set_defaults(func=_upgrade)
 
     pk = actions.add_parser("pack", help="write a bundle as one .tar file")
     pk.add_argument("bundle", metavar="BUNDLE")
@@ -103,16 +113,9 @@ def _crop_spec(path: str | None):
 def _cohort(path: str | None) -> dict:
     if path is None:
         return {"source": "imported"}
-    p = Path(path)
-    if not p.is_file():
-        raise IchfedError(f"{p}: file not found")
-    try:
-        data = json.loads(p.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IchfedError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise IchfedError(f"{p}: must hold a JSON object")
-    return data
+    from shared.files import read_json
+
+    return read_json(path)
 
 
 def _import(args) -> int:
@@ -132,6 +135,17 @@ def _import(args) -> int:
         private_key=args.key,
     )
     print(json.dumps({"bundle": str(path), "hash": bundle_hash(path), "signed": args.key is not None}, indent=2))
+    return 0
+
+
+def _upgrade(args) -> int:
+    from shared.bundle import bundle_hash, upgrade_bundle
+
+    if args.pubkey is None and not args.allow_unsigned:
+        raise IchfedError("--pubkey: a trusted public key is required to verify the bundle")
+    out = upgrade_bundle(args.bundle, args.out, args.pubkey, private_key=args.key, allow_unsigned=args.allow_unsigned)
+    print(json.dumps({"bundle": str(out), "hash": bundle_hash(out), "format_version": 2,
+                      "signed": args.key is not None}, indent=2))
     return 0
 
 

@@ -40,10 +40,9 @@ def report(args) -> int:
     src = Path(args.state_dir) / "report" / "report.json"
     if not src.is_file():
         raise IchfedError(f"{src}: not found (the run has not finished, or STATE_DIR is not a server state folder)")
-    try:
-        data = json.loads(src.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise IchfedError(f"{src}: not valid JSON ({e})") from None
+    from shared.files import read_json
+
+    data = read_json(src)
     paths = write_report(data, args.out or src.parent)
     print(paper_table_markdown(data))
     print(f"report: {paths['markdown']}")

@@ -93,6 +93,7 @@ def test_create_sign_verify_and_load(parts, signed):
     names = sorted(p.relative_to(signed).as_posix() for p in signed.rglob("*") if p.is_file())
     assert names == [
         "classifier.safetensors",
+        "head.safetensors",
         "manifest.json",
         "manifest.sig",
         "nnunet/dataset.json",
@@ -121,6 +122,12 @@ def test_create_sign_verify_and_load(parts, signed):
         assert torch.equal(model.state_dict()[k], v), k
     assert not model.training
     assert not [p for p in signed.parent.iterdir() if p.name.startswith(".bundle.")], "temp build dir left behind"
+    # layout v2: the head in its own file, the backbone without it; the model is their union
+    assert manifest.format_version == 2 and bundle.head_path == signed / "head.safetensors"
+    from shared.classifier import load_weights
+
+    assert sorted(load_weights(bundle.head_path)) == ["fc.bias", "fc.weight"]
+    assert "fc.weight" not in load_weights(bundle.classifier_path)
 
 
 def test_create_refuses_bad_inputs(parts, tmp_path):
@@ -205,15 +212,61 @@ def test_sign_then_verify(parts, tmp_path):
 
 
 def test_derive_bundle_records_parent(parts, signed, tmp_path):
+    from shared.head import Head
+
     parent = B.load_bundle(signed, parts["pub"])
+    head = Head(torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), torch.tensor([0.1, -0.1]))
     child = B.derive_bundle(
-        parent, tmp_path / "child", parts["model"], 0.3, version="1.2.3+fl1", lineage={"rounds": 3, "n_sites": 2},
+        parent, tmp_path / "child", head, 0.3, version="1.2.3+fl1", lineage={"rounds": 3, "n_sites": 2},
         private_key=parts["priv"],
     )
     m = B.verify_bundle(child, parts["pub"])
     assert m.lineage == {"parent_hash": parent.hash, "parent_name": "test-model", "parent_version": "1.2.3", "rounds": 3, "n_sites": 2}
-    assert m.files["nnunet/plans.json"] == parent.manifest.files["nnunet/plans.json"]
-    assert m.crop == parent.crop_spec
+    assert m.crop == parent.crop_spec and m.format_version == 2
+    # only the head differs; every other file is the parent's, hard-linked
+    assert {k for k in m.files if m.files[k] != parent.manifest.files[k]} == {"head.safetensors"}
+    assert (child / "classifier.safetensors").stat().st_ino == (signed / "classifier.safetensors").stat().st_ino
+    model = B.load_bundle(child, parts["pub"]).build_classifier("cpu")
+    assert torch.equal(model.fc.weight, torch.from_numpy(head.weight))
+    assert torch.equal(model.conv1.weight, parts["model"].conv1.weight)
+    with pytest.raises(IchfedError, match="head fc.weight: expected finite values of shape"):
+        B.derive_bundle(parent, tmp_path / "bad", {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)}, 0.3, "x")
+    with pytest.raises(IchfedError, match="expected a shared.head.Head or exactly"):
+        B.derive_bundle(parent, tmp_path / "bad", parts["model"].state_dict(), 0.3, "x")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_upgrade_v1_to_v2_keeps_the_model_and_refuses_unknown_versions(parts, signed, tmp_path):
+    """A v1 bundle (the whole ResNet in one file) still loads and upgrades to v2 with the same weights."""
+    from shared.classifier import save_weights
+
+    v1 = _copy(signed, tmp_path, "v1")
+    save_weights(parts["model"], v1 / "classifier.safetensors")
+    (v1 / "head.safetensors").unlink()
+    manifest = json.loads((v1 / "manifest.json").read_text(encoding="utf-8"))
+    manifest["format_version"] = 1
+    del manifest["classifier"]["head_file"], manifest["files"]["head.safetensors"]
+    manifest["files"]["classifier.safetensors"] = B.sha256_file(v1 / "classifier.safetensors")
+    (v1 / "manifest.json").write_bytes(B.manifest_bytes(manifest))
+    B.sign_bundle(v1, parts["priv"])
+    old = B.load_bundle(v1, parts["pub"])
+    assert old.head_path is None and old.manifest.format_version == 1
+
+    assert _cli("bundle", "upgrade", str(v1), str(tmp_path / "v2"), "--pubkey", str(parts["pub"]),
+                "--key", str(parts["priv"])) == 0
+    new = B.load_bundle(tmp_path / "v2", parts["pub"])
+    assert new.manifest.format_version == 2 and new.manifest.lineage["upgraded_from"] == old.hash
+    a, b = old.classifier_weights(), new.classifier_weights()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert {k: v for k, v in new.manifest.files.items() if k.startswith("nnunet/")} == {
+        k: v for k, v in old.manifest.files.items() if k.startswith("nnunet/")}
+    with pytest.raises(IchfedError, match="already format_version 2"):
+        B.upgrade_bundle(tmp_path / "v2", tmp_path / "v3", parts["pub"])
+    assert _cli("bundle", "upgrade", str(tmp_path / "v2"), str(tmp_path / "v3"), "--pubkey", str(parts["pub"])) == 2
+    manifest["format_version"] = 3
+    (v1 / "manifest.json").write_bytes(B.manifest_bytes(manifest))
+    with pytest.raises(BundleVerificationError, match="format_version 3 is not supported"):
+        B.load_bundle(v1, None, allow_unsigned=True)
 
 
 def test_tar_round_trip(signed, parts, tmp_path):

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 
 from shared import bundle as B  # noqa: E402
 from shared import signing  # noqa: E402
+from shared.head import Head  # noqa: E402
 from shared.errors import BundleVerificationError, IchfedError  # noqa: E402
 
 PLANS = "nnunet/plans.json"
@@ -124,7 +125,8 @@ def test_signed_bundle_naming_code_is_refused(tiny_bundle, tmp_path, variant):
         B.load_bundle(root, tiny_bundle.public_key)
     assert "\n" not in str(e.value)
     # The model folder on its own (bootstrap, benchmarks, Segmenter) is refused the same way.
-    from shared.segment import Segmenter, validate_model_folder
+    from shared.segment import Segmenter
+    from shared.segment_model import validate_model_folder
 
     with pytest.raises(IchfedError, match=r"plans\.json: configuration '3d_fullres'"):
         validate_model_folder(root / "nnunet", check_weights=False)
@@ -182,7 +184,8 @@ def test_swapped_classifier_after_load_is_refused_not_used(tiny_bundle, tmp_path
 
 
 def test_swapped_nnunet_checkpoint_after_load_is_refused(tiny_bundle, tmp_path):
-    from shared.segment import CHECKPOINT, Segmenter
+    from shared.segment import Segmenter
+    from shared.segment_model import CHECKPOINT
 
     root = _link_copy(tiny_bundle.path, tmp_path / "b")
     bundle = B.load_bundle(root, tiny_bundle.public_key)
@@ -214,8 +217,8 @@ def test_threshold_p_and_log_p_must_agree(tiny_bundle, tmp_path):
 
 
 def test_unknown_format_version_refused_and_optional_entries_tolerated(tiny_bundle, tmp_path):
-    root = _edited_manifest(tiny_bundle, tmp_path, lambda m: m.update(format_version=2))
-    with pytest.raises(BundleVerificationError, match="format_version 2 is not supported"):
+    root = _edited_manifest(tiny_bundle, tmp_path, lambda m: m.update(format_version=3))
+    with pytest.raises(BundleVerificationError, match="format_version 3 is not supported"):
         B.load_bundle(root, tiny_bundle.public_key)
     later = _edited_manifest(tiny_bundle, tmp_path / "later",
                              lambda m: m.update(postprocessing_note={"kind": "future", "n": [1, 2]}))
@@ -240,7 +243,7 @@ def test_predict_and_verify_accept_a_packed_bundle(tiny_bundle, tmp_path, capsys
 
 def test_derive_refuses_to_sign_a_swapped_parent_model(tiny_bundle, tmp_path):
     """The server derives the federated bundle from the parent's files: a swap after load is not signed."""
-    from shared.segment import CHECKPOINT
+    from shared.segment_model import CHECKPOINT
 
     root = _link_copy(tiny_bundle.path, tmp_path / "parent")
     parent = B.load_bundle(root, tiny_bundle.public_key)
@@ -248,7 +251,29 @@ def test_derive_refuses_to_sign_a_swapped_parent_model(tiny_bundle, tmp_path):
     _replace(ckpt, ckpt.read_bytes() + b"\0")
     with pytest.raises(BundleVerificationError, match="sha256 no longer matches"):
         B.read_verified(root, f"nnunet/fold_all/{CHECKPOINT}", parent.manifest.files)
-    state = parent.classifier_weights()  # the classifier itself is unchanged and verified
+    head = Head.from_bundle(parent)  # the classifier itself is unchanged and verified
     with pytest.raises(BundleVerificationError, match="changed since the parent bundle was verified"):
-        B.derive_bundle(parent, tmp_path / "child", state, 0.5, version="2", private_key=tiny_bundle.private_key)
+        B.derive_bundle(parent, tmp_path / "child", head, 0.5, version="2", private_key=tiny_bundle.private_key)
     assert not (tmp_path / "child").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".child")]
+
+
+def test_v2_head_file_is_covered_by_the_signature(tiny_bundle, tmp_path):
+    """Layout v2: the head file is verified at load and again at use, like the backbone."""
+    root = tiny_bundle.path
+    if B.load_bundle(root, tiny_bundle.public_key).head_path is None:  # a cached v1 reference bundle
+        root = B.upgrade_bundle(root, tmp_path / "v2", tiny_bundle.public_key, private_key=tiny_bundle.private_key)
+    root = _link_copy(root, tmp_path / "b")
+    bundle = B.load_bundle(root, tiny_bundle.public_key)
+    head = Head.from_bundle(bundle)
+    evil = {"fc.weight": torch.zeros(2, head.n_features), "fc.bias": torch.tensor([-1e4, 1e4])}
+    from shared.classifier import save_weights
+
+    save_weights(evil, tmp_path / "evil.safetensors")
+    _replace(root / B.HEAD_FILE, (tmp_path / "evil.safetensors").read_bytes())
+    with pytest.raises(BundleVerificationError, match="head.safetensors: sha256 no longer matches"):
+        bundle.build_classifier()
+    with pytest.raises(BundleVerificationError, match="head.safetensors: sha256 no longer matches"):
+        Head.from_bundle(bundle)
+    with pytest.raises(BundleVerificationError, match="head.safetensors: sha256 does not match manifest"):
+        B.load_bundle(root, tiny_bundle.public_key)

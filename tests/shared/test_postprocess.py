@@ -67,7 +67,8 @@ def test_rule_file_round_trip_and_validation(tmp_path):
 def test_bootstrap_choice_is_stored_with_the_model_and_used_by_the_segmenter(tiny_nnunet_model, tmp_path):
     """Bootstrap's step: choose on validation, write into the model folder, the Segmenter applies it."""
     from server.bootstrap import _choose_postprocessing
-    from shared.segment import Segmenter, copy_model_folder
+    from shared.segment import Segmenter
+    from shared.segment_model import copy_model_folder
     from simulations.cohort import make_case
 
     model = copy_model_folder(tiny_nnunet_model.model_dir, tmp_path / "model")
@@ -111,7 +112,8 @@ def test_rule_file_is_verified_like_the_weights(tiny_nnunet_model, tmp_path):
     import hashlib
 
     from shared.errors import BundleVerificationError
-    from shared.segment import Segmenter, copy_model_folder
+    from shared.segment import Segmenter
+    from shared.segment_model import copy_model_folder
 
     model = copy_model_folder(tiny_nnunet_model.model_dir, tmp_path / "model")
 

@@ -19,7 +19,10 @@ import SimpleITK as sitk
 
 from shared.errors import IchfedError
 from shared.ingest import read_image
-from shared.segment import Segmenter, copy_model_folder, export_dataset, train, validate_model_folder
+from shared.segment import Segmenter
+from shared.segment_dataset import export_dataset
+from shared.segment_model import copy_model_folder, validate_model_folder
+from shared.segment_train import train
 from shared.sitedata import read_mask, read_site
 from simulations.cohort import write_cohort
 
@@ -95,7 +98,7 @@ def test_export_dataset_bad_input_gives_one_line_errors(small_site, tmp_path):
 
 
 def test_train_rejects_bad_arguments_before_running_nnunet(small_site, tmp_path):
-    with pytest.raises(IchfedError, match="profile: must be one of"):
+    with pytest.raises(IchfedError, match="recipe: must be one of"):
         train(tmp_path, 501, "fast", tmp_path / "work")
     with pytest.raises(IchfedError, match="no nnU-Net raw dataset with id 501"):
         train(tmp_path, 501, "ci", tmp_path / "work")

@@ -22,32 +22,40 @@ from shared.signing import generate_keypair
 log = logging.getLogger(__name__)
 
 
-def _small_bundle(tmp_path, key):
+def _small_bundle(tmp_path, key, format_version=B.FORMAT_VERSION, name="bundle"):
     """A real signed bundle in E's format: tiny safetensors classifier and a small nnU-Net folder.
 
     ``create_bundle`` insists on full ResNet-34 weights (250 MB); the transport does not care
     what the bytes are, so the manifest is written with the same fields and ``sign_bundle``
     (which re-parses the manifest and re-hashes every file) is the judge of its validity.
+    Layout v2 keeps the head in its own file; v1 has it inside the classifier file.
     """
     from safetensors.numpy import save_file
 
-    root = tmp_path / "bundle"
+    root = tmp_path / name
     (root / "nnunet" / "fold_all").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    save_file({"fc.weight": rng.normal(size=(2, 512)).astype(np.float32), "fc.bias": np.zeros(2, np.float32)},
-              str(root / B.CLASSIFIER_FILE))
+    body = {"body": rng.normal(size=(64, 512)).astype(np.float32)}  # stands in for the frozen backbone
+    head = {"fc.weight": rng.normal(size=(2, 512)).astype(np.float32), "fc.bias": np.zeros(2, np.float32)}
+    classifier = {"file": B.CLASSIFIER_FILE, "format": "safetensors"}
+    if format_version >= 2:
+        save_file(body, str(root / B.CLASSIFIER_FILE))
+        save_file(head, str(root / B.HEAD_FILE))
+        classifier["head_file"] = B.HEAD_FILE
+    else:
+        save_file({**body, **head}, str(root / B.CLASSIFIER_FILE))
     (root / "nnunet" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "ICH": 1, "PHE": 2}}), encoding="utf-8")
     (root / "nnunet" / "plans.json").write_text(json.dumps({"plans_name": "tiny"}), encoding="utf-8")
     (root / "nnunet" / "fold_all" / "checkpoint_final.pth").write_bytes(rng.bytes(300_000))
     (root / "nnunet" / "fold_all" / "empty.txt").write_bytes(b"")
     files = {p.relative_to(root).as_posix(): B.sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
     manifest = {
-        "format": B.FORMAT, "format_version": B.FORMAT_VERSION, "name": "transport-test", "version": "0.0.1",
+        "format": B.FORMAT, "format_version": format_version, "name": "transport-test", "version": "0.0.1",
         "created_utc": "2026-01-01T00:00:00Z", "packages": {}, "cohort": {"n": 0},
         "crop": {"size_xyz": [200, 200, 20], "spacing_mm": [0.45, 0.45, 5.0], "hu_window": [-20.0, 120.0],
                  "lesion_policy": "largest"},
         "threshold": {"p": 0.5, "log_p": -0.6931471805599453},
-        "classifier": {"file": B.CLASSIFIER_FILE, "format": "safetensors"},
+        "classifier": classifier,
         "files": files, "lineage": {},
     }
     # Every required manifest field is written; optional ones (calibration, ...) may be absent.
@@ -246,85 +254,94 @@ def test_seed_bundle_puts_a_verifiable_copy_in_the_cache(tmp_path, small_bundle,
     assert T.cached_bundle(cache, bundle.hash) == seeded
 
 
-def _rewrite_classifier(root, key, weights, version, foreign_metadata=None):
-    """Rewrite a small bundle's classifier, update its manifest and re-sign it.
-
-    Weights are written the way bundles write them (``save_weights``), or, with
-    ``foreign_metadata``, by plain safetensors as another tool would.
-    """
-    import torch
-    from safetensors.numpy import save_file
-
-    from shared.classifier import save_weights
-
-    if foreign_metadata is None:
-        save_weights({k: torch.from_numpy(v) for k, v in weights.items()}, root / B.CLASSIFIER_FILE)
-    else:
-        save_file(weights, str(root / B.CLASSIFIER_FILE), metadata=foreign_metadata)
-    manifest = json.loads((root / B.MANIFEST).read_text(encoding="utf-8"))
-    manifest["files"] = {p.relative_to(root).as_posix(): B.sha256_file(p) for p in sorted(root.rglob("*"))
-                         if p.is_file() and p.name not in (B.MANIFEST, "manifest.sig")}
-    manifest["version"] = version
-    (root / B.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    B.sign_bundle(root, key)
+def _new_head(seed=1):
+    rng = np.random.default_rng(seed)
+    return {"fc.weight": rng.normal(size=(2, 512)).astype(np.float32), "fc.bias": np.array([0.5, -0.5], np.float32)}
 
 
-def test_delta_records_send_only_the_changed_head(tmp_path, small_bundle, keys):
-    import shutil
-
-    rng = np.random.default_rng(1)
-    body = rng.normal(size=(64, 512)).astype(np.float32)  # stands in for the frozen backbone
-    _rewrite_classifier(small_bundle, keys[0], {"body": body, "fc.weight": np.ones((2, 512), np.float32),
-                                                "fc.bias": np.zeros(2, np.float32)}, "1.0.0")
+def test_v2_federated_bundle_sends_only_the_head_and_manifest(tmp_path, small_bundle, keys):
+    """Layout v2: a derived bundle costs a site its head file and manifest; the rest is hard-linked."""
     parent = B.load_bundle(small_bundle, keys[1])
-    child_root = tmp_path / "child"
-    shutil.copytree(small_bundle, child_root)
-    new_head = {"fc.weight": rng.normal(size=(2, 512)).astype(np.float32), "fc.bias": np.array([0.5, -0.5], np.float32)}
-    _rewrite_classifier(child_root, keys[0], {"body": body, **new_head}, "1.0.0+fed2")
+    child_root = B.derive_bundle(parent, tmp_path / "child", _new_head(), 0.4, version="0.0.1+fed2", private_key=keys[0])
     child = B.load_bundle(child_root, keys[1])
-
-    full_arrays, full_config = T.bundle_to_records(child_root)
     arrays, config = T.bundle_to_records(child_root, parent=parent)
+    assert set(arrays.keys()) == {B.HEAD_FILE, B.MANIFEST, B.SIGNATURE}
+    assert sorted(config[T.KEY_FROM_PARENT]) == sorted(set(parent.manifest.files) - {B.HEAD_FILE})
     arrays2, config2, wire = over_the_wire(arrays, config)
-    *_, full_wire = over_the_wire(full_arrays, full_config)
-    assert set(arrays.keys()) == {"manifest.json", "manifest.sig"}  # nnU-Net files come from the parent
-    assert config[T.KEY_DERIVED] == [B.CLASSIFIER_FILE]
-    assert wire < full_wire / 10
+    *_, full_wire = over_the_wire(*T.bundle_to_records(child_root))
+    sent = sum(len((child_root / k).read_bytes()) for k in arrays.keys())
+    # The bytes on the wire are those three files, the manifest again in the config, and framing.
+    assert sent < wire < sent + len((child_root / B.MANIFEST).read_bytes()) + 4096 + 160 * len(config[T.KEY_FILES])
+    assert wire < full_wire / 20
 
     cache = tmp_path / "site" / "bundles"
     with pytest.raises(BundleVerificationError, match="does not hold"):
         T.bundle_from_records(arrays2, config2, cache, keys[1])  # the site lacks the parent
-    T.seed_bundle(parent, cache)
+    seeded = T.seed_bundle(parent, cache)
     out = T.bundle_from_records(arrays2, config2, cache, keys[1])
-    assert out.name == child.hash
-    assert _tree(out) == _tree(child_root)
+    assert out.name == child.hash and _tree(out) == _tree(child_root)
+    # the backbone is the parent's file, not a copy
+    assert (out / B.CLASSIFIER_FILE).stat().st_ino == (seeded / B.CLASSIFIER_FILE).stat().st_ino
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+    got = B.load_bundle(out, keys[1]).head_weights()
+    assert all(np.array_equal(got[k].numpy(), v) for k, v in _new_head().items())
 
-    # a tampered replacement tensor cannot produce the signed file
-    cache2 = tmp_path / "site2" / "bundles"
-    T.seed_bundle(parent, cache2)
-    bad = ConfigRecord(dict(config2.items()))
-    key = f"{T.TENSOR_PREFIX}{B.CLASSIFIER_FILE}:fc.bias"
-    raw = bytearray(bad[key])
-    raw[0] ^= 1
-    bad[key] = bytes(raw)
-    with pytest.raises(BundleVerificationError, match="sha256 does not match"):
-        T.bundle_from_records(arrays2, bad, cache2, keys[1])
-    assert T.cached_bundle(cache2, child.hash) is None
-    assert not [p for p in cache2.iterdir() if p.name.startswith(".incoming-")]
+
+def test_a_tampered_head_or_damaged_parent_is_refused(tmp_path, small_bundle, keys):
+    parent = B.load_bundle(small_bundle, keys[1])
+    child_root = B.derive_bundle(parent, tmp_path / "child", _new_head(), 0.4, version="2", private_key=keys[0])
+    arrays, config = T.bundle_to_records(child_root, parent=parent)
+    # a head altered in transit, its announced digest fixed up: only the signed manifest stops it
+    data = bytearray(arrays[B.HEAD_FILE].numpy().tobytes())
+    data[-1] ^= 0x01
+    arrays[B.HEAD_FILE] = Array(np.frombuffer(bytes(data), dtype=np.uint8))
+    digests = list(config[T.KEY_SHA256])
+    digests[list(config[T.KEY_FILES]).index(B.HEAD_FILE)] = hashlib.sha256(bytes(data)).hexdigest()
+    config[T.KEY_SHA256] = digests
+    cache = tmp_path / "site" / "bundles"
+    seeded = T.seed_bundle(parent, cache)
+    with pytest.raises(BundleVerificationError, match="sha256 does not match manifest"):
+        T.bundle_from_records(*over_the_wire(arrays, config)[:2], cache, keys[1])
+    assert T.cached_bundle(cache, B.bundle_hash(child_root)) is None
+    # the site's cached parent damaged (a new inode: the test's own parent stays intact)
+    arrays, config = T.bundle_to_records(child_root, parent=parent)
+    ckpt = seeded / "nnunet" / "fold_all" / "checkpoint_final.pth"
+    tmp = ckpt.with_name("x")
+    tmp.write_bytes(ckpt.read_bytes()[:-1] + b"\0")
+    tmp.replace(ckpt)
+    with pytest.raises(BundleVerificationError, match="linked from the parent bundle, sha256 does not match"):
+        T.bundle_from_records(*over_the_wire(arrays, config)[:2], cache, keys[1])
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+
+
+def test_a_bundle_derived_from_a_v1_parent_carries_its_backbone_whole(tmp_path, keys):
+    """v1 parents still transfer: the new backbone file differs from the v1 classifier, so it travels."""
+    v1_root = _small_bundle(tmp_path, keys[0], format_version=1, name="v1")
+    parent = B.load_bundle(v1_root, keys[1])
+    assert parent.manifest.head_file is None
+    child_root = B.derive_bundle(parent, tmp_path / "child", _new_head(), 0.4, version="2", private_key=keys[0])
+    arrays, config = T.bundle_to_records(child_root, parent=parent)
+    assert set(arrays.keys()) == {B.CLASSIFIER_FILE, B.HEAD_FILE, B.MANIFEST, B.SIGNATURE}
+    cache = tmp_path / "cache"
+    T.seed_bundle(parent, cache)
+    out = T.bundle_from_records(*over_the_wire(arrays, config)[:2], cache, keys[1])
+    assert _tree(out) == _tree(child_root)
+    merged = B.load_bundle(out, keys[1]).classifier_weights()
+    assert sorted(merged) == ["body", "fc.bias", "fc.weight"]
+    assert np.array_equal(merged["body"].numpy(), parent.classifier_weights()["body"].numpy())
 
 
 @pytest.mark.slow
-def test_federated_bundle_reaches_a_site_as_a_head_delta(tmp_path, tiny_bundle):
+def test_federated_bundle_reaches_a_site_as_its_head(tmp_path, tiny_bundle):
     """The server's derive path (new head on the real ResNet-34) rebuilt byte-exact at a site."""
-    import torch
-
-    from shared.classifier import load_weights
+    from shared.head import Head
 
     parent = B.load_bundle(tiny_bundle.path, tiny_bundle.public_key)
-    state = {k: v.clone() for k, v in load_weights(parent.classifier_path).items()}
-    state["fc.weight"] = torch.randn(2, 512, generator=torch.Generator().manual_seed(3))
-    state["fc.bias"] = torch.tensor([0.25, -0.25])
-    child_path = B.derive_bundle(parent, tmp_path / "fed", state, 0.4, version="1.0.0+fed2",
+    if parent.head_path is None:  # a cached v1 reference bundle: what `ichfed bundle upgrade` makes of it
+        up = B.upgrade_bundle(parent.path, tmp_path / "v2", tiny_bundle.public_key, private_key=tiny_bundle.private_key)
+        parent = B.load_bundle(up, tiny_bundle.public_key)
+    head = Head(np.random.default_rng(3).normal(size=(2, 512)), np.array([0.25, -0.25]))
+    child_path = B.derive_bundle(parent, tmp_path / "fed", head, 0.4, version="1.0.0+fed2",
                                  private_key=tiny_bundle.private_key)
     arrays, config = T.bundle_to_records(child_path, parent=parent)
     arrays2, config2, wire = over_the_wire(arrays, config)
@@ -334,20 +351,3 @@ def test_federated_bundle_reaches_a_site_as_a_head_delta(tmp_path, tiny_bundle):
     out = T.bundle_from_records(arrays2, config2, cache, tiny_bundle.public_key)
     assert _tree(out) == _tree(child_path)
     assert B.load_bundle(out, tiny_bundle.public_key).threshold.p == pytest.approx(0.4)
-
-
-def test_delta_falls_back_to_the_whole_file_when_a_site_could_not_rebuild_it(tmp_path, small_bundle, keys):
-    import shutil
-
-    parent = B.load_bundle(small_bundle, keys[1])
-    child_root = tmp_path / "child"
-    shutil.copytree(small_bundle, child_root)
-    _rewrite_classifier(child_root, keys[0], {"fc.weight": np.ones((2, 512), np.float32),
-                                              "fc.bias": np.zeros(2, np.float32)}, "0.0.2",
-                        foreign_metadata={"a": "1", "b": "2", "c": "3"})
-    arrays, config = T.bundle_to_records(child_root, parent=parent)
-    assert B.CLASSIFIER_FILE in arrays.keys() and config[T.KEY_DERIVED] == []
-    cache = tmp_path / "cache"
-    T.seed_bundle(parent, cache)
-    out = T.bundle_from_records(*over_the_wire(arrays, config)[:2], cache, keys[1])
-    assert _tree(out) == _tree(child_root)
