@@ -1,7 +1,8 @@
 """The privacy boundary: the one place that builds what a site sends, and the allow-list it obeys.
 
 A reply may carry only
-- the head (``weight`` (2, 512) and ``bias`` (2,), finite float32),
+- the head (``weight`` (2, 512) and ``bias`` (2,), finite float32), and in a cross-fitted run
+  its K fold heads (``fold<k>.weight`` / ``fold<k>.bias``, ``protocol.head_keys``),
 - named aggregate metrics (counts, AUC and its DeLong variance, paired AUC differences and their
   variances, accuracy, sensitivity, specificity, confusion counts (also intention-to-treat),
   mean Dice, a ROC curve sampled at fixed false-positive rates, and per-class score histograms
@@ -186,9 +187,12 @@ class AuditMod:
 
 def _check_head(record) -> None:
     keys = set(record.keys())
-    if keys != set(P.HEAD_SHAPES):
-        raise PrivacyViolation(f"head arrays must be exactly {sorted(P.HEAD_SHAPES)}, got {sorted(keys)}")
-    for key, shape in P.HEAD_SHAPES.items():
+    n_folds = P.cross_fit_folds(keys)
+    if n_folds is None:
+        raise PrivacyViolation(f"head arrays must be exactly {sorted(P.HEAD_SHAPES)} plus cross-fit fold heads "
+                               f"'{P.fold_prefix(0)}...', got {sorted(keys)}")
+    for key in P.head_keys(n_folds):
+        shape = P.HEAD_SHAPES[key.rpartition(".")[2]]
         arr = record[key].numpy()
         if arr.dtype != np.float32 or tuple(arr.shape) != shape:
             raise PrivacyViolation(f"head '{key}' must be float32 {shape}, got {arr.dtype} {tuple(arr.shape)}")
