@@ -24,7 +24,7 @@ GATED = ("auc", "auc-var", "accuracy", "sensitivity", "specificity", "threshold"
 
 def arm_metrics(model: str, part, p: np.ndarray, threshold: float, *, min_cases: int, seed: int = 0,
                 threshold_reason: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Metrics of scores ``p`` at ``threshold`` on ``part`` (a ``client.runtime.Part``)."""
+    """Metrics of scores ``p`` at ``threshold`` on ``part`` (a ``client.features.Part``)."""
     from shared.metrics import classification_metrics
 
     k = lambda m: P.metric_key(model, m)  # noqa: E731
