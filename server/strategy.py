@@ -20,7 +20,6 @@ weighted average are Flower's. What this adds:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -28,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from shared import protocol as P
 from shared.errors import IchfedError
+from shared.head import Head
 
 from .admission import SiteLedger, admit_metrics_reply, check_identity, check_train_claims, share_capped
 
@@ -49,20 +49,30 @@ def site_name(message) -> str:
 
 
 def head_from_record(record) -> dict[str, np.ndarray]:
-    """Head arrays (weight, bias) from an ArrayRecord, as float32 numpy arrays."""
+    """Every array of a head record (the main head and any cross-fit fold heads) as float32 numpy."""
     return {k: np.asarray(record[k].numpy(), dtype=np.float32) for k in record.keys()}
 
 
+def update_norm(head: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """L2 distance of the main head in ``head`` from the one in ``reference`` (``Head.distance``)."""
+    return Head.from_arrays(head).distance(Head.from_arrays(reference))
+
+
 def check_update(head: dict[str, np.ndarray], reference: dict[str, np.ndarray], max_norm: float) -> str | None:
-    """Why a site's head update is unacceptable, or None when it is fine."""
-    if set(head) != set(P.HEAD_SHAPES):
-        return f"arrays {sorted(head)} are not {sorted(P.HEAD_SHAPES)}"
-    for key, shape in P.HEAD_SHAPES.items():
+    """Why a site's head update is unacceptable, or None when it is fine.
+
+    ``head`` must hold exactly the keys sent (``reference``: the main head and any cross-fit fold
+    heads), each of its head's shape and finite; the update norm is the main head's.
+    """
+    if set(head) != set(reference) or P.cross_fit_folds(head) is None:
+        return f"arrays {sorted(head)} are not {sorted(reference)}"
+    for key in head:
+        shape = P.HEAD_SHAPES[key.rpartition(".")[2]]
         if tuple(head[key].shape) != shape:
             return f"'{key}' has shape {tuple(head[key].shape)}, expected {shape}"
         if not np.all(np.isfinite(head[key])):
             return f"'{key}' holds NaN or Inf"
-    norm = math.sqrt(sum(float(np.sum((head[k].astype(np.float64) - reference[k]) ** 2)) for k in P.HEAD_SHAPES))
+    norm = update_norm(head, reference)
     if not norm <= max_norm:
         return f"update norm {norm:.3g} exceeds the limit {max_norm:g}"
     return None
@@ -177,7 +187,7 @@ class HeadFedAvg(FedAvg):
                 metrics = dict(msg.content[P.METRICS])
                 row.update(status="accepted", n_fine_tune=count, n_claimed=metrics[P.NUM_EXAMPLES],
                            train_loss=metrics.get(P.TRAIN_LOSS),
-                           update_norm=_norm(head, self._sent) if self._sent else None)
+                           update_norm=update_norm(head, self._sent) if self._sent else None)
                 accepted.append(msg)
                 accepted_rows.append(row)
                 claims[node] = count
@@ -319,10 +329,6 @@ def _info(msg) -> dict[str, Any]:
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
-
-
-def _norm(head: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
-    return math.sqrt(sum(float(np.sum((head[k].astype(np.float64) - ref[k]) ** 2)) for k in P.HEAD_SHAPES))
 
 
 def _as_float32(arrays):

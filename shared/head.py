@@ -100,9 +100,10 @@ class Head:
     def from_bundle(cls, bundle: Any) -> Head:
         """The head of a loaded ``shared.bundle.Bundle`` (weights verified against its manifest now).
 
-        The one way server and sites read a bundle's head (the reference head of a run).
+        The one way server and sites read a bundle's head (the reference head of a run). Layout v2
+        reads only the small head file; v1 reads it out of the whole classifier.
         """
-        return cls.from_state_dict(bundle.classifier_weights())
+        return cls.from_state_dict(bundle.head_weights())
 
     # -- messages ----------------------------------------------------------------------------
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:

@@ -61,9 +61,9 @@ def test_site_receives_verifies_caches_and_trains(tiny_bundle, site_dir, tmp_pat
     # a second offer finds it in the cache
     assert _call(app, cfg, P.QUERY_BUNDLE, _offer(bundle.hash)).content[P.INFO][P.INFO_STATUS] == P.STATUS_HAVE
 
-    from server.app import reference_head
+    from shared.head import Head
 
-    head = reference_head(bundle)
+    head = Head.from_bundle(bundle).to_arrays()
     train = RecordDict({P.HEAD: ArrayRecord({k: Array(v) for k, v in head.items()}),
                         P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_ROUND: 1})})
     reply = _call(app, cfg, P.TRAIN, train)
