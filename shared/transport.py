@@ -10,6 +10,10 @@ The receiving site trusts nothing in the records: keys are checked against path 
 files are rebuilt in a temporary folder, and the folder only becomes
 ``<cache_dir>/<bundle_hash>/`` after ``shared.bundle.load_bundle`` has verified the Ed25519
 signature and every file hash against the coordinator's public key.
+
+A bundle derived from one the site holds (the federated bundle) is sent against that parent: files
+the parent's signed manifest lists with the same sha256 are named, not sent, and hard-linked from
+the site's cached parent. With bundle layout v2 that leaves the head file and the manifest.
 """
 
 from __future__ import annotations
