@@ -24,8 +24,8 @@ from typing import Any, Callable
 import numpy as np
 
 from shared import protocol as P
+from shared.head import Head
 
-from .finetune import Head, p_neoplastic
 from .seeds import out_of_fold_seed
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def out_of_fold_scores(start: Head, features: np.ndarray, labels: np.ndarray, tr
     y = np.asarray(labels, np.int64)
     x = np.asarray(features, np.float32)
     n = len(y)
-    oof = p_neoplastic(start, x) if n else np.zeros(0)
+    oof = start.p_neoplastic(x) if n else np.zeros(0)
     if n < 2:
         return oof
     counts = np.bincount(y, minlength=2)
@@ -77,7 +77,7 @@ def out_of_fold_scores(start: Head, features: np.ndarray, labels: np.ndarray, tr
         splitter = KFold(n_splits=FOLDS, shuffle=True, random_state=seed)
     for k, (train_idx, test_idx) in enumerate(splitter.split(x, y)):
         head = train(start, x[train_idx], y[train_idx], out_of_fold_seed(seed, k))
-        oof[test_idx] = p_neoplastic(head, x[test_idx])
+        oof[test_idx] = head.p_neoplastic(x[test_idx])
     return oof
 
 

@@ -16,8 +16,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from shared import protocol as P
+from shared.head import Head
 
-from .finetune import Head, p_neoplastic
 from .split import assign_folds
 
 
@@ -83,5 +83,5 @@ def cross_fit_scores(heads: HeadSet, part, folds: np.ndarray, device: str = "cpu
     for k, head in enumerate(heads.folds):
         rows = folds == k
         if rows.any():
-            scores[rows] = p_neoplastic(head, part.features[rows], device)
+            scores[rows] = head.p_neoplastic(part.features[rows], device)
     return scores

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from shared import protocol as P
 from shared.errors import BundleVerificationError
+from shared.head import Head
 
-from .finetune import Head
 from .site_config import SiteConfig
 
 log = logging.getLogger(__name__)
