@@ -65,14 +65,14 @@ def main() -> int:
 
 def make_data(bundle: Path, n_cases: int, out: Path, n_eval: int = 140) -> None:
     """Write train (true-mask) and eval (predicted- and true-mask) demo crops to ``out``."""
-    from server.bootstrap import PROFILES
+    from server.bootstrap import RECIPES
     from shared.crop import make_crop
     from shared.ingest import read_image
     from shared.segment import Segmenter
     from shared.sitedata import read_mask, read_site
     from simulations.cohort import write_cohort
 
-    spec = dataclasses.replace(PROFILES["demo"].crop, size_xyz=(50, 50, 20), spacing_mm=(1.8, 1.8, 5.0))
+    spec = dataclasses.replace(RECIPES["demo"].crop, size_xyz=(50, 50, 20), spacing_mm=(1.8, 1.8, 5.0))
     site_dir = out.parent / "cohort"
     if not (site_dir / "cases.csv").exists():
         write_cohort("charite-like", n_cases, 1, site_dir, scale="demo")

@@ -258,7 +258,7 @@ def bench_bytes(args) -> dict:
     ho = Part(feats[n_ft:], labels[n_ft:], 1, [0.8] * n_ho, [0.6] * n_ho, True)
     # the replies a site with min_cases_for_metrics = 5 builds
     counts = {P.N_FINE_TUNE: ft.n, P.N_HELD_OUT: ho.n, P.N_UNUSABLE: 2}
-    train = build_reply("hospital-site-01", head=head.arrays(),
+    train = build_reply("hospital-site-01", head=head.to_arrays(),
                         metrics={P.NUM_EXAMPLES: ft.n, P.TRAIN_LOSS: 0.41, **counts})
     t = site_threshold(ft.labels, p_neoplastic(head, ft.features), 0.5)
     p_ho = p_neoplastic(head, ho.features)

@@ -110,10 +110,11 @@ def _ci_bundle(root: Path, seed: int) -> Path:
     """Reuse the ci bundle in ``root`` or train one (a few minutes on two cores)."""
     bundle = root / "bundle"
     if not (bundle / "manifest.json").is_file():
-        from server.bootstrap import bootstrap, get_profile
+        from server.bootstrap import get_recipe
+        from simulations.reference import bootstrap_development
 
         log.info("no --bundle: training a ci bundle in %s", root)
-        bootstrap(get_profile("ci"), out=bundle, work_dir=root / "work", seed=seed)
+        bootstrap_development(get_recipe("ci"), out=bundle, work_dir=root / "work", seed=seed)
     return bundle
 
 

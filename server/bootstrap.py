@@ -1,10 +1,15 @@
 """Train the reference models ("the Charité-trained models") and write a signed bundle.
 
-``ichfed bootstrap`` generates the development cohort (``charite-like``) or takes a site folder,
-splits it 90/10 (seeded, stratified, as in the paper), trains nnU-Net on the training cases,
-trains the ResNet-34 on crops from *ground-truth* masks, picks the threshold on a validation
-part of the training split from crops of *predicted* masks, and evaluates the end-to-end pipeline
-on the held-out 10% with predicted masks — as the paper did.
+``bootstrap`` is handed a site folder (the site data layout; ``ichfed bootstrap`` without ``--site``
+first writes the synthetic development cohort with ``simulations.reference``). It splits the cases
+90/10 (seeded, stratified, as in the paper), trains nnU-Net on the training cases, trains the
+ResNet-34 on crops from *ground-truth* masks, picks the threshold on a validation part of the
+training split from crops of *predicted* masks, and evaluates the end-to-end pipeline on the
+held-out 10% with predicted masks — as the paper did. Predicted masks become crops through
+``shared.pipeline.prepare`` and are scored by ``shared.head.Head``, as in ``ichfed predict``.
+
+Stages: ``_read_split`` -> ``_train_segmenter`` -> ``_make_crops`` -> ``_train_classifier`` ->
+``_evaluate`` -> ``_write_bundle``; ``bootstrap`` runs them in order and times each.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import dataclasses
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -23,18 +29,24 @@ from shared.atomic import write_json, write_text
 from shared.config import CropSpec, to_dict
 from shared.errors import IchfedError
 
+from .bootstrap_report import render_report
+
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class BootstrapProfile:
-    """Sizes of one bootstrap run: cohort, nnU-Net trainer, classifier schedule and crop."""
+class BootstrapRecipe:
+    """Sizes of one bootstrap run: nnU-Net and classifier recipes, crop and split fractions.
+
+    ``scale`` and ``n_cases`` size the synthetic development cohort that ``simulations.reference``
+    writes when no site folder is given; a given site is used as it is.
+    """
 
     name: str
     scale: str
     n_cases: int
-    segmentation_profile: str
-    classifier_profile: str
+    segmenter_recipe: str  # shared.segment_train.RECIPES: nnU-Net trainer/plans recipe name
+    classifier_recipe: str  # shared.classifier_training.ClassifierTrainConfig.named(...)
     crop: CropSpec
     test_fraction: float = 0.10
     # The paper chose the threshold on held-out data; we carve it from the training 90%.
@@ -54,39 +66,42 @@ class BootstrapProfile:
 # and 0.73-0.76 with 380. Distinct cases matter more than epochs, and synthetic cases cost 0.1 s
 # each, so the demo cohort is large and its validation part just big enough for a threshold; the
 # 32 x 32 x 20 crop at 2.8 mm is about 2x cheaper per step than 50 x 50 x 20 at 1.8 mm.
-PROFILES: dict[str, BootstrapProfile] = {
-    "paper": BootstrapProfile("paper", "paper", 291, "paper", "paper", CropSpec()),
-    "demo": BootstrapProfile(
+RECIPES: dict[str, BootstrapRecipe] = {
+    "paper": BootstrapRecipe("paper", "paper", 291, "paper", "paper", CropSpec()),
+    "demo": BootstrapRecipe(
         "demo", "demo", 480, "demo", "demo", CropSpec(size_xyz=(32, 32, 20), spacing_mm=(2.8, 2.8, 5.0)),
         validation_fraction=0.08, segmentation_max_cases=150,
     ),
-    "ci": BootstrapProfile(
+    "ci": BootstrapRecipe(
         "ci", "ci", 16, "ci", "ci", CropSpec(size_xyz=(24, 24, 20), spacing_mm=(3.6, 3.6, 5.0))
     ),
 }
 
 
-def get_profile(name: str) -> BootstrapProfile:
-    """Look up a bootstrap profile by name."""
-    if name not in PROFILES:
-        raise IchfedError(f"--profile: must be one of {', '.join(PROFILES)}, got {name!r}")
-    return PROFILES[name]
+def get_recipe(name: str) -> BootstrapRecipe:
+    """Look up a bootstrap recipe by name (the CLI's ``--profile``)."""
+    if name not in RECIPES:
+        raise IchfedError(f"--profile: must be one of {', '.join(RECIPES)}, got {name!r}")
+    return RECIPES[name]
 
 
 @dataclasses.dataclass
-class Split:
+class BootstrapSplit:
+    """The development cases split into training, validation (threshold) and test (report)."""
+
     train: list[Any]
     validation: list[Any]
     test: list[Any]
 
     def describe(self) -> dict[str, Any]:
+        """Case and neoplastic counts per part (for the report)."""
         def counts(cases: list[Any]) -> dict[str, int]:
             return {"n": len(cases), "neoplastic": sum(c.label for c in cases)}
 
         return {"train": counts(self.train), "validation": counts(self.validation), "test": counts(self.test)}
 
 
-def split_cases(cases: list[Any], test_fraction: float, validation_fraction: float, seed: int) -> Split:
+def split_cases(cases: list[Any], test_fraction: float, validation_fraction: float, seed: int) -> BootstrapSplit:
     """Stratified, seeded train / validation / test split of site cases."""
     from sklearn.model_selection import train_test_split
 
@@ -97,196 +112,85 @@ def split_cases(cases: list[Any], test_fraction: float, validation_fraction: flo
     dev, test = train_test_split(cases, test_size=n_test, stratify=labels, random_state=seed)
     n_val = max(2, round(validation_fraction * len(dev)))
     train, val = train_test_split(dev, test_size=n_val, stratify=[c.label for c in dev], random_state=seed + 1)
-    return Split(train=train, validation=val, test=test)
+    return BootstrapSplit(train=train, validation=val, test=test)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentedCase:
+    """One validation or test case after segmentation: the image, ``Segmenter.segment_case``'s
+    result (labels, intracranial mask, what was removed) and the ground-truth mask."""
+
+    case: Any
+    image: Any
+    segmentation: Any  # shared.segment.Segmentation
+    truth: Any
+
+
+@dataclasses.dataclass
+class _CropSets:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val: dict[str, Any]
+    test: dict[str, Any]
+    postprocessing: dict[str, Any]
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = time.perf_counter() - t0
 
 
 def bootstrap(
-    profile: BootstrapProfile,
+    recipe: BootstrapRecipe,
+    *,
+    site_dir: Path,
     out: Path,
     work_dir: Path,
     seed: int = 0,
-    site_dir: Path | None = None,
+    cohort: dict[str, Any] | None = None,
     key_path: Path | None = None,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Run the whole reference training; returns the report dict (also written beside the bundle)."""
-    from shared.bundle import create_bundle, sign_bundle
-    from shared.classifier import save_weights
-    from shared.classifier_history import plot_history
-    from shared.classifier_training import ClassifierTrainConfig, train_classifier
-    from shared.crop import make_crop
-    from shared.ingest import read_image
-    from shared.metrics import classification_metrics, dice, dice_summary
-    from shared.quality import quality_flags
-    from shared.volumetrics import measure
-    from shared.segment import Segmenter
-    from shared.segment_dataset import export_dataset
-    from shared.segment_train import train
-    from shared.signing import PRIVATE_KEY_NAME, generate_keypair
-    from shared.sitedata import read_mask, read_site
+    """Run the whole reference training on ``site_dir``; returns the report dict (also written beside the bundle).
 
+    ``cohort`` describes where the site came from (the synthetic cohort's generator settings) for
+    the report; by default the site folder's path.
+    """
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    out = Path(out)
-    if out.exists():
-        # create_bundle would refuse it too, but only after minutes to hours of training.
-        raise IchfedError(f"{out}: already exists; choose a new bundle folder")
+    out = check_out(out)
     work_dir = Path(work_dir)
+    timings: dict[str, float] = {}
+    site, split = _read_split(Path(site_dir), recipe, seed)
+    cohort_desc = {**(cohort if cohort is not None else {"site_dir": str(site_dir)}), "split": split.describe()}
     work_dir.mkdir(parents=True, exist_ok=True)
-
-    if site_dir is None:
-        from simulations.cohort import write_cohort
-
-        site_dir = work_dir / "cohort"
-        if not (site_dir / "cases.csv").exists():
-            log.info("generating the development cohort (charite-like, %d cases, %s scale)", profile.n_cases, profile.scale)
-            write_cohort("charite-like", profile.n_cases, seed, site_dir, scale=profile.scale)
-        cohort_desc = {"profile": "charite-like", "scale": profile.scale, "n_cases": profile.n_cases, "seed": seed}
-    else:
-        cohort_desc = {"site_dir": str(site_dir)}
-    timings["cohort_s"] = time.perf_counter() - t_start
-
-    site = read_site(site_dir)
-    for p in site.problems:
-        log.warning("skipping %s", p.message)
-    cases = [c for c in site.cases if c.mask_path is not None]
-    if len(cases) < 10:
-        raise IchfedError(f"{site_dir}: need at least 10 usable cases with masks to bootstrap, found {len(cases)}")
-    split = split_cases(cases, profile.test_fraction, profile.validation_fraction, seed)
-    cohort_desc["split"] = split.describe()
-    log.info("split: %s", json.dumps(split.describe()))
-
-    # 1. Segmentation: nnU-Net's own planner and trainer on the training cases.
-    t0 = time.perf_counter()
-    raw_root = work_dir / "nnunet_raw"
-    seg_cases = split.train[: profile.segmentation_max_cases] if profile.segmentation_max_cases else split.train
-    cohort_desc["segmentation_training_cases"] = len(seg_cases)
-    export_dataset(_subset(site, seg_cases), raw_root, dataset_id=501, name="ICH")
-    model_dir = train(raw_root, 501, profile.segmentation_profile, work_dir / "nnunet", seed=seed)
-    timings["segmentation_training_s"] = time.perf_counter() - t0
-
-    # 2. Crops: ground truth for training, predicted masks for validation and test.
-    t0 = time.perf_counter()
-    segmenter = Segmenter(model_dir, device=device)
-    crop_spec = profile.crop
-
-    def crops_from_truth(batch: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-        arrays, labels = [], []
-        for c in tqdm(batch, desc="crops (ground truth)", disable=None):
-            image = read_image(c.image_path).image
-            crop = make_crop(image, read_mask(c.mask_path, image), crop_spec)
-            if crop.lesion_found:
-                arrays.append(crop.array)
-                labels.append(c.label)
-        return np.stack(arrays), np.asarray(labels)
-
-    def segment_batch(batch: list[Any]) -> list[tuple[Any, Any, Any, Any]]:
-        out = []
-        for c in tqdm(batch, desc="segment", disable=None):
-            image = read_image(c.image_path).image
-            out.append((c, image, segmenter.predict(image), read_mask(c.mask_path, image)))
-        return out
-
-    def crops_from_prediction(segmented: list[tuple[Any, Any, Any, Any]]) -> dict[str, Any]:
-        arrays, labels, dices, no_lesion, flags = [], [], {1: [], 2: []}, [], []
-        for c, image, pred, truth in segmented:
-            flags.append(quality_flags(image, pred, measure(image, pred)))
-            for label in (1, 2):
-                dices[label].append(dice(pred, truth, label))
-            crop = make_crop(image, pred, crop_spec)
-            if crop.lesion_found:
-                arrays.append(crop.array)
-                labels.append(c.label)
-            else:
-                no_lesion.append(c.label)
-        return {
-            "crops": np.stack(arrays) if arrays else np.zeros((0, *crop_spec.size_xyz[::-1]), np.float32),
-            "labels": np.asarray(labels),
-            "dice": dices,
-            "no_lesion_labels": no_lesion,
-            # Plausibility flags of the predicted masks (shared.quality), extracranial removal not counted.
-            "quality": {"n_flagged": sum(bool(f) for f in flags),
-                        "counts": {name: sum(name in f for f in flags) for name in sorted({n for f in flags for n in f})}},
-        }
-
-    train_x, train_y = crops_from_truth(split.train)
-    val_segmented = segment_batch(split.validation)
-    # nnU-Net-style postprocessing, chosen on the validation predictions and stored with the model.
-    val_segmented, postprocessing = _choose_postprocessing(val_segmented, segmenter, model_dir)
-    val = crops_from_prediction(val_segmented)
-    test = crops_from_prediction(segment_batch(split.test))
-    timings["crops_s"] = time.perf_counter() - t0
-
-    # 3. Classifier.
-    t0 = time.perf_counter()
-    result = train_classifier(
-        train_x,
-        train_y,
-        val["crops"],
-        val["labels"],
-        ClassifierTrainConfig.profile(profile.classifier_profile),
-        device=device,
-        seed=seed,
-    )
-    timings["classifier_training_s"] = time.perf_counter() - t0
-    reports_dir = work_dir / "report"
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    plot_history(result.history, reports_dir / "classifier_curves.png")
-    write_json(reports_dir / "classifier_curves.json", result.history)
-
-    # 4. End-to-end evaluation on the held-out test split.
-    from shared.classifier import predict_log_probs
-
-    from .bootstrap_calibration import calibrate_reference, reference_threshold
-
-    def p_neoplastic(crops):
-        return np.exp(predict_log_probs(result.model, crops, device)[:, 1]) if len(crops) else np.zeros(0)
-
-    p_test = p_neoplastic(test["crops"])
-    # Threshold and calibration from validation scores, the threshold midway between neighbours.
-    p_val = p_neoplastic(val["crops"])
-    threshold = reference_threshold(val["labels"], p_val, result.threshold)
-    calibration, calibration_report = calibrate_reference(
-        val["labels"], p_val, test["labels"], p_test, threshold.p, out.parent / f"{out.name}-reliability.png")
-    cls = classification_metrics(test["labels"], p_test, threshold=threshold.p, seed=seed)
-    seg = {name: dice_summary(test["dice"][label]) for label, name in ((1, "ich"), (2, "phe"))}
-
-    # 5. Bundle, signed.
-    weights = work_dir / "classifier.safetensors"
-    save_weights(result.model, weights)
-    if key_path is None:
-        key_dir = out.parent / f"{out.name}-keys"
-        key_path = key_dir / PRIVATE_KEY_NAME
-        if not key_path.exists():
-            generate_keypair(key_dir)
-            log.warning("no --key given: generated a development signing key in %s", key_dir)
-    bundle_path = create_bundle(
-        out,
-        classifier_state=weights,
-        nnunet_dir=model_dir,
-        threshold=threshold,
-        crop_spec=crop_spec,
-        cohort=cohort_desc,
-        name=f"ichfed-reference-{profile.name}",
-        version="1.0.0",
-        calibration=calibration.to_dict(),
-    )
-    sign_bundle(bundle_path, key_path)
+    with _timed(timings, "segmentation_training_s"):
+        model_dir, cohort_desc["segmentation_training_cases"] = _train_segmenter(site, split, recipe, work_dir, seed)
+    with _timed(timings, "crops_s"):
+        crops = _make_crops(split, model_dir, recipe.crop, device)
+    with _timed(timings, "classifier_training_s"):
+        result = _train_classifier(crops, recipe, work_dir, device, seed)
+    evaluation = _evaluate(result, crops, out, device, seed)
+    bundle_path, key_path = _write_bundle(result.model, evaluation, model_dir, recipe, cohort_desc, out, work_dir,
+                                          key_path)
     timings["total_s"] = time.perf_counter() - t_start
-
     report = {
-        "profile": profile.name,
+        "profile": recipe.name,
         "seed": seed,
         "cohort": cohort_desc,
-        "crop": to_dict(crop_spec),
-        "threshold": {"p": threshold.p, "log_p": threshold.log_p, "rule": "midpoint on validation scores"},
-        "calibration": calibration_report,
-        "postprocessing": postprocessing,
+        "crop": to_dict(recipe.crop),
+        "threshold": {"p": evaluation["threshold"].p, "log_p": evaluation["threshold"].log_p,
+                      "rule": "midpoint on validation scores"},
+        "calibration": evaluation["calibration_report"],
+        "postprocessing": crops.postprocessing,
         "test": {
-            "classification": cls,
-            "n_no_lesion": len(test["no_lesion_labels"]),
-            "quality": test["quality"],
-            "dice": seg,
+            "classification": evaluation["classification"],
+            "n_no_lesion": len(crops.test["no_lesion_labels"]),
+            "quality": crops.test["quality"],
+            "dice": {name: evaluation["dice"][name] for name in ("ich", "phe")},
         },
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "bundle": str(bundle_path),
@@ -297,8 +201,182 @@ def bootstrap(
     return report
 
 
-def _choose_postprocessing(segmented: list[tuple[Any, Any, Any, Any]], segmenter: Any,
-                           model_dir: Path) -> tuple[list[tuple[Any, Any, Any, Any]], dict[str, Any]]:
+def check_out(out: Path) -> Path:
+    """``out`` as a Path; an existing folder is an error now rather than after hours of training
+    (``create_bundle`` would refuse it too, but only at the end)."""
+    out = Path(out)
+    if out.exists():
+        raise IchfedError(f"{out}: already exists; choose a new bundle folder")
+    return out
+
+
+def _read_split(site_dir: Path, recipe: BootstrapRecipe, seed: int) -> tuple[Any, BootstrapSplit]:
+    """The site's labelled cases with masks, split; too few is an error before any training."""
+    from shared.sitedata import read_site
+
+    site = read_site(site_dir)
+    for p in site.problems:
+        log.warning("skipping %s", p.message)
+    cases = [c for c in site.cases if c.mask_path is not None and c.label is not None]
+    if len(cases) < 10:
+        raise IchfedError(f"{site_dir}: need at least 10 usable cases with masks to bootstrap, found {len(cases)}")
+    split = split_cases(cases, recipe.test_fraction, recipe.validation_fraction, seed)
+    log.info("split: %s", json.dumps(split.describe()))
+    return site, split
+
+
+def _train_segmenter(site: Any, split: BootstrapSplit, recipe: BootstrapRecipe, work_dir: Path,
+                     seed: int) -> tuple[Path, int]:
+    """nnU-Net's own planner and trainer on (at most ``segmentation_max_cases`` of) the training
+    cases; the model folder and how many cases it saw."""
+    from shared.segment_dataset import export_dataset
+    from shared.segment_train import train
+
+    raw_root = work_dir / "nnunet_raw"
+    seg_cases = split.train[: recipe.segmentation_max_cases] if recipe.segmentation_max_cases else split.train
+    export_dataset(_subset(site, seg_cases), raw_root, dataset_id=501, name="ICH")
+    return train(raw_root, 501, recipe.segmenter_recipe, work_dir / "nnunet", seed=seed), len(seg_cases)
+
+
+def _make_crops(split: BootstrapSplit, model_dir: Path, crop_spec: CropSpec, device: str) -> _CropSets:
+    """Ground-truth crops for training; predicted-mask crops for validation and test, after the
+    postprocessing rule is chosen on the validation predictions (and stored with the model)."""
+    from shared.segment import Segmenter
+
+    train_x, train_y = _truth_crops(split.train, crop_spec)
+    segmenter = Segmenter(model_dir, device=device)
+    val_segmented, postprocessing = _choose_postprocessing(_segment(split.validation, segmenter), segmenter, model_dir)
+    return _CropSets(train_x=train_x, train_y=train_y, val=_predicted_crops(val_segmented, crop_spec),
+                     test=_predicted_crops(_segment(split.test, segmenter), crop_spec), postprocessing=postprocessing)
+
+
+def _truth_crops(cases: list[Any], crop_spec: CropSpec) -> tuple[np.ndarray, np.ndarray]:
+    from shared.ingest import read_image
+    from shared.pipeline import prepare
+    from shared.sitedata import read_mask
+
+    arrays, labels = [], []
+    for c in tqdm(cases, desc="crops (ground truth)", disable=None):
+        image = read_image(c.image_path).image
+        crop = prepare(image, crop_spec, mask=read_mask(c.mask_path, image)).crop
+        if crop.lesion_found:
+            arrays.append(crop.array)
+            labels.append(c.label)
+    return np.stack(arrays), np.asarray(labels)
+
+
+def _segment(cases: list[Any], segmenter: Any) -> list[SegmentedCase]:
+    from shared.ingest import read_image
+    from shared.sitedata import read_mask
+
+    out = []
+    for c in tqdm(cases, desc="segment", disable=None):
+        image = read_image(c.image_path).image
+        out.append(SegmentedCase(c, image, segmenter.segment_case(image), read_mask(c.mask_path, image)))
+    return out
+
+
+def _predicted_crops(segmented: list[SegmentedCase], crop_spec: CropSpec) -> dict[str, Any]:
+    """Crops of the predicted masks (``shared.pipeline.prepare``, as at inference), Dice against the
+    truth, the labels of cases with no segmented lesion, and the quality flags' counts."""
+    from shared.metrics import dice
+    from shared.pipeline import prepare
+
+    arrays, labels, dices, no_lesion, flags = [], [], {1: [], 2: []}, [], []
+    for s in segmented:
+        prepared = prepare(s.image, crop_spec, segmentation=s.segmentation)
+        flags.append(prepared.quality_flags)
+        for label in (1, 2):
+            dices[label].append(dice(s.segmentation.labels, s.truth, label))
+        if prepared.crop.lesion_found:
+            arrays.append(prepared.crop.array)
+            labels.append(s.case.label)
+        else:
+            no_lesion.append(s.case.label)
+    return {
+        "crops": np.stack(arrays) if arrays else np.zeros((0, *crop_spec.size_xyz[::-1]), np.float32),
+        "labels": np.asarray(labels),
+        "dice": dices,
+        "no_lesion_labels": no_lesion,
+        "quality": {"n_flagged": sum(bool(f) for f in flags),
+                    "counts": {name: sum(name in f for f in flags) for name in sorted({n for f in flags for n in f})}},
+    }
+
+
+def _train_classifier(crops: _CropSets, recipe: BootstrapRecipe, work_dir: Path, device: str, seed: int):
+    """The ResNet-34 from scratch on ground-truth crops, validated on predicted-mask crops; curves to work_dir/report."""
+    from shared.classifier_history import plot_history
+    from shared.classifier_training import ClassifierTrainConfig, train_classifier
+
+    result = train_classifier(crops.train_x, crops.train_y, crops.val["crops"], crops.val["labels"],
+                              ClassifierTrainConfig.named(recipe.classifier_recipe), device=device, seed=seed)
+    reports_dir = work_dir / "report"
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    plot_history(result.history, reports_dir / "classifier_curves.png")
+    write_json(reports_dir / "classifier_curves.json", result.history)
+    return result
+
+
+def _evaluate(result: Any, crops: _CropSets, out: Path, device: str, seed: int) -> dict[str, Any]:
+    """Threshold and calibration from validation scores (the threshold midway between neighbours),
+    then the end-to-end metrics and Dice on the held-out test split."""
+    from shared.metrics import classification_metrics, dice_summary
+
+    from .bootstrap_calibration import calibrate_reference, reference_threshold
+
+    p_val = _p_neoplastic(result.model, crops.val["crops"], device)
+    p_test = _p_neoplastic(result.model, crops.test["crops"], device)
+    threshold = reference_threshold(crops.val["labels"], p_val, result.threshold)
+    calibration, calibration_report = calibrate_reference(
+        crops.val["labels"], p_val, crops.test["labels"], p_test, threshold.p, out.parent / f"{out.name}-reliability.png")
+    return {
+        "threshold": threshold,
+        "calibration": calibration,
+        "calibration_report": calibration_report,
+        "classification": classification_metrics(crops.test["labels"], p_test, threshold=threshold.p, seed=seed),
+        "dice": {name: dice_summary(crops.test["dice"][label]) for label, name in ((1, "ich"), (2, "phe"))},
+    }
+
+
+def _p_neoplastic(model: Any, crops: np.ndarray, device: str) -> np.ndarray:
+    """p(neoplastic) of crops: the backbone's features scored by ``shared.head.Head``."""
+    from shared.classifier import predict_log_probs
+
+    return np.exp(predict_log_probs(model, crops, device)[:, 1]) if len(crops) else np.zeros(0)
+
+
+def _write_bundle(model: Any, evaluation: dict[str, Any], model_dir: Path, recipe: BootstrapRecipe,
+                  cohort_desc: dict[str, Any], out: Path, work_dir: Path, key_path: Path | None) -> tuple[Path, Path]:
+    """Create and sign the bundle (a development key beside it when none is given); its path and the key's."""
+    from shared.bundle import create_bundle, sign_bundle
+    from shared.classifier import save_weights
+    from shared.signing import PRIVATE_KEY_NAME, generate_keypair
+
+    weights = work_dir / "classifier.safetensors"
+    save_weights(model, weights)
+    if key_path is None:
+        key_dir = out.parent / f"{out.name}-keys"
+        key_path = key_dir / PRIVATE_KEY_NAME
+        if not key_path.exists():
+            generate_keypair(key_dir)
+            log.warning("no --key given: generated a development signing key in %s", key_dir)
+    bundle_path = create_bundle(
+        out,
+        classifier_state=weights,
+        nnunet_dir=model_dir,
+        threshold=evaluation["threshold"],
+        crop_spec=recipe.crop,
+        cohort=cohort_desc,
+        name=f"ichfed-reference-{recipe.name}",
+        version="1.0.0",
+        calibration=evaluation["calibration"].to_dict(),
+    )
+    sign_bundle(bundle_path, key_path)
+    return bundle_path, Path(key_path)
+
+
+def _choose_postprocessing(segmented: list[SegmentedCase], segmenter: Any,
+                           model_dir: Path) -> tuple[list[SegmentedCase], dict[str, Any]]:
     """Pick the component rule with the best validation Dice, store it in ``model_dir``, apply it.
 
     Returns the validation predictions with the rule applied and what goes into the report.
@@ -309,60 +387,20 @@ def _choose_postprocessing(segmented: list[tuple[Any, Any, Any, Any]], segmenter
     from shared.intracranial import voxel_ml
     from shared.postprocess import apply_rule, choose_rule, write_rule
 
-    arrays = [(sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(truth), voxel_ml(image))
-              for _, image, pred, truth in segmented]
+    arrays = [(sitk.GetArrayFromImage(s.segmentation.labels), sitk.GetArrayFromImage(s.truth), voxel_ml(s.image))
+              for s in segmented]
     rule, scores = choose_rule(arrays)
     write_rule(model_dir, rule, scores)
     segmenter.postprocessing = rule
     log.info("postprocessing chosen on %d validation cases: %s (mean Dice %s)", len(arrays), rule.name, scores)
     out = []
-    for (c, image, pred, truth), (p, _, v) in zip(segmented, arrays):
+    for s, (p, _, v) in zip(segmented, arrays):
         new = sitk.GetImageFromArray(apply_rule(p, rule, v))
-        new.CopyInformation(pred)
-        out.append((c, image, new, truth))
+        new.CopyInformation(s.segmentation.labels)
+        seg = dataclasses.replace(s.segmentation, labels=new, postprocessing=rule.name)
+        out.append(dataclasses.replace(s, segmentation=seg))
     return out, {"rule": rule.name, "validation_scores": scores}
 
 
 def _subset(site: Any, cases: list[Any]) -> Any:
     return dataclasses.replace(site, cases=list(cases), problems=[])
-
-
-def render_report(report: dict[str, Any]) -> str:
-    """Markdown report shaped like the paper's Table 2, plus Dice per label."""
-    from shared.metrics import paper_table
-
-    cls = report["test"]["classification"]
-    lines = [
-        f"# ichfed bootstrap report ({report['profile']})",
-        "",
-        f"Seed {report['seed']}; threshold p = {report['threshold']['p']:.4f} "
-        f"(log p = {report['threshold']['log_p']:.3f}); split {json.dumps(report['cohort'].get('split', {}))}.",
-        "",
-        "## Classification (end-to-end, predicted masks, held-out test split)",
-        "",
-        paper_table([{"name": "Test set", **cls}]),
-        "",
-        f"Cases with no segmented lesion (not classified): {report['test']['n_no_lesion']}",
-        "",
-        f"Postprocessing (chosen on validation): {report.get('postprocessing', {}).get('rule', 'none')}; "
-        f"test cases with quality flags: {report['test'].get('quality', {}).get('n_flagged', 'n/a')}",
-        "",
-        "## Segmentation (Dice on the test split)",
-        "",
-        "| label | mean | SD | median | min | max | n |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, s in report["test"]["dice"].items():
-        lines.append(
-            f"| {name.upper()} | {_f(s.get('mean'))} | {_f(s.get('sd'))} | {_f(s.get('median'))} | "
-            f"{_f(s.get('min'))} | {_f(s.get('max'))} | {s.get('n')} |"
-        )
-    from .bootstrap_calibration import render_calibration
-
-    lines += render_calibration(report.get("calibration"))
-    lines += ["", "## Timings (s)", "", *(f"- {k}: {v}" for k, v in report["timings"].items()), ""]
-    return "\n".join(lines)
-
-
-def _f(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.3f}"

@@ -36,7 +36,7 @@ class ClassifierTrainConfig:
     the BatchNorm running statistics on (a seeded subset of ``batchnorm_samples``) unaugmented
     training crops after every epoch;
     after only a few dozen optimiser steps the running averages still lag the weights, and
-    eval-mode predictions are then far off, so the short profiles turn it on.
+    eval-mode predictions are then far off, so the short recipes turn it on.
     """
 
     epochs: int = dataclasses.field(default=182, metadata={"range": (1, 100_000)})
@@ -78,12 +78,12 @@ class ClassifierTrainConfig:
         )
 
     @classmethod
-    def profile(cls, name: str) -> ClassifierTrainConfig:
-        """``paper``, ``demo`` or ``ci``."""
-        profiles = {"paper": cls.paper, "demo": cls.demo, "ci": cls.ci}
-        if name not in profiles:
-            raise IchfedError(f"profile: must be one of {', '.join(map(repr, profiles))}, got {name!r}")
-        return profiles[name]()
+    def named(cls, name: str) -> ClassifierTrainConfig:
+        """The recipe ``paper``, ``demo`` or ``ci``."""
+        recipes = {"paper": cls.paper, "demo": cls.demo, "ci": cls.ci}
+        if name not in recipes:
+            raise IchfedError(f"classifier recipe: must be one of {', '.join(map(repr, recipes))}, got {name!r}")
+        return recipes[name]()
 
 
 

@@ -24,6 +24,7 @@ from .quality import quality_flags
 from .volumetrics import Volumetrics, measure
 
 if TYPE_CHECKING:  # shared.segment imports nnU-Net's stack; loaded when a Predictor is built
+    from .config import CropSpec
     from .segment import Segmentation
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,26 @@ class Prepared:
     # What the intracranial mask removed from nnU-Net's labels; None for a given mask.
     extracranial_ml_removed: float | None = None
     intracranial: sitk.Image | None = None
+
+
+def prepare(image: sitk.Image, crop_spec: CropSpec, mask: sitk.Image | None = None,
+            segmentation: Segmentation | None = None) -> Prepared:
+    """Crop, measure and check one case from a given ``mask`` or a ``segmentation`` (one of them).
+
+    The one segmentation-to-crop step: ``Predictor.preprocess`` and the bootstrap's validation and
+    test crops both come from here, so the threshold is chosen on crops made as at inference.
+    """
+    if mask is None:
+        if segmentation is None:
+            raise ValueError("prepare: give a mask or a segmentation")
+        mask = segmentation.labels
+    vol = measure(image, mask)
+    removed = segmentation.extracranial_ml_removed if segmentation is not None else None
+    return Prepared(mask=mask, crop=make_crop(image, mask, crop_spec), volumetrics=vol,
+                    quality_flags=quality_flags(image, mask, vol, removed,
+                                                segmentation.intracranial_found if segmentation else True),
+                    extracranial_ml_removed=removed,
+                    intracranial=segmentation.intracranial if segmentation is not None else None)
 
 
 class _Timer:
@@ -122,14 +143,7 @@ class Predictor:
         """
         if mask is None:
             segmentation = segmentation or self.segment_case(image)
-            mask = segmentation.labels
-        vol = measure(image, mask)
-        removed = segmentation.extracranial_ml_removed if segmentation is not None else None
-        return Prepared(mask=mask, crop=make_crop(image, mask, self.crop_spec), volumetrics=vol,
-                        quality_flags=quality_flags(image, mask, vol, removed,
-                                                    segmentation.intracranial_found if segmentation else True),
-                        extracranial_ml_removed=removed,
-                        intracranial=segmentation.intracranial if segmentation is not None else None)
+        return prepare(image, self.crop_spec, mask=mask, segmentation=segmentation)
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """Frozen-backbone features (N, 512) for crops (N, z, y, x)."""

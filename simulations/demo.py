@@ -54,7 +54,7 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
     """Bootstrap (cached), federate three simulated sites, then read one case."""
     import json
 
-    from server.bootstrap import bootstrap, get_profile, render_report
+    from server.bootstrap import get_recipe, render_report
     from server.report_arms import arms_table_markdown, comparisons_table_markdown, verdict
     from shared.bundle import load_bundle
     from shared.logs import flush_tallies
@@ -62,6 +62,7 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
     from shared.result_text import format_result
     from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
     from simulations.flower_sim import run as simulate
+    from simulations.reference import bootstrap_development
 
     out = out.resolve()
     bundle_dir = out / "bundle"
@@ -74,7 +75,7 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
         report = json.loads(report_path.read_text(encoding="utf-8"))
         print(f"reusing the bundle in {bundle_dir} (delete {out} to retrain)")
     else:
-        report = bootstrap(get_profile(profile), out=bundle_dir, work_dir=out / "bundle-work", seed=seed)
+        report = bootstrap_development(get_recipe(profile), out=bundle_dir, work_dir=out / "bundle-work", seed=seed)
         flush_tallies()  # repeated case-level conditions of the development site, once each
     print(render_report(report))
 

@@ -45,14 +45,15 @@ def tiny_bundle(tmp_path_factory) -> TinyBundle:
 
     Set ICHFED_TEST_BUNDLE_DIR to reuse one folder across local runs; CI always builds afresh.
     """
-    from server.bootstrap import bootstrap, get_profile
+    from server.bootstrap import get_recipe
+    from simulations.reference import bootstrap_development
 
     cached = os.environ.get("ICHFED_TEST_BUNDLE_DIR")
     root = Path(cached) if cached else tmp_path_factory.mktemp("tiny_bundle")
     out = root / "bundle"
     report_path = root / "bundle-report.json"
     if not (cached and report_path.exists()):
-        bootstrap(get_profile("ci"), out=out, work_dir=root / "work", seed=0)
+        bootstrap_development(get_recipe("ci"), out=out, work_dir=root / "work", seed=0)
     import json
 
     report = json.loads(report_path.read_text(encoding="utf-8"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -13,7 +14,8 @@ def register(sub) -> None:
         "ResNet-34, evaluate end to end on the held-out 10%% and write a signed bundle plus a report "
         "(OUT-report.md / OUT-report.json).",
     )
-    p.add_argument("--profile", default="demo", choices=["ci", "demo", "paper"], help="run size (default: demo)")
+    p.add_argument("--profile", default="demo", choices=["ci", "demo", "paper"],
+                   help="run size: the bootstrap recipe (default: demo)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--site", help="train on this site folder (site data layout) instead of the synthetic cohort")
     p.add_argument("--key", help="Ed25519 private key that signs the bundle (default: a new development key)")
@@ -23,19 +25,20 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    from server.bootstrap import bootstrap, get_profile, render_report
+def run(args: argparse.Namespace) -> int:
+    from server.bootstrap import bootstrap, get_recipe, render_report
 
     out = Path(args.out)
-    report = bootstrap(
-        get_profile(args.profile),
-        out=out,
-        work_dir=Path(args.work) if args.work else out.parent / f"{out.name}-work",
-        seed=args.seed,
-        site_dir=Path(args.site) if args.site else None,
-        key_path=Path(args.key) if args.key else None,
-        device=args.device,
-    )
+    recipe = get_recipe(args.profile)
+    work_dir = Path(args.work) if args.work else out.parent / f"{out.name}-work"
+    options = dict(out=out, work_dir=work_dir, seed=args.seed, key_path=Path(args.key) if args.key else None,
+                   device=args.device)
+    if args.site:
+        report = bootstrap(recipe, site_dir=Path(args.site), **options)
+    else:  # the synthetic development cohort, written into the work folder first
+        from simulations.reference import bootstrap_development
+
+        report = bootstrap_development(recipe, **options)
     print(render_report(report))
     print(f"bundle: {report['bundle']}\nsigning key: {report['signing_key']}")
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server.bootstrap import PROFILES, bootstrap, get_profile, split_cases
+from server.bootstrap import RECIPES, bootstrap, get_recipe, split_cases
 from shared.errors import BundleVerificationError, IchfedError
 from shared.sitedata import CaseRef
 
@@ -48,7 +48,7 @@ def test_report_has_dice_threshold_seed_and_split(tiny_bundle):
     split = r["cohort"]["split"]
     assert sum(split[part]["n"] for part in ("train", "validation", "test")) == r["cohort"]["n_cases"]
     assert all(split[part]["n"] >= 2 for part in ("train", "validation", "test"))
-    assert r["crop"]["size_xyz"] == list(PROFILES["ci"].crop.size_xyz)
+    assert r["crop"]["size_xyz"] == list(RECIPES["ci"].crop.size_xyz)
     assert set(r["timings"]) >= {"segmentation_training_s", "classifier_training_s", "total_s"}
 
 
@@ -58,8 +58,8 @@ def test_report_split_is_reproducible_from_its_seed(tiny_bundle):
 
     r = tiny_bundle.report
     cases = [c for c in read_site(tiny_bundle.cohort_dir).cases if c.mask_path is not None]
-    profile = get_profile(r["profile"])
-    split = split_cases(cases, profile.test_fraction, profile.validation_fraction, r["seed"])
+    recipe = get_recipe(r["profile"])
+    split = split_cases(cases, recipe.test_fraction, recipe.validation_fraction, r["seed"])
     assert split.describe() == r["cohort"]["split"]
 
 
@@ -90,7 +90,7 @@ def test_bundle_verifies_with_its_key_and_carries_the_report_threshold(tiny_bund
 
     manifest = verify_bundle(tiny_bundle.path, tiny_bundle.public_key)
     assert manifest.threshold.p == pytest.approx(tiny_bundle.report["threshold"]["p"])
-    assert manifest.crop == PROFILES["ci"].crop
+    assert manifest.crop == RECIPES["ci"].crop
     assert manifest.cohort["split"] == tiny_bundle.report["cohort"]["split"]
     assert manifest.name == "ichfed-reference-ci"
     bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
@@ -139,9 +139,9 @@ def test_split_refuses_a_class_with_too_few_cases():
         split_cases(_cases(2, 20), 0.1, 0.2, seed=0)
 
 
-def test_unknown_profile_is_a_one_line_error():
+def test_unknown_recipe_is_a_one_line_error_naming_the_cli_flag():
     with pytest.raises(IchfedError, match="--profile"):
-        get_profile("huge")
+        get_recipe("huge")
 
 
 def test_bootstrap_refuses_a_site_with_too_few_cases(tmp_path):
@@ -150,14 +150,18 @@ def test_bootstrap_refuses_a_site_with_too_few_cases(tmp_path):
 
     write_cohort("charite-like", 4, 0, tmp_path / "site", scale="ci")
     with pytest.raises(IchfedError, match="need at least 10 usable cases") as e:
-        bootstrap(get_profile("ci"), out=tmp_path / "bundle", work_dir=tmp_path / "work", site_dir=tmp_path / "site")
+        bootstrap(get_recipe("ci"), out=tmp_path / "bundle", work_dir=tmp_path / "work", site_dir=tmp_path / "site")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "bundle").exists()
     assert not (tmp_path / "work" / "nnunet").exists()
 
 
 def test_bootstrap_refuses_an_existing_bundle_folder_before_training(tmp_path):
+    from simulations.reference import bootstrap_development
+
     (tmp_path / "bundle").mkdir()
     with pytest.raises(IchfedError, match="already exists"):
-        bootstrap(get_profile("ci"), out=tmp_path / "bundle", work_dir=tmp_path / "work")
+        bootstrap(get_recipe("ci"), out=tmp_path / "bundle", work_dir=tmp_path / "work", site_dir=tmp_path / "site")
+    with pytest.raises(IchfedError, match="already exists"):
+        bootstrap_development(get_recipe("ci"), out=tmp_path / "bundle", work_dir=tmp_path / "work")
     assert not (tmp_path / "work").exists()  # nothing generated, nothing trained

@@ -155,13 +155,13 @@ def test_augmentation_keeps_lesion_masking():
         assert 0.6 < (a != 0).sum() / (b != 0).sum() < 1.6
 
 
-def test_train_config_profiles_and_validation():
-    paper = training.ClassifierTrainConfig.profile("paper")
+def test_train_config_recipes_and_validation():
+    paper = training.ClassifierTrainConfig.named("paper")
     assert (paper.epochs, paper.batch_size, paper.learning_rate) == (182, 64, 2.96e-4)
     assert paper.augmentation.enabled
-    assert training.ClassifierTrainConfig.profile("ci").epochs < 10
-    with pytest.raises(IchfedError, match="profile: must be one of"):
-        training.ClassifierTrainConfig.profile("fast")
+    assert training.ClassifierTrainConfig.named("ci").epochs < 10
+    with pytest.raises(IchfedError, match="classifier recipe: must be one of"):
+        training.ClassifierTrainConfig.named("fast")
     from shared.config import from_dict
 
     with pytest.raises(IchfedError, match="'augmentation.p_noise' must be between 0.0 and 1.0"):
@@ -189,7 +189,7 @@ def test_training_is_seeded_and_restores_global_rng():
 
 @pytest.mark.slow
 def test_training_learns_an_easy_signal(tmp_path):
-    """ci profile on 32 training crops: held-out AUC must beat 0.85.
+    """ci recipe on 32 training crops: held-out AUC must beat 0.85.
 
     With 20 held-out cases (10/10) a model at chance has AUC 0.5 with SD about 0.13, so 0.85 is
     more than 2.5 SD above chance; the signal (8 noise SDs between class densities) is

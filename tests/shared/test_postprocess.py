@@ -66,8 +66,8 @@ def test_rule_file_round_trip_and_validation(tmp_path):
 
 def test_bootstrap_choice_is_stored_with_the_model_and_used_by_the_segmenter(tiny_nnunet_model, tmp_path):
     """Bootstrap's step: choose on validation, write into the model folder, the Segmenter applies it."""
-    from server.bootstrap import _choose_postprocessing
-    from shared.segment import Segmenter
+    from server.bootstrap import SegmentedCase, _choose_postprocessing
+    from shared.segment import Segmentation, Segmenter
     from shared.segment_model import copy_model_folder
     from simulations.cohort import make_case
 
@@ -83,12 +83,13 @@ def test_bootstrap_choice_is_stored_with_the_model_and_used_by_the_segmenter(tin
             noisy[tuple(rng.integers(0, s) for s in noisy.shape)] = 1
         pred = sitk.GetImageFromArray(noisy)
         pred.CopyInformation(truth)
-        segmented.append((None, image, pred, truth))
+        segmented.append(SegmentedCase(None, image, Segmentation(pred, pred, 0.0, "none"), truth))
     cleaned, report = _choose_postprocessing(segmented, segmenter, model)
     assert report["rule"] != "none" and report["validation_scores"][report["rule"]] > report["validation_scores"]["none"]
     assert segmenter.postprocessing.name == report["rule"]
-    assert ndimage.label(sitk.GetArrayFromImage(cleaned[0][2]) == 1)[1] < ndimage.label(
-        sitk.GetArrayFromImage(segmented[0][2]) == 1)[1]
+    assert cleaned[0].segmentation.postprocessing == report["rule"]
+    assert ndimage.label(sitk.GetArrayFromImage(cleaned[0].segmentation.labels) == 1)[1] < ndimage.label(
+        sitk.GetArrayFromImage(segmented[0].segmentation.labels) == 1)[1]
     # The rule travels with the model folder (and so is hashed and signed in a bundle).
     reloaded = Segmenter(copy_model_folder(model, tmp_path / "copy"), device="cpu")
     assert reloaded.postprocessing == segmenter.postprocessing
