@@ -49,6 +49,8 @@ class ServerSettings:
     trim_fraction: float = 0.2  # cut at each end by "trimmed-mean"
     max_site_share: float = DEFAULT_MAX_SITE_SHARE  # the largest FedAvg weight share one site can claim
     mode: str = "federate"  # or "stats": the sites' Table 1 only (server/stats_run.py), no training
+    # K fold heads trained beside the main head, for the sites' out-of-fold federated threshold (0: off)
+    cross_fit_folds: int = 5
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -62,6 +64,9 @@ class ServerSettings:
                               f"got {self.aggregation!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise IchfedError(f"run config: 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
+        if not (self.cross_fit_folds == 0 or 2 <= self.cross_fit_folds <= P.MAX_CROSS_FIT_FOLDS):
+            raise IchfedError(f"run config: 'cross-fit-folds' must be 0 (off) or 2..{P.MAX_CROSS_FIT_FOLDS}, "
+                              f"got {self.cross_fit_folds}")
         if self.mode not in ("federate", "stats"):
             raise IchfedError(f"run config: 'mode' must be 'federate' or 'stats', got {self.mode!r}")
         if not 0.0 < self.max_site_share <= 1.0:
@@ -89,6 +94,7 @@ _RUN_CONFIG_KEYS = {
     "trim-fraction": ("trim_fraction", float),
     "max-site-share": ("max_site_share", float),
     "mode": ("mode", str),
+    "cross-fit-folds": ("cross_fit_folds", int),
 }
 
 
@@ -158,7 +164,8 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
         "resumed_from_round": 0,
     }
     start_round, history = 0, []
-    head = reference_head(bundle)
+    head = initial_heads(bundle, settings.cross_fit_folds)
+    run_info["cross_fit_folds"] = settings.cross_fit_folds
     if store.exists():
         if not settings.resume:
             raise IchfedError(
@@ -169,6 +176,9 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
         if ckpt.run.get("bundle_hash") != bundle.hash:
             raise IchfedError(f"{ckpt.path}: checkpoint is for bundle {ckpt.run.get('bundle_hash', '?')[:12]}, "
                               f"not {bundle.hash[:12]}")
+        if set(ckpt.head) != set(head):
+            raise IchfedError(f"{ckpt.path}: checkpoint holds {P.cross_fit_folds(ckpt.head)} cross-fit fold heads, "
+                              f"the run config asks for {settings.cross_fit_folds} ('cross-fit-folds')")
         start_round, history, head = ckpt.round, ckpt.history, ckpt.head
         run_info["resumed_from_round"] = start_round
         log.info("resuming after round %d from %s", start_round, ckpt.path)
@@ -219,13 +229,14 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
     return report
 
 
-def reference_head(bundle) -> dict[str, np.ndarray]:
-    """The bundle classifier's final layer (weight (2, 512), bias (2,))."""
-    from shared.classifier import backbone_and_head
+def initial_heads(bundle, cross_fit_folds: int) -> dict[str, np.ndarray]:
+    """The first round's head record: the bundle's head, and as many copies as cross-fit folds
+    (``fold<k>.weight`` / ``fold<k>.bias``; each site trains fold head k without its fold-k cases)."""
+    from shared.head import Head
 
-    _, head = backbone_and_head(bundle.build_classifier("cpu"))
-    return {P.HEAD_WEIGHT: head.weight.detach().cpu().numpy().astype(np.float32),
-            P.HEAD_BIAS: head.bias.detach().cpu().numpy().astype(np.float32)}
+    head = Head.from_bundle(bundle)
+    return {k: v for prefix in ("", *map(P.fold_prefix, range(cross_fit_folds)))
+            for k, v in head.to_arrays(prefix).items()}
 
 
 def _record(head: dict[str, np.ndarray]):
@@ -343,7 +354,9 @@ def write_federated_bundle(bundle, head: dict[str, np.ndarray], history: list[di
     pairs = [(r[P.MODEL_GLOBAL]["threshold"], r[P.MODEL_GLOBAL]["n"]) for r in site_rows
              if (r.get(P.MODEL_GLOBAL) or {}).get("threshold") is not None]
     threshold = (sum(t * n for t, n in pairs) / sum(n for _, n in pairs)) if pairs else float(bundle.threshold.p)
-    digest = hashlib.sha256(b"".join(np.ascontiguousarray(head[k], np.float32).tobytes() for k in sorted(head))).hexdigest()
+    # the main head only: cross-fit fold heads serve the sites' thresholds and stay out of the bundle
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(head[k], np.float32).tobytes()
+                                     for k in sorted(P.HEAD_SHAPES))).hexdigest()
     out = Path(settings.state_dir) / "bundles" / f"{bundle.manifest.name}-federated-{digest[:12]}"
     lineage = {
         "federated": {

@@ -5,7 +5,9 @@ One federation run (module fixture) of 4 sites for 2 rounds serves several check
   update (reason fewer-cases-than-minimum), its held-out metrics are withheld, and the run goes on;
 - site 4 trusts another coordinator key, so it refuses the bundle and is left out;
 - the aggregated head of each round equals the case-weighted mean of the site updates;
-- every message a site sent (kept in its outgoing audit folder) passes the privacy inspection.
+- every message a site sent (kept in its outgoing audit folder) passes the privacy inspection;
+- the run is cross-fitted (5 fold heads, the default): each site's federated threshold comes from
+  the out-of-fold scores of the aggregated fold heads, not from the main head's own scores.
 A second test kills a running server after its first checkpoint and resumes it.
 """
 
@@ -174,8 +176,9 @@ def test_every_outgoing_message_passes_the_privacy_inspection(federation, sites)
             assert set(content) <= {P.HEAD, P.METRICS, P.INFO}
             if P.HEAD in content:
                 items = content[P.HEAD]["items"]
-                assert set(items) == {"weight", "bias"}
-                assert items["weight"]["shape"] == [2, 512] and items["bias"]["shape"] == [2]
+                assert set(items) == set(P.head_keys(5))  # the main head and 5 cross-fit fold heads, nothing else
+                for key, item in items.items():
+                    assert item["shape"] == ([2, 512] if key.endswith("weight") else [2])
             for key, value in content.get(P.METRICS, {}).get("items", {}).items():
                 assert not any(c in key for c in case_ids)
                 if isinstance(value, list):
@@ -198,7 +201,6 @@ def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, ti
     from client.overlay import load_overlay
     from safetensors.numpy import load_file
     from shared.bundle import load_bundle
-    from shared.classifier import load_weights
 
     out, report = federation
     fb = report["final_bundle"]
@@ -208,7 +210,7 @@ def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, ti
     assert lineage["federated"]["rounds"] == ROUNDS and lineage["federated"]["n_sites"] == 3
     assert lineage["federated"]["aggregate_metrics"]["n_sites"] >= 2
     bundle = load_bundle(fb["path"], tiny_bundle.public_key)
-    state = load_weights(bundle.classifier_path)
+    state = bundle.classifier_weights()  # layout v2: backbone and head files merged
     last = load_file(str(out / "server" / "checkpoints" / f"round-{ROUNDS:04d}.safetensors"))
     np.testing.assert_array_equal(state["fc.weight"].numpy(), last["weight"])
     for i in (1, 2, 3):
@@ -218,6 +220,45 @@ def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, ti
         assert load_overlay(state_dir, bundle.hash).threshold == pytest.approx(kept["threshold"])
         load_bundle(kept["bundle_path"], tiny_bundle.public_key)
 
+
+
+def test_federated_threshold_comes_from_the_fold_heads_out_of_fold_scores(federation, tiny_bundle):
+    """Cross-fitted federation: the site trained fold head k without its fold-k cases, and the
+    federated arm's threshold is the midpoint rule on the aggregated fold heads' out-of-fold scores."""
+    from safetensors.numpy import load_file
+
+    from client.calibrate import site_threshold
+    from client.cross_fit import HeadSet, case_folds, cross_fit_scores
+    from client.features import FeatureStore
+    from client.finetune import p_neoplastic
+    from client.seeds import cross_fit_seed
+    from client.site_config import load_site_config
+    from shared.bundle import load_bundle
+
+    out, report = federation
+    assert report["run"]["cross_fit_folds"] == 5
+    bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
+    final_heads = HeadSet.from_arrays(load_file(str(out / "server" / "checkpoints" / f"round-{ROUNDS:04d}.safetensors")))
+    assert final_heads.n_folds == 5
+    differs = 0
+    for i in (1, 2):
+        config = load_site_config(next((out / "site_configs").glob(f"site-{i}-*.toml")))
+        fine = FeatureStore(config).features(bundle).fine_tune  # from the site's cache
+        folds = case_folds(fine, 5, cross_fit_seed(config.seed))
+        # the site's last train reply: every fold head differs from the main head it started beside
+        train = [m for m in _outgoing(out, i) if m["message_type"] == "train"][-1]
+        sent = HeadSet.from_arrays({k: np.array(v["values"], np.float32)
+                                    for k, v in train["content"][P.HEAD]["items"].items()})
+        assert all(not np.allclose(f.weight, sent.main.weight) for f in sent.folds)
+        oof = site_threshold(fine.labels, cross_fit_scores(final_heads, fine, folds), bundle.threshold.p)
+        in_sample = site_threshold(fine.labels, p_neoplastic(final_heads.main, fine.features), bundle.threshold.p)
+        final = next(m for m in _outgoing(out, i) if m["message_type"] == "query.final")
+        sent_t = final["content"][P.METRICS]["items"]["federated.threshold"]
+        assert sent_t == pytest.approx(oof.p)
+        kept = json.loads((out / "sites" / f"site-{i}" / "state" / "final.json").read_text(encoding="utf-8"))
+        assert kept["threshold"] == pytest.approx(oof.p) and kept["threshold_scores"].startswith("out-of-fold")
+        differs += in_sample.p != oof.p
+    assert differs >= 1, "out-of-fold and in-sample thresholds coincide at every site: the test shows nothing"
 
 _SCRIPT = """
 import json, logging, sys
