@@ -11,6 +11,9 @@ site, which holds the parent already. Two bundle layouts:
   was deleted.
 * **v2**: the head in its own ``head.safetensors``. Derive hard-links every parent file but the head,
   manifest and signature; transport sends those and the site hard-links the rest from its parent.
+  The parent is the ci bundle upgraded with ``upgrade_bundle``.
+* **v2-from-v1**: today's code with a parent that was not upgraded: the child's backbone file is new,
+  so it travels whole.
 
 Per arm, ``--repeats`` times (fresh folders each time): derive the child (timed), pack it against the
 parent (``bundle_to_records(child, parent=parent)``; bytes = ``records_size``, Flower's serialized
@@ -31,6 +34,7 @@ import datetime as _dt
 import importlib.util
 import json
 import logging
+import os
 import platform
 import shutil
 import statistics
@@ -47,6 +51,11 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 log = logging.getLogger("bench_transfer")
 CI = Path("/tmp/ichfed-cache/bundle-root")
 V1_REV = "7312d02"  # the last commit with the v1 derive and the tensor-delta transport
+ARMS = {
+    "v1": "v1 parent, v1 derive (copy nnU-Net, rewrite classifier), tensor-delta transport (old code)",
+    "v2": "v2 parent, v2 derive (hard-link all but head), transport links files from the parent",
+    "v2-from-v1": "v1 parent (not upgraded), v2 derive and transport: the new backbone file is sent whole",
+}
 
 
 def _module_at(rev: str, rel: str, name: str) -> types.ModuleType:
@@ -124,10 +133,11 @@ def run_arm(arm: str, parent_dir: Path, public: Path, private: Path, work: Path,
         whole.append(records_size(*transport.bundle_to_records(out)))
         shutil.rmtree(got)
         shutil.rmtree(out)
+        log.info("%s repeat %d%s: derive %.2f s, rebuild %.2f s, %d bytes sent", arm, i, " (warm-up)" if i < warmup else "",
+                 derive_s[-1], rebuild_s[-1], sent[-1])
         if i < warmup:
             for xs in (derive_s, rebuild_s, sent, whole):
                 xs.pop()
-        log.info("%s repeat %d: derive %.2f s, rebuild %.2f s, %d bytes sent", arm, i, derive_s[-1], rebuild_s[-1], sent[-1])
     return {
         "parent_format_version": parent.manifest.format_version,
         "derive_seconds": _stats(derive_s),
@@ -135,6 +145,7 @@ def run_arm(arm: str, parent_dir: Path, public: Path, private: Path, work: Path,
         "bytes_sent_per_site": _stats([float(s) for s in sent]),
         "bytes_whole_child": _stats([float(s) for s in whole]),
         "code": f"git {v1_rev}" if arm == "v1" else "working tree",
+        "what": ARMS[arm],
     }
 
 
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=CI / "bundle", help="a v1 bundle (default: the ci bundle)")
     p.add_argument("--public-key", type=Path, default=CI / "bundle-keys" / "bundle_signing_key.pub.pem")
     p.add_argument("--private-key", type=Path, default=CI / "bundle-keys" / "bundle_signing_key.pem")
-    p.add_argument("--arms", default="v1,v2")
+    p.add_argument("--arms", default="v1,v2,v2-from-v1")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1, help="untimed repeats first (default: %(default)s)")
     p.add_argument("--v1-rev", default=V1_REV)
@@ -151,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("shared").setLevel(logging.WARNING)
+    command = "python benchmarks/bench_transfer.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {"arms": {}}
     with tempfile.TemporaryDirectory(prefix="bench_transfer.", dir=args.bundle.parent) as d:
         work = Path(d)
@@ -162,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
                 parent = upgrade_bundle(args.bundle, work / "parent-v2", args.public_key, private_key=args.private_key)
             result["arms"][arm] = run_arm(arm, parent, args.public_key, args.private_key, work, args.repeats, args.v1_rev,
                                        args.warmup)
+            result["arms"][arm]["command"] = command
     result.update({
         "benchmark": "federated bundle transfer: bytes sent per site holding the parent, derive and rebuild time",
         "parent_bundle": str(args.bundle),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-        "command": "python benchmarks/bench_transfer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                    "load_average_1min_at_end": os.getloadavg()[0], "python": platform.python_version()},
     })
     from shared.atomic import write_json
 
