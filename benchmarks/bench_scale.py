@@ -52,20 +52,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--interval", type=float, default=2.0, help="memory sampling period, seconds")
+    p.add_argument("--reuse-sites", type=Path, metavar="RUN_DIR",
+                   help="an earlier run's folder: site i reads the data of its site ((i-1) mod K)+1 (--site-dirs) "
+                   "and starts with that site's preprocessing cache hard-linked, so round 1 skips nnU-Net; "
+                   "measures the federation's own cost at N sites (preprocessing is per case, see the K-site run)")
     args = p.parse_args(argv)
     from shared.atomic import write_json
     from shared.signing import PUBLIC_KEY_NAME
 
     pubkey = args.pubkey or args.bundle.parent / f"{args.bundle.name}-keys" / PUBLIC_KEY_NAME
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    runs = {str(r["sites"]): r for r in previous.get("runs", [])}
+    runs = {_key(r): r for r in previous.get("runs", [])}
     for n in args.sites:
-        runs[str(n)] = run_one(n, args, pubkey)
-        result = _result(sorted(runs.values(), key=lambda r: r["sites"]), args)
+        r = run_one(n, args, pubkey)
+        runs[_key(r)] = r
+        result = _result(sorted(runs.values(), key=lambda r: (r["sites"], _key(r))), args)
         write_json(args.out, result)  # after each size: a long sweep keeps what it measured
-        print(json.dumps(runs[str(n)], indent=1), flush=True)
+        print(json.dumps(r, indent=1), flush=True)
     print(f"wrote {args.out}")
     return 0
+
+
+def _key(run: dict) -> str:
+    return f"{run['sites']}" + ("-reused" if run.get("preprocessing_reused_from") else "")
 
 
 def _result(runs: list[dict], args) -> dict:
@@ -73,8 +82,8 @@ def _result(runs: list[dict], args) -> dict:
         "benchmark": "scale",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "command": "ichfed simulate --sites N --rounds R --scale ci --cases-per-site C --fine-tune-fraction F "
-                   "--local-epochs E (bundle preseeded in every site's cache)",
+        "command": "ichfed simulate --sites N --rounds R --min-sites N/2 --scale ci --cases-per-site C "
+                   "--fine-tune-fraction F --local-epochs E (bundle preseeded in every site's cache)",
         "rounds": args.rounds, "cases_per_site": args.cases_per_site, "fine_tune_fraction": args.fine_tune_fraction,
         "local_epochs": args.local_epochs, "nice": args.nice,
         "runs": runs,
@@ -92,19 +101,22 @@ def run_one(n: int, args, pubkey: Path) -> dict:
     from shared.transport import bundle_cache_dir, seed_bundle
     from simulations import flower_sim
 
-    out = args.work_dir / f"{n}-sites"
+    out = args.work_dir / (f"{n}-sites" + ("-reused" if args.reuse_sites else ""))
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    specs = flower_sim.plan_sites(out, n_sites=n, cases_per_site=args.cases_per_site, seed=0)
-    flower_sim.make_cohorts(specs, "ci")
     bundle = load_bundle(args.bundle, pubkey)
+    if args.reuse_sites:
+        site_args = ["--site-dirs", ",".join(str(d) for d in _reuse(args.reuse_sites, out, n))]
+    else:
+        specs = flower_sim.plan_sites(out, n_sites=n, cases_per_site=args.cases_per_site, seed=0)
+        flower_sim.make_cohorts(specs, "ci")
+        site_args = ["--sites", str(n), "--scale", "ci", "--cases-per-site", str(args.cases_per_site)]
     for i in range(n):
         seed_bundle(bundle, bundle_cache_dir(out / "sites" / f"site-{i + 1}" / "state"))
     cohort_s = time.perf_counter() - t0
-    cmd = ["nice", "-n", str(args.nice), str(Path(sys.executable).parent / "ichfed"), "simulate",
-           "--sites", str(n), "--rounds", str(args.rounds), "--scale", "ci", "--cases-per-site",
-           str(args.cases_per_site), "--fine-tune-fraction", str(args.fine_tune_fraction), "--local-epochs",
+    cmd = ["nice", "-n", str(args.nice), str(Path(sys.executable).parent / "ichfed"), "simulate", *site_args,
+           "--rounds", str(args.rounds), "--min-sites", str(max(1, n // 2)), "--fine-tune-fraction", str(args.fine_tune_fraction), "--local-epochs",
            str(args.local_epochs), "--bundle", str(args.bundle), "--pubkey", str(pubkey), "--out", str(out)]
     load_before = os.getloadavg()
     t1 = time.perf_counter()
@@ -120,6 +132,7 @@ def run_one(n: int, args, pubkey: Path) -> dict:
     later = rounds[1:]
     return {
         "sites": n, "exit_code": child.returncode, "cases": n * args.cases_per_site,
+        "preprocessing_reused_from": str(args.reuse_sites) if args.reuse_sites else None,
         "wall_s": {"cohorts_and_preseed": round(cohort_s, 1), "simulate": round(wall, 1), "per_round": rounds},
         "per_site_round_s": round(sum(later) / len(later) / n, 4) if later else None,
         "peak_tree_mb": {"rss_sum": round(sampler.peak_rss_mb, 1), "pss_sum": round(sampler.peak_pss_mb, 1),
@@ -130,6 +143,28 @@ def run_one(n: int, args, pubkey: Path) -> dict:
         "stderr_tail": stderr.strip().splitlines()[-3:] if child.returncode else [],
         "pooled_auc": _final_aucs(events),
     }
+
+
+def _reuse(run_dir: Path, out: Path, n: int) -> list[Path]:
+    """Site data folders for ``n`` sites cycling over ``run_dir``'s K sites, each new state folder
+    holding a hard-linked copy of the preprocessing cache of the site whose data it reads."""
+    import os as _os
+
+    prepared = sorted((p for p in (run_dir / "sites").glob("site-*") if (p / "data" / "cases.csv").is_file()),
+                      key=lambda p: int(p.name.split("-")[1]))
+    if not prepared:
+        raise SystemExit(f"--reuse-sites: no site folders in {run_dir / 'sites'}")
+    dirs = []
+    for i in range(n):
+        src = prepared[i % len(prepared)]
+        dirs.append(src / "data")
+        cache = src / "state" / "cache"
+        for f in cache.rglob("*"):
+            if f.is_file():
+                dst = out / "sites" / f"site-{i + 1}" / "state" / "cache" / f.relative_to(cache)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _os.link(f, dst)
+    return dirs
 
 
 def _round_seconds(events: list[dict]) -> list[float]:

@@ -202,17 +202,23 @@ class SiteProgress:
                           conditions={k: {"cases": n, "hits": h} for k, (h, n) in counts.items()}, **extra)
 
 
+_in_site_mod = threading.local()  # set while a site mod handles a message: nested ones stand aside
+
+
 def site_mod(locate):
     """A Flower ClientApp mod: each message a site handles is one stage in the site's
     ``events.jsonl`` (``stage_started`` / ``stage_finished`` with its seconds) and its log
     records go to the site's ``site.log`` (``shared.logs.site_file``).
 
     ``locate(context)`` returns ``(state_dir, site_name)``, or None when the site is unknown
-    (the message is then handled without either).
+    (the message is then handled without either). Wired twice (the ClientApp's own and a
+    simulation runner's), the outer one records and the inner one stands aside.
     """
     from shared.logs import setup_worker, site_file
 
     def mod(message, context, call_next):
+        if getattr(_in_site_mod, "active", False):
+            return call_next(message, context)  # an outer site mod already records this message
         setup_worker()
         where = None
         try:
@@ -222,10 +228,14 @@ def site_mod(locate):
         if where is None:
             return call_next(message, context)
         state_dir, site = where
-        with site_file(state_dir, site):
-            with SiteProgress(state_dir, site).stage(message.metadata.message_type) as figures:
-                reply = call_next(message, context)
-                figures["reply"] = "error" if reply.has_error() else "ok"
+        _in_site_mod.active = True
+        try:
+            with site_file(state_dir, site):
+                with SiteProgress(state_dir, site).stage(message.metadata.message_type) as figures:
+                    reply = call_next(message, context)
+                    figures["reply"] = "error" if reply.has_error() else "ok"
+        finally:
+            _in_site_mod.active = False
         return reply
 
     return mod

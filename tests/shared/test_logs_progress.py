@@ -141,3 +141,23 @@ def test_rounds_figure_in_report(tmp_path):
     paths = write_report(report, tmp_path)
     assert paths["rounds_plot"].stat().st_size > 1000
     assert 'src="rounds.png"' in paths["html"].read_text()
+
+
+def test_site_mod_records_each_message_once_even_when_wired_twice(tmp_path):
+    import types
+
+    state = tmp_path / "state"
+    mod = progress.site_mod(lambda context: (state, "site-a"))
+    # The mod reads only the message type and whether the reply is an error.
+    msg = types.SimpleNamespace(metadata=types.SimpleNamespace(message_type="train"))
+    reply = types.SimpleNamespace(has_error=lambda: False)
+
+    def handler(message, context):
+        logging.getLogger("client.session").info("site site-a: handled")
+        return reply
+
+    assert mod(msg, None, lambda m, c: mod(m, c, handler)) is reply
+    events = progress.read_events(state / "events.jsonl")
+    assert [e["event"] for e in events] == ["stage_started", "stage_finished"]
+    assert events[1]["stage"] == "train" and events[1]["reply"] == "ok"
+    assert (state / "site.log").read_text().count("site site-a: handled") == 1
