@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from shared import protocol as P
 from shared.errors import IchfedError
+from shared.progress import site_mod
 from shared.stats_protocol import ACTION_STATS
 
 from .privacy import AuditMod, build_reply, privacy_mod
@@ -88,7 +89,8 @@ def _node_config_resolver(context: Context) -> str:
 def build_client_app(site_configs: Sequence[str | os.PathLike] | None = None,
                      extra_mods: Sequence[Callable] = ()) -> ClientApp:
     """A ClientApp. ``site_configs[i]`` serves simulation node ``partition-id`` i; without it the
-    node's ``--node-config site-config=...`` is used. ``extra_mods`` run outside the privacy mod,
+    node's ``--node-config site-config=...`` is used. Every message is a stage in the site's
+    progress events (``shared.progress.site_mod``). ``extra_mods`` run outside the privacy mod,
     so they see exactly what leaves the site."""
     if site_configs is not None:
         paths = [str(Path(p).resolve()) for p in site_configs]
@@ -106,7 +108,12 @@ def build_client_app(site_configs: Sequence[str | os.PathLike] | None = None,
             return None
         return Path(cfg.state_dir) / "outgoing" if cfg.audit_outgoing else None
 
-    app = ClientApp(mods=[*extra_mods, AuditMod(audit_folder), privacy_mod])
+    def where(context: Context) -> tuple[Path, str]:
+        session = sessions.session(context)
+        return Path(session.config.state_dir), session.name
+
+    # progress and log file of the site (<state_dir>/events.jsonl, site.log), then what leaves it
+    app = ClientApp(mods=[site_mod(where), *extra_mods, AuditMod(audit_folder), privacy_mod])
 
     @app.lifespan()
     def lifespan(context: Context):

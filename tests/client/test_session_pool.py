@@ -49,3 +49,22 @@ def test_an_unreadable_config_is_the_handlers_error_and_not_kept(tmp_path):
         pool.session(_context(bad))
     pool.close(_context(bad))
     assert not pool._open
+
+
+def test_every_message_is_a_stage_in_the_sites_progress_events(tmp_path, flwr_task):
+    """A SuperNode's ClientApp writes the site's events without any simulation wiring."""
+    import json
+
+    from flwr.app import ConfigRecord, Message
+
+    from client.app import build_client_app
+    from shared import protocol as P
+
+    path = write_site_config(SiteConfig(name="site-p", data_dir=tmp_path, state_dir=tmp_path / "s"), tmp_path / "p.toml")
+    offer = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: "a" * 64, P.CFG_DELIVER: False})})
+    reply = build_client_app()(Message(content=offer, dst_node_id=7, message_type=P.QUERY_BUNDLE), _context(path))
+    assert reply.content[P.INFO][P.INFO_STATUS] == P.STATUS_NEED
+    events = [json.loads(line) for line in (tmp_path / "s" / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["stage"]) for e in events] == [("stage_started", P.QUERY_BUNDLE),
+                                                          ("stage_finished", P.QUERY_BUNDLE)]
+    assert all(e["site"] == "site-p" for e in events)
