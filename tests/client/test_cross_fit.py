@@ -10,12 +10,13 @@ import pytest
 from client.calibrate import site_threshold
 from client.cross_fit import HeadSet, case_folds, cross_fit_scores, train_head_set
 from client.features import Part
-from client.finetune import Head, p_neoplastic, train_head
+from client.finetune import train_head
 from client.seeds import cross_fit_seed
 from client.session import SiteSession
 from client.site_config import SiteConfig
 from client.split import assign_folds
 from shared import protocol as P
+from shared.head import Head
 
 START = Head(np.zeros((2, 512), np.float32), np.array([0.0, -0.5], np.float32))
 
@@ -66,7 +67,7 @@ def test_fold_head_k_never_trains_on_fold_k():
     oof = cross_fit_scores(trained, part, folds)
     for k in range(3):
         rows = folds == k
-        np.testing.assert_allclose(oof[rows], p_neoplastic(trained.folds[k], part.features[rows]))
+        np.testing.assert_allclose(oof[rows], trained.folds[k].p_neoplastic(part.features[rows]))
 
 
 def test_head_record_keys_roundtrip_and_refusal_of_other_keys():
@@ -99,6 +100,6 @@ def test_session_threshold_comes_from_the_fold_heads_scores(tmp_path):
     heads = HeadSet(main=main, folds=fold_heads)
     t = SiteSession(config).threshold(heads, part, fallback=0.5)
     expected = site_threshold(part.labels, cross_fit_scores(heads, part, folds), 0.5)
-    in_sample = site_threshold(part.labels, p_neoplastic(main, part.features), 0.5)
+    in_sample = site_threshold(part.labels, main.p_neoplastic(part.features), 0.5)
     assert t == expected and t.reason is None
     assert t.p != in_sample.p

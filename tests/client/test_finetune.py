@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from client.finetune import Head, p_neoplastic, train_head
+from client.finetune import train_head
+from shared.head import Head
 
 
 def _data(n=60, seed=0):
@@ -24,10 +25,10 @@ def _random_head(seed=1):
 def test_training_the_head_learns_the_signal_and_is_deterministic():
     x, y = _data()
     head = _random_head()
-    auc_before = roc_auc_score(y, p_neoplastic(head, x))
+    auc_before = roc_auc_score(y, head.p_neoplastic(x))
     a = train_head(head, x, y, epochs=30, learning_rate=1e-2, batch_size=16, seed=3)
     b = train_head(head, x, y, epochs=30, learning_rate=1e-2, batch_size=16, seed=3)
-    auc_after = roc_auc_score(y, p_neoplastic(a.head, x))
+    auc_after = roc_auc_score(y, a.head.p_neoplastic(x))
     assert auc_after > 0.95 > auc_before
     assert np.array_equal(a.head.weight, b.head.weight) and np.array_equal(a.head.bias, b.head.bias)
     assert a.head.weight.dtype == np.float32 and a.head.weight.shape == (2, 512)
@@ -45,7 +46,7 @@ def test_probabilities_match_a_log_softmax_linear_layer():
         layer.weight.copy_(torch.from_numpy(head.weight))
         layer.bias.copy_(torch.from_numpy(head.bias))
         expected = torch.log_softmax(layer(torch.from_numpy(x)), dim=1)[:, 1].exp().numpy()
-    np.testing.assert_allclose(p_neoplastic(head, x), expected, rtol=1e-5)
+    np.testing.assert_allclose(head.p_neoplastic(x), expected, rtol=1e-5)
 
 
 def test_no_cases_leaves_the_head_unchanged():
@@ -71,7 +72,7 @@ def test_the_proximal_term_keeps_the_head_nearer_the_global_head():
     assert isinstance(prox, HeadTrainResult)
     assert _distance(prox.head, start) < 0.7 * _distance(plain.head, start)
     # it still learns: the regularised head separates its training cases better than the start
-    assert roc_auc_score(y, p_neoplastic(prox.head, x)) > roc_auc_score(y, p_neoplastic(start, x))
+    assert roc_auc_score(y, prox.head.p_neoplastic(x)) > roc_auc_score(y, start.p_neoplastic(x))
     # mu = 0 is exactly the paper's plain fine-tuning
     zero = train_head(start, x, y, proximal_mu=0.0, **kw)
     assert np.array_equal(zero.head.weight, plain.head.weight)

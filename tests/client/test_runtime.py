@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 
 from client.cache import CachedCase, CaseCache, cache_key, content_hash
-from client.finetune import Head
 from client.cross_fit import HeadSet
 from client.evaluate import arm_metrics
 from client.features import Part
-from client.finetune import p_neoplastic
 from client.session import SiteSession
 from client.site_config import SiteConfig, load_site_config
 from client.split import SiteSplit, stratified_split
 from shared import protocol as P
 from shared.errors import IchfedError
+from shared.head import Head
 
 
 def test_site_config_resolves_paths_and_validates(tmp_path):
@@ -80,7 +79,7 @@ def _part(n_pos, n_neg, seed=0, no_lesion=0):
 
 
 def _evaluate(model, head, threshold, part, min_cases=5):
-    return arm_metrics(model, part, p_neoplastic(head, part.features), threshold, min_cases=min_cases)
+    return arm_metrics(model, part, head.p_neoplastic(part.features), threshold, min_cases=min_cases)
 
 
 def test_evaluation_metrics_reasons_and_withholding(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from client.calibrate import on_grid, out_of_fold_scores, site_threshold
 from client.final import final_arms
-from client.finetune import Head, p_neoplastic, train_head
+from client.finetune import train_head
 from client.privacy import PrivacyViolation, build_reply
 from client.features import Part, SiteFeatures
 from client.seeds import out_of_fold_seed
@@ -16,6 +16,7 @@ from client.session import SiteSession
 from client.site_config import SiteConfig, load_site_config
 from shared import protocol as P
 from shared.errors import IchfedError
+from shared.head import Head
 from shared.metrics import best_threshold, classification_metrics
 
 START = Head(np.zeros((2, 512), np.float32), np.array([0.0, -1.5], np.float32))
@@ -31,7 +32,7 @@ def _trainer(epochs, learning_rate, batch_size, **_):
 def _final_arms(config, feats, reference, federated, bundle_threshold, rounds):
     """The four arms as the session computes them (without cross-fit: the federated head's own scores)."""
     session = SiteSession(config)
-    t_fed = site_threshold(feats.fine_tune.labels, p_neoplastic(federated, feats.fine_tune.features), bundle_threshold)
+    t_fed = site_threshold(feats.fine_tune.labels, federated.p_neoplastic(feats.fine_tune.features), bundle_threshold)
 
     def local_only(start, x, y, seed):
         return session.local_update(start, x, y, seed=seed, device="cpu", epochs=rounds * config.local_epochs)[0]
@@ -58,9 +59,9 @@ def test_out_of_sample_threshold_on_a_site_whose_head_separates_its_fine_tune_ca
     xf, yf = _data(6, 6, rng)
     xh, yh = _data(100, 100, rng)
     head = train_head(START, xf, yf, **TRAIN).head
-    in_sample = p_neoplastic(head, xf)
+    in_sample = head.p_neoplastic(xf)
     assert classification_metrics(yf, in_sample, 0.5, n_boot=0)["auc"] == 1.0  # perfectly separated
-    held = p_neoplastic(head, xh)
+    held = head.p_neoplastic(xh)
     # the old rule: the threshold on the lowest-scoring positive of the cases the head trained on
     old = classification_metrics(yh, held, best_threshold(yf, in_sample).p, n_boot=0)
     assert old["sensitivity"] < 0.3
@@ -82,12 +83,12 @@ def test_leave_one_out_below_ten_cases_and_one_class_fallback():
     x, y = _data(4, 4, rng)
     kw = dict(TRAIN, epochs=5)
     oof = out_of_fold_scores(START, x, y, _trainer(**kw), seed=0)
-    full = p_neoplastic(train_head(START, x, y, **kw).head, x)
+    full = train_head(START, x, y, **kw).head.p_neoplastic(x)
     assert oof.shape == (8,) and np.all((oof > 0) & (oof < 1)) and not np.allclose(oof, full)
     # case i's score comes from a head trained on the other seven only
     i = 3
     loo = train_head(START, np.delete(x, i, 0), np.delete(y, i), **dict(kw, seed=out_of_fold_seed(0, i))).head
-    assert oof[i] == pytest.approx(p_neoplastic(loo, x[i:i + 1])[0], abs=1e-6)
+    assert oof[i] == pytest.approx(loo.p_neoplastic(x[i:i + 1])[0], abs=1e-6)
 
     t = site_threshold(np.zeros(6, np.int64), np.linspace(0.1, 0.6, 6), fallback=0.3712)
     assert (t.p, t.reason, t.calibration) == (0.37, P.REASON_THRESHOLD_FROM_BUNDLE, None)
@@ -180,7 +181,7 @@ def test_a_single_positive_withholds_the_auc_variance_instead_of_failing():
     from client.evaluate import arm_metrics, paired_metrics
 
     x, y = _data(1, 4, np.random.default_rng(3))
-    p = p_neoplastic(START, x)
+    p = START.p_neoplastic(x)
     metrics, reasons = arm_metrics(P.MODEL_GLOBAL, _part(x, y), p, 0.5, min_cases=5)
     assert P.metric_key(P.MODEL_GLOBAL, "auc") in metrics
     assert P.metric_key(P.MODEL_GLOBAL, "auc-var") not in metrics
