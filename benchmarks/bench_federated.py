@@ -102,15 +102,11 @@ def naive_train(backbone, head0, crops, labels, *, epochs, learning_rate, batch_
     """
     import torch
 
-    from client.finetune import Head
+    from shared.head import Head
 
     n = len(labels)
     gen = torch.Generator().manual_seed(int(seed))
-    layer = torch.nn.Linear(head0.weight.shape[1], head0.weight.shape[0])
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(head0.weight))
-        layer.bias.copy_(torch.from_numpy(head0.bias))
-    layer = layer.to(device)
+    layer = head0.to_linear(device)
     x = torch.as_tensor(crops[:, None], device=device)
     y = torch.as_tensor(labels, device=device)
     opt = torch.optim.Adam(layer.parameters(), lr=learning_rate)
@@ -126,8 +122,7 @@ def naive_train(backbone, head0, crops, labels, *, epochs, learning_rate, batch_
             loss = loss_fn(torch.log_softmax(layer(feats), dim=1), y[idx])
             loss.backward()
             opt.step()
-    return Head(weight=layer.weight.detach().cpu().numpy().astype(np.float32),
-                bias=layer.bias.detach().cpu().numpy().astype(np.float32))
+    return Head.from_linear(layer)
 
 
 def bench_finetune(args) -> dict:
@@ -135,10 +130,11 @@ def bench_finetune(args) -> dict:
     import torch
 
     from client.cache import CachedCase, CaseCache
-    from client.finetune import Head, p_neoplastic, train_head
+    from client.finetune import train_head
     from client.site_config import SiteConfig
     from shared.classifier import embed
     from shared.device import pick_device
+    from shared.head import Head
 
     device = pick_device(args.device)
     defaults = SiteConfig(name="bench", data_dir=Path("."), state_dir=Path("."))
@@ -152,8 +148,7 @@ def bench_finetune(args) -> dict:
 
     backbone, head_layer = _backbone(args)
     backbone.to(device)
-    head0 = Head(weight=head_layer.weight.detach().cpu().numpy().astype(np.float32),
-                 bias=head_layer.bias.detach().cpu().numpy().astype(np.float32))
+    head0 = Head.from_linear(head_layer)
 
     # One-time cost at the site: embed every case once and store it in the real cache.
     t0 = time.perf_counter()
@@ -180,8 +175,8 @@ def bench_finetune(args) -> dict:
     _sync(device)
     naive_s = time.perf_counter() - t0
 
-    auc_cached = _auc(test_y, p_neoplastic(cached.head, test_f))
-    auc_naive = _auc(test_y, p_neoplastic(naive, test_f))
+    auc_cached = _auc(test_y, cached.head.p_neoplastic(test_f))
+    auc_naive = _auc(test_y, naive.p_neoplastic(test_f))
     ratio = naive_s / cached_s
     return {
         "site_cases": int(len(train_y)),
@@ -242,9 +237,10 @@ def bench_bytes(args) -> dict:
     from client.calibrate import site_threshold
     from client.evaluate import arm_metrics
     from client.features import Part
-    from client.finetune import Head, p_neoplastic, train_head
+    from client.finetune import train_head
     from client.privacy import build_reply
     from shared import protocol as P
+    from shared.head import Head
     from shared.transport import message_size
 
     rng = np.random.default_rng(args.seed)
@@ -260,8 +256,8 @@ def bench_bytes(args) -> dict:
     counts = {P.N_FINE_TUNE: ft.n, P.N_HELD_OUT: ho.n, P.N_UNUSABLE: 2}
     train = build_reply("hospital-site-01", head=head.to_arrays(),
                         metrics={P.NUM_EXAMPLES: ft.n, P.TRAIN_LOSS: 0.41, **counts})
-    t = site_threshold(ft.labels, p_neoplastic(head, ft.features), 0.5)
-    p_ho = p_neoplastic(head, ho.features)
+    t = site_threshold(ft.labels, head.p_neoplastic(ft.features), 0.5)
+    p_ho = head.p_neoplastic(ho.features)
     m, r = arm_metrics(P.MODEL_GLOBAL, ho, p_ho, t.p, min_cases=5, threshold_reason=t.reason)
     evaluate = build_reply("hospital-site-01", metrics={**m, P.NUM_EXAMPLES: ho.n, **counts}, reasons=r)
     metrics, reasons = {P.NUM_EXAMPLES: ho.n, **counts}, {}
