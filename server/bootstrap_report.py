@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .bootstrap_calibration import render_calibration
-
 
 def render_report(report: dict[str, Any]) -> str:
     """Markdown report shaped like the paper's Table 2, plus Dice per label."""
@@ -38,6 +36,8 @@ def render_report(report: dict[str, Any]) -> str:
             f"| {name.upper()} | {_f(s.get('mean'))} | {_f(s.get('sd'))} | {_f(s.get('median'))} | "
             f"{_f(s.get('min'))} | {_f(s.get('max'))} | {s.get('n')} |"
         )
+    from .bootstrap_calibration import render_calibration  # scipy and plotting: only when a report is rendered
+
     lines += render_calibration(report.get("calibration"))
     lines += ["", "## Timings (s)", "", *(f"- {k}: {v}" for k, v in report["timings"].items()), ""]
     return "\n".join(lines)
