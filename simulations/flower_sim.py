@@ -134,7 +134,7 @@ def run(
     Raises ``IchfedError`` for bad arguments and when the run fails (e.g. too few usable sites).
     """
     from client.app import build_client_app
-    from client.runtime import SiteConfig, write_site_config
+    from client.site_config import SiteConfig, write_site_config
     from server.app import ServerSettings, build_server_app
 
     out = Path(out).resolve()

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import build_client_app
-from client.runtime import SiteConfig, write_site_config
+from client.site_config import SiteConfig, write_site_config
 from shared import protocol as P
 from shared.transport import bundle_to_records, message_size
 

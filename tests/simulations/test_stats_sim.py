@@ -58,7 +58,7 @@ def test_ichfed_stats_writes_table1_per_site_and_pooled(tiny_bundle, tmp_path, c
 
 def test_segmented_measurements_are_cached_at_the_site(tiny_bundle, tmp_path):
     """A second Table 1 of a site without masks reads what segmentation measured from its cache."""
-    from client.runtime import SiteConfig
+    from client.site_config import SiteConfig
     from client.stats import site_table1
     from shared.bundle import load_bundle
     from simulations.cohort import write_cohort
