@@ -230,7 +230,6 @@ def test_federated_threshold_comes_from_the_fold_heads_out_of_fold_scores(federa
     from client.calibrate import site_threshold
     from client.cross_fit import HeadSet, case_folds, cross_fit_scores
     from client.features import FeatureStore
-    from client.finetune import p_neoplastic
     from client.seeds import cross_fit_seed
     from client.site_config import load_site_config
     from shared.bundle import load_bundle
@@ -251,7 +250,7 @@ def test_federated_threshold_comes_from_the_fold_heads_out_of_fold_scores(federa
                                     for k, v in train["content"][P.HEAD]["items"].items()})
         assert all(not np.allclose(f.weight, sent.main.weight) for f in sent.folds)
         oof = site_threshold(fine.labels, cross_fit_scores(final_heads, fine, folds), bundle.threshold.p)
-        in_sample = site_threshold(fine.labels, p_neoplastic(final_heads.main, fine.features), bundle.threshold.p)
+        in_sample = site_threshold(fine.labels, final_heads.main.p_neoplastic(fine.features), bundle.threshold.p)
         final = next(m for m in _outgoing(out, i) if m["message_type"] == "query.final")
         sent_t = final["content"][P.METRICS]["items"]["federated.threshold"]
         assert sent_t == pytest.approx(oof.p)
