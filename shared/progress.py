@@ -214,15 +214,25 @@ def site_mod(locate):
     (the message is then handled without either). Wired twice (the ClientApp's own and a
     simulation runner's), the outer one records and the inner one stands aside.
     """
-    from shared.logs import setup_worker, site_file
+    return _SiteMod(locate)
 
-    def mod(message, context, call_next):
+
+class _SiteMod:
+    """``site_mod``'s mod. A module-level class, so that Ray pickles it by reference: a closure
+    would be pickled by value together with the module's ``threading.local``, which cannot be."""
+
+    def __init__(self, locate) -> None:
+        self.locate = locate
+
+    def __call__(self, message, context, call_next):
+        from shared.logs import setup_worker, site_file
+
         if getattr(_in_site_mod, "active", False):
             return call_next(message, context)  # an outer site mod already records this message
         setup_worker()
         where = None
         try:
-            where = locate(context)
+            where = self.locate(context)
         except Exception:  # an unusable config is reported by the handler itself
             where = None
         if where is None:
@@ -237,5 +247,3 @@ def site_mod(locate):
         finally:
             _in_site_mod.active = False
         return reply
-
-    return mod
