@@ -101,11 +101,17 @@ def main() -> int:
     parser.add_argument("--local-epochs", type=int, default=20)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--proximal-mu", type=float, default=0.1)
+    parser.add_argument("--proximal-mu", type=float, default=None,
+                        help="FedProx mu of the regularised arms (default: the site config's default)")
     parser.add_argument("--split-seeds", type=int, default=3)
+    parser.add_argument("--only-split-seed", type=int, default=None,
+                        help="run just this split seed (kept in WORK/runs/); run the seeds in parallel, then once "
+                        "without this option to summarise")
     parser.add_argument("--scale", default="demo", choices=("ci", "demo"))
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (and first split seed)")
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--segmentation", default="nnunet", choices=("nnunet", "truth"),
+                        help="crops from the bundle's nnU-Net (as at a site) or the cohorts' reference masks")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "build" / "bench_adaptation")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "adaptation.json")
     args = parser.parse_args()
@@ -119,15 +125,23 @@ def main() -> int:
     pubkey = args.pubkey or args.bundle.parent / f"{args.bundle.name}-keys" / PUBLIC_KEY_NAME
     bundle = load_bundle(args.bundle, pubkey)
     profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
-    work = args.work_dir / segmentation_key(bundle)
+    work = args.work_dir / segmentation_key(bundle, args.segmentation)
     t0 = time.perf_counter()
     sites = prepare(work, bundle, profiles, args.cases_per_site, args.unlabelled_per_site, args.scale, args.seed,
-                    args.real_background, args.device)
+                    args.real_background, args.device, args.segmentation)
     prep_s = time.perf_counter() - t0
-    recipe = Recipe(args.rounds, args.local_epochs, args.learning_rate, args.batch_size, args.proximal_mu)
+    from client.adaptation import Adaptation
+
+    mu = Adaptation().proximal_mu if args.proximal_mu is None else args.proximal_mu
+    recipe = Recipe(args.rounds, args.local_epochs, args.learning_rate, args.batch_size, mu)
     t1 = time.perf_counter()
     seeds = [args.seed + k for k in range(args.split_seeds)]
-    runs = [run_seed(bundle, sites, s, args.fine_tune_fraction, recipe, args.device) for s in seeds]
+    if args.only_split_seed is not None:
+        seeds = [args.only_split_seed]
+    runs = [cached_run(work / "runs", bundle, sites, s, args.fine_tune_fraction, recipe, args.device, args.scale)
+            for s in seeds]
+    if args.only_split_seed is not None:
+        return 0
     result = {
         "benchmark": "adaptation",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -138,6 +152,7 @@ def main() -> int:
         "design": {"profiles": profiles, "real_background": args.real_background or None,
                    "cases_per_site": args.cases_per_site, "unlabelled_per_site": args.unlabelled_per_site,
                    "fine_tune_fraction": args.fine_tune_fraction, "scale": args.scale, "split_seeds": seeds,
+                   "segmentation": args.segmentation,
                    "recipe": dataclasses.asdict(recipe), "arms": [dataclasses.asdict(a) for a in ARMS]},
         "sites": [{"name": s.name, "cases": len(s.case_ids), "unlabelled": int((s.labels < 0).sum()),
                    "no_lesion": int((~s.lesion_found).sum())} for s in sites],
@@ -154,17 +169,38 @@ def main() -> int:
     return 0
 
 
-def segmentation_key(bundle) -> str:
-    """Crops depend on the bundle's nnU-Net files and crop spec only (not on its classifier), so a
-    new reference classifier reuses them."""
+def segmentation_key(bundle, segmentation: str) -> str:
+    """Crops depend on the segmentation (the bundle's nnU-Net files, or the reference masks) and the
+    crop spec only, not on the classifier, so a new reference classifier reuses them."""
     import hashlib
     import json
 
-    blob = json.dumps({"nnunet": bundle.nnunet_file_hashes, "crop": bundle.crop_spec.key()}, sort_keys=True)
-    return "seg-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+    seg = bundle.nnunet_file_hashes if segmentation == "nnunet" else "truth"
+    blob = json.dumps({"segmentation": seg, "crop": bundle.crop_spec.key()}, sort_keys=True)
+    return f"{segmentation}-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------- one split seed
+
+
+def cached_run(folder: Path, bundle, sites, seed: int, fraction: float, recipe: Recipe, device: str,
+               scale: str) -> dict[str, Any]:
+    """``run_seed``, kept in ``folder`` keyed by bundle, design and seed (so seeds can run in parallel)."""
+    import hashlib
+    import json
+
+    from shared.atomic import write_json
+
+    key = hashlib.sha256(json.dumps({"bundle": bundle.hash, "fraction": fraction, "recipe": dataclasses.asdict(recipe),
+                                     "scale": scale, "sites": [s.name for s in sites],
+                                     "arms": [dataclasses.asdict(a) for a in ARMS]},
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    path = folder / f"{key}-split-seed-{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    run = run_seed(bundle, sites, seed, fraction, recipe, device)
+    write_json(path, run)
+    return run
 
 
 def run_seed(bundle, sites, seed: int, fraction: float, recipe: Recipe, device: str) -> dict[str, Any]:
@@ -203,9 +239,9 @@ def site_view(bundle, site, seed: int, fraction: float, device: str) -> SiteView
     The statistics are estimated on crops with a lesion from the fine-tune split (plus the
     unlabelled cases for the "+unlabelled" variant); held-out crops never enter them.
     """
-    from client.runtime import stratified_split
+    from client.split import stratified_split
     from shared import batchnorm_stats
-    from shared.classifier import backbone_and_head, embed
+    from shared.classifier import embed
 
     labelled = {cid: int(y) for cid, y in zip(site.case_ids, site.labels) if y >= 0}
     split = stratified_split(labelled, fraction, seed)
@@ -213,7 +249,7 @@ def site_view(bundle, site, seed: int, fraction: float, device: str) -> SiteView
     fine = np.array([index[c] for c in split.fine_tune])
     held = np.array([index[c] for c in split.held_out])
     unl = np.flatnonzero(site.labels < 0)
-    backbone, _ = backbone_and_head(bundle.build_classifier("cpu").eval())
+    backbone = _backbone(bundle)
     parts, n_stats = {}, {}
     for variant in ("bundle", "fine-tune", "fine-tune+unlabelled"):
         bb = backbone
@@ -230,6 +266,18 @@ def site_view(bundle, site, seed: int, fraction: float, device: str) -> SiteView
     return SiteView(site.name, parts, n_stats)
 
 
+_BACKBONES: dict[str, Any] = {}
+
+
+def _backbone(bundle):
+    """The bundle's backbone, built once per process (never modified: statistics go on copies)."""
+    from shared.classifier import backbone_and_head
+
+    if bundle.hash not in _BACKBONES:
+        _BACKBONES[bundle.hash] = backbone_and_head(bundle.build_classifier("cpu").eval())[0]
+    return _BACKBONES[bundle.hash]
+
+
 def _adapted(backbone, stats):
     import copy
 
@@ -241,7 +289,7 @@ def _adapted(backbone, stats):
 
 
 def _part(site, feats: np.ndarray, idx: np.ndarray):
-    from client.runtime import Part
+    from client.features import Part
 
     ok = idx[site.lesion_found[idx]]
     no = idx[~site.lesion_found[idx]]
@@ -454,6 +502,7 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def render(result: dict[str, Any]) -> str:
     """The Markdown result: design, the per-arm table (mean ± SD over split seeds) and the targets."""
     d, s = result["design"], result["summary"]
+    seg = "the reference masks" if d.get("segmentation") == "truth" else "the bundle's nnU-Net"
 
     def f(arm: str, key: str) -> str:
         x = s[arm].get(key)
@@ -470,7 +519,7 @@ def render(result: dict[str, Any]) -> str:
         f"Bundle `{result['bundle']['path']}` ({result['bundle']['name']} {result['bundle']['version']}, "
         f"hash {result['bundle']['hash'][:12]}). {len(d['profiles'])} sites ({', '.join(d['profiles'])}; real CT "
         f"background: {d['real_background']}), {d['cases_per_site']} labelled + {d['unlabelled_per_site']} unlabelled "
-        f"{d['scale']}-scale cases each, {d['fine_tune_fraction']:.0%} of the labelled cases fine-tune, "
+        f"{d['scale']}-scale cases each (crops from {seg}), {d['fine_tune_fraction']:.0%} of the labelled cases fine-tune, "
         f"{d['recipe']['rounds']} rounds × {d['recipe']['local_epochs']} epochs, proximal μ "
         f"{d['recipe']['proximal_mu']}, split seeds {d['split_seeds']}.", "",
         "Mean ± SD over the split seeds; CIs are the mean of the per-seed random-effects 95 % CIs. "

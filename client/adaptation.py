@@ -30,7 +30,7 @@ class Adaptation:
 
     local_norm_stats: bool = True
     unlabelled_for_norm_stats: bool = True
-    proximal_mu: float = 0.1
+    proximal_mu: float = 1.0
     early_stopping: bool = True
 
     @classmethod

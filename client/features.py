@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from shared import protocol as P
 from shared.errors import IchfedError
 from shared.quality import FLAGS as QUALITY_FLAGS
 
+from .adaptation import settings
 from .cache import CachedCase, CaseCache, cache_key, content_hash
 from .seeds import split_seed
 from .site_config import SiteConfig
@@ -50,6 +52,15 @@ class SiteFeatures:
     fine_tune: Part
     held_out: Part
     n_unusable: int
+    # The site's BatchNorm statistics (shared.batchnorm_stats.NormStats) the parts were embedded
+    # with, and the same parts under the bundle's own statistics (the reference arms); None when off.
+    norm_stats: Any = None
+    bundle_stats: tuple[Part, Part] | None = None
+
+    @property
+    def reference_parts(self) -> tuple[Part, Part]:
+        """(fine-tune, held-out) embedded as the bundle ships: the reference arms score these."""
+        return self.bundle_stats or (self.fine_tune, self.held_out)
 
     def counts(self, num_examples: int) -> dict[str, int]:
         """The site counts every reply carries, with ``num_examples`` (FedAvg's weight key)."""
@@ -69,7 +80,7 @@ class FeatureStore:
         """The site's cases (``shared.sitedata.read_site``); problems are logged here, never sent."""
         from shared.sitedata import read_site
 
-        site = read_site(self.config.data_dir)
+        site = read_site(self.config.data_dir, allow_unlabelled=True)
         for problem in site.problems:
             log.warning("site %s: %s%s", self.config.name, f"{problem.case_id}: " if problem.case_id else "",
                         problem.message)
@@ -78,7 +89,7 @@ class FeatureStore:
     def split(self, site) -> SiteSplit:
         """The seeded stratified split of ``site``'s cases; recorded in the state folder for audit."""
         c = self.config
-        split = stratified_split({x.case_id: int(x.label) for x in site.cases}, c.fine_tune_fraction,
+        split = stratified_split({x.case_id: int(x.label) for x in site.labelled}, c.fine_tune_fraction,
                                  split_seed(c.seed))
         split.write(Path(c.state_dir) / "split.json", seed=c.seed, fraction=c.fine_tune_fraction)
         return split
@@ -97,9 +108,12 @@ class FeatureStore:
         unusable = len([p for p in site.problems if p.case_id is not None])
         from tqdm import tqdm
 
-        for case in tqdm(site.cases, desc=f"{self.config.name}: preprocessing", unit="case", disable=None):
+        adapt = settings(self.config)
+        # Unlabelled cases are preprocessed only for the site's BatchNorm statistics.
+        cases = site.cases if adapt.local_norm_stats and adapt.unlabelled_for_norm_stats else site.labelled
+        for case in tqdm(cases, desc=f"{self.config.name}: preprocessing", unit="case", disable=None):
             try:
-                rows[case.case_id] = self._case(case, bundle, predictor)
+                rows[case.case_id] = self._case(case, bundle, predictor, with_crop=adapt.local_norm_stats)
             except IchfedError as e:
                 # An unreadable case is counted and logged at the site; the run goes on without it.
                 log.warning("site %s: case %s unusable: %s", self.config.name, case.case_id, e)
@@ -109,19 +123,40 @@ class FeatureStore:
                 unusable += 1
         log.info("site %s: cache %d hits, %d misses", self.config.name, self.cache.hits, self.cache.misses)
 
-        def part(ids: tuple[str, ...]) -> Part:
-            kept = [c for c in ids if c in rows]
-            return _part([rows[c] for c in kept], [by_id[c] for c in kept])
+        adapted, stats = self._adapt(bundle, rows, split, [c.case_id for c in site.unlabelled], adapt)
 
-        feats = SiteFeatures(fine_tune=part(split.fine_tune), held_out=part(split.held_out), n_unusable=unusable)
+        def part(ids: tuple[str, ...], table: dict[str, CachedCase]) -> Part:
+            kept = [c for c in ids if c in table]
+            return _part([table[c] for c in kept], [by_id[c] for c in kept])
+
+        feats = SiteFeatures(fine_tune=part(split.fine_tune, adapted), held_out=part(split.held_out, adapted),
+                             n_unusable=unusable, norm_stats=stats,
+                             bundle_stats=None if stats is None else (part(split.fine_tune, rows),
+                                                                      part(split.held_out, rows)))
         self._memo = {bundle.hash: (stamp, feats)}  # one bundle at a time: the older one's arrays are dropped
         return feats
 
-    def _case(self, case, bundle, predictor: "_LazyPredictor") -> CachedCase:
+    def _adapt(self, bundle, rows: dict[str, CachedCase], split: SiteSplit, unlabelled: list[str], adapt):
+        """``rows`` re-embedded with the site's own BatchNorm statistics (``client.adaptation``) and
+        those statistics, or ``(rows, None)`` when switched off; crops are dropped afterwards."""
+        from shared.device import pick_device
+
+        from .adaptation import adapted_features
+
+        crops = {c: r.crop for c, r in rows.items() if r.lesion_found}
+        feats, stats = adapted_features(bundle, crops, split.fine_tune, unlabelled, adapt,
+                                        str(pick_device(self.config.device)))
+        for c, r in rows.items():
+            rows[c] = dataclasses.replace(r, crop=None)
+        if stats is None:
+            return rows, None
+        return {c: dataclasses.replace(r, features=feats[c]) if c in feats else r for c, r in rows.items()}, stats
+
+    def _case(self, case, bundle, predictor: "_LazyPredictor", with_crop: bool = False) -> CachedCase:
         case_hash = content_hash(case.image_path)
         mask_hash = content_hash(case.mask_path) if case.mask_path is not None else None
         key = cache_key(case_hash, bundle.hash, bundle.crop_spec.key(), mask_hash)
-        cached = self.cache.get(key)
+        cached = self.cache.get(key, with_crop=with_crop)
         if cached is not None:
             return cached
         from shared.ingest import read_image

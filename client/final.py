@@ -52,13 +52,14 @@ def final_arms(config: SiteConfig, feats: SiteFeatures, reference: Head, federat
     seed : the local-only baseline's seed (``client.seeds.round_seed(site seed)``)
     """
     fine, held = feats.fine_tune, feats.held_out
+    ref_fine, ref_held = feats.reference_parts  # the bundle as shipped (its own BatchNorm statistics)
     min_cases = config.min_cases
     local = train(reference, fine.features, fine.labels, seed)
-    t_ref_site = site_threshold(fine.labels, p_neoplastic(reference, fine.features), bundle_threshold)
+    t_ref_site = site_threshold(ref_fine.labels, p_neoplastic(reference, ref_fine.features), bundle_threshold)
     t_local = site_threshold(fine.labels, out_of_fold_scores(reference, fine.features, fine.labels, train, seed=seed),
                              bundle_threshold)
 
-    scores = {P.MODEL_REFERENCE: p_neoplastic(reference, held.features),
+    scores = {P.MODEL_REFERENCE: p_neoplastic(reference, ref_held.features),
               P.MODEL_LOCAL: p_neoplastic(local, held.features),
               P.MODEL_FEDERATED: p_neoplastic(federated, held.features)}
     scores[P.MODEL_REFERENCE_SITE] = scores[P.MODEL_REFERENCE]

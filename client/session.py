@@ -30,7 +30,7 @@ from shared.errors import IchfedError
 from .calibrate import SiteThreshold, site_threshold
 from .cross_fit import HeadSet, case_folds, cross_fit_scores, train_head_set
 from .features import FeatureStore, Part, SiteFeatures
-from .finetune import Head, p_neoplastic, train_head
+from .finetune import Head, p_neoplastic
 from .privacy import build_reply
 from .seeds import cross_fit_seed, fold_head_seed, round_seed
 from .site_bundles import Refusal, SiteBundles
@@ -107,11 +107,14 @@ class SiteSession:
         """The site's training of one head (main or fold) from ``start``: ``(head, last-epoch loss)``.
 
         The one place a round trains; the local-only baseline (``client.final``) uses it too with
-        ``epochs`` = rounds x local epochs.
+        ``epochs`` = rounds x local epochs. The site's switches (``client.adaptation``) add the
+        proximal term toward ``start`` and early stopping by inner folds (``epochs`` is then the most).
         """
+        from .adaptation import local_update, settings
+
         c = self.config
-        r = train_head(start, x, y, epochs=c.local_epochs if epochs is None else epochs,
-                       learning_rate=c.learning_rate, batch_size=c.batch_size, seed=seed, device=device)
+        r = local_update(settings(c), start, x, y, epochs=c.local_epochs if epochs is None else epochs,
+                         learning_rate=c.learning_rate, batch_size=c.batch_size, seed=seed, device=device)
         return r.head, r.loss
 
     # -- evaluate ----------------------------------------------------------------------------
@@ -169,13 +172,15 @@ class SiteSession:
                 self.bundles.get(final_hash)
             except Refusal as refusal:
                 final_hash, problem = None, refusal.reason
-        self._keep(bundle, final_hash, t_fed, rounds, cross_fit=heads.n_folds)
+        self._keep(bundle, final_hash, t_fed, rounds, cross_fit=heads.n_folds, norm_stats=feats.norm_stats)
         return build_reply(self.name, metrics={**feats.counts(feats.held_out.n), **arms.metrics},
                            reasons=arms.reasons, reason=problem, bundle_hash=final_hash)
 
-    def _keep(self, bundle, final_hash: str | None, t_fed: SiteThreshold, rounds: int, cross_fit: int) -> None:
-        """The federated threshold and calibration go with the bundle that carries the federated head
-        (the site overlay); with a final bundle, ``final.json`` records it."""
+    def _keep(self, bundle, final_hash: str | None, t_fed: SiteThreshold, rounds: int, cross_fit: int,
+              norm_stats=None) -> None:
+        """The federated threshold and calibration, and the site's BatchNorm statistics, go with the
+        bundle that carries the federated head (the site overlay; the backbone is the parent's, so
+        the statistics fit it); with a final bundle, ``final.json`` records it."""
         from shared.atomic import write_json
 
         from .overlay import SiteOverlay, save_overlay
@@ -183,7 +188,7 @@ class SiteSession:
         source = "site-calibrated" if t_fed.reason is None else "bundle"
         save_overlay(self.config.state_dir, SiteOverlay(
             bundle_hash=final_hash or bundle.hash, threshold=float(t_fed.p), threshold_source=source,
-            calibration=t_fed.calibration, site=self.name))
+            calibration=t_fed.calibration, site=self.name), norm_stats=norm_stats)
         if final_hash:
             write_json(Path(self.config.state_dir) / "final.json", {
                 "bundle_hash": final_hash,

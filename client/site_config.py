@@ -11,6 +11,10 @@ from shared import protocol as P
 from shared.config import from_dict, load_toml
 from shared.errors import IchfedError
 
+from .adaptation import Adaptation
+
+_ADAPT = Adaptation()  # the adaptation switches' defaults live in one place
+
 
 @dataclasses.dataclass(frozen=True)
 class SiteConfig:
@@ -29,6 +33,11 @@ class SiteConfig:
     min_cases_for_metrics: int = dataclasses.field(default=5, metadata={"range": (P.MIN_CASES_FLOOR, 1_000_000)})
     seed: int = dataclasses.field(default=0, metadata={"range": (0, 2**31 - 1)})
     audit_outgoing: bool = True  # keep a copy of every reply in <state_dir>/outgoing/
+    # Site adaptation (client/adaptation.py); all off (proximal_mu = 0) is the paper's plain last-layer fine-tuning.
+    local_norm_stats: bool = _ADAPT.local_norm_stats  # backbone BatchNorm statistics from the site's own crops
+    unlabelled_for_norm_stats: bool = _ADAPT.unlabelled_for_norm_stats  # empty-label cases feed them (only them)
+    proximal_mu: float = dataclasses.field(default=_ADAPT.proximal_mu, metadata={"range": (0.0, 1e6)})  # FedProx
+    early_stopping: bool = _ADAPT.early_stopping  # local epochs chosen by inner folds (at most local_epochs)
 
     @property
     def min_cases(self) -> int:

@@ -59,3 +59,18 @@ def test_settings_read_the_switches_of_a_config():
         early_stopping = False
 
     assert settings(Config()) == Adaptation(proximal_mu=0.0, early_stopping=False)
+
+
+@pytest.mark.parametrize("line, field", [("proximal_mu = -1.0", "proximal_mu"), ('local_norm_stats = "yes"', "local_norm_stats"),
+                                         ("early_stopping = 1", "early_stopping")])
+def test_switches_are_typed_and_validated_in_the_site_toml(tmp_path, line, field):
+    from client.site_config import load_site_config
+    from shared.errors import IchfedError
+
+    base = 'name = "s"\ndata_dir = "d"\nstate_dir = "st"\n'
+    (tmp_path / "ok.toml").write_text(base + "local_norm_stats = false\nunlabelled_for_norm_stats = false\n"
+                                      "proximal_mu = 0.0\nearly_stopping = false\n", encoding="utf-8")
+    assert settings(load_site_config(tmp_path / "ok.toml")) == Adaptation.paper()
+    (tmp_path / "bad.toml").write_text(base + line + "\n", encoding="utf-8")
+    with pytest.raises(IchfedError, match=field):
+        load_site_config(tmp_path / "bad.toml")
