@@ -83,8 +83,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _log_dir(args) -> Path | None:
-    """The run folder of commands that have one (simulate: --out; bootstrap: its work folder)."""
-    if args.command == "simulate":
+    """The run folder of commands that have one (simulate, stats: --out; bootstrap: its work folder)."""
+    if args.command in ("simulate", "stats"):
         return Path(args.out)
     if args.command == "bootstrap":
         return Path(args.work) if args.work else Path(args.out).parent / f"{Path(args.out).name}-work"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,6 +73,7 @@ def ray_head():
                 break
             except subprocess.TimeoutExpired:
                 continue
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_simulate_on_a_ray_cluster_with_a_readable_console(tiny_bundle, ray_head, tmp_path):
