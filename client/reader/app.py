@@ -93,6 +93,9 @@ def model_info(predictor: Any) -> dict[str, Any]:
         "bundle": {"name": manifest.name, "version": manifest.version, "hash": predictor.bundle.hash},
         "threshold": round(float(predictor.threshold), 6),
         "threshold_source": predictor.threshold_source,
+        # whose calibration and BatchNorm statistics the site's overlay supplied ("site") or the bundle's
+        "calibration_source": getattr(predictor, "calibration_source", "bundle"),
+        "norm_stats_source": getattr(predictor, "norm_stats_source", "bundle"),
     }
 
 

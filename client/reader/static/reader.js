@@ -40,7 +40,9 @@
       const b = state.info.bundle;
       $("model-info").innerHTML =
         `model <b>${escapeHtml(b.name)}</b> v${escapeHtml(b.version)} · ` +
-        `threshold ${fmtP(state.info.threshold)} (${escapeHtml(state.info.threshold_source)})`;
+        `threshold ${fmtP(state.info.threshold)} (${escapeHtml(state.info.threshold_source)})` +
+        (state.info.norm_stats_source === "site" ? " · site normalisation statistics" : "") +
+        (state.info.calibration_source === "site" ? " · site calibration" : "");
       $("upload-limit").textContent = `Upload limit ${(state.info.max_upload_bytes / 2 ** 20).toFixed(0)} MB · processed in a temporary folder, nothing is kept`;
     } catch (e) {
       $("model-info").textContent = "model information unavailable";
