@@ -76,8 +76,9 @@ def main() -> int:
                "--work", str(work / "bundle-work"), "--seed", str(args.seed), "--device", args.device]
         log.info("running %s", " ".join(cmd[2:]))
         t0 = time.perf_counter()
-        with open(work / "bootstrap.log", "w") as log_file:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
+        with open(work / "bootstrap.log", "w", encoding="utf-8") as log_file:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                  encoding="utf-8")
         result["wall_s"] = round(time.perf_counter() - t0, 1)
         if proc.returncode != 0:
             sys.stderr.write((work / "bootstrap.log").read_text(encoding="utf-8")[-4000:])

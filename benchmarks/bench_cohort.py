@@ -45,7 +45,7 @@ def run_one(profile: str, n: int, scale: str, background: str = "phantom") -> di
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "site"
         res = subprocess.run([sys.executable, "-c", CHILD, profile, str(n), scale, background, str(out)],
-                             capture_output=True, text=True, env=env, check=True)
+                             capture_output=True, text=True, env=env, check=True, encoding="utf-8")
         size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     r = json.loads(res.stdout.strip().splitlines()[-1])
     return {"profile": profile, "scale": scale, "background": background, "n_cases": n,

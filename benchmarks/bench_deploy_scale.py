@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         dep.stop_and_check()
     report_path = root / "server" / "report" / "report.json"
     ok = r.returncode == 0 and report_path.is_file()
-    report = json.loads(report_path.read_text()) if ok else {}
+    report = json.loads(report_path.read_text(encoding="utf-8")) if ok else {}
     nodes = {n: s for n, s in samplers.items() if n in names}
     result = {
         "benchmark": "deploy_scale",

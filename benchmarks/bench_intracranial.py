@@ -122,7 +122,7 @@ def main() -> None:
         "postprocessing_of_bundle": predictor.segmenter.postprocessing.name,
     }
     out = ROOT / "benchmarks" / "results" / f"intracranial_{args.name or Path(args.bundle).name}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(result["summary"], indent=1))
     print(out)
 

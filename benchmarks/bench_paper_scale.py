@@ -193,7 +193,7 @@ def _run_cli(case: dict, bundle: Path, pubkey: Path, device: str, tile_step_size
     cmd = [sys.executable, "-m", "ichfed", "predict", "--bundle", str(bundle), "--pubkey", str(pubkey),
            "--device", device, "--tile-step-size", str(tile_step_size), "--json", case["path"]]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8")
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])

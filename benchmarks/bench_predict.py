@@ -141,7 +141,7 @@ def _run_cases(cases: list[dict], bundle: Path, pubkey: Path, device: str) -> di
            "--device", device, "--json", *(c["path"] for c in cases)]
     log.info("running %s", " ".join(cmd[2:4] + [f"({len(cases)} case(s))"]))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8")
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)

@@ -51,7 +51,7 @@ def run_seed(seed: int, run_dir: Path, profile: str, device: str, src: Path) -> 
     log.info("seed %d: %s", seed, " ".join(cmd[2:]))
     load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
-    with open(run_dir / "bootstrap.log", "w") as log_file:
+    with open(run_dir / "bootstrap.log", "w", encoding="utf-8") as log_file:
         proc = subprocess.run(cmd, cwd=src, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
     wall = round(time.perf_counter() - t0, 1)
     if proc.returncode != 0:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from shared.signing import PUBLIC_KEY_NAME
 
     pubkey = args.pubkey or args.bundle.parent / f"{args.bundle.name}-keys" / PUBLIC_KEY_NAME
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    previous = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {}
     runs = {_key(r): r for r in previous.get("runs", [])}
     for n in args.sites:
         r = run_one(n, args, pubkey)
@@ -121,7 +121,7 @@ def run_one(n: int, args, pubkey: Path) -> dict:
     load_before = os.getloadavg()
     t1 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, encoding="utf-8")
     sampler = TreeMemory(child.pid, args.interval)
     sampler.start()
     stdout, stderr = child.communicate()
@@ -215,7 +215,7 @@ def _descendants(root: int) -> list[int]:
         if not proc.name.isdigit():
             continue
         try:
-            stat = (proc / "stat").read_text()
+            stat = (proc / "stat").read_text(encoding="utf-8")
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
@@ -231,7 +231,7 @@ def _descendants(root: int) -> list[int]:
 def _rss_pss_mb(pid: int) -> tuple[float, float]:
     rss = pss = 0.0
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text(encoding="utf-8").splitlines():
             if line.startswith("Rss:"):
                 rss = int(line.split()[1]) / 1024
             elif line.startswith("Pss:"):

@@ -60,7 +60,8 @@ ARMS = {
 
 def _module_at(rev: str, rel: str, name: str) -> types.ModuleType:
     """Import ``rel`` as it was at git ``rev``, as a sibling module of the package (relative imports work)."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], check=True, capture_output=True, text=True).stdout
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], check=True, capture_output=True, text=True,
+                         encoding="utf-8").stdout
     spec = importlib.util.spec_from_loader(name, loader=None)
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = name.rpartition(".")[0]

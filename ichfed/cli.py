@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerate_narrow_consoles() -> None:
+    # Results hold "±" and "—"; a console whose locale is plain ASCII must show them escaped rather
+    # than end the run with UnicodeEncodeError after the work is done. Files are always UTF-8.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     try:
@@ -55,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    _tolerate_narrow_consoles()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

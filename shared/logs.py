@@ -83,6 +83,8 @@ def setup(log_dir: str | Path | None = None, *, verbose: bool = False, debug: bo
     """
     root = logging.getLogger()
     _remove_ours(root)
+    with _lock:  # counts from before this run's set-up belong to no summary of it
+        _tallies.clear()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     setattr(console, _MARK, True)
@@ -103,7 +105,10 @@ def setup(log_dir: str | Path | None = None, *, verbose: bool = False, debug: bo
         if announce and sys.stderr.isatty():  # else the CLI names it once at the end (one-line errors)
             print(f"log: {path}", file=sys.stderr, flush=True)
         logging.getLogger("ichfed").info("=== %s", " ".join(sys.argv))  # where one run's lines begin
-    logging.captureWarnings(True)  # library warnings (Ray's FutureWarning, ...) into the file
+    # Library warnings (Ray's FutureWarning, ...) into the file. Off then on: a second set-up in
+    # one process (tests, a notebook) must re-install the hook if someone replaced showwarning since.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     # alembic (pulled in by Flower's link state) logs its plugin set-up at INFO: file only, and
     # only with --debug.
     logging.getLogger("alembic").setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -207,7 +207,7 @@ def _run_nnunet(stage: str, spec: dict, env: dict[str, str], log_dir: Path, prog
                file=sys.stderr)
     with open(log_path, "w", encoding="utf-8", buffering=1) as f, bar:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", bufsize=1)
+                                text=True, errors="replace", bufsize=1, encoding="utf-8")
         assert proc.stdout is not None
         try:
             for raw in proc.stdout:

@@ -21,7 +21,7 @@ def _read_rows(folder: Path) -> list[dict[str, str]]:
     csv_path = folder / "cases.csv"
     if not csv_path.is_file():
         raise IchfedError(f"{csv_path}: file not found (not a site folder)")
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise IchfedError(f"{csv_path}: no cases")

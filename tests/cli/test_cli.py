@@ -23,7 +23,7 @@ def ichfed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``python -m ichfed ARGS`` from the repository root."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "ichfed", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, encoding="utf-8")
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, must_name: str) -> str:

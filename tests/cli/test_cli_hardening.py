@@ -25,7 +25,7 @@ def ichfed(*args: str, timeout: float = 300, stdout=subprocess.PIPE) -> subproce
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "ichfed", *args], cwd=REPO, env=env, stdout=stdout,
-                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+                          stderr=subprocess.PIPE, text=True, timeout=timeout, encoding="utf-8")
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, must_name: str) -> str:

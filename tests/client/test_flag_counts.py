@@ -66,7 +66,7 @@ def test_cache_keeps_flags_and_recomputes_an_entry_without_them(tmp_path):
     cache.put("ab" * 32, _rows([("touches_skull",)])[0])
     assert cache.get("ab" * 32).quality_flags == ("touches_skull",)
     meta = tmp_path / "ab" / ("ab" * 32) / "case.json"
-    meta.write_text(meta.read_text().replace('"quality_flags"', '"other"'))
+    meta.write_text(meta.read_text(encoding="utf-8").replace('"quality_flags"', '"other"'), encoding="utf-8")
     assert cache.get("ab" * 32) is None  # an entry from before quality flags is not trusted
 
 

@@ -79,7 +79,7 @@ def _ichfed(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "ichfed", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, encoding="utf-8")
 
 
 def _site_with_bad_threshold(tmp_path: Path, tiny_bundle, text: str) -> Path:
@@ -135,7 +135,7 @@ def test_overlay_keeps_the_site_norm_stats_beside_it_checked_by_sha256(tmp_path)
     path = save_overlay(tmp_path, SiteOverlay(bundle_hash=H, threshold=0.4), norm_stats=stats)
     overlay = load_overlay(tmp_path, H)
     assert overlay.norm_stats["file"] == norm_stats_path(tmp_path, H).name and overlay.norm_stats["n_cases"] == 4
-    assert json.loads(path.read_text())["norm_stats"]["sha256"] == overlay.norm_stats["sha256"]
+    assert json.loads(path.read_text(encoding="utf-8"))["norm_stats"]["sha256"] == overlay.norm_stats["sha256"]
     back = load_norm_stats(tmp_path, overlay)
     assert back.sha256() == stats.sha256()
     batchnorm_stats.apply(backbone, back)  # fits the backbone
@@ -157,7 +157,8 @@ def test_overlay_keeps_the_site_norm_stats_beside_it_checked_by_sha256(tmp_path)
 def test_malformed_norm_stats_entries_are_one_line_errors(tmp_path, entry, match):
     path = overlay_path(tmp_path, H)
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"version": 1, "bundle_hash": H, "threshold": 0.4, "norm_stats": entry}))
+    path.write_text(json.dumps({"version": 1, "bundle_hash": H, "threshold": 0.4, "norm_stats": entry}),
+                    encoding="utf-8")
     with pytest.raises(IchfedError, match=f"norm_stats: .*{match}"):
         load_overlay(tmp_path, H)
 

@@ -64,7 +64,7 @@ def test_every_message_is_a_stage_in_the_sites_progress_events(tmp_path, flwr_ta
     offer = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: "a" * 64, P.CFG_DELIVER: False})})
     reply = build_client_app()(Message(content=offer, dst_node_id=7, message_type=P.QUERY_BUNDLE), _context(path))
     assert reply.content[P.INFO][P.INFO_STATUS] == P.STATUS_NEED
-    events = [json.loads(line) for line in (tmp_path / "s" / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (tmp_path / "s" / "events.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [(e["event"], e["stage"]) for e in events] == [("stage_started", P.QUERY_BUNDLE),
                                                           ("stage_finished", P.QUERY_BUNDLE)]
     assert all(e["site"] == "site-p" for e in events)

@@ -90,7 +90,7 @@ class Deployment:
     def log(self, name: str, stamps: bool = True) -> str:
         """The output of process ``name`` so far (with or without the time stamps)."""
         p = self.logs / f"{name}.log"
-        text = p.read_text(errors="replace") if p.exists() else ""
+        text = p.read_text(errors="replace", encoding="utf-8") if p.exists() else ""
         return text if stamps else re.sub(r"(?m)^\[\s*[0-9.]+s\] ", "", text)
 
     def start_superlink(self, timeout: float = 120) -> int:

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _ichfed(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ichfed", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, **kw)
+                          encoding="utf-8", timeout=120, **kw)
 
 
 def _free_port() -> int:
@@ -62,7 +62,7 @@ def test_reader_serves_with_the_sites_locally_calibrated_threshold(tiny_bundle, 
     proc = subprocess.Popen(
         [sys.executable, "-m", "ichfed", "reader", "--bundle", str(tiny_bundle.path), "--threshold-from", str(site),
          "--device", "cpu", "--port", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8"
     )
     try:
         url = f"http://127.0.0.1:{port}"

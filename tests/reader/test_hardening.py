@@ -152,7 +152,8 @@ def _marked(root, name, pid, host=None):
     folder = root / f"{PREFIX}{name}"
     folder.mkdir()
     (folder / "input.nii.gz").write_bytes(b"patient data")
-    (folder / MARKER).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "created": 0}))
+    (folder / MARKER).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "created": 0}),
+                                 encoding="utf-8")
     return folder
 
 
@@ -167,7 +168,7 @@ def test_start_removes_only_our_own_leftovers_of_dead_readers(tmp_path):
         unmarked = tmp_path / f"{PREFIX}not-ours"
         unmarked.mkdir()
         broken = _marked(tmp_path, "broken", dead.pid)
-        (broken / MARKER).write_text("{")
+        (broken / MARKER).write_text("{", encoding="utf-8")
         analyse = GatedAnalyse()
         analyse.gate.set()
         with serve_in_thread(create_app(analyse, INFO, ReaderSettings(work_dir=tmp_path))) as url:
@@ -184,13 +185,13 @@ def test_start_removes_only_our_own_leftovers_of_dead_readers(tmp_path):
 def test_case_folders_are_private_and_marked_with_this_process(tmp_path):
     folder = new_case_folder(tmp_path)
     assert folder.name.startswith(PREFIX) and (folder.stat().st_mode & 0o777) == 0o700
-    assert json.loads((folder / MARKER).read_text())["pid"] == os.getpid()
+    assert json.loads((folder / MARKER).read_text(encoding="utf-8"))["pid"] == os.getpid()
     assert remove_leftovers(tmp_path) == []  # this process is alive
 
 
 def test_bad_queue_limit_is_one_error_line():
     r = subprocess.run([sys.executable, "-m", "ichfed", "reader", "--bundle", "nope", "--max-queued", "0"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, encoding="utf-8")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: ichfed reader: 'max_queued' must be between 1 and 1000, got 0"]
 

@@ -113,7 +113,7 @@ def test_report_shows_four_arms_with_cis_pooled_roc_and_reliability(tmp_path):
     assert "no segmented lesion: 8" in md
     html_text = paths["html"].read_text(encoding="utf-8")
     assert 'src="pooled_roc.png"' in html_text and "Federated − local-only" in html_text
-    assert json.loads(paths["json"].read_text())["final"]["pooled"]["federated"]["pooled_auc"] > 0.7
+    assert json.loads(paths["json"].read_text(encoding="utf-8"))["final"]["pooled"]["federated"]["pooled_auc"] > 0.7
 
 
 def test_old_report_without_new_keys_renders_with_na(tmp_path):

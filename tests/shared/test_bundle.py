@@ -154,7 +154,7 @@ def test_create_refuses_bad_inputs(parts, tmp_path):
         (lambda b: (b / "nnunet/plans.json").unlink(), "listed in manifest but missing"),
         (
             lambda b: (b / "manifest.json").write_text(
-                (b / "manifest.json").read_text(encoding="utf-8").replace('"p": 0.22', '"p": 0.01')
+                (b / "manifest.json").read_text(encoding="utf-8").replace('"p": 0.22', '"p": 0.01'), encoding="utf-8"
             ),
             "signature does not match",
         ),

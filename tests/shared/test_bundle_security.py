@@ -112,7 +112,7 @@ def test_payload_is_live_in_plain_nnunet(tiny_bundle, tmp_path):
     arch = json.loads((root / PLANS).read_text("utf-8"))["configurations"]["3d_fullres"]["architecture"]
     with pytest.raises(SystemExit):
         get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], [], 1, 3, allow_init=False)
-    assert marker.read_text() == "code from a bundle ran"
+    assert marker.read_text(encoding="utf-8") == "code from a bundle ran"
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))

@@ -92,7 +92,7 @@ def test_huge_declared_size_is_refused_before_allocation(tmp_path, name):
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30));"
             "from ichfed.cli import main; sys.exit(main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", code, "-q", "ingest", str(path), "-o", str(tmp_path / "o.nii.gz")],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+                       cwd=REPO, capture_output=True, text=True, timeout=120, encoding="utf-8")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}:") and "Traceback" not in r.stderr

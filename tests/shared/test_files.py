@@ -31,10 +31,10 @@ def test_staged_dir_appears_whole_with_its_mode(tmp_path):
 def test_a_failed_build_leaves_the_old_folder_and_no_temporary_one(tmp_path):
     target = tmp_path / "model"
     target.mkdir()
-    (target / "old").write_text("kept")
+    (target / "old").write_text("kept", encoding="utf-8")
     with pytest.raises(RuntimeError, match="boom"):
         with staged_dir(target, replace=True) as tmp:
-            (tmp / "new").write_text("half")
+            (tmp / "new").write_text("half", encoding="utf-8")
             raise RuntimeError("boom")
     assert [p.name for p in target.iterdir()] == ["old"]
     assert _leftovers(tmp_path) == []
@@ -43,13 +43,13 @@ def test_a_failed_build_leaves_the_old_folder_and_no_temporary_one(tmp_path):
 def test_replace_swaps_a_folder_and_without_it_a_full_target_is_kept(tmp_path):
     target = tmp_path / "dataset"
     target.mkdir()
-    (target / "old").write_text("x")
+    (target / "old").write_text("x", encoding="utf-8")
     with pytest.raises(OSError):
         with staged_dir(target) as tmp:
-            (tmp / "new").write_text("y")
+            (tmp / "new").write_text("y", encoding="utf-8")
     assert [p.name for p in target.iterdir()] == ["old"]
     with staged_dir(target, replace=True, mode=None) as tmp:
-        (tmp / "new").write_text("y")
+        (tmp / "new").write_text("y", encoding="utf-8")
     assert [p.name for p in target.iterdir()] == ["new"]
     assert stat.S_IMODE(target.stat().st_mode) == 0o700  # mkdtemp's mode, kept with mode=None
     assert _leftovers(tmp_path) == []

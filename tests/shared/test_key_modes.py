@@ -53,7 +53,7 @@ def test_atomic_writes_follow_the_umask_like_open(tmp_path, mask, expected):
     """Reports and caches get what a plain open() would give, not mkstemp's 0600."""
     with _umask(mask):
         atomic.write_json(tmp_path / "report.json", {"auc": 0.9})
-        with open(tmp_path / "plain.txt", "w") as f:
+        with open(tmp_path / "plain.txt", "w", encoding="utf-8") as f:
             f.write("x")
     assert _mode(tmp_path / "report.json") == expected == _mode(tmp_path / "plain.txt")
 

@@ -39,7 +39,7 @@ def test_console_shows_own_warnings_file_keeps_everything(tmp_path, capsys, rest
     assert "update rejected" in err
     for hidden in ("round 1 table", "setup plugin", "library warning", "[ROUND 1/2]", "FutureWarning"):
         assert hidden not in err
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     for kept in ("round 1 table", "update rejected", "library warning", "[ROUND 1/2]", "FutureWarning"):
         assert kept in text
     assert "setup plugin" not in text  # alembic's set-up chatter is only kept with --debug
@@ -80,7 +80,7 @@ def test_site_file_collects_records_and_summary(tmp_path, restore_root):
         lg.info("site site-a: trained")
         logs.tally(logging.getLogger("shared.crop"), "lesion beyond", True)
     lg.info("after the site: not in its file")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     assert "site site-a: trained" in text and "site site-a: lesion beyond: 1 of 1 cases" in text
     assert "after the site" not in text
 
@@ -97,7 +97,7 @@ def test_event_log_lines_are_whole_under_threads(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    lines = (tmp_path / "events.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 200
     records = [json.loads(line) for line in lines]
     assert {r["bad"] for r in records} == {None}  # NaN is not JSON: written as null
@@ -140,7 +140,7 @@ def test_rounds_figure_in_report(tmp_path):
               "final": {"sites": [], "pooled": {}}}
     paths = write_report(report, tmp_path)
     assert paths["rounds_plot"].stat().st_size > 1000
-    assert 'src="rounds.png"' in paths["html"].read_text()
+    assert 'src="rounds.png"' in paths["html"].read_text(encoding="utf-8")
 
 
 def test_site_mod_records_each_message_once_even_when_wired_twice(tmp_path):
@@ -160,4 +160,4 @@ def test_site_mod_records_each_message_once_even_when_wired_twice(tmp_path):
     events = progress.read_events(state / "events.jsonl")
     assert [e["event"] for e in events] == ["stage_started", "stage_finished"]
     assert events[1]["stage"] == "train" and events[1]["reply"] == "ok"
-    assert (state / "site.log").read_text().count("site site-a: handled") == 1
+    assert (state / "site.log").read_text(encoding="utf-8").count("site site-a: handled") == 1

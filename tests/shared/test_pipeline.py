@@ -64,7 +64,7 @@ def test_truth_mask_reproduces_recorded_volumes(predictor, tiny_bundle):
     from shared.ingest import read_image
     from shared.sitedata import read_mask
 
-    rows = list(csv.DictReader((tiny_bundle.cohort_dir / "cases.csv").open()))
+    rows = list(csv.DictReader((tiny_bundle.cohort_dir / "cases.csv").open(encoding="utf-8")))
     assert len(rows) >= 10
     spec = predictor.crop_spec
     for row in rows:

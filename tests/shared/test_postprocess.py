@@ -55,11 +55,11 @@ def test_rule_file_round_trip_and_validation(tmp_path):
     assert read_rule(tmp_path) == Rule()
     write_rule(tmp_path, Rule("min_ml", 0.5), {"none": 0.7, "min_ml:0.5": 0.8})
     assert read_rule(tmp_path) == Rule("min_ml", 0.5)
-    assert json.loads((tmp_path / FILE_NAME).read_text())["chosen_on"] == "validation"
-    (tmp_path / FILE_NAME).write_text('{"kind": "biggest"}')
+    assert json.loads((tmp_path / FILE_NAME).read_text(encoding="utf-8"))["chosen_on"] == "validation"
+    (tmp_path / FILE_NAME).write_text('{"kind": "biggest"}', encoding="utf-8")
     with pytest.raises(IchfedError, match="postprocessing.json: kind must be one of"):
         read_rule(tmp_path)
-    (tmp_path / FILE_NAME).write_text("[1]")
+    (tmp_path / FILE_NAME).write_text("[1]", encoding="utf-8")
     with pytest.raises(IchfedError, match="expected a JSON object"):
         read_rule(tmp_path)
 

@@ -15,7 +15,7 @@ def test_cohort_make_preview_profiles_baseline(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_cases"] == 3 and summary["profile"] == "hamburg-like" and summary["scale"] == "ci"
     assert summary["n_neoplastic"] + summary["n_non_neoplastic"] == 3
-    with open(out / "cases.csv", newline="") as f:
+    with open(out / "cases.csv", newline="", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 3
     assert main(["-q", "cohort", "preview", str(out), "-o", str(tmp_path / "p.png"), "--cases", "2"]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000

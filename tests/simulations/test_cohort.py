@@ -21,7 +21,7 @@ def _digests(folder):
 
 
 def _rows(folder):
-    with open(folder / "cases.csv", newline="") as f:
+    with open(folder / "cases.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 

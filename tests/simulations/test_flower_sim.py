@@ -38,9 +38,9 @@ def _one_class_site(src: Path, dst: Path) -> Path:
     import shutil
 
     shutil.copytree(src, dst)
-    rows = list(csv.DictReader((dst / "cases.csv").open()))
+    rows = list(csv.DictReader((dst / "cases.csv").open(encoding="utf-8")))
     keep = [r for r in rows if r["label"] in ("0", "non-neoplastic")]
-    with (dst / "cases.csv").open("w", newline="") as f:
+    with (dst / "cases.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(keep)
@@ -159,7 +159,7 @@ def test_every_outgoing_message_passes_the_privacy_inspection(federation, sites)
     out, _ = federation
     case_ids = set()
     for d in sites:
-        case_ids |= {r["case_id"] for r in csv.DictReader((d / "cases.csv").open())}
+        case_ids |= {r["case_id"] for r in csv.DictReader((d / "cases.csv").open(encoding="utf-8"))}
         case_ids |= {f.name.split(".")[0] for f in (d / "images").iterdir()}
     forbidden_text = [*case_ids, "/", "\\", ".nii", "images", "masks", str(out)]
     n_messages = 0
@@ -289,7 +289,7 @@ def test_resume_after_the_server_is_killed(tiny_bundle, sites, federation, tmp_p
     try:
         deadline = time.monotonic() + 240
         while not store.exists():
-            tail = lambda: log_path.read_text(errors="replace")[-3000:]  # noqa: E731
+            tail = lambda: log_path.read_text(errors="replace", encoding="utf-8")[-3000:]  # noqa: E731
             assert proc.poll() is None, f"the first run ended before its first checkpoint:\n{tail()}"
             assert time.monotonic() < deadline, f"no checkpoint within 240 s:\n{tail()}"
             time.sleep(0.05)

@@ -47,7 +47,7 @@ def ray_head():
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, encoding="utf-8")
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -84,11 +84,12 @@ def test_simulate_on_a_ray_cluster_with_a_readable_console(tiny_bundle, ray_head
     cmd = [str(BIN / "ichfed"), "simulate", "--sites", "3", "--rounds", "2", "--cases-per-site", "12",
            "--fine-tune-fraction", "0.5", "--local-epochs", "3", "--bundle", str(tiny_bundle.path),
            "--pubkey", str(tiny_bundle.public_key), "--out", str(out), "--ray-address", address]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1100)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1100, encoding="utf-8")
     assert proc.returncode == 0, proc.stderr[-4000:]
     # It ran on that cluster: the head's session logs name the sites' actors.
     sessions = list(Path(temp).glob("session_*/logs"))
-    assert sessions and any("ClientAppActor" in p.name or "ClientAppActor" in p.read_text(errors="ignore")
+    assert sessions and any("ClientAppActor" in p.name
+                            or "ClientAppActor" in p.read_text(encoding="utf-8", errors="ignore")
                             for s in sessions for p in s.glob("worker-*.out")), "no ClientApp actor on the head"
 
     console = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -98,14 +99,15 @@ def test_simulate_on_a_ray_cluster_with_a_readable_console(tiny_bundle, ray_head
     assert not any("alembic" in line or "FutureWarning" in line for line in console)
     assert "Federated" in proc.stdout  # the four-arm table is the result
 
-    log_text = (out / "ichfed.log").read_text()
+    log_text = (out / "ichfed.log").read_text(encoding="utf-8")
     flower = [line.split(": ", 1)[1] for line in log_text.splitlines() if " INFO flwr: " in line]
     assert "[ROUND 1/2]" in flower and "[ROUND 2/2]" in flower
     rounds = Counter(line for line in flower if line.startswith("[ROUND"))
     assert set(rounds.values()) == {1}, rounds  # each Flower record once, not twice
     assert "DEPRECATED FEATURE" not in log_text
 
-    events = [json.loads(line) for line in (out / "server" / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line)
+              for line in (out / "server" / "events.jsonl").read_text(encoding="utf-8").splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
     finished = [e for e in events if e["event"] == "round_finished"]
@@ -115,8 +117,8 @@ def test_simulate_on_a_ray_cluster_with_a_readable_console(tiny_bundle, ray_head
     assert (out / "report" / "rounds.png").stat().st_size > 1000
 
     for i in (1, 2, 3):
-        site_events = [json.loads(line) for line in
-                       (out / "sites" / f"site-{i}" / "state" / "events.jsonl").read_text().splitlines()]
+        site_log = out / "sites" / f"site-{i}" / "state" / "events.jsonl"
+        site_events = [json.loads(line) for line in site_log.read_text(encoding="utf-8").splitlines()]
         stages = [e["stage"] for e in site_events if e["event"] == "stage_finished"]
         assert stages.count("train") == 2 and "query.final" in stages, stages
         assert (out / "sites" / f"site-{i}" / "state" / "site.log").stat().st_size > 0

@@ -45,5 +45,5 @@ def test_repeats_below_one_is_a_one_line_error(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-m", "ichfed", "simulate", "--rounds", "1", "--bundle", str(tmp_path),
                         "--pubkey", str(tmp_path), "--out", str(tmp_path / "o"), "--repeats", "0"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120, encoding="utf-8")
     assert r.returncode == 2 and r.stderr.strip() == "error: --repeats: must be at least 1, got 0"
