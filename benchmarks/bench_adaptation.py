@@ -298,7 +298,7 @@ def _part(site, feats: np.ndarray, idx: np.ndarray):
 
 
 def _reference_head(bundle):
-    from client.finetune import Head
+    from shared.head import Head
     from shared.classifier import backbone_and_head
 
     _, fc = backbone_and_head(bundle.build_classifier("cpu"))
@@ -333,7 +333,8 @@ def train_arms(bundle, views: list[SiteView], recipe: Recipe, seed: int, device:
 
 def federate(start, fine_parts, recipe: Recipe, regularised: bool, seed: int, device: str) -> dict[str, Any]:
     """FedAvg of heads weighted by fine-tune cases (as ``server.strategy``), ``recipe.rounds`` rounds."""
-    from client.finetune import Head, local_update
+    from client.finetune import local_update
+    from shared.head import Head
 
     head, previous = start, start
     for r in range(recipe.rounds):
@@ -352,10 +353,10 @@ def oof_scores(start, part, kw: dict[str, Any]) -> np.ndarray:
     from sklearn.model_selection import KFold, LeaveOneOut, StratifiedKFold
 
     from client.calibrate import FOLDS, LOO_BELOW
-    from client.finetune import local_update, p_neoplastic
+    from client.finetune import local_update
 
     x, y = part.features, part.labels
-    oof = p_neoplastic(start, x)
+    oof = start.p_neoplastic(x)
     if len(y) < 2:
         return oof
     counts = np.bincount(y, minlength=2)
@@ -364,7 +365,7 @@ def oof_scores(start, part, kw: dict[str, Any]) -> np.ndarray:
                 if counts.min() >= 2 else KFold(FOLDS, shuffle=True, random_state=kw["seed"]))
     for k, (tr, te) in enumerate(splitter.split(x, y)):
         head = local_update(start, x[tr], y[tr], **dict(kw, seed=kw["seed"] * 1009 + k)).head
-        oof[te] = p_neoplastic(head, x[te])
+        oof[te] = head.p_neoplastic(x[te])
     return oof
 
 
@@ -373,14 +374,13 @@ def site_metrics(arm: Arm, view: SiteView, heads: dict, bundle_threshold: float,
     """``{arm: {metric: value}}`` for one site, with the paired differences to reference, local and paper."""
     from client.calibrate import site_threshold
     from client.evaluate import arm_metrics, paired_metrics
-    from client.finetune import p_neoplastic
 
     fine, held = view.parts[arm.stats]
     head = _site_head(heads[arm.name]["final"], view, heads)
     if arm.threshold == "bundle":
         t, why = bundle_threshold, None
     elif arm.training == "none":
-        st = site_threshold(fine.labels, p_neoplastic(head, fine.features), bundle_threshold)
+        st = site_threshold(fine.labels, head.p_neoplastic(fine.features), bundle_threshold)
         t, why = st.p, st.reason
     else:
         start = heads[arm.name].get("previous", heads["reference"]["final"])
@@ -389,17 +389,17 @@ def site_metrics(arm: Arm, view: SiteView, heads: dict, bundle_threshold: float,
                                                                            seed * 100_003, device)),
                             bundle_threshold)
         t, why = st.p, st.reason
-    p = p_neoplastic(head, held.features)
+    p = head.p_neoplastic(held.features)
     metrics, _ = arm_metrics(arm.name, held, p, t, min_cases=5, seed=seed, threshold_reason=why)
     others = {}
     if arm.name not in ("reference", "reference-site"):  # the same scores as the reference: no difference
-        others["reference"] = p_neoplastic(heads["reference"]["final"], view.parts["bundle"][1].features)
+        others["reference"] = heads["reference"]["final"].p_neoplastic(view.parts["bundle"][1].features)
     if arm.local:
         local = ARMS_BY_NAME[arm.local]
-        others["local"] = p_neoplastic(_site_head(heads[local.name]["final"], view, heads),
-                                       view.parts[local.stats][1].features)
+        others["local"] = _site_head(heads[local.name]["final"], view, heads).p_neoplastic(
+            view.parts[local.stats][1].features)
     if arm.training == "federated" and arm.name != "federated (paper)":
-        others["paper"] = p_neoplastic(heads["federated (paper)"]["final"], view.parts["bundle"][1].features)
+        others["paper"] = heads["federated (paper)"]["final"].p_neoplastic(view.parts["bundle"][1].features)
     paired, _ = paired_metrics(arm.name, held.labels, p, others, min_cases=5)
     metrics.update(paired)
     prefix = arm.name + "."

@@ -47,7 +47,8 @@ def _run(seed: int, args) -> dict:
     from client.calibrate import site_threshold
     from client.cross_fit import HeadSet, case_folds, cross_fit_scores, train_head_set
     from client.features import Part
-    from client.finetune import Head, p_neoplastic, train_head
+    from client.finetune import train_head
+    from shared.head import Head
     from client.seeds import cross_fit_seed, fold_head_seed, round_seed
 
     rng = np.random.default_rng(seed)
@@ -72,9 +73,9 @@ def _run(seed: int, args) -> dict:
         heads = HeadSet.from_arrays({k: v.astype(np.float32) for k, v in mean.items()})
     counts = {rule: {"tp": 0, "fn": 0, "tn": 0, "fp": 0} for rule in ("in-sample", "cross-fit")}
     for i, (part, (_, (xh, yh))) in enumerate(zip(parts, sites)):
-        rules = {"in-sample": p_neoplastic(heads.main, part.features),
+        rules = {"in-sample": heads.main.p_neoplastic(part.features),
                  "cross-fit": cross_fit_scores(heads, part, folds[i])}
-        held = p_neoplastic(heads.main, xh)
+        held = heads.main.p_neoplastic(xh)
         for rule, scores in rules.items():
             t = site_threshold(part.labels, scores, 0.5).p
             pred = held >= t

@@ -90,17 +90,38 @@ def local_update(adaptation: Adaptation, head, features: np.ndarray, labels: np.
 
 
 def adapted_features(bundle, crops: dict[str, np.ndarray | None], fine_tune: Sequence[str],
-                     unlabelled: Sequence[str], adaptation: Adaptation, device: str = "cpu"):
+                     unlabelled: Sequence[str], adaptation: Adaptation, device: str = "cpu", *,
+                     cache=None, keys: dict[str, str] | None = None):
     """``({case_id: features}, NormStats)`` of every case with a crop, embedded with the site's own
     statistics (estimated on ``stats_crops``); ``({}, None)`` when local statistics are off or too
-    few crops. Held-out cases are embedded with them but never contribute to them."""
+    few crops. Held-out cases are embedded with them but never contribute to them.
+
+    With ``cache`` (a ``client.cache.AdaptedCache``) and ``keys`` (each case's cache key), the
+    statistics of the same cases and the features already embedded under them are reused.
+    """
     if not adaptation.local_norm_stats:
         return {}, None
-    stats = site_norm_stats(bundle, stats_crops(crops, fine_tune, unlabelled, adaptation.unlabelled_for_norm_stats),
-                            device)
+    use_unlabelled = adaptation.unlabelled_for_norm_stats
+    stats_ids = [c for c in list(fine_tune) + (list(unlabelled) if use_unlabelled else []) if crops.get(c) is not None]
+    digest = None
+    if cache is not None and keys is not None:
+        digest = cache.digest(bundle.hash, bundle.crop_spec.key(), [keys[c] for c in stats_ids])
+    stats = cache.stats(digest) if digest else None
     if stats is None:
-        return {}, None
+        stats = site_norm_stats(bundle, stats_crops(crops, fine_tune, unlabelled, use_unlabelled), device)
+        if stats is None:
+            return {}, None
+        if digest:
+            cache.put_stats(digest, stats)
     ids = [c for c, crop in crops.items() if crop is not None]
-    feats = embed_with(bundle, stats, np.stack([crops[c] for c in ids]) if ids else np.zeros((0, 1, 1, 1)), device)
-    log.info("local normalisation statistics from %d crops; %d cases re-embedded", stats.n_cases, len(ids))
-    return dict(zip(ids, feats)), stats
+    feats = {c: cache.features(digest, keys[c]) for c in ids} if digest else {}
+    todo = [c for c in ids if feats.get(c) is None]
+    if todo:
+        new = embed_with(bundle, stats, np.stack([crops[c] for c in todo]), device)
+        for c, f in zip(todo, new):
+            feats[c] = f
+            if digest:
+                cache.put_features(digest, keys[c], f)
+    log.info("local normalisation statistics from %d crops; %d cases re-embedded, %d from the cache",
+             stats.n_cases, len(todo), len(ids) - len(todo))
+    return {c: feats[c] for c in ids}, stats

@@ -5,6 +5,10 @@ One entry per case: the crop, its frozen-backbone embedding, and what evaluation
 case's bytes, the bundle hash and the crop spec, so a changed image, bundle or crop spec gets a
 new entry and an unchanged case is never recomputed, across rounds and across restarts.
 
+Beside it, :class:`AdaptedCache` keeps the site's own BatchNorm statistics and the embeddings
+under them (``client.adaptation``), keyed by the cases the statistics were estimated on, so a
+restarted site (a new run, another simulation worker) does not re-estimate or re-embed.
+
 Every file is written atomically and ``case.json`` last, so an entry either exists whole or
 not at all.
 """
@@ -124,3 +128,68 @@ class CaseCache:
                 "quality_flags": list(case.quality_flags),
             },
         )
+
+
+class AdaptedCache:
+    """The site's BatchNorm statistics and embeddings under them, ``<root>/<digest[:2]>/<digest>/``.
+
+    ``digest`` (:meth:`digest`) names what the statistics were estimated from: the bundle, the
+    crop spec and the sorted cache keys of those cases. The same cases give the same folder, and a
+    case's features under those statistics are stored by the case's own cache key. Files are
+    owner-only like the statistics in the site overlay.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def digest(bundle_hash: str, crop_spec_key: str, case_keys: list[str]) -> str:
+        """The folder name for statistics estimated on the cases ``case_keys`` (order ignored)."""
+        parts = ["adapted-v1", bundle_hash, crop_spec_key, *sorted(case_keys)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def _dir(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def stats(self, digest: str):
+        """The ``NormStats`` stored under ``digest``, or None (absent, or damaged: then recomputed)."""
+        from shared import batchnorm_stats
+        from shared.errors import IchfedError
+
+        d = self._dir(digest)
+        if not (d / "stats.json").is_file():
+            return None
+        try:
+            sha = json.loads((d / "stats.json").read_text(encoding="utf-8"))["sha256"]
+            return batchnorm_stats.load(d / "stats.safetensors", sha)
+        except (OSError, ValueError, KeyError, IchfedError) as e:
+            log.warning("adapted cache %s unreadable (%s); re-estimating", digest[:12], e)
+            return None
+
+    def put_stats(self, digest: str, stats) -> None:
+        """Store ``stats`` under ``digest`` (the weights first, ``stats.json`` with their sha256 last)."""
+        from shared import batchnorm_stats
+
+        d = self._dir(digest)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json(d / "stats.json", {"sha256": batchnorm_stats.save(stats, d / "stats.safetensors"),
+                                      "n_cases": int(stats.n_cases)})
+
+    def features(self, digest: str, case_key: str) -> np.ndarray | None:
+        """A case's features under the statistics ``digest``, or None."""
+        path = self._dir(digest) / f"{case_key}.npy"
+        if not path.is_file():
+            return None
+        try:
+            return np.load(path)
+        except (OSError, ValueError) as e:
+            log.warning("adapted cache entry %s unreadable (%s); re-embedding", case_key[:12], e)
+            return None
+
+    def put_features(self, digest: str, case_key: str, features: np.ndarray) -> None:
+        """Store one case's features under ``digest`` atomically."""
+        d = self._dir(digest)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with atomic_path(d / f"{case_key}.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(features, dtype=np.float32))

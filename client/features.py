@@ -16,7 +16,7 @@ from shared.errors import IchfedError
 from shared.quality import FLAGS as QUALITY_FLAGS
 
 from .adaptation import settings
-from .cache import CachedCase, CaseCache, cache_key, content_hash
+from .cache import AdaptedCache, CachedCase, CaseCache, cache_key, content_hash
 from .seeds import split_seed
 from .site_config import SiteConfig
 from .split import SiteSplit, stratified_split
@@ -74,6 +74,7 @@ class FeatureStore:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.cache = CaseCache(Path(config.state_dir) / "cache")
+        self.adapted = AdaptedCache(Path(config.state_dir) / "cache" / "adapted")
         self._memo: dict[str, tuple[tuple, SiteFeatures]] = {}
 
     def read_site(self):
@@ -111,9 +112,11 @@ class FeatureStore:
         adapt = settings(self.config)
         # Unlabelled cases are preprocessed only for the site's BatchNorm statistics.
         cases = site.cases if adapt.local_norm_stats and adapt.unlabelled_for_norm_stats else site.labelled
+        keys: dict[str, str] = {}
         for case in tqdm(cases, desc=f"{self.config.name}: preprocessing", unit="case", disable=None):
             try:
-                rows[case.case_id] = self._case(case, bundle, predictor, with_crop=adapt.local_norm_stats)
+                keys[case.case_id], rows[case.case_id] = self._case(case, bundle, predictor,
+                                                                    with_crop=adapt.local_norm_stats)
             except IchfedError as e:
                 # An unreadable case is counted and logged at the site; the run goes on without it.
                 log.warning("site %s: case %s unusable: %s", self.config.name, case.case_id, e)
@@ -123,7 +126,7 @@ class FeatureStore:
                 unusable += 1
         log.info("site %s: cache %d hits, %d misses", self.config.name, self.cache.hits, self.cache.misses)
 
-        adapted, stats = self._adapt(bundle, rows, split, [c.case_id for c in site.unlabelled], adapt)
+        adapted, stats = self._adapt(bundle, rows, keys, split, [c.case_id for c in site.unlabelled], adapt)
 
         def part(ids: tuple[str, ...], table: dict[str, CachedCase]) -> Part:
             kept = [c for c in ids if c in table]
@@ -136,7 +139,8 @@ class FeatureStore:
         self._memo = {bundle.hash: (stamp, feats)}  # one bundle at a time: the older one's arrays are dropped
         return feats
 
-    def _adapt(self, bundle, rows: dict[str, CachedCase], split: SiteSplit, unlabelled: list[str], adapt):
+    def _adapt(self, bundle, rows: dict[str, CachedCase], keys: dict[str, str], split: SiteSplit,
+               unlabelled: list[str], adapt):
         """``rows`` re-embedded with the site's own BatchNorm statistics (``client.adaptation``) and
         those statistics, or ``(rows, None)`` when switched off; crops are dropped afterwards."""
         from shared.device import pick_device
@@ -145,20 +149,21 @@ class FeatureStore:
 
         crops = {c: r.crop for c, r in rows.items() if r.lesion_found}
         feats, stats = adapted_features(bundle, crops, split.fine_tune, unlabelled, adapt,
-                                        str(pick_device(self.config.device)))
+                                        str(pick_device(self.config.device)), cache=self.adapted, keys=keys)
         for c, r in rows.items():
             rows[c] = dataclasses.replace(r, crop=None)
         if stats is None:
             return rows, None
         return {c: dataclasses.replace(r, features=feats[c]) if c in feats else r for c, r in rows.items()}, stats
 
-    def _case(self, case, bundle, predictor: "_LazyPredictor", with_crop: bool = False) -> CachedCase:
+    def _case(self, case, bundle, predictor: "_LazyPredictor", with_crop: bool = False) -> tuple[str, CachedCase]:
+        """The case's cache key and entry (computed and stored when absent)."""
         case_hash = content_hash(case.image_path)
         mask_hash = content_hash(case.mask_path) if case.mask_path is not None else None
         key = cache_key(case_hash, bundle.hash, bundle.crop_spec.key(), mask_hash)
         cached = self.cache.get(key, with_crop=with_crop)
         if cached is not None:
-            return cached
+            return key, cached
         from shared.ingest import read_image
 
         ingested = read_image(case.image_path)
@@ -185,7 +190,7 @@ class FeatureStore:
             quality_flags=tuple(prepared.quality_flags),
         )
         self.cache.put(key, entry)
-        return entry
+        return key, entry
 
 
 def _part(rows: list[CachedCase], cases: list) -> Part:

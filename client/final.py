@@ -24,7 +24,7 @@ from shared import protocol as P
 from .calibrate import SiteThreshold, TrainFn, out_of_fold_scores, site_threshold
 from .evaluate import arm_metrics, paired_metrics
 from .features import SiteFeatures
-from .finetune import Head, p_neoplastic
+from shared.head import Head
 from .site_config import SiteConfig
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,13 @@ def final_arms(config: SiteConfig, feats: SiteFeatures, reference: Head, federat
     ref_fine, ref_held = feats.reference_parts  # the bundle as shipped (its own BatchNorm statistics)
     min_cases = config.min_cases
     local = train(reference, fine.features, fine.labels, seed)
-    t_ref_site = site_threshold(ref_fine.labels, p_neoplastic(reference, ref_fine.features), bundle_threshold)
+    t_ref_site = site_threshold(ref_fine.labels, reference.p_neoplastic(ref_fine.features), bundle_threshold)
     t_local = site_threshold(fine.labels, out_of_fold_scores(reference, fine.features, fine.labels, train, seed=seed),
                              bundle_threshold)
 
-    scores = {P.MODEL_REFERENCE: p_neoplastic(reference, ref_held.features),
-              P.MODEL_LOCAL: p_neoplastic(local, held.features),
-              P.MODEL_FEDERATED: p_neoplastic(federated, held.features)}
+    scores = {P.MODEL_REFERENCE: reference.p_neoplastic(ref_held.features),
+              P.MODEL_LOCAL: local.p_neoplastic(held.features),
+              P.MODEL_FEDERATED: federated.p_neoplastic(held.features)}
     scores[P.MODEL_REFERENCE_SITE] = scores[P.MODEL_REFERENCE]
     arms = ((P.MODEL_REFERENCE, float(bundle_threshold), None), (P.MODEL_REFERENCE_SITE, t_ref_site.p, t_ref_site.reason),
             (P.MODEL_LOCAL, t_local.p, t_local.reason), (P.MODEL_FEDERATED, t_fed.p, t_fed.reason))

@@ -150,7 +150,3 @@ def local_update(head: Head, features: np.ndarray, labels: np.ndarray, *, max_ep
     return train_head(head, features, labels, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                       seed=seed, device=device, proximal_mu=proximal_mu)
 
-
-def p_neoplastic(head: Head, features: np.ndarray, device: str = "cpu") -> np.ndarray:
-    """Probability of class 1 (neoplastic) for each feature row, as float64 (``Head.p_neoplastic``)."""
-    return head.p_neoplastic(features, device)

@@ -30,7 +30,7 @@ from shared.errors import IchfedError
 from .calibrate import SiteThreshold, site_threshold
 from .cross_fit import HeadSet, case_folds, cross_fit_scores, train_head_set
 from .features import FeatureStore, Part, SiteFeatures
-from .finetune import Head, p_neoplastic
+from shared.head import Head
 from .privacy import build_reply
 from .seeds import cross_fit_seed, fold_head_seed, round_seed
 from .site_bundles import Refusal, SiteBundles
@@ -128,7 +128,7 @@ class SiteSession:
         heads = _head_set(content)
         t = self.threshold(heads, feats.fine_tune, float(bundle.threshold.p))
         held = feats.held_out
-        metrics, reasons = arm_metrics(P.MODEL_GLOBAL, held, p_neoplastic(heads.main, held.features), t.p,
+        metrics, reasons = arm_metrics(P.MODEL_GLOBAL, held, heads.main.p_neoplastic(held.features), t.p,
                                        min_cases=self.config.min_cases, seed=self.config.seed,
                                        threshold_reason=t.reason)
         return build_reply(self.name, metrics={**metrics, **feats.counts(held.n)}, reasons=reasons)
@@ -143,7 +143,7 @@ class SiteSession:
         if heads.n_folds:
             scores = cross_fit_scores(heads, fine, self._folds(fine, heads.n_folds))
         else:
-            scores = p_neoplastic(heads.main, fine.features)
+            scores = heads.main.p_neoplastic(fine.features)
         return site_threshold(fine.labels, scores, fallback)
 
     # -- query.final ---------------------------------------------------------------------------

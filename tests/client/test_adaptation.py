@@ -46,6 +46,38 @@ def test_stats_come_from_fine_tune_and_unlabelled_crops_never_held_out(bundle):
     assert not np.allclose(plain, np.stack([feats[c] for c in ids]), atol=1e-4)
 
 
+def test_a_restarted_site_reuses_its_statistics_and_embeddings(bundle, tmp_path, monkeypatch):
+    """A second process (a new run, another simulation worker) with the same cases neither
+    re-estimates the statistics nor re-embeds; a new case is embedded alone; other statistics
+    cases give other statistics."""
+    from client import adaptation
+    from client.cache import AdaptedCache
+
+    fine, held = _crops(bundle, 4, 1), _crops(bundle, 3, 2)
+    crops = {**fine, **held}
+    keys = {c: f"{i:064x}" for i, c in enumerate(crops)}
+    first, stats = adapted_features(bundle, crops, list(fine), [], Adaptation(),
+                                    cache=AdaptedCache(tmp_path), keys=keys)
+    embedded: list[int] = []
+    real_embed, real_stats = adaptation.embed_with, adaptation.site_norm_stats
+    monkeypatch.setattr(adaptation, "site_norm_stats", lambda *a, **k: pytest.fail("statistics re-estimated"))
+    monkeypatch.setattr(adaptation, "embed_with",
+                        lambda b, s, x, d="cpu": embedded.append(len(x)) or real_embed(b, s, x, d))
+    again, stats2 = adapted_features(bundle, crops, list(fine), [], Adaptation(),
+                                     cache=AdaptedCache(tmp_path), keys=keys)
+    assert embedded == [] and stats2.sha256() == stats.sha256()
+    assert all(np.array_equal(first[c], again[c]) for c in crops)
+    extra = _crops(bundle, 1, 5)  # a new held-out case: embedded alone, the statistics kept
+    keys.update({c: "f" * 64 for c in extra})
+    more, _ = adapted_features(bundle, {**crops, **extra}, list(fine), [], Adaptation(),
+                               cache=AdaptedCache(tmp_path), keys=keys)
+    assert embedded == [1] and set(more) == set(crops) | set(extra)
+    monkeypatch.setattr(adaptation, "site_norm_stats", real_stats)
+    _, other = adapted_features(bundle, crops, list(fine)[:3], [], Adaptation(),
+                                cache=AdaptedCache(tmp_path), keys=keys)
+    assert other.n_cases == 3 and other.sha256() != stats.sha256()
+
+
 def test_paper_switches_keep_the_bundle_statistics(bundle):
     crops = _crops(bundle, 4, 1)
     assert adapted_features(bundle, crops, list(crops), [], Adaptation.paper()) == ({}, None)
