@@ -58,6 +58,9 @@ class Deployment:
                 # colour codes would only make the logs harder to search
                 "NO_COLOR": "1",
                 "TERM": "dumb",
+                # `flwr run --stream` prints the ServerApp's log ("±", "—") through rich; on an ASCII
+                # locale it stops with UnicodeEncodeError (docs/deployment.md says the same to users)
+                "PYTHONIOENCODING": "utf-8",
             }
         )
         self.env.update(env or {})

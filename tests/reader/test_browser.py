@@ -104,6 +104,10 @@ def test_drop_synthetic_case_shows_the_predictors_numbers(page, lesion_case, tmp
             assert shown == pytest.approx(expected[key], abs=0.5 + 1e-9)
     assert int(page.inner_text("#n-lesions")) == expected["n_components"]
     assert _shown_number(page.inner_text("#p-value")) == pytest.approx(expected["p_neoplastic"], abs=5e-4 + 1e-9)
+    shown_cal = _shown_number(page.inner_text("#p-calibrated"))
+    assert (shown_cal is None) == (expected.get("p_calibrated") is None)
+    if shown_cal is not None:
+        assert shown_cal == pytest.approx(expected["p_calibrated"], abs=5e-4 + 1e-9)
     if expected["quality_flags"]:  # the tiny model's segmentation often fails a check: see the flagged test
         assert page.inner_text("#verdict").startswith("Not reliable")
     else:

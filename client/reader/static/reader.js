@@ -328,6 +328,12 @@
       $("pbar-marker").style.left = `${(100 * pos).toFixed(2)}%`;
       $("p-value").textContent = `${fmtP(r.p_neoplastic)}  (log ${r.log_p_neoplastic.toFixed(2)})`;
     }
+    // The calibrated probability is what validation (or the site's out-of-fold scores) supports as a
+    // frequency; the threshold still applies to the raw p it was chosen on. Never shown as a number
+    // to act on for a flagged case.
+    const calibrated = r.lesion_found && r.p_calibrated !== null && r.p_calibrated !== undefined;
+    $("p-calibrated").textContent = !calibrated ? "—"
+      : `${fmtP(r.p_calibrated)}  (${flagged ? "not reliable" : (state.info && state.info.calibration_source === "site" ? "site" : "validation")})`;
     $("threshold-value").textContent = `${fmtP(r.threshold)}  (${r.threshold_source || "bundle"})`;
     $("pbar-threshold-label").textContent = `threshold ${fmtP(r.threshold)}`;
     $("ich-ml").textContent = fmtMl(r.ich_ml);
