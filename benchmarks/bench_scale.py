@@ -116,8 +116,8 @@ def run_one(n: int, args, pubkey: Path) -> dict:
         seed_bundle(bundle, bundle_cache_dir(out / "sites" / f"site-{i + 1}" / "state"))
     cohort_s = time.perf_counter() - t0
     cmd = ["nice", "-n", str(args.nice), str(Path(sys.executable).parent / "ichfed"), "simulate", *site_args,
-           "--rounds", str(args.rounds), "--min-sites", str(max(1, n // 2)), "--fine-tune-fraction", str(args.fine_tune_fraction), "--local-epochs",
-           str(args.local_epochs), "--bundle", str(args.bundle), "--pubkey", str(pubkey), "--out", str(out)]
+           "--rounds", str(args.rounds), "--min-sites", str(max(1, n // 2)),
+           "--fine-tune-fraction", str(args.fine_tune_fraction), "--local-epochs", str(args.local_epochs), "--bundle", str(args.bundle), "--pubkey", str(pubkey), "--out", str(out)]
     load_before = os.getloadavg()
     t1 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
