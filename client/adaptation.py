@@ -47,10 +47,16 @@ def settings(config: Any) -> Adaptation:
 
 def stats_crops(crops: dict[str, np.ndarray | None], fine_tune: Sequence[str], unlabelled: Sequence[str],
                 use_unlabelled: bool) -> list[np.ndarray]:
-    """The crops the site's statistics are estimated on: fine-tune cases (and unlabelled ones when
+    """The crops the site's statistics are estimated on (those of :func:`stats_case_ids`)."""
+    return [crops[c] for c in stats_case_ids(crops, fine_tune, unlabelled, use_unlabelled)]
+
+
+def stats_case_ids(crops: dict[str, np.ndarray | None], fine_tune: Sequence[str], unlabelled: Sequence[str],
+                   use_unlabelled: bool) -> list[str]:
+    """The cases the site's statistics are estimated on: fine-tune cases (and unlabelled ones when
     ``use_unlabelled``) with a segmented lesion. Held-out cases are never passed in."""
     ids = list(fine_tune) + (list(unlabelled) if use_unlabelled else [])
-    return [crops[c] for c in ids if crops.get(c) is not None]
+    return [c for c in ids if crops.get(c) is not None]
 
 
 def site_norm_stats(bundle, crops: list[np.ndarray], device: str = "cpu"):
@@ -101,14 +107,13 @@ def adapted_features(bundle, crops: dict[str, np.ndarray | None], fine_tune: Seq
     """
     if not adaptation.local_norm_stats:
         return {}, None
-    use_unlabelled = adaptation.unlabelled_for_norm_stats
-    stats_ids = [c for c in list(fine_tune) + (list(unlabelled) if use_unlabelled else []) if crops.get(c) is not None]
+    stats_ids = stats_case_ids(crops, fine_tune, unlabelled, adaptation.unlabelled_for_norm_stats)
     digest = None
     if cache is not None and keys is not None:
         digest = cache.digest(bundle.hash, bundle.crop_spec.key(), [keys[c] for c in stats_ids])
     stats = cache.stats(digest) if digest else None
     if stats is None:
-        stats = site_norm_stats(bundle, stats_crops(crops, fine_tune, unlabelled, use_unlabelled), device)
+        stats = site_norm_stats(bundle, [crops[c] for c in stats_ids], device)
         if stats is None:
             return {}, None
         if digest:

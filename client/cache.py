@@ -135,8 +135,8 @@ class AdaptedCache:
 
     ``digest`` (:meth:`digest`) names what the statistics were estimated from: the bundle, the
     crop spec and the sorted cache keys of those cases. The same cases give the same folder, and a
-    case's features under those statistics are stored by the case's own cache key. Files are
-    owner-only like the statistics in the site overlay.
+    case's features under those statistics are stored by the case's own cache key. Each folder
+    is owner-only, and the statistics file is written as the site overlay's is.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:

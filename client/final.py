@@ -20,11 +20,11 @@ import logging
 from typing import Any
 
 from shared import protocol as P
+from shared.head import Head
 
 from .calibrate import SiteThreshold, TrainFn, out_of_fold_scores, site_threshold
 from .evaluate import arm_metrics, paired_metrics
 from .features import SiteFeatures
-from shared.head import Head
 from .site_config import SiteConfig
 
 log = logging.getLogger(__name__)

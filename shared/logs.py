@@ -83,8 +83,7 @@ def setup(log_dir: str | Path | None = None, *, verbose: bool = False, debug: bo
     """
     root = logging.getLogger()
     _remove_ours(root)
-    with _lock:  # counts from before this run's set-up belong to no summary of it
-        _tallies.clear()
+    _take_tallies()  # counts from before this run's set-up belong to no summary of it
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     console = logging.StreamHandler(sys.stderr)
     setattr(console, _MARK, True)
@@ -136,6 +135,14 @@ def tally(logger: logging.Logger, condition: str, hit: bool, detail: str = "") -
         logger.debug("%s%s", condition, f" ({detail})" if detail else "")
 
 
+def _take_tallies() -> dict[str, tuple[int, int]]:
+    """The counts since the last take, ``{condition: (hits, cases)}``; resets them."""
+    with _lock:
+        counts = {k: (v[0], v[1]) for k, v in _tallies.items()}
+        _tallies.clear()
+    return counts
+
+
 def flush_tallies(logger: logging.Logger | None = None, prefix: str = "",
                   console: bool = True) -> dict[str, tuple[int, int]]:
     """Log one line per condition that held at least once ("COND: k of n cases") and reset.
@@ -144,9 +151,7 @@ def flush_tallies(logger: logging.Logger | None = None, prefix: str = "",
     file: a hundred simulated sites would otherwise print a hundred). Returns
     ``{condition: (hits, cases)}`` of what was counted since the last flush.
     """
-    with _lock:
-        counts = {k: (v[0], v[1]) for k, v in _tallies.items()}
-        _tallies.clear()
+    counts = _take_tallies()
     logger = logger or log
     for condition, (hits, total) in counts.items():
         if hits:
