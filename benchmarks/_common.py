@@ -9,7 +9,7 @@ def device_info(requested: str) -> dict:
     """Which device a benchmark ran on, for its JSON result."""
     import torch
 
-    from shared.device import pick_device
+    from shared.plumbing.device import pick_device
 
     dev = pick_device(requested)
     return {

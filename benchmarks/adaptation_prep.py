@@ -36,7 +36,7 @@ class SiteCrops:
     crops: np.ndarray
 
     def save(self, path: Path) -> None:
-        from shared.atomic import atomic_path
+        from shared.plumbing.atomic import atomic_path
 
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:
@@ -54,8 +54,8 @@ def prepare_site(site_dir: Path, n_labelled: int, predictor, out: Path, segmenta
     """Segment and crop every case of ``site_dir`` (cached in ``out``); the first ``n_labelled`` keep labels."""
     from tqdm import tqdm
 
-    from shared.ingest import read_image
-    from shared.sitedata import read_mask
+    from shared.imaging.ingest import read_image
+    from shared.imaging.sitedata import read_mask
 
     name = site_dir.name
     if out.is_file():

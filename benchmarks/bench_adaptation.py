@@ -6,7 +6,7 @@ last on the real GE head CT background) with ``--cases-per-site`` labelled cases
 the rest are held out; ``--rounds`` rounds of FedAvg of heads; ``--split-seeds`` repeats (only the
 fine-tune / held-out split changes). Every case is segmented and cropped once by the shared
 pipeline (``adaptation_prep``); each arm then runs the site-side functions ichfed uses
-(``shared.batchnorm_stats``, ``client.finetune.local_update``, ``client.calibrate``,
+(``shared.models.batchnorm_stats``, ``client.finetune.local_update``, ``client.calibrate``,
 ``client.evaluate``) and the server's pooling (``server.pooling.pool_model``) in one process, so
 ten arms cost minutes, not ten Flower simulations. All arms are scored on the same held-out cases.
 
@@ -118,9 +118,10 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from adaptation_prep import prepare
-    from shared.atomic import write_json, write_text
+
     from shared.bundle import load_bundle
-    from shared.signing import PUBLIC_KEY_NAME
+    from shared.plumbing.atomic import write_json, write_text
+    from shared.security.keys import PUBLIC_KEY_NAME
 
     pubkey = args.pubkey or args.bundle.parent / f"{args.bundle.name}-keys" / PUBLIC_KEY_NAME
     bundle = load_bundle(args.bundle, pubkey)
@@ -189,7 +190,7 @@ def cached_run(folder: Path, bundle, sites, seed: int, fraction: float, recipe: 
     import hashlib
     import json
 
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     key = hashlib.sha256(json.dumps({"bundle": bundle.hash, "fraction": fraction, "recipe": dataclasses.asdict(recipe),
                                      "scale": scale, "sites": [s.name for s in sites],
@@ -240,8 +241,8 @@ def site_view(bundle, site, seed: int, fraction: float, device: str) -> SiteView
     unlabelled cases for the "+unlabelled" variant); held-out crops never enter them.
     """
     from client.split import stratified_split
-    from shared import batchnorm_stats
-    from shared.classifier import embed
+    from shared.models import batchnorm_stats
+    from shared.models.classifier import embed
 
     labelled = {cid: int(y) for cid, y in zip(site.case_ids, site.labels) if y >= 0}
     split = stratified_split(labelled, fraction, seed)
@@ -271,7 +272,7 @@ _BACKBONES: dict[str, Any] = {}
 
 def _backbone(bundle):
     """The bundle's backbone, built once per process (never modified: statistics go on copies)."""
-    from shared.classifier import backbone_and_head
+    from shared.models.classifier import backbone_and_head
 
     if bundle.hash not in _BACKBONES:
         _BACKBONES[bundle.hash] = backbone_and_head(bundle.build_classifier("cpu").eval())[0]
@@ -281,7 +282,7 @@ def _backbone(bundle):
 def _adapted(backbone, stats):
     import copy
 
-    from shared import batchnorm_stats
+    from shared.models import batchnorm_stats
 
     bb = copy.deepcopy(backbone)
     batchnorm_stats.apply(bb, stats)
@@ -298,8 +299,8 @@ def _part(site, feats: np.ndarray, idx: np.ndarray):
 
 
 def _reference_head(bundle):
-    from shared.head import Head
-    from shared.classifier import backbone_and_head
+    from shared.models.classifier import backbone_and_head
+    from shared.models.head import Head
 
     _, fc = backbone_and_head(bundle.build_classifier("cpu"))
     return Head(weight=fc.weight.detach().numpy().astype(np.float32).copy(),
@@ -334,7 +335,7 @@ def train_arms(bundle, views: list[SiteView], recipe: Recipe, seed: int, device:
 def federate(start, fine_parts, recipe: Recipe, regularised: bool, seed: int, device: str) -> dict[str, Any]:
     """FedAvg of heads weighted by fine-tune cases (as ``server.strategy``), ``recipe.rounds`` rounds."""
     from client.finetune import local_update
-    from shared.head import Head
+    from shared.models.head import Head
 
     head, previous = start, start
     for r in range(recipe.rounds):
@@ -417,7 +418,7 @@ def _site_head(final, view: SiteView, heads: dict):
 
 
 def _meta_of(rows: list[dict], arm: str, metric: str) -> dict[str, Any] | None:
-    from shared.rocstats import meta_analysis
+    from shared.evaluation.rocstats import meta_analysis
 
     pairs = [(r[arm][metric], r[arm][metric + "-var"]) for r in rows
              if r.get(arm, {}).get(metric) is not None and r[arm].get(metric + "-var") is not None]

@@ -48,7 +48,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     result: dict = {
         "benchmark": "bootstrap",

@@ -9,7 +9,7 @@ none of its cases is in a bootstrap cohort). Training crops come from the true m
 crops from a demo bundle's nnU-Net masks, as in ``ichfed bootstrap``. Crops are stored as uint8
 (the [0, 1] normalised crop times 255) in one ``.npz``.
 
-Each recipe trains ``shared.classifier.train_classifier`` and reports the AUC of the kept model
+Each recipe trains ``shared.models.classifier.train_classifier`` and reports the AUC of the kept model
 on the evaluation crops from predicted masks and from the true masks. A logistic regression on
 log ICH and log PHE voxel counts gives a reference for what the masks alone carry. Smaller crops
 are made by area-averaging the 50 x 50 in-plane grid (the mask re-thresholded at half cover).
@@ -54,7 +54,7 @@ def main() -> int:
             parser.error("--make-data needs --bundle")
         make_data(args.bundle, args.cases, args.data)
         return 0
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     dev = device_info(args.device)
     out = args.out or ROOT / "benchmarks" / "results" / f"classifier_recipes_{dev['used']}.json"
@@ -66,10 +66,10 @@ def main() -> int:
 def make_data(bundle: Path, n_cases: int, out: Path, n_eval: int = 140) -> None:
     """Write train (true-mask) and eval (predicted- and true-mask) demo crops to ``out``."""
     from server.bootstrap import RECIPES
-    from shared.crop import make_crop
-    from shared.ingest import read_image
-    from shared.segment import Segmenter
-    from shared.sitedata import read_mask, read_site
+    from shared.imaging.crop import make_crop
+    from shared.imaging.ingest import read_image
+    from shared.imaging.sitedata import read_mask, read_site
+    from shared.models.segment import Segmenter
     from simulations.cohort import write_cohort
 
     spec = dataclasses.replace(RECIPES["demo"].crop, size_xyz=(50, 50, 20), spacing_mm=(1.8, 1.8, 5.0))
@@ -118,8 +118,8 @@ def shrink(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def recipes():
-    from shared.classifier_augment import AugmentationConfig
-    from shared.classifier_training import ClassifierTrainConfig
+    from server.training.classifier_augment import AugmentationConfig
+    from server.training.classifier_training import ClassifierTrainConfig
 
     # The demo profile as it was when the sweep ran: 15 epochs with augmentation, all crops for BatchNorm.
     base = ClassifierTrainConfig(epochs=15, batch_size=8, learning_rate=1e-3, keep="best_val_loss",
@@ -153,8 +153,8 @@ def sweep(data: Path, device: str, budget_s: float, save) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from shared.classifier import predict_log_probs
-    from shared.classifier_training import train_classifier
+    from server.training.classifier_training import train_classifier
+    from shared.models.classifier import predict_log_probs
 
     def predict_proba(model, crops, device):
         return np.exp(predict_log_probs(model, crops, device)[:, 1])

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shift-test", type=int, default=200)
     ap.add_argument("--shift-scale", default="demo")
     args = ap.parse_args(argv)
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     if args.shift:
         t0 = time.perf_counter()

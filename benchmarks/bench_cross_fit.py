@@ -18,7 +18,6 @@ Writes ``benchmarks/results/cross_fit.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -48,8 +47,8 @@ def _run(seed: int, args) -> dict:
     from client.cross_fit import HeadSet, case_folds, cross_fit_scores, train_head_set
     from client.features import Part
     from client.finetune import train_head
-    from shared.head import Head
     from client.seeds import cross_fit_seed, fold_head_seed, round_seed
+    from shared.models.head import Head
 
     rng = np.random.default_rng(seed)
     sites = [_site(rng, args.fine_tune, args.held_out, args.signal) for _ in range(args.sites)]
@@ -104,7 +103,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cross_fit.json")
     args = parser.parse_args()
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     t0 = time.perf_counter()
     runs = [_run(s, args) for s in range(args.seeds)]

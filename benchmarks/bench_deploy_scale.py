@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench_scale import TreeMemory  # same folder
 
     from ichfed.cli import main as ichfed
-    from shared.atomic import write_json
-    from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
+    from shared.plumbing.atomic import write_json
+    from shared.security.keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
     from simulations.cohort import write_cohort
     from tests.deploy.harness import Deployment
     from tests.deploy.test_tls_deployment import _app_copy

@@ -9,7 +9,7 @@
     ClientApp's own ``client.privacy.build_reply`` from real metrics.
 
 Crops come from the synthetic cohort generator (``simulations.cohort.make_case``) through the
-real ``shared.crop.make_crop`` with the reference mask, so no nnU-Net model is needed. The
+real ``shared.imaging.crop.make_crop`` with the reference mask, so no nnU-Net model is needed. The
 backbone is a seeded ResNet-34, or a bundle's classifier with ``--bundle``.
 
     python benchmarks/bench_federated.py                       # both parts, demo crop, CPU
@@ -49,8 +49,8 @@ def synthetic_crops(n: int, seed: int, crop: str, profile: str = "charite-like",
     """``n`` lesion crops with labels from the cohort generator; cases without a lesion are skipped."""
     from tqdm import tqdm
 
-    from shared.config import CropSpec
-    from shared.crop import make_crop
+    from shared.imaging.crop import make_crop
+    from shared.plumbing.config import CropSpec
     from simulations.cohort import make_case
 
     size, spacing, scale = CROPS[crop]
@@ -74,7 +74,7 @@ def synthetic_crops(n: int, seed: int, crop: str, profile: str = "charite-like",
 def _backbone(args):
     import torch
 
-    from shared.classifier import backbone_and_head, build_model
+    from shared.models.classifier import backbone_and_head, build_model
 
     if args.bundle:
         from shared.bundle import load_bundle
@@ -102,7 +102,7 @@ def naive_train(backbone, head0, crops, labels, *, epochs, learning_rate, batch_
     """
     import torch
 
-    from shared.head import Head
+    from shared.models.head import Head
 
     n = len(labels)
     gen = torch.Generator().manual_seed(int(seed))
@@ -132,9 +132,9 @@ def bench_finetune(args) -> dict:
     from client.cache import CachedCase, CaseCache
     from client.finetune import train_head
     from client.site_config import SiteConfig
-    from shared.classifier import embed
-    from shared.device import pick_device
-    from shared.head import Head
+    from shared.models.classifier import embed
+    from shared.models.head import Head
+    from shared.plumbing.device import pick_device
 
     device = pick_device(args.device)
     defaults = SiteConfig(name="bench", data_dir=Path("."), state_dir=Path("."))
@@ -239,9 +239,9 @@ def bench_bytes(args) -> dict:
     from client.features import Part
     from client.finetune import train_head
     from client.privacy import build_reply
-    from shared import protocol as P
-    from shared.head import Head
-    from shared.transport import message_size
+    from shared.bundle.transport import message_size
+    from shared.federation import protocol as P
+    from shared.models.head import Head
 
     rng = np.random.default_rng(args.seed)
     n_ft, n_ho = 12, 48
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     import torch
 
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -60,10 +60,10 @@ def main() -> int:
     if args.split_seeds < 1:
         parser.error("--split-seeds: must be at least 1")
 
-    from shared.atomic import write_json, write_text
     from shared.bundle import load_bundle
-    from shared.signing import PUBLIC_KEY_NAME
-    from shared.transport import bundle_cache_dir, seed_bundle
+    from shared.bundle.transport import bundle_cache_dir, seed_bundle
+    from shared.plumbing.atomic import write_json, write_text
+    from shared.security.keys import PUBLIC_KEY_NAME
     from simulations.repeats import run_repeats, summary_markdown
 
     pubkey = args.pubkey or args.bundle.parent / f"{args.bundle.name}-keys" / PUBLIC_KEY_NAME

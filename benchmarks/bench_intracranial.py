@@ -3,11 +3,11 @@
 Cases are generated in memory (``simulations.cohort.make_case``, ``--background real`` by
 default: synthetic bleeds inserted into the real GE head). Each is segmented once with the
 bundle's nnU-Net; the labels are scored twice, without and with the intracranial mask (the
-mask step is switched off by patching ``shared.intracranial.restrict_labels``). Per case: ICH
+mask step is switched off by patching ``shared.imaging.intracranial.restrict_labels``). Per case: ICH
 Dice, ICH components, false ICH ml (predicted ICH outside the true lesion), whether the largest
 ICH component overlaps the true ICH (what the crop is centred on), ICH volume error, and the
 quality flags; and the masked labels after the postprocessing candidates ``largest`` and
-``min_ml:0.5`` (``shared.postprocess``). Writes ``benchmarks/results/intracranial_<name>.json``.
+``min_ml:0.5`` (``shared.models.postprocess``). Writes ``benchmarks/results/intracranial_<name>.json``.
 
     python benchmarks/bench_intracranial.py --bundle BUNDLE --cases 12 --seed 77
 """
@@ -78,7 +78,7 @@ def main() -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    import shared.intracranial as ic
+    import shared.imaging.intracranial as ic
     from shared.bundle import load_bundle
     from shared.pipeline import Predictor
     from simulations.cohort import make_case
@@ -86,7 +86,7 @@ def main() -> None:
     bundle = load_bundle(Path(args.bundle), None, allow_unsigned=True)
     predictor = Predictor(bundle, device=args.device)
     restrict = ic.restrict_labels
-    from shared.postprocess import Rule, apply_rule
+    from shared.models.postprocess import Rule, apply_rule
 
     rules = {"with_mask+largest": Rule("largest"), "with_mask+min_ml:0.5": Rule("min_ml", 0.5)}
     rows = {"without_mask": [], "with_mask": [], **{k: [] for k in rules}}

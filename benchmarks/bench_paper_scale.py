@@ -61,7 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     dev = device_info(args.device)
     work = args.work_dir
@@ -104,9 +104,9 @@ def main() -> int:
 
 def _plan(work: Path, seed: int) -> Path:
     """nnU-Net's fingerprint extractor and planner (``paper`` profile) on 5 synthetic paper-scale cases."""
-    from shared.segment_dataset import export_dataset
-    from shared.segment_train import plan
-    from shared.sitedata import read_site
+    from shared.imaging.sitedata import read_site
+    from shared.training.segment_dataset import export_dataset
+    from shared.training.segment_train import plan
     from simulations.cohort import write_cohort
 
     out = work / "plans"
@@ -139,10 +139,10 @@ def _timing_bundle(plans_dir: Path, root: Path, seed: int) -> tuple[Path, Path]:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from shared.bundle import create_bundle
-    from shared.classifier import build_model
-    from shared.config import CropSpec
-    from shared.segment_model import network_from_plans
-    from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_keypair
+    from shared.models.classifier import build_model
+    from shared.models.segment_model import network_from_plans
+    from shared.plumbing.config import CropSpec
+    from shared.security.keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, generate_keypair
 
     bundle = root / "bundle"
     keys = root / "keys"
@@ -161,7 +161,7 @@ def _timing_bundle(plans_dir: Path, root: Path, seed: int) -> tuple[Path, Path]:
     (model / "fold_all").mkdir(parents=True)
     shutil.copy2(plans_dir / "dataset.json", model / "dataset.json")
     shutil.copy2(plans_dir / f"{PLANS_NAME}.json", model / "plans.json")
-    # The slim checkpoint layout that ``shared.segment_model`` writes for its own trained models.
+    # The slim checkpoint layout that ``shared.models.segment_model`` writes for its own trained models.
     torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
                 "init_args": {"configuration": CONFIGURATION, "fold": "all"},
                 "inference_allowed_mirroring_axes": (0, 1, 2), "current_epoch": 0},
@@ -210,7 +210,7 @@ def _warm_stages(case: dict, bundle_path: Path, pubkey: Path, device: str, repea
     import SimpleITK as sitk
 
     from shared.bundle import load_bundle
-    from shared.ingest import read_image
+    from shared.imaging.ingest import read_image
     from shared.pipeline import Predictor
 
     t0 = time.perf_counter()

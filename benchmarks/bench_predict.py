@@ -59,8 +59,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from shared.atomic import write_json
-    from shared.signing import PUBLIC_KEY_NAME
+    from shared.plumbing.atomic import write_json
+    from shared.security.keys import PUBLIC_KEY_NAME
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reference_seeds.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     header = {"benchmark": "reference_seeds", "profile": args.profile, "host": platform.node(),
               "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

@@ -15,7 +15,7 @@ shared) and measures:
 * the machine's load average before and after (other jobs compete for the 2 cores).
 
 Cohorts are generated here first (timed apart) and every site starts with the reference bundle
-already in its cache (``shared.transport.seed_bundle``: hard links), as sites that received it
+already in its cache (``shared.bundle.transport.seed_bundle``: hard links), as sites that received it
 out of band would: sending the 250 MB ci bundle to 100 virtual sites through Flower's in-memory
 messages would measure the disk, not the federation.
 
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                    "and starts with that site's preprocessing cache hard-linked, so round 1 skips nnU-Net; "
                    "measures the federation's own cost at N sites (preprocessing is per case, see the K-site run)")
     args = p.parse_args(argv)
-    from shared.atomic import write_json
-    from shared.signing import PUBLIC_KEY_NAME
+    from shared.plumbing.atomic import write_json
+    from shared.security.keys import PUBLIC_KEY_NAME
 
     pubkey = args.pubkey or args.bundle.parent / f"{args.bundle.name}-keys" / PUBLIC_KEY_NAME
     previous = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {}
@@ -97,8 +97,8 @@ def run_one(n: int, args, pubkey: Path) -> dict:
     import shutil
 
     from shared.bundle import load_bundle
-    from shared.progress import read_events
-    from shared.transport import bundle_cache_dir, seed_bundle
+    from shared.bundle.transport import bundle_cache_dir, seed_bundle
+    from shared.plumbing.progress import read_events
     from simulations import flower_sim
 
     out = args.work_dir / (f"{n}-sites" + ("-reused" if args.reuse_sites else ""))

@@ -1,8 +1,8 @@
 """Benchmark nnU-Net segmentation: training time of a profile and CPU/GPU inference time per case.
 
 Writes ``benchmarks/results/segment_<profile>.json``. Steps, each timed: a synthetic
-``charite-like`` site (``simulations.cohort.write_cohort``), ``shared.segment_dataset.export_dataset`` on the
-training cases, ``shared.segment_train.train`` (nnU-Net planning/preprocessing and training, in its
+``charite-like`` site (``simulations.cohort.write_cohort``), ``shared.training.segment_dataset.export_dataset`` on the
+training cases, ``shared.training.segment_train.train`` (nnU-Net planning/preprocessing and training, in its
 subprocess) and ``Segmenter.predict`` on held-out cases, with their ICH and PHE Dice.
 
 Wall time depends on what else runs on the machine, so the load average is recorded too.
@@ -44,11 +44,11 @@ def main() -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from shared.ingest import read_image
-    from shared.segment import Segmenter
-    from shared.segment_dataset import export_dataset
-    from shared.segment_train import train
-    from shared.sitedata import read_mask, read_site
+    from shared.imaging.ingest import read_image
+    from shared.imaging.sitedata import read_mask, read_site
+    from shared.models.segment import Segmenter
+    from shared.training.segment_dataset import export_dataset
+    from shared.training.segment_train import train
     from simulations.cohort import write_cohort
 
     scale = args.scale or args.profile
@@ -95,7 +95,7 @@ def main() -> int:
     result["load_avg_end"] = os.getloadavg()
 
     out = args.out or ROOT / "benchmarks" / "results" / f"segment_{args.profile}.json"
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     write_json(out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "cases"}, indent=2))

@@ -58,10 +58,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from shared.atomic import write_json
     from shared.bundle import load_bundle
-    from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
-    from shared.transport import bundle_cache_dir, seed_bundle
+    from shared.bundle.transport import bundle_cache_dir, seed_bundle
+    from shared.plumbing.atomic import write_json
+    from shared.security.keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
     from simulations import flower_sim
 
     keys = args.bundle.parent / f"{args.bundle.name}-keys"

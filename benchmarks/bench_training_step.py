@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     dev = device_info(args.device)
     result = {"benchmark": "training_step", "device": dev, "classifier": _classifier(args.device, args.steps)}
@@ -64,7 +64,7 @@ def _classifier(device: str, steps: int) -> dict:
 
     import torch
 
-    from shared.classifier import build_model
+    from shared.models.classifier import build_model
 
     out = {}
     for bs, bf16 in ((64, False), (64, True), (32, False), (16, False)):

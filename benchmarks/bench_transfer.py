@@ -58,10 +58,23 @@ ARMS = {
 }
 
 
+_FLAT_LAYOUT = {  # the old flat ``shared.<name>`` -> where the module lives now
+    "signing": "shared.security.keys", "verified": "shared.plumbing.verified", "config": "shared.plumbing.config",
+    "errors": "shared.plumbing.errors", "files": "shared.plumbing.files", "atomic": "shared.plumbing.atomic",
+    "protocol": "shared.federation.protocol", "head": "shared.models.head", "classifier": "shared.models.classifier",
+    "model_policy": "shared.models.model_policy", "segment_model": "shared.models.segment_model",
+    "bundle_manifest": "shared.bundle.manifest", "bundle_signing": "shared.bundle.signature",
+    "bundle_create": "shared.bundle.create", "bundle_tar": "shared.bundle.tar",
+}
+
+
 def _module_at(rev: str, rel: str, name: str) -> types.ModuleType:
     """Import ``rel`` as it was at git ``rev``, as a sibling module of the package (relative imports work)."""
     src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], check=True, capture_output=True, text=True,
                          encoding="utf-8").stdout
+    # That revision predates the sub-packages of shared/: its relative imports name the old flat modules.
+    for old, new in _FLAT_LAYOUT.items():
+        sys.modules.setdefault(f"shared.{old}", importlib.import_module(new))
     spec = importlib.util.spec_from_loader(name, loader=None)
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = name.rpartition(".")[0]
@@ -101,14 +114,14 @@ def run_arm(arm: str, parent_dir: Path, public: Path, private: Path, work: Path,
     import torch
 
     from shared.bundle import load_bundle
-    from shared.transport import records_size
+    from shared.bundle.transport import records_size
 
     if arm == "v1":
         bundle_mod = _module_at(v1_rev, "shared/bundle.py", "shared._bench_v1_bundle")
         transport = _module_at(v1_rev, "shared/transport.py", "shared._bench_v1_transport")
     else:
         import shared.bundle as bundle_mod
-        import shared.transport as transport
+        import shared.bundle.transport as transport
     parent = load_bundle(parent_dir, public)
     cache = work / f"{arm}-site" / "bundles"
     transport.seed_bundle(parent, cache)
@@ -183,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "load_average_1min_at_end": os.getloadavg()[0], "python": platform.python_version()},
     })
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     write_json(args.out, result)
     log.info("wrote %s", args.out)

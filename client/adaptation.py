@@ -1,6 +1,6 @@
 """Site adaptation beyond the paper's last layer, all of it kept at the site (issue #14).
 
-- **Local normalisation statistics** (AdaBN/FedBN, ``shared.batchnorm_stats``): the classifier
+- **Local normalisation statistics** (AdaBN/FedBN, ``shared.models.batchnorm_stats``): the classifier
   backbone's BatchNorm running mean and variance are re-estimated on the site's own crops (the
   fine-tune split plus, optionally, the unlabelled cases; never the held-out split) and every
   embedding at the site uses them. They are kept in the site overlay, never sent.
@@ -61,8 +61,8 @@ def stats_case_ids(crops: dict[str, np.ndarray | None], fine_tune: Sequence[str]
 
 def site_norm_stats(bundle, crops: list[np.ndarray], device: str = "cpu"):
     """``NormStats`` of the bundle's backbone on ``crops``; None when there are fewer than two."""
-    from shared import batchnorm_stats
-    from shared.classifier import backbone_and_head
+    from shared.models import batchnorm_stats
+    from shared.models.classifier import backbone_and_head
 
     if len(crops) < batchnorm_stats.MIN_BATCH:
         log.warning("local normalisation statistics need at least %d crops, got %d; using the bundle's",
@@ -74,8 +74,8 @@ def site_norm_stats(bundle, crops: list[np.ndarray], device: str = "cpu"):
 
 def embed_with(bundle, stats, crops: np.ndarray, device: str = "cpu") -> np.ndarray:
     """(N, 512) features of ``crops`` from the bundle's backbone with the site's ``stats`` applied."""
-    from shared import batchnorm_stats
-    from shared.classifier import backbone_and_head, embed
+    from shared.models import batchnorm_stats
+    from shared.models.classifier import backbone_and_head, embed
 
     backbone, _ = backbone_and_head(bundle.build_classifier("cpu").eval())
     batchnorm_stats.apply(backbone, stats, where="site norm stats")

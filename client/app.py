@@ -22,10 +22,10 @@ from typing import Callable, Sequence
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from shared import protocol as P
-from shared.errors import IchfedError
-from shared.progress import site_mod
-from shared.stats_protocol import ACTION_STATS
+from shared.federation import protocol as P
+from shared.federation.stats_protocol import ACTION_STATS
+from shared.plumbing.errors import IchfedError
+from shared.plumbing.progress import site_mod
 
 from .privacy import AuditMod, build_reply, privacy_mod
 from .session import SiteSession
@@ -90,7 +90,7 @@ def build_client_app(site_configs: Sequence[str | os.PathLike] | None = None,
                      extra_mods: Sequence[Callable] = ()) -> ClientApp:
     """A ClientApp. ``site_configs[i]`` serves simulation node ``partition-id`` i; without it the
     node's ``--node-config site-config=...`` is used. Every message is a stage in the site's
-    progress events (``shared.progress.site_mod``). ``extra_mods`` run outside the privacy mod,
+    progress events (``shared.plumbing.progress.site_mod``). ``extra_mods`` run outside the privacy mod,
     so they see exactly what leaves the site."""
     if site_configs is not None:
         paths = [str(Path(p).resolve()) for p in site_configs]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.atomic import atomic_path, write_json
+from shared.plumbing.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class CachedCase:
     dice_phe: float | None = None
     ich_ml: float | None = None
     phe_ml: float | None = None
-    # Names of the segmentation's failed plausibility checks (shared.quality.FLAGS).
+    # Names of the segmentation's failed plausibility checks (shared.imaging.quality.FLAGS).
     quality_flags: tuple[str, ...] = ()
 
 
@@ -153,8 +153,8 @@ class AdaptedCache:
 
     def stats(self, digest: str):
         """The ``NormStats`` stored under ``digest``, or None (absent, or damaged: then recomputed)."""
-        from shared import batchnorm_stats
-        from shared.errors import IchfedError
+        from shared.models import batchnorm_stats
+        from shared.plumbing.errors import IchfedError
 
         d = self._dir(digest)
         if not (d / "stats.json").is_file():
@@ -168,7 +168,7 @@ class AdaptedCache:
 
     def put_stats(self, digest: str, stats) -> None:
         """Store ``stats`` under ``digest`` (the weights first, ``stats.json`` with their sha256 last)."""
-        from shared import batchnorm_stats
+        from shared.models import batchnorm_stats
 
         d = self._dir(digest)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -5,7 +5,7 @@ on the scores of the cases it trained on lands on the lowest-scoring positive an
 strict on new cases. Here the scores come from k-fold training inside the fine-tune split
 (5-fold, or leave-one-out below ``LOO_BELOW`` cases): each case is scored by a head that never
 saw it. The threshold is the sensitivity x specificity-maximising cut placed at the midpoint
-between neighbouring scores (``shared.metrics.midpoint_threshold``), then rounded to the fixed
+between neighbouring scores (``shared.evaluation.metrics.midpoint_threshold``), then rounded to the fixed
 grid ``protocol.THRESHOLD_GRID`` and kept off every observed score, so the value that leaves the
 site is not any case's score. The site's probability calibration is re-fitted on the same
 out-of-fold scores. Everything here stays at the site.
@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from shared import protocol as P
-from shared.head import Head
+from shared.federation import protocol as P
+from shared.models.head import Head
 
 from .seeds import out_of_fold_seed
 
@@ -43,7 +43,7 @@ class SiteThreshold:
 
     p: float
     reason: str | None = None
-    calibration: dict[str, Any] | None = None  # ``shared.calibration.Calibration.to_dict()``
+    calibration: dict[str, Any] | None = None  # ``shared.evaluation.calibration.Calibration.to_dict()``
 
 
 def out_of_fold_scores(start: Head, features: np.ndarray, labels: np.ndarray, train: TrainFn, *,
@@ -87,7 +87,7 @@ def site_threshold(labels: np.ndarray, scores: np.ndarray, fallback: float) -> S
     Falls back to the bundle's threshold (rounded to the grid, reason ``threshold-from-bundle``)
     when ``labels`` lack a class.
     """
-    from shared.metrics import midpoint_threshold
+    from shared.evaluation.metrics import midpoint_threshold
 
     y = np.asarray(labels, np.int64)
     s = np.asarray(scores, np.float64)
@@ -99,7 +99,7 @@ def site_threshold(labels: np.ndarray, scores: np.ndarray, fallback: float) -> S
 
 def on_grid(p: float, scores: np.ndarray) -> float:
     """``p`` rounded to ``THRESHOLD_GRID`` inside (0, 1), moved one grid step up while it equals a score."""
-    from shared.metrics import snap_threshold
+    from shared.evaluation.metrics import snap_threshold
 
     q = snap_threshold(p, P.THRESHOLD_GRID)
     observed = set(np.asarray(scores, np.float64).tolist())
@@ -111,7 +111,7 @@ def on_grid(p: float, scores: np.ndarray) -> float:
 def fit_calibration(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any] | None:
     """The site's Platt calibration re-fitted on out-of-fold scores, as a dict; None when it cannot be fitted."""
     try:
-        from shared.calibration import Calibration
+        from shared.evaluation.calibration import Calibration
     except ImportError:  # calibration is optional: the threshold stands without it
         return None
     try:

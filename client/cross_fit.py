@@ -15,8 +15,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from shared import protocol as P
-from shared.head import Head
+from shared.federation import protocol as P
+from shared.models.head import Head
 
 from .split import assign_folds
 

@@ -5,7 +5,7 @@ counts, AUC with its DeLong variance, accuracy / sensitivity / specificity at th
 the confusion counts (plus an intention-to-treat confusion in which cases with no segmented
 lesion are predicted non-neoplastic), a ROC curve sampled at fixed FPRs, per-class score
 histograms on fixed bins, paired DeLong AUC differences between arms on the same cases, and how
-many held-out cases carry each segmentation quality flag (``shared.quality``).
+many held-out cases carry each segmentation quality flag (``shared.imaging.quality``).
 Metrics that would describe fewer than ``min_cases`` cases are withheld with a reason code.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from shared import protocol as P
+from shared.federation import protocol as P
 
 GATED = ("auc", "auc-var", "accuracy", "sensitivity", "specificity", "threshold", "tp", "fp", "tn", "fn",
          "itt-tp", "itt-fp", "itt-tn", "itt-fn", P.ROC_TPR, P.HIST_NEG, P.HIST_POS, "dice-ich", "dice-phe",
@@ -25,7 +25,7 @@ GATED = ("auc", "auc-var", "accuracy", "sensitivity", "specificity", "threshold"
 def arm_metrics(model: str, part, p: np.ndarray, threshold: float, *, min_cases: int, seed: int = 0,
                 threshold_reason: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Metrics of scores ``p`` at ``threshold`` on ``part`` (a ``client.features.Part``)."""
-    from shared.metrics import classification_metrics
+    from shared.evaluation.metrics import classification_metrics
 
     k = lambda m: P.metric_key(model, m)  # noqa: E731
     y = np.asarray(part.labels, np.int64)
@@ -72,7 +72,7 @@ def paired_metrics(model: str, labels: np.ndarray, p: np.ndarray, others: Mappin
 
     ``others`` maps ``"reference"`` / ``"local"`` to that arm's scores on the same cases.
     """
-    from shared.rocstats import delong_paired
+    from shared.evaluation.rocstats import delong_paired
 
     y = np.asarray(labels, np.int64)
     metrics: dict[str, Any] = {}
@@ -90,7 +90,7 @@ def paired_metrics(model: str, labels: np.ndarray, p: np.ndarray, others: Mappin
 
 
 def _auc_var(model: str, y: np.ndarray, p: np.ndarray, metrics: dict, reasons: dict) -> None:
-    from shared.rocstats import delong_auc
+    from shared.evaluation.rocstats import delong_auc
 
     key = P.metric_key(model, "auc-var")
     why = _delong_undefined(y)
@@ -109,7 +109,7 @@ def _delong_undefined(y: np.ndarray) -> str | None:
 
 
 def _roc(model: str, y: np.ndarray, p: np.ndarray, metrics: dict, reasons: dict) -> None:
-    from shared.metrics import roc_points
+    from shared.evaluation.metrics import roc_points
 
     fpr, tpr = roc_points(y, p)
     key = P.metric_key(model, P.ROC_TPR)
@@ -124,7 +124,7 @@ def _roc(model: str, y: np.ndarray, p: np.ndarray, metrics: dict, reasons: dict)
 def _histograms(model: str, y: np.ndarray, p: np.ndarray, min_cases: int, metrics: dict, reasons: dict) -> None:
     """Per-class score counts on SCORE_BINS fixed bins, only when every class has ``min_cases`` cases:
     a class of one or two cases would show where those patients' scores lie."""
-    from shared.rocstats import score_histogram
+    from shared.evaluation.rocstats import score_histogram
 
     keys = (P.metric_key(model, P.HIST_NEG), P.metric_key(model, P.HIST_POS))
     if min(int((y == 0).sum()), int((y == 1).sum())) < min_cases:

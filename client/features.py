@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from shared import protocol as P
-from shared.errors import IchfedError
-from shared.quality import FLAGS as QUALITY_FLAGS
+from shared.federation import protocol as P
+from shared.imaging.quality import FLAGS as QUALITY_FLAGS
+from shared.plumbing.errors import IchfedError
 
 from .adaptation import settings
 from .cache import AdaptedCache, CachedCase, CaseCache, cache_key, content_hash
@@ -52,7 +52,7 @@ class SiteFeatures:
     fine_tune: Part
     held_out: Part
     n_unusable: int
-    # The site's BatchNorm statistics (shared.batchnorm_stats.NormStats) the parts were embedded
+    # The site's BatchNorm statistics (shared.models.batchnorm_stats.NormStats) the parts were embedded
     # with, and the same parts under the bundle's own statistics (the reference arms); None when off.
     norm_stats: Any = None
     bundle_stats: tuple[Part, Part] | None = None
@@ -78,8 +78,8 @@ class FeatureStore:
         self._memo: dict[str, tuple[tuple, SiteFeatures]] = {}
 
     def read_site(self):
-        """The site's cases (``shared.sitedata.read_site``); problems are logged here, never sent."""
-        from shared.sitedata import read_site
+        """The site's cases (``shared.imaging.sitedata.read_site``); problems are logged here, never sent."""
+        from shared.imaging.sitedata import read_site
 
         site = read_site(self.config.data_dir, allow_unlabelled=True)
         for problem in site.problems:
@@ -143,7 +143,7 @@ class FeatureStore:
                unlabelled: list[str], adapt):
         """``rows`` re-embedded with the site's own BatchNorm statistics (``client.adaptation``) and
         those statistics, or ``(rows, None)`` when switched off; crops are dropped afterwards."""
-        from shared.device import pick_device
+        from shared.plumbing.device import pick_device
 
         from .adaptation import adapted_features
 
@@ -164,7 +164,7 @@ class FeatureStore:
         cached = self.cache.get(key, with_crop=with_crop)
         if cached is not None:
             return key, cached
-        from shared.ingest import read_image
+        from shared.imaging.ingest import read_image
 
         ingested = read_image(case.image_path)
         prepared = predictor.get().preprocess(ingested.image)
@@ -174,8 +174,8 @@ class FeatureStore:
             features = predictor.get().embed(crop.array[None])[0].astype(np.float32)
         dice_ich = dice_phe = None
         if case.mask_path is not None:
-            from shared.metrics import dice
-            from shared.sitedata import read_mask
+            from shared.evaluation.metrics import dice
+            from shared.imaging.sitedata import read_mask
 
             truth = read_mask(case.mask_path, like=ingested.image)
             dice_ich, dice_phe = dice(prepared.mask, truth, 1), dice(prepared.mask, truth, 2)

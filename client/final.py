@@ -19,8 +19,8 @@ import dataclasses
 import logging
 from typing import Any
 
-from shared import protocol as P
-from shared.head import Head
+from shared.federation import protocol as P
+from shared.models.head import Head
 
 from .calibrate import SiteThreshold, TrainFn, out_of_fold_scores, site_threshold
 from .evaluate import arm_metrics, paired_metrics

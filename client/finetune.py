@@ -16,7 +16,7 @@ import logging
 
 import numpy as np
 
-from shared.head import Head
+from shared.models.head import Head
 
 log = logging.getLogger(__name__)
 

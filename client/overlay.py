@@ -2,7 +2,7 @@
 
 An overlay holds the site's out-of-sample threshold, the site's re-fitted probability calibration
 and, optionally, the site's own BatchNorm statistics of the classifier backbone (AdaBN/FedBN,
-``shared.batchnorm_stats``). It lives in ``<state_dir>/overlay/<bundle hash>.json``, the
+``shared.models.batchnorm_stats``). It lives in ``<state_dir>/overlay/<bundle hash>.json``, the
 statistics beside it in ``<bundle hash>.norm.safetensors`` (their sha256 in the JSON; read
 without pickle and checked against the backbone before use). None of it leaves the site.
 
@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared import protocol as P
-from shared.errors import IchfedError
+from shared.federation import protocol as P
+from shared.plumbing.errors import IchfedError
 
 OVERLAY_VERSION = 1
 OVERLAY_DIR = "overlay"
@@ -62,15 +62,15 @@ def norm_stats_path(state_dir: str | os.PathLike, bundle_hash: str) -> Path:
 def save_overlay(state_dir: str | os.PathLike, overlay: SiteOverlay, norm_stats=None) -> Path:
     """Validate and write ``overlay`` atomically; returns its path.
 
-    ``norm_stats`` (``shared.batchnorm_stats.NormStats``) are written first, beside the overlay,
+    ``norm_stats`` (``shared.models.batchnorm_stats.NormStats``) are written first, beside the overlay,
     and the overlay records their file and sha256; without them the overlay keeps whatever
     ``overlay.norm_stats`` says (None: the bundle's own statistics are used).
     """
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     path = overlay_path(state_dir, overlay.bundle_hash)
     if norm_stats is not None:
-        from shared import batchnorm_stats
+        from shared.models import batchnorm_stats
 
         target = norm_stats_path(state_dir, overlay.bundle_hash)
         digest = batchnorm_stats.save(norm_stats, target)
@@ -134,11 +134,11 @@ def parse_overlay(data: Any, path: str | os.PathLike, bundle_hash: str | None = 
 def load_norm_stats(state_dir: str | os.PathLike, overlay: SiteOverlay | None):
     """The site's BatchNorm statistics the overlay names (``NormStats``, sha256-checked), or None.
 
-    They are only decoded here; ``shared.batchnorm_stats.apply`` checks that they fit the backbone.
+    They are only decoded here; ``shared.models.batchnorm_stats.apply`` checks that they fit the backbone.
     """
     if overlay is None or overlay.norm_stats is None:
         return None
-    from shared import batchnorm_stats
+    from shared.models import batchnorm_stats
 
     return batchnorm_stats.load(norm_stats_path(state_dir, overlay.bundle_hash), overlay.norm_stats["sha256"])
 
@@ -176,7 +176,7 @@ def _validate_calibration(value: Any, where: str) -> None:
     if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
         raise IchfedError(f"{where}: must be an object with a 'kind'")
     try:
-        from shared.calibration import Calibration
+        from shared.evaluation.calibration import Calibration
     except ImportError:  # the calibration module is optional for reading a threshold
         return
     try:

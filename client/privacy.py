@@ -10,7 +10,7 @@ A reply may carry only
 - thresholds only on the fixed grid ``protocol.THRESHOLD_GRID`` (the reference arm's is the
   bundle's own, public value),
 - a few short fields from a fixed vocabulary (site name, status, reason codes, bundle hash),
-- a Table 1 (``query.stats``, ``shared/stats_protocol.py``): counts and fixed-bin histograms by
+- a Table 1 (``query.stats``, ``shared/federation/stats_protocol.py``): counts and fixed-bin histograms by
   class, each count and bin 0 or at least ``protocol.MIN_CASES_FLOOR``, and scanner categories
   (short printable labels) with such counts.
 
@@ -27,8 +27,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from shared import protocol as P
-from shared import stats_protocol as S
+from shared.federation import protocol as P
+from shared.federation import stats_protocol as S
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class AuditMod:
         import time
         from pathlib import Path
 
-        from shared.atomic import write_text
+        from shared.plumbing.atomic import write_text
 
         reply = call_next(message, context)
         folder = self.folder_for(context)

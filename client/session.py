@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import protocol as P
-from shared.errors import IchfedError
+from shared.federation import protocol as P
+from shared.models.head import Head
+from shared.plumbing.errors import IchfedError
 
 from .calibrate import SiteThreshold, site_threshold
 from .cross_fit import HeadSet, case_folds, cross_fit_scores, train_head_set
 from .features import FeatureStore, Part, SiteFeatures
-from shared.head import Head
 from .privacy import build_reply
 from .seeds import cross_fit_seed, fold_head_seed, round_seed
 from .site_bundles import Refusal, SiteBundles
@@ -54,7 +54,7 @@ class SiteSession:
 
     def device(self) -> str:
         """The torch device of this site's training and scoring (``device`` in its config)."""
-        from shared.device import pick_device
+        from shared.plumbing.device import pick_device
 
         return str(pick_device(self.config.device))
 
@@ -181,7 +181,7 @@ class SiteSession:
         """The federated threshold and calibration, and the site's BatchNorm statistics, go with the
         bundle that carries the federated head (the site overlay; the backbone is the parent's, so
         the statistics fit it); with a final bundle, ``final.json`` records it."""
-        from shared.atomic import write_json
+        from shared.plumbing.atomic import write_json
 
         from .overlay import SiteOverlay, save_overlay
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from shared import protocol as P
-from shared.errors import BundleVerificationError
-from shared.head import Head
+from shared.federation import protocol as P
+from shared.models.head import Head
+from shared.plumbing.errors import BundleVerificationError
 
 from .site_config import SiteConfig
 
@@ -37,13 +37,13 @@ class SiteBundles:
     @property
     def folder(self) -> Path:
         """``<state_dir>/bundles``: the content-addressed bundle cache."""
-        from shared.transport import bundle_cache_dir
+        from shared.bundle.transport import bundle_cache_dir
 
         return bundle_cache_dir(self.config.state_dir)
 
     def has(self, bundle_hash: str) -> bool:
         """Whether the cache holds a bundle folder with this hash (not yet verified)."""
-        from shared.transport import cached_bundle
+        from shared.bundle.transport import cached_bundle
 
         return cached_bundle(self.folder, bundle_hash) is not None
 
@@ -52,7 +52,7 @@ class SiteBundles:
         if bundle_hash in self._bundles:
             return self._bundles[bundle_hash]
         from shared.bundle import load_bundle
-        from shared.transport import cached_bundle
+        from shared.bundle.transport import cached_bundle
 
         name = self.config.name
         path = cached_bundle(self.folder, bundle_hash)
@@ -72,7 +72,7 @@ class SiteBundles:
 
     def receive(self, arrays, config) -> str:
         """Verify and cache a bundle sent as records; returns its hash, or raises ``Refusal``."""
-        from shared.transport import bundle_from_records
+        from shared.bundle.transport import bundle_from_records
 
         name = self.config.name
         if self.config.public_key is None:

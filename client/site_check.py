@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +20,9 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
     A bad config raises ``IchfedError``; everything else is reported in the returned dict,
     with ``ready`` False and ``not_ready`` reasons when the site cannot take part.
     """
+    from shared.imaging.sitedata import read_site
+
     from .site_config import load_site_config
-    from shared.sitedata import read_site
 
     cfg = load_site_config(config_path)
     not_ready: list[str] = []
@@ -94,8 +95,8 @@ def _read_cases(name: str, site, open_images: bool) -> tuple[list, list[dict[str
 
 def _open_case(case) -> str | None:
     """Read a case's image fully and its mask against it; the reason it is unusable, or None."""
-    from shared.ingest import read_image
-    from shared.sitedata import read_mask
+    from shared.imaging.ingest import read_image
+    from shared.imaging.sitedata import read_mask
 
     try:
         image = read_image(case.image_path).image
@@ -110,7 +111,7 @@ def _open_case(case) -> str | None:
 
 
 def _device_report(preference: str) -> dict[str, Any]:
-    from shared.device import pick_device
+    from shared.plumbing.device import pick_device
 
     try:
         dev = pick_device(preference)
@@ -127,8 +128,8 @@ def _device_report(preference: str) -> dict[str, Any]:
 def _bundle_report(cfg) -> list[dict[str, Any]]:
     """Every bundle in the site's cache, checked against the site's public key."""
     from shared.bundle import load_bundle
-    from shared.errors import BundleVerificationError
-    from shared.transport import bundle_cache_dir, cached_bundle
+    from shared.bundle.transport import bundle_cache_dir, cached_bundle
+    from shared.plumbing.errors import BundleVerificationError
 
     cache = bundle_cache_dir(cfg.state_dir)
     out: list[dict[str, Any]] = []

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from shared import protocol as P
-from shared.config import from_dict, load_toml
-from shared.errors import IchfedError
+from shared.federation import protocol as P
+from shared.plumbing.config import from_dict, load_toml
+from shared.plumbing.errors import IchfedError
 
 from .adaptation import Adaptation
 
@@ -71,7 +71,7 @@ def load_site_config(path: str | os.PathLike) -> SiteConfig:
 
 def write_site_config(cfg: SiteConfig, path: str | os.PathLike) -> Path:
     """Write ``cfg`` as TOML (absolute paths), atomically."""
-    from shared.atomic import write_text
+    from shared.plumbing.atomic import write_text
 
     lines = []
     for f in dataclasses.fields(cfg):

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,10 @@ def init_site(
     Paths are stored absolute so the SuperNode can be started from any folder. An existing
     key pair is kept by default because the coordinator has registered its public half.
     """
+    from shared.plumbing.config import from_dict
+    from shared.security.pki import check_site_name, write_node_keypair
+
     from .site_config import SiteConfig, load_site_config, write_site_config
-    from shared.config import from_dict
-    from shared.pki import check_site_name, write_node_keypair
 
     check_site_name(name, "--name")
     data = Path(data_dir).resolve()
@@ -54,7 +55,7 @@ def init_site(
     if not (data / "cases.csv").is_file():
         raise IchfedError(f"--data: {data / 'cases.csv'} not found (a site folder holds cases.csv, images/, masks/)")
     if public_key is not None:
-        from shared.signing import load_public_key
+        from shared.security.keys import load_public_key
 
         load_public_key(public_key)  # a wrong file is caught now, not at the first federated round
     state = (Path(state_dir) if state_dir is not None else Path(".ichfed") / "sites" / name).resolve()
@@ -71,7 +72,7 @@ def init_site(
         write_node_keypair(private, public, force=True)
         made = True
     else:
-        from shared.pki import load_node_public_key
+        from shared.security.pki import load_node_public_key
 
         load_node_public_key(public)
         log.info("keeping existing SuperNode key %s", private)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 

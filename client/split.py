@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from shared.atomic import write_json
+from shared.plumbing.atomic import write_json
 
 
 @dataclasses.dataclass(frozen=True)

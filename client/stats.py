@@ -2,7 +2,7 @@
 
 Volumes and mean HU come from the site's reference masks when a case has one, otherwise from the
 bundle's segmentation (``shared.pipeline.Predictor.preprocess``, the same code as every other
-path). Scanner metadata comes from ingest (``shared.ingest.Ingested.scanner``).
+path). Scanner metadata comes from ingest (``shared.imaging.ingest.Ingested.scanner``).
 
 Suppression happens here, before anything is built into a reply: every count and every histogram
 bin between 1 and ``min_cases_for_metrics - 1`` is left out (bins are set to 0, counts are dropped
@@ -20,9 +20,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from shared import protocol as P
-from shared import stats_protocol as S
-from shared.errors import IchfedError
+from shared.federation import protocol as P
+from shared.federation import stats_protocol as S
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class NeedsBundle(IchfedError):
 
 def measure_cases(site, bundle=None, device: str = "cpu",
                   cache_dir: Path | None = None) -> tuple[list[CaseStats], int]:
-    """Measure every case of ``site`` (``shared.sitedata.SiteData``); returns (rows, unusable count).
+    """Measure every case of ``site`` (``shared.imaging.sitedata.SiteData``); returns (rows, unusable count).
 
     ``bundle`` (a verified ``shared.bundle.Bundle``) segments cases without a reference mask; the
     ``Predictor`` is built only when such a case comes up. Raises ``NeedsBundle`` if one does and
@@ -107,7 +107,7 @@ def _measure_cached(case, bundle, predictor: _Lazy, cache_dir: Path | None) -> C
     import hashlib
     import json
 
-    from shared.atomic import write_json
+    from shared.plumbing.atomic import write_json
 
     from .cache import content_hash
 
@@ -124,9 +124,9 @@ def _measure_cached(case, bundle, predictor: _Lazy, cache_dir: Path | None) -> C
 
 
 def _measure(case, predictor: _Lazy) -> CaseStats:
-    from shared.ingest import read_image
-    from shared.sitedata import read_mask
-    from shared.volumetrics import measure
+    from shared.imaging.ingest import read_image
+    from shared.imaging.sitedata import read_mask
+    from shared.imaging.volumetrics import measure
 
     ingested = read_image(case.image_path)
     if case.mask_path is not None:
@@ -139,7 +139,7 @@ def _measure(case, predictor: _Lazy) -> CaseStats:
 
 
 def scanner_categories(scanner) -> dict[str, str]:
-    """The category label of each scanner field (``shared.ingest.Scanner`` -> short fixed-form strings)."""
+    """The category label of each scanner field (``shared.imaging.ingest.Scanner`` -> short fixed-form strings)."""
     thickness = scanner.slice_thickness_mm
     tilt = scanner.tilt_deg
     return {
@@ -228,7 +228,7 @@ def _suppress_categories(counts: Counter, k: int) -> dict[str, int]:
 
 def site_table1(config, bundle=None, device: str = "cpu") -> SiteTable1:
     """The whole site job behind a ``query.stats`` message: read, measure, aggregate, suppress."""
-    from shared.sitedata import read_site
+    from shared.imaging.sitedata import read_site
 
     site = read_site(config.data_dir)
     for problem in site.problems:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def load_predictor(args):
 
 def default_public_key(bundle: str) -> Path:
     """The development public key ``ichfed bootstrap`` writes beside a bundle, if it is there."""
-    from shared.signing import PUBLIC_KEY_NAME
+    from shared.security.keys import PUBLIC_KEY_NAME
 
     b = Path(bundle).resolve()
     candidate = b.parent / f"{b.name}-keys" / PUBLIC_KEY_NAME

@@ -12,12 +12,11 @@ import argparse
 import importlib
 import os
 import sys
-
 from pathlib import Path
 
-from shared import logs
-from shared.errors import IchfedError
-from shared.logs import flush_tallies
+from shared.plumbing import logs
+from shared.plumbing.errors import IchfedError
+from shared.plumbing.logs import flush_tallies
 
 from . import __version__
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from shared import protocol as P
+from shared.federation import protocol as P
 
 # No site fine-tunes on a million ICH cases; a claim above this is a lie or a bug, and a float
 # this size can no longer overflow a weighted sum.

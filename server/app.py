@@ -8,7 +8,6 @@ directly by the simulation runner through ``build_server_app(settings)``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
@@ -17,107 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from shared import protocol as P
-from shared.errors import IchfedError
+from shared.federation import protocol as P
+from shared.plumbing.errors import IchfedError
 
 from .admission import SiteLedger, admit_metrics_reply
 from .checkpoint import CheckpointStore
+from .distribution import distribute_bundle, log_refusal, reply_status, send
 from .report import write_report
-from .robust import AGGREGATIONS, make_strategy
-from .strategy import DEFAULT_MAX_SITE_SHARE, DEFAULT_MAX_UPDATE_NORM, metrics_from_reply, pooled_metrics, site_name
+from .robust import make_strategy
+from .settings import ServerSettings, settings_from_run_config
+from .strategy import metrics_from_reply, pooled_metrics, site_name
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerSettings:
-    """What the coordinator decides for a run."""
-
-    bundle_path: Path
-    public_key: Path
-    state_dir: Path
-    num_rounds: int = 3
-    min_sites: int = 2
-    signing_key: Path | None = None  # signs the federated bundle; without it none is written
-    resume: bool = False
-    max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
-    round_timeout_s: float = 3600.0
-    wait_for_sites_s: float = 600.0
-    seed: int = 0
-    report_dir: Path | None = None  # default <state_dir>/report
-    aggregation: str = "fedavg"  # or "median" / "trimmed-mean" (server/robust.py)
-    trim_fraction: float = 0.2  # cut at each end by "trimmed-mean"
-    max_site_share: float = DEFAULT_MAX_SITE_SHARE  # the largest FedAvg weight share one site can claim
-    mode: str = "federate"  # or "stats": the sites' Table 1 only (server/stats_run.py), no training
-    # K fold heads trained beside the main head, for the sites' out-of-fold federated threshold (0: off)
-    cross_fit_folds: int = 5
-
-    def __post_init__(self) -> None:
-        if self.num_rounds < 1:
-            raise IchfedError(f"run config: 'num-server-rounds' must be at least 1, got {self.num_rounds}")
-        if self.min_sites < 1:
-            raise IchfedError(f"run config: 'min-sites' must be at least 1, got {self.min_sites}")
-        if not self.max_update_norm > 0:
-            raise IchfedError(f"run config: 'max-update-norm' must be positive, got {self.max_update_norm}")
-        if self.aggregation not in AGGREGATIONS:
-            raise IchfedError(f"run config: 'aggregation' must be one of {', '.join(AGGREGATIONS)}, "
-                              f"got {self.aggregation!r}")
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise IchfedError(f"run config: 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
-        if not (self.cross_fit_folds == 0 or 2 <= self.cross_fit_folds <= P.MAX_CROSS_FIT_FOLDS):
-            raise IchfedError(f"run config: 'cross-fit-folds' must be 0 (off) or 2..{P.MAX_CROSS_FIT_FOLDS}, "
-                              f"got {self.cross_fit_folds}")
-        if self.mode not in ("federate", "stats"):
-            raise IchfedError(f"run config: 'mode' must be 'federate' or 'stats', got {self.mode!r}")
-        if not 0.0 < self.max_site_share <= 1.0:
-            raise IchfedError(f"run config: 'max-site-share' must be in (0, 1], got {self.max_site_share}")
-
-    @property
-    def reports(self) -> Path:
-        return Path(self.report_dir) if self.report_dir else Path(self.state_dir) / "report"
-
-
-_RUN_CONFIG_KEYS = {
-    "bundle-path": ("bundle_path", Path),
-    "public-key": ("public_key", Path),
-    "state-dir": ("state_dir", Path),
-    "num-server-rounds": ("num_rounds", int),
-    "min-sites": ("min_sites", int),
-    "signing-key": ("signing_key", Path),
-    "resume": ("resume", bool),
-    "max-update-norm": ("max_update_norm", float),
-    "round-timeout": ("round_timeout_s", float),
-    "wait-for-sites": ("wait_for_sites_s", float),
-    "seed": ("seed", int),
-    "report-dir": ("report_dir", Path),
-    "aggregation": ("aggregation", str),
-    "trim-fraction": ("trim_fraction", float),
-    "max-site-share": ("max_site_share", float),
-    "mode": ("mode", str),
-    "cross-fit-folds": ("cross_fit_folds", int),
-}
-
-
-def settings_from_run_config(run_config: dict[str, Any]) -> ServerSettings:
-    """Settings from a Flower run config; empty strings mean "not set"."""
-    values: dict[str, Any] = {}
-    for key, (field, kind) in _RUN_CONFIG_KEYS.items():
-        v = run_config.get(key)
-        if v is None or v == "":
-            continue
-        try:
-            if kind is bool:
-                values[field] = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
-            elif kind is Path:
-                values[field] = Path(str(v)).expanduser()
-            else:
-                values[field] = kind(v)
-        except (TypeError, ValueError):
-            raise IchfedError(f"run config: '{key}' must be {kind.__name__}, got {v!r}") from None
-    for key in ("bundle-path", "public-key", "state-dir"):
-        if _RUN_CONFIG_KEYS[key][0] not in values:
-            raise IchfedError(f"run config: '{key}' is required (set it with --run-config \"{key}='...'\")")
-    return ServerSettings(**values)
 
 
 def build_server_app(settings: ServerSettings | None = None):
@@ -190,7 +100,7 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
     run_info["sites"] = sorted(ready.values())
     run_info["site_nodes"] = {name: node for node, name in sorted(ready.items())}
 
-    from shared.progress import RunProgress, reply_counts
+    from .run_progress import RunProgress, reply_counts
 
     progress = RunProgress(settings.state_dir, settings.num_rounds, first_round=start_round + 1)
     progress.event("bundle_distributed", sites=len(ready), **{k: len(v) for k, v in distribution.items()})
@@ -232,7 +142,7 @@ def run_federation(grid, settings: ServerSettings) -> dict[str, Any]:
 def initial_heads(bundle, cross_fit_folds: int) -> dict[str, np.ndarray]:
     """The first round's head record: the bundle's head, and as many copies as cross-fit folds
     (``fold<k>.weight`` / ``fold<k>.bias``; each site trains fold head k without its fold-k cases)."""
-    from shared.head import Head
+    from shared.models.head import Head
 
     head = Head.from_bundle(bundle)
     return {k: v for prefix in ("", *map(P.fold_prefix, range(cross_fit_folds)))
@@ -243,97 +153,6 @@ def _record(head: dict[str, np.ndarray]):
     from flwr.app import Array, ArrayRecord
 
     return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in head.items()})
-
-
-def _wait_for_nodes(grid, n: int, timeout_s: float) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= n:
-            return nodes
-        if time.monotonic() > deadline:
-            raise IchfedError(f"only {len(nodes)} site(s) connected within {timeout_s:g} s; min-sites is {n}")
-        log.info("waiting for sites: %d connected, %d needed", len(nodes), n)
-        time.sleep(1.0)
-
-
-def _send(grid, node_ids, message_type: str, content, timeout_s: float) -> list:
-    from flwr.app import Message
-
-    messages = [Message(content=content, dst_node_id=n, message_type=message_type) for n in node_ids]
-    return list(grid.send_and_receive(messages, timeout=timeout_s)) if messages else []
-
-
-def distribute_bundle(grid, bundle, settings: ServerSettings,
-                      ledger: SiteLedger | None = None) -> tuple[dict[int, str], dict[str, Any]]:
-    """Ask every site which bundle it has and send the bundle to those that lack it.
-
-    Returns ``{node_id: site}`` of the sites holding the verified bundle, and a summary for the
-    report. Sites that refuse (failed verification) are logged by name and left out, and so is
-    a node claiming a name another node already holds (``ledger``: the first claim wins).
-    """
-    ledger = ledger if ledger is not None else SiteLedger()
-    from flwr.app import ConfigRecord, RecordDict
-
-    from shared.transport import bundle_to_records
-
-    nodes = _wait_for_nodes(grid, settings.min_sites, settings.wait_for_sites_s)
-    offer = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_DELIVER: False})})
-    ready: dict[int, str] = {}
-    summary: dict[str, list[str]] = {"had": [], "received": [], "refused": []}
-    need: list[int] = []
-    for msg in _send(grid, nodes, P.QUERY_BUNDLE, offer, settings.round_timeout_s):
-        status = _status(msg)
-        clash = _name_clash(ledger, msg)
-        if clash:
-            log.warning("bundle check: node %s refused for this run: %s", msg.metadata.src_node_id, clash)
-            summary["refused"].append(f"{site_name(msg)} (node {msg.metadata.src_node_id})")
-        elif status == P.STATUS_HAVE:
-            ready[msg.metadata.src_node_id] = site_name(msg)
-            summary["had"].append(site_name(msg))
-        elif status == P.STATUS_NEED:
-            need.append(msg.metadata.src_node_id)
-        else:
-            _log_refusal(msg, "bundle check")
-            summary["refused"].append(site_name(msg))
-    if need:
-        arrays, config = bundle_to_records(bundle.path)
-        content = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_DELIVER: True}),
-                              P.BUNDLE_ARRAYS: arrays, P.BUNDLE_CONFIG: config})
-        log.info("sending bundle %s to %d site(s)", bundle.hash[:12], len(need))
-        for msg in _send(grid, need, P.QUERY_BUNDLE, content, settings.round_timeout_s):
-            if _status(msg) == P.STATUS_HAVE:
-                ready[msg.metadata.src_node_id] = site_name(msg)
-                summary["received"].append(site_name(msg))
-            else:
-                _log_refusal(msg, "bundle delivery")
-                summary["refused"].append(site_name(msg))
-    if len(ready) < settings.min_sites:
-        raise IchfedError(f"only {len(ready)} site(s) hold the verified bundle ({', '.join(sorted(ready.values())) or 'none'}); "
-                          f"min-sites is {settings.min_sites}")
-    log.info("sites ready: %s", ", ".join(sorted(ready.values())))
-    return ready, {k: sorted(v) for k, v in summary.items()}
-
-
-def _name_clash(ledger: SiteLedger, msg) -> str | None:
-    """Why the name in ``msg`` cannot be this node's (another node holds it), else None."""
-    if msg.has_error() or P.INFO not in msg.content.config_records:
-        return None  # an error reply carries no name to claim
-    name = msg.content[P.INFO].get(P.INFO_SITE)
-    if not isinstance(name, str) or not P.SITE_NAME_RE.match(name):
-        return f"site name {name!r} is missing or malformed"
-    return ledger.claim_name(msg.metadata.src_node_id, name)
-
-
-def _status(msg) -> str | None:
-    if msg.has_error() or P.INFO not in msg.content.config_records:
-        return None
-    return msg.content[P.INFO].get(P.INFO_STATUS)
-
-
-def _log_refusal(msg, what: str) -> None:
-    why = msg.error.reason if msg.has_error() else msg.content[P.INFO].get(P.INFO_REASON, "no reason given")
-    log.warning("%s: site %s refused: %s", what, site_name(msg), why)
 
 
 def write_federated_bundle(bundle, head: dict[str, np.ndarray], history: list[dict[str, Any]],
@@ -347,7 +166,7 @@ def write_federated_bundle(bundle, head: dict[str, np.ndarray], history: list[di
         log.info("no signing-key configured: the federated head stays in the checkpoints, no bundle is written")
         return None
     from shared.bundle import derive_bundle, load_bundle
-    from shared.head import Head
+    from shared.models.head import Head
 
     last = history[-1] if history else {}
     site_rows = [r for r in last.get("evaluate", {}).get("sites", []) if r.get("status") == "ok"]
@@ -391,7 +210,7 @@ def final_evaluation(grid, ready: dict[int, str], head: dict[str, np.ndarray], b
     ledger = ledger if ledger is not None else SiteLedger()
     from flwr.app import ConfigRecord, RecordDict
 
-    from shared.transport import bundle_to_records
+    from shared.bundle.transport import bundle_to_records
 
     content = RecordDict({
         P.HEAD: _record(head),
@@ -404,13 +223,13 @@ def final_evaluation(grid, ready: dict[int, str], head: dict[str, np.ndarray], b
         content[P.BUNDLE_ARRAYS], content[P.BUNDLE_CONFIG] = arrays, config
     sites = []
     # An offline site's answer comes from the SuperLink (node 0): that site is listed as missing.
-    replies = [m for m in _send(grid, sorted(ready), P.QUERY_FINAL, content, settings.round_timeout_s)
+    replies = [m for m in send(grid, sorted(ready), P.QUERY_FINAL, content, settings.round_timeout_s)
                if m.metadata.src_node_id in ready]
     for msg in replies:
         node = msg.metadata.src_node_id
         name = ready.get(node) or site_name(msg)
-        if _status(msg) != P.STATUS_OK:
-            _log_refusal(msg, "final evaluation")
+        if reply_status(msg) != P.STATUS_OK:
+            log_refusal(msg, "final evaluation")
             sites.append({"site": name, "node_id": node, "status": "failed"})
             continue
         why = admit_metrics_reply(ledger, msg)

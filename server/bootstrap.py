@@ -6,7 +6,7 @@ first writes the synthetic development cohort with ``simulations.reference``). I
 ResNet-34 on crops from *ground-truth* masks, picks the threshold on a validation part of the
 training split from crops of *predicted* masks, and evaluates the end-to-end pipeline on the
 held-out 10% with predicted masks — as the paper did. Predicted masks become crops through
-``shared.pipeline.prepare`` and are scored by ``shared.head.Head``, as in ``ichfed predict``.
+``shared.pipeline.prepare`` and are scored by ``shared.models.head.Head``, as in ``ichfed predict``.
 
 Stages: ``_read_split`` -> ``_train_segmenter`` -> ``_make_crops`` -> ``_train_classifier`` ->
 ``_evaluate`` -> ``_write_bundle``; ``bootstrap`` runs them in order and times each.
@@ -25,9 +25,9 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from shared.atomic import write_json, write_text
-from shared.config import CropSpec, to_dict
-from shared.errors import IchfedError
+from shared.plumbing.atomic import write_json, write_text
+from shared.plumbing.config import CropSpec, to_dict
+from shared.plumbing.errors import IchfedError
 
 from .bootstrap_report import render_report
 
@@ -45,8 +45,8 @@ class BootstrapRecipe:
     name: str
     scale: str
     n_cases: int
-    segmenter_recipe: str  # shared.segment_train.RECIPES: nnU-Net trainer/plans recipe name
-    classifier_recipe: str  # shared.classifier_training.ClassifierTrainConfig.named(...)
+    segmenter_recipe: str  # shared.training.segment_train.RECIPES: nnU-Net trainer/plans recipe name
+    classifier_recipe: str  # server.training.classifier_training.ClassifierTrainConfig.named(...)
     crop: CropSpec
     test_fraction: float = 0.10
     # The paper chose the threshold on held-out data; we carve it from the training 90%.
@@ -122,7 +122,7 @@ class SegmentedCase:
 
     case: Any
     image: Any
-    segmentation: Any  # shared.segment.Segmentation
+    segmentation: Any  # shared.models.segment.Segmentation
     truth: Any
 
 
@@ -212,7 +212,7 @@ def check_out(out: Path) -> Path:
 
 def _read_split(site_dir: Path, recipe: BootstrapRecipe, seed: int) -> tuple[Any, BootstrapSplit]:
     """The site's labelled cases with masks, split; too few is an error before any training."""
-    from shared.sitedata import read_site
+    from shared.imaging.sitedata import read_site
 
     site = read_site(site_dir)
     for p in site.problems:
@@ -229,8 +229,8 @@ def _train_segmenter(site: Any, split: BootstrapSplit, recipe: BootstrapRecipe, 
                      seed: int) -> tuple[Path, int]:
     """nnU-Net's own planner and trainer on (at most ``segmentation_max_cases`` of) the training
     cases; the model folder and how many cases it saw."""
-    from shared.segment_dataset import export_dataset
-    from shared.segment_train import train
+    from shared.training.segment_dataset import export_dataset
+    from shared.training.segment_train import train
 
     raw_root = work_dir / "nnunet_raw"
     seg_cases = split.train[: recipe.segmentation_max_cases] if recipe.segmentation_max_cases else split.train
@@ -241,7 +241,7 @@ def _train_segmenter(site: Any, split: BootstrapSplit, recipe: BootstrapRecipe, 
 def _make_crops(split: BootstrapSplit, model_dir: Path, crop_spec: CropSpec, device: str) -> _CropSets:
     """Ground-truth crops for training; predicted-mask crops for validation and test, after the
     postprocessing rule is chosen on the validation predictions (and stored with the model)."""
-    from shared.segment import Segmenter
+    from shared.models.segment import Segmenter
 
     train_x, train_y = _truth_crops(split.train, crop_spec)
     segmenter = Segmenter(model_dir, device=device)
@@ -251,9 +251,9 @@ def _make_crops(split: BootstrapSplit, model_dir: Path, crop_spec: CropSpec, dev
 
 
 def _truth_crops(cases: list[Any], crop_spec: CropSpec) -> tuple[np.ndarray, np.ndarray]:
-    from shared.ingest import read_image
+    from shared.imaging.ingest import read_image
+    from shared.imaging.sitedata import read_mask
     from shared.pipeline import prepare
-    from shared.sitedata import read_mask
 
     arrays, labels = [], []
     for c in tqdm(cases, desc="crops (ground truth)", disable=None):
@@ -266,8 +266,8 @@ def _truth_crops(cases: list[Any], crop_spec: CropSpec) -> tuple[np.ndarray, np.
 
 
 def _segment(cases: list[Any], segmenter: Any) -> list[SegmentedCase]:
-    from shared.ingest import read_image
-    from shared.sitedata import read_mask
+    from shared.imaging.ingest import read_image
+    from shared.imaging.sitedata import read_mask
 
     out = []
     for c in tqdm(cases, desc="segment", disable=None):
@@ -279,7 +279,7 @@ def _segment(cases: list[Any], segmenter: Any) -> list[SegmentedCase]:
 def _predicted_crops(segmented: list[SegmentedCase], crop_spec: CropSpec) -> dict[str, Any]:
     """Crops of the predicted masks (``shared.pipeline.prepare``, as at inference), Dice against the
     truth, the labels of cases with no segmented lesion, and the quality flags' counts."""
-    from shared.metrics import dice
+    from shared.evaluation.metrics import dice
     from shared.pipeline import prepare
 
     arrays, labels, dices, no_lesion, flags = [], [], {1: [], 2: []}, [], []
@@ -305,8 +305,11 @@ def _predicted_crops(segmented: list[SegmentedCase], crop_spec: CropSpec) -> dic
 
 def _train_classifier(crops: _CropSets, recipe: BootstrapRecipe, work_dir: Path, device: str, seed: int):
     """The ResNet-34 from scratch on ground-truth crops, validated on predicted-mask crops; curves to work_dir/report."""
-    from shared.classifier_history import plot_history
-    from shared.classifier_training import ClassifierTrainConfig, train_classifier
+    from server.training.classifier_history import plot_history
+    from server.training.classifier_training import (
+        ClassifierTrainConfig,
+        train_classifier,
+    )
 
     result = train_classifier(crops.train_x, crops.train_y, crops.val["crops"], crops.val["labels"],
                               ClassifierTrainConfig.named(recipe.classifier_recipe), device=device, seed=seed)
@@ -320,7 +323,7 @@ def _train_classifier(crops: _CropSets, recipe: BootstrapRecipe, work_dir: Path,
 def _evaluate(result: Any, crops: _CropSets, out: Path, device: str, seed: int) -> dict[str, Any]:
     """Threshold and calibration from validation scores (the threshold midway between neighbours),
     then the end-to-end metrics and Dice on the held-out test split."""
-    from shared.metrics import classification_metrics, dice_summary
+    from shared.evaluation.metrics import classification_metrics, dice_summary
 
     from .bootstrap_calibration import calibrate_reference, reference_threshold
 
@@ -339,8 +342,8 @@ def _evaluate(result: Any, crops: _CropSets, out: Path, device: str, seed: int) 
 
 
 def _p_neoplastic(model: Any, crops: np.ndarray, device: str) -> np.ndarray:
-    """p(neoplastic) of crops: the backbone's features scored by ``shared.head.Head``."""
-    from shared.classifier import predict_log_probs
+    """p(neoplastic) of crops: the backbone's features scored by ``shared.models.head.Head``."""
+    from shared.models.classifier import predict_log_probs
 
     return np.exp(predict_log_probs(model, crops, device)[:, 1]) if len(crops) else np.zeros(0)
 
@@ -349,8 +352,8 @@ def _write_bundle(model: Any, evaluation: dict[str, Any], model_dir: Path, recip
                   cohort_desc: dict[str, Any], out: Path, work_dir: Path, key_path: Path | None) -> tuple[Path, Path]:
     """Create and sign the bundle (a development key beside it when none is given); its path and the key's."""
     from shared.bundle import create_bundle, sign_bundle
-    from shared.classifier import save_weights
-    from shared.signing import PRIVATE_KEY_NAME, generate_keypair
+    from shared.models.classifier import save_weights
+    from shared.security.keys import PRIVATE_KEY_NAME, generate_keypair
 
     weights = work_dir / "classifier.safetensors"
     save_weights(model, weights)
@@ -384,8 +387,8 @@ def _choose_postprocessing(segmented: list[SegmentedCase], segmenter: Any,
     """
     import SimpleITK as sitk
 
-    from shared.intracranial import voxel_ml
-    from shared.postprocess import apply_rule, choose_rule, write_rule
+    from shared.imaging.intracranial import voxel_ml
+    from shared.models.postprocess import apply_rule, choose_rule, write_rule
 
     arrays = [(sitk.GetArrayFromImage(s.segmentation.labels), sitk.GetArrayFromImage(s.truth), voxel_ml(s.image))
               for s in segmented]

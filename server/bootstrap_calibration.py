@@ -18,8 +18,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from server.report_arms import plot_reliability
-from shared.calibration import Calibration, calibration_error, reliability_points
-from shared.metrics import Threshold, classification_metrics, midpoint_threshold
+from shared.evaluation.calibration import (
+    Calibration,
+    calibration_error,
+    reliability_points,
+)
+from shared.evaluation.metrics import (
+    Threshold,
+    classification_metrics,
+    midpoint_threshold,
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 def render_report(report: dict[str, Any]) -> str:
     """Markdown report shaped like the paper's Table 2, plus Dice per label."""
-    from shared.metrics import paper_table
+    from shared.evaluation.metrics import paper_table
 
     cls = report["test"]["classification"]
     lines = [
@@ -36,7 +36,9 @@ def render_report(report: dict[str, Any]) -> str:
             f"| {name.upper()} | {_f(s.get('mean'))} | {_f(s.get('sd'))} | {_f(s.get('median'))} | "
             f"{_f(s.get('min'))} | {_f(s.get('max'))} | {s.get('n')} |"
         )
-    from .bootstrap_calibration import render_calibration  # scipy and plotting: only when a report is rendered
+    from .bootstrap_calibration import (
+        render_calibration,  # scipy and plotting: only when a report is rendered
+    )
 
     lines += render_calibration(report.get("calibration"))
     lines += ["", "## Timings (s)", "", *(f"- {k}: {v}" for k, v in report["timings"].items()), ""]

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.atomic import atomic_path, write_json
-from shared.errors import IchfedError
+from shared.plumbing.atomic import atomic_path, write_json
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared import protocol as P
-from shared.calibration import reliability_from_histograms
-from shared.errors import IchfedError
-from shared.rocstats import meta_analysis, meta_analysis_auc, pooled_roc
+from shared.evaluation.calibration import reliability_from_histograms
+from shared.evaluation.rocstats import meta_analysis, meta_analysis_auc, pooled_roc
+from shared.federation import protocol as P
+from shared.plumbing.errors import IchfedError
 
 # (output key, estimate metric, variance metric) of every meta-analysed quantity.
 META_TARGETS = (

@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared import protocol as P
-from shared.atomic import atomic_path, write_json, write_text
+from shared.federation import protocol as P
+from shared.plumbing.atomic import atomic_path, write_json, write_text
 
 from . import report_arms as arms
 
@@ -264,7 +264,7 @@ def plot_rounds(report: dict[str, Any], path: str | os.PathLike) -> bool:
     """Across rounds: the global head's pooled and mean-site AUC on the held-out splits, the
     case-weighted training loss, the mean and largest update norm, and the head payload bytes
     exchanged (the same figures as the ``round_finished`` events). False when there are no rounds."""
-    from shared.progress import round_metrics
+    from .run_progress import round_metrics
 
     rounds = report.get("rounds") or []
     if not rounds:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from shared import protocol as P
-from shared.atomic import atomic_path
-from shared.rocstats import detectable_difference
+from shared.evaluation.rocstats import detectable_difference
+from shared.federation import protocol as P
+from shared.plumbing.atomic import atomic_path
 
 ARMS = (
     (P.MODEL_REFERENCE, "Before fine-tuning (reference bundle)"),

@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 from .strategy import HeadFedAvg
 

@@ -2,7 +2,7 @@
 
 No head is trained or sent. The bundle travels only so that sites without reference masks can
 segment their cases with the same model a federation would use; its delivery is the federation's
-own (``server.app.distribute_bundle``), so a site that refuses the bundle is left out the same way.
+own (``server.distribution.distribute_bundle``), so a site that refuses the bundle is left out the same way.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import logging
 import time
 from typing import Any
 
-from shared import protocol as P
-from shared import stats_protocol as S
+from shared.federation import protocol as P
+from shared.federation import stats_protocol as S
 
 from .admission import SiteLedger
 from .table1 import build_table1, parse_reply, write_table1
@@ -23,25 +23,25 @@ log = logging.getLogger(__name__)
 def run_stats(grid, settings) -> dict[str, Any]:
     """Ask the sites on ``grid`` for their Table 1 and write it to ``settings.reports``; returns the table.
 
-    ``settings`` is a ``server.app.ServerSettings``. Sites that refuse or do not answer are listed
+    ``settings`` is a ``server.settings.ServerSettings``. Sites that refuse or do not answer are listed
     under ``run.refused`` / ``run.missing`` and left out of the pooled column.
     """
     from flwr.app import ConfigRecord, RecordDict
 
     from shared.bundle import load_bundle
 
-    from .app import _send, _status, distribute_bundle
+    from .distribution import distribute_bundle, reply_status, send
 
     t0 = time.perf_counter()
     bundle = load_bundle(settings.bundle_path, settings.public_key)
     ready, distribution = distribute_bundle(grid, bundle, settings, SiteLedger())
     content = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash})})
-    replies = [m for m in _send(grid, sorted(ready), S.QUERY_STATS, content, settings.round_timeout_s)
+    replies = [m for m in send(grid, sorted(ready), S.QUERY_STATS, content, settings.round_timeout_s)
                if m.metadata.src_node_id in ready]
     sites, refused = [], []
     for msg in replies:
         name = ready[msg.metadata.src_node_id]
-        if _status(msg) != P.STATUS_OK:
+        if reply_status(msg) != P.STATUS_OK:
             why = msg.error.reason if msg.has_error() else msg.content[P.INFO].get(P.INFO_REASON, "no reason given")
             log.warning("stats: site %s refused: %s", name, why)
             refused.append({"site": name, "reason": why})

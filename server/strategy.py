@@ -25,11 +25,17 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from flwr.serverapp.strategy import FedAvg
 
-from shared import protocol as P
-from shared.errors import IchfedError
-from shared.head import Head
+from shared.federation import protocol as P
+from shared.models.head import Head
+from shared.plumbing.errors import IchfedError
 
-from .admission import SiteLedger, admit_metrics_reply, check_identity, check_train_claims, share_capped
+from .admission import (
+    SiteLedger,
+    admit_metrics_reply,
+    check_identity,
+    check_train_claims,
+    share_capped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +156,7 @@ class HeadFedAvg(FedAvg):
         self._sent: dict[str, np.ndarray] | None = None
         self._current: dict[str, Any] = {}
         self.last_arrays: dict[str, np.ndarray] | None = None
-        self.progress = None  # a shared.progress.RunProgress the ServerApp attaches, if any
+        self.progress = None  # a server.run_progress.RunProgress the ServerApp attaches, if any
 
     # -- training ---------------------------------------------------------------------------
     def _only_ready(self, messages):

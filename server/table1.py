@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared import stats_protocol as S
-from shared.atomic import write_json, write_text
+from shared.federation import stats_protocol as S
+from shared.plumbing.atomic import write_json, write_text
 
 log = logging.getLogger(__name__)
 

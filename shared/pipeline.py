@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .crop import Crop, make_crop
-from .ingest import Ingested, read_image
-from .quality import quality_flags
-from .volumetrics import Volumetrics, measure
+from shared.imaging.crop import Crop, make_crop
+from shared.imaging.ingest import Ingested, read_image
+from shared.imaging.quality import quality_flags
+from shared.imaging.volumetrics import Volumetrics, measure
 
-if TYPE_CHECKING:  # shared.segment imports nnU-Net's stack; loaded when a Predictor is built
-    from .config import CropSpec
-    from .segment import Segmentation
+if TYPE_CHECKING:  # shared.models.segment imports nnU-Net's stack; loaded when a Predictor is built
+    from shared.models.segment import Segmentation
+    from shared.plumbing.config import CropSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Prepared:
     mask: sitk.Image
     crop: Crop
     volumetrics: Volumetrics
-    # Named failed plausibility checks (shared.quality.FLAGS); [] when plausible.
+    # Named failed plausibility checks (shared.imaging.quality.FLAGS); [] when plausible.
     quality_flags: list[str] = dataclasses.field(default_factory=list)
     # What the intracranial mask removed from nnU-Net's labels; None for a given mask.
     extracranial_ml_removed: float | None = None
@@ -82,8 +82,8 @@ class Predictor:
 
     ``threshold`` overrides the bundle's threshold (a site's locally calibrated one); it is a
     probability of the neoplastic class, and a case is called neoplastic when ``p >= threshold``.
-    ``use_mirroring`` and ``tile_step_size`` go to nnU-Net's predictor (``shared.segment.Segmenter``).
-    A site's overlay (``client.overlay``) adds ``norm_stats`` (``shared.batchnorm_stats.NormStats``:
+    ``use_mirroring`` and ``tile_step_size`` go to nnU-Net's predictor (``shared.models.segment.Segmenter``).
+    A site's overlay (``client.overlay``) adds ``norm_stats`` (``shared.models.batchnorm_stats.NormStats``:
     the site's BatchNorm statistics, applied to the backbone after checking they fit it) and
     ``calibration`` (the site's re-fitted ``Calibration.to_dict()``, else the bundle's), which gives
     ``p_calibrated``; the threshold still applies to ``p_neoplastic``, on which it was chosen.
@@ -99,11 +99,11 @@ class Predictor:
         norm_stats: Any = None,
         calibration: dict[str, Any] | None = None,
     ) -> None:
-        from .calibration import Calibration
-        from .classifier import backbone_and_head
-        from .device import pick_device
-        from .head import Head
-        from .segment import Segmenter
+        from shared.evaluation.calibration import Calibration
+        from shared.models.classifier import backbone_and_head
+        from shared.models.head import Head
+        from shared.models.segment import Segmenter
+        from shared.plumbing.device import pick_device
 
         self.bundle = bundle
         self.device = pick_device(device)
@@ -118,7 +118,7 @@ class Predictor:
         self.head = Head.from_linear(fc)
         self.norm_stats_source = "bundle"
         if norm_stats is not None:
-            from .batchnorm_stats import apply
+            from shared.models.batchnorm_stats import apply
 
             apply(self.backbone, norm_stats, where="site overlay norm_stats")
             self.norm_stats_source = "site"
@@ -147,7 +147,7 @@ class Predictor:
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """Frozen-backbone features (N, 512) for crops (N, z, y, x)."""
-        from .classifier import embed
+        from shared.models.classifier import embed
 
         return embed(self.backbone, crops, self.device)
 
@@ -184,7 +184,7 @@ class Predictor:
         result, _, mask = self.predict_image(ingested)
         result["timings"] = {"ingest": round(ingest_s, 4), **result["timings"]}
         if save_masks_dir is not None:
-            from .atomic import atomic_path
+            from shared.plumbing.atomic import atomic_path
 
             out = Path(save_masks_dir) / mask_file_name(Path(path))
             with atomic_path(out) as tmp:

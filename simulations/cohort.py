@@ -14,9 +14,9 @@ import csv
 import dataclasses
 import gzip
 import io
+import logging
 import os
 import tempfile
-import logging
 import time
 import zlib
 from pathlib import Path
@@ -25,9 +25,9 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from shared.atomic import write_bytes, write_json, write_text
-from shared.config import to_dict
-from shared.errors import IchfedError
+from shared.plumbing.atomic import write_bytes, write_json, write_text
+from shared.plumbing.config import to_dict
+from shared.plumbing.errors import IchfedError
 
 from .lesions import ICH, PHE, CasePlan, insert_lesions, sample_plan
 from .phantom import make_phantom

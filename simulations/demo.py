@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger("ichfed.demo")
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="show the whole log on the console too")
     args = parser.parse_args(argv)
     # Console: banners, progress and results; Flower, Ray and per-case lines go to OUT/ichfed.log.
-    from shared.logs import setup
+    from shared.plumbing.logs import setup
 
     log_file = setup(Path(args.out), verbose=args.verbose)
     try:
@@ -55,12 +55,16 @@ def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) ->
     import json
 
     from server.bootstrap import get_recipe, render_report
-    from server.report_arms import arms_table_markdown, comparisons_table_markdown, verdict
+    from server.report_arms import (
+        arms_table_markdown,
+        comparisons_table_markdown,
+        verdict,
+    )
     from shared.bundle import load_bundle
-    from shared.logs import flush_tallies
     from shared.pipeline import Predictor
+    from shared.plumbing.logs import flush_tallies
     from shared.result_text import format_result
-    from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
+    from shared.security.keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
     from simulations.flower_sim import run as simulate
     from simulations.reference import bootstrap_development
 

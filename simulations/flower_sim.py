@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def run(
     """
     from client.app import build_client_app
     from client.site_config import SiteConfig, write_site_config
-    from server.app import ServerSettings, build_server_app
+    from server.app import build_server_app
+    from server.settings import ServerSettings
 
     out = Path(out).resolve()
     if rounds < 1:
@@ -155,7 +156,7 @@ def run(
                          min_cases_for_metrics=min_cases_for_metrics,
                          seed=(seed if split_seed is None else split_seed) + i)
         if extra:
-            from shared.config import from_dict, to_dict
+            from shared.plumbing.config import from_dict, to_dict
 
             merged = {**to_dict(cfg), **{k: str(v) if isinstance(v, Path) else v for k, v in extra.items()}}
             cfg = from_dict(SiteConfig, {k: v for k, v in merged.items() if v is not None},
@@ -181,7 +182,7 @@ def run(
             shutil.rmtree(settings.state_dir)
         for i in range(len(specs)):
             shutil.rmtree(out / "sites" / f"site-{i + 1}" / "state" / "outgoing", ignore_errors=True)
-    from shared.progress import site_mod
+    from shared.plumbing.progress import site_mod
 
     sites = [(out / "sites" / f"site-{i + 1}" / "state", spec.name) for i, spec in enumerate(specs)]
     mods = [site_mod(lambda context: sites[int(context.node_config["partition-id"])]), *extra_client_mods]
@@ -201,7 +202,7 @@ def backend_config(n_nodes: int, cpus_per_site: float, device: str,
     Without ``ray_address`` a private Ray instance gets this machine's CPUs; with it, Ray joins
     that cluster, which already knows its resources (Ray refuses ``num_cpus`` then).
     """
-    from shared.device import pick_device
+    from shared.plumbing.device import pick_device
 
     gpus = 0.0
     if pick_device(device).type == "cuda":
@@ -230,7 +231,7 @@ def _run_simulation(server_app, client_app, n_nodes: int, cpus_per_site: float, 
     from flwr.simulation.run_simulation import _run_simulation as run_engine
     from flwr.supercore.telemetry import EventType
 
-    from shared.logs import quiet_flower
+    from shared.plumbing.logs import quiet_flower
 
     quiet_flower()  # Flower's records reach the console once (and by default only the log file)
     try:

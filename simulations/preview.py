@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from shared.atomic import atomic_path
-from shared.errors import IchfedError
+from shared.plumbing.atomic import atomic_path
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 

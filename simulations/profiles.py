@@ -2,7 +2,7 @@
 
 A profile is a TOML file (built-ins live in ``simulations/profiles/*.toml``) with three
 tables, ``[scanner]``, ``[population]`` and the optional mixes inside population. It is
-validated on load with ``shared.config.from_dict``: an unknown key or an out-of-range value
+validated on load with ``shared.plumbing.config.from_dict``: an unknown key or an out-of-range value
 is a one-line ``IchfedError`` naming the file and the dotted field.
 
 Scanner knobs are expressed at the paper's native resolution (e.g. 0.45 mm in-plane, 5 mm
@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from shared.config import from_dict, load_toml
-from shared.errors import IchfedError
+from shared.plumbing.config import from_dict, load_toml
+from shared.plumbing.errors import IchfedError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 

@@ -1,6 +1,6 @@
 """Real-background heads: the hemorrhage-free head CT shipped in ``../shared/data/ct/``.
 
-The scan is ingested once per process with ``shared.ingest.read_image`` (which corrects its
+The scan is ingested once per process with ``shared.imaging.ingest.read_image`` (which corrects its
 gantry tilt). Its tissues are labelled by thresholds (bone, intracranial space, CSF,
 parenchyma) and its depth below the inner skull is a distance transform. Each case then
 samples it onto the case grid through a random left-right flip, in-plane rotation, small
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 from .phantom import AIR, CSF, GM, SCALP, SKULL, VENTRICLE, WM, Head, smooth_field
 from .scanner import Grid
@@ -47,7 +47,7 @@ def default_scan() -> Path:
 def _load(path: str) -> _Source:
     import SimpleITK as sitk
 
-    from shared.ingest import read_image
+    from shared.imaging.ingest import read_image
 
     p = Path(path)
     if not p.exists():

@@ -16,8 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from shared import protocol as P
-from shared.atomic import write_json, write_text
+from shared.federation import protocol as P
+from shared.plumbing.atomic import write_json, write_text
 
 log = logging.getLogger(__name__)
 

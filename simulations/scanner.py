@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 from .profiles import ScannerProfile
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def run_stats(out: str | os.PathLike, bundle: str | os.PathLike, public_key: str
 
     from client.app import build_client_app
     from client.site_config import SiteConfig, load_site_config, write_site_config
-    from server.app import ServerSettings, build_server_app
+    from server.app import build_server_app
+    from server.settings import ServerSettings
 
     from .flower_sim import _run_simulation, make_cohorts, plan_sites
 

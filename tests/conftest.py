@@ -57,7 +57,7 @@ def tiny_bundle(tmp_path_factory) -> TinyBundle:
     import json
 
     report = json.loads(report_path.read_text(encoding="utf-8"))
-    from shared.signing import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
+    from shared.security.keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
 
     key_dir = root / "bundle-keys"
     return TinyBundle(
@@ -73,7 +73,7 @@ def tiny_bundle(tmp_path_factory) -> TinyBundle:
 class TinyNnunetModel:
     """A real nnU-Net v2 model trained with the `ci` profile on a tiny synthetic site."""
 
-    model_dir: Path  # what shared.segment_train.train returns (slim checkpoints; goes into bundles)
+    model_dir: Path  # what shared.training.segment_train.train returns (slim checkpoints; goes into bundles)
     results_dir: Path  # nnU-Net's own nnUNet_results/Dataset501_ICH (checkpoints as nnU-Net writes them)
     site_dir: Path  # write_cohort("charite-like", 10, seed=0, scale="ci")
     train_ids: tuple[str, ...]
@@ -89,9 +89,9 @@ def tiny_nnunet_model(tmp_path_factory) -> TinyNnunetModel:
     """
     import time
 
-    from shared.segment_dataset import export_dataset
-    from shared.segment_train import train
-    from shared.sitedata import read_site
+    from shared.imaging.sitedata import read_site
+    from shared.training.segment_dataset import export_dataset
+    from shared.training.segment_train import train
     from simulations.cohort import write_cohort
 
     cached = os.environ.get("ICHFED_TEST_NNUNET_DIR")

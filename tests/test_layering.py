@@ -23,6 +23,20 @@ ALLOWED = {
     "ichfed": set(OURS),
 }
 
+# Inside ``shared/``: which sub-package may import which (docs/ARCHITECTURE.md, "shared/ sub-packages").
+# ``pipeline`` and ``result_text`` sit on top and may import every sub-package.
+SHARED_ALLOWED = {
+    "plumbing": set(),
+    "security": {"plumbing"},
+    "imaging": {"plumbing"},
+    "evaluation": {"plumbing"},
+    "federation": {"plumbing", "imaging"},
+    "models": {"plumbing", "imaging", "federation"},
+    "training": {"plumbing", "imaging", "federation", "models"},
+    "bundle": {"plumbing", "security", "imaging", "federation", "models"},
+}
+SHARED_TOP = {"pipeline", "result_text", "__init__"}
+
 # Breaches known and owned by someone else, each with the issue that removes it. Remove an entry
 # when its fix lands; the test fails while an entry is listed but no longer needed.
 KNOWN_BREACHES: set[tuple[str, str]] = set()
@@ -94,3 +108,87 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
                      "    from . import render\n    from ichfed.commands import predict\n", encoding="utf-8")
     names = [n for _, n in _imported(probe, root=tmp_path)]
     assert names == ["os", "server.app", "client.overlay", "client.reader.render", "ichfed.commands"]
+
+
+def _shared_part(path: Path) -> str:
+    rel = path.relative_to(REPO / "shared").parts
+    return rel[0] if len(rel) > 1 else Path(rel[0]).stem
+
+
+def test_shared_sub_packages_import_only_lower_floors():
+    """The stages are visible from the folder only if the floors hold: plumbing at the bottom, the
+    pipeline on top, and no sub-package reaching up."""
+    assert set(SHARED_ALLOWED) | SHARED_TOP == {_shared_part(p) for p in _modules("shared")}
+    found = []
+    for path in _modules("shared"):
+        part = _shared_part(path)
+        if part in SHARED_TOP:
+            continue
+        for line, name in _imported(path):
+            bits = name.split(".")
+            if bits[0] == "shared" and len(bits) > 1 and bits[1] != part and bits[1] not in SHARED_ALLOWED[part]:
+                found.append(f"  {path.relative_to(REPO).as_posix()}:{line} imports {name}")
+    assert not found, "shared/ sub-package imports above its floor:\n" + "\n".join(found)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for pkg in OURS for p in _modules(pkg)}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for _, imported in _imported(path):
+            # ``from pkg import mod`` names a module; ``from mod import func`` names its module
+            target = imported if imported in modules else imported.rpartition(".")[0]
+            if target in modules and target != name:
+                graph[name].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or around a loop, lazily or not."""
+    cycles = _cycles(_import_graph())
+    assert not cycles, "import cycles:\n" + "\n".join("  " + " -> ".join(c) for c in cycles)
+
+
+def test_cycle_finder_sees_a_loop():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

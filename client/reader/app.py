@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import asynccontextmanager
 import shutil
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,8 +31,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.requests import ClientDisconnect
 
-from shared.errors import IchfedError
-from shared.quality import FLAGS as QUALITY_FLAGS
+from shared.imaging.quality import FLAGS as QUALITY_FLAGS
+from shared.plumbing.errors import IchfedError
 
 from .cases import CaseStore, StoreFull, status
 from .render import WINDOWS
@@ -72,7 +72,7 @@ class ReaderSettings:
 
 def make_analyse(predictor: Any) -> Callable:
     """The worker's job for one case: read, segment, classify, as ``Predictor.predict`` does."""
-    from shared.ingest import read_image
+    from shared.imaging.ingest import read_image
 
     def analyse(path: Path, progress: Callable[[str], None]):
         t0 = time.perf_counter()

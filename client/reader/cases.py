@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 from .render import CaseView, make_view
 

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import numpy as np
 import SimpleITK as sitk
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 # (low HU, high HU). Brain and subdural follow common reading-room settings
 # (W80/L40 and W200/L80); stroke is the narrow W40/L40 that shows subtle edema.

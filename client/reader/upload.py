@@ -15,7 +15,7 @@ from typing import AsyncIterator
 from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 MAX_FILES = 5000
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.atomic import write_json
+from shared.plumbing.atomic import write_json
 
 log = logging.getLogger(__name__)
 

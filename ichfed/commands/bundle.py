@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 
 def register(sub) -> None:
@@ -74,7 +74,7 @@ def _usage(parser) -> int:
 
 
 def _keygen(args) -> int:
-    from shared.signing import generate_keypair
+    from shared.security.keys import generate_keypair
 
     priv, pub = generate_keypair(args.out)
     print(json.dumps({"private_key": str(priv), "public_key": str(pub)}, indent=2))
@@ -100,7 +100,7 @@ def _verify(args) -> int:
 
 
 def _crop_spec(path: str | None):
-    from shared.config import CropSpec, from_dict, load_toml
+    from shared.plumbing.config import CropSpec, from_dict, load_toml
 
     if path is None:
         return CropSpec()
@@ -113,7 +113,7 @@ def _crop_spec(path: str | None):
 def _cohort(path: str | None) -> dict:
     if path is None:
         return {"source": "imported"}
-    from shared.files import read_json
+    from shared.plumbing.files import read_json
 
     return read_json(path)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 
 def register(sub) -> None:
@@ -40,7 +40,7 @@ def report(args) -> int:
     src = Path(args.state_dir) / "report" / "report.json"
     if not src.is_file():
         raise IchfedError(f"{src}: not found (the run has not finished, or STATE_DIR is not a server state folder)")
-    from shared.files import read_json
+    from shared.plumbing.files import read_json
 
     data = read_json(src)
     paths = write_report(data, args.out or src.parent)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 
 def register(sub) -> None:
@@ -29,8 +29,8 @@ def run(args) -> int:
     """Ingest ``args.input``, write ``args.output``, print the summary JSON."""
     import SimpleITK as sitk
 
-    from shared.atomic import atomic_path
-    from shared.ingest import describe, read_image
+    from shared.imaging.ingest import describe, read_image
+    from shared.plumbing.atomic import atomic_path
 
     out = Path(args.output)
     if not out.name.lower().endswith((".nii.gz", ".nii")):

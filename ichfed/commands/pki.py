@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 def run_init(args) -> int:
     """Run ``ichfed pki init`` and print where each file went."""
-    from shared.pki import init_pki
+    from shared.security.pki import init_pki
 
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     layout = init_pki(args.out, args.server_name, sites, force=args.force, valid_days=args.days)

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 from shared.result_text import format_result
 
 from ..bundle_args import add_bundle_args, load_predictor

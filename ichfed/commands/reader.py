@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 from ..bundle_args import add_bundle_args, load_predictor
 
@@ -44,9 +44,15 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from shared.config import from_dict
-
-    from client.reader.app import ReaderSettings, create_app, loopback_hosts, make_analyse, model_info, serve
+    from client.reader.app import (
+        ReaderSettings,
+        create_app,
+        loopback_hosts,
+        make_analyse,
+        model_info,
+        serve,
+    )
+    from shared.plumbing.config import from_dict
 
     if not 0 < args.port < 65536:
         raise IchfedError(f"--port: must be between 1 and 65535, got {args.port}")

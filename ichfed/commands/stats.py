@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 from ..bundle_args import default_public_key
 

@@ -173,7 +173,11 @@ def test_predict_keeps_going_after_any_exception(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_predict_on_a_truncated_scan_is_an_error_not_no_lesion(tiny_bundle, tmp_path):
-    from tests.shared.test_pipeline import UNSEEN_CASE, write_healthy_head, write_synthetic_case
+    from tests.shared.test_pipeline import (
+        UNSEEN_CASE,
+        write_healthy_head,
+        write_synthetic_case,
+    )
 
     whole = tmp_path / "case.nii.gz"
     write_synthetic_case(UNSEEN_CASE, whole)

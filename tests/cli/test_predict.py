@@ -17,10 +17,15 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from tests.shared.test_pipeline import RESULT_KEYS, UNSEEN_CASE, write_healthy_head, write_synthetic_case
+from tests.shared.test_pipeline import (
+    RESULT_KEYS,
+    UNSEEN_CASE,
+    write_healthy_head,
+    write_synthetic_case,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-SEGMENTER_LOADED = "nnU-Net segmenter "  # logged once per Segmenter (shared/segment.py)
+SEGMENTER_LOADED = "nnU-Net segmenter "  # logged once per Segmenter (shared/models/segment.py)
 
 
 def ichfed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -141,7 +146,7 @@ def test_healthy_head_is_not_a_crash(multi_run):
 
 @pytest.mark.slow
 def test_save_masks_have_the_image_geometry(multi_run, case_files):
-    from shared.ingest import read_image
+    from shared.imaging.ingest import read_image
 
     saved = sorted(p.name for p in multi_run.masks_dir.iterdir())
     assert saved == ["ge-hispeed-head-tilt_mask.nii.gz", "healthy_mask.nii.gz", "synthetic_mask.nii.gz"]

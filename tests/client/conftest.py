@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _restore_root_logging():
-    """A ClientApp called in-process sets its worker's logging up (``shared.logs.setup_worker``:
+    """A ClientApp called in-process sets its worker's logging up (``shared.plumbing.logs.setup_worker``:
     root handlers, level, captured warnings); put the root logger back so later tests see pytest's."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

@@ -38,7 +38,7 @@ def test_stats_come_from_fine_tune_and_unlabelled_crops_never_held_out(bundle):
     _, without = adapted_features(bundle, crops, list(fine), list(unl), Adaptation(unlabelled_for_norm_stats=False))
     assert without.n_cases == 4 and without.sha256() != stats.sha256()
     # and the embeddings differ from the bundle's
-    from shared.classifier import backbone_and_head, embed
+    from shared.models.classifier import backbone_and_head, embed
 
     backbone, _ = backbone_and_head(bundle.build_classifier("cpu").eval())
     ids = list(held)
@@ -97,7 +97,7 @@ def test_settings_read_the_switches_of_a_config():
                                          ("early_stopping = 1", "early_stopping")])
 def test_switches_are_typed_and_validated_in_the_site_toml(tmp_path, line, field):
     from client.site_config import load_site_config
-    from shared.errors import IchfedError
+    from shared.plumbing.errors import IchfedError
 
     base = 'name = "s"\ndata_dir = "d"\nstate_dir = "st"\n'
     (tmp_path / "ok.toml").write_text(base + "local_norm_stats = false\nunlabelled_for_norm_stats = false\n"

@@ -12,8 +12,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from client.app import build_client_app
 from client.site_config import SiteConfig, write_site_config
-from shared import protocol as P
-from shared.transport import bundle_to_records
+from shared.bundle.transport import bundle_to_records
+from shared.federation import protocol as P
 
 pytestmark = pytest.mark.slow
 N_UNLABELLED = 3
@@ -43,7 +43,7 @@ def _call(app, config_path, message_type, content):
 
 def _run(app, cfg, bundle):
     """Bundle delivery, one training round and the final comparison; returns the train and final replies."""
-    from shared.head import Head
+    from shared.models.head import Head
 
     offer = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_DELIVER: True})})
     offer[P.BUNDLE_ARRAYS], offer[P.BUNDLE_CONFIG] = bundle_to_records(bundle.path)

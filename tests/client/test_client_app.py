@@ -11,8 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from client.app import build_client_app
 from client.site_config import SiteConfig, write_site_config
-from shared import protocol as P
-from shared.transport import bundle_to_records, message_size
+from shared.bundle.transport import bundle_to_records, message_size
+from shared.federation import protocol as P
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def test_site_receives_verifies_caches_and_trains(tiny_bundle, site_dir, tmp_pat
     # a second offer finds it in the cache
     assert _call(app, cfg, P.QUERY_BUNDLE, _offer(bundle.hash)).content[P.INFO][P.INFO_STATUS] == P.STATUS_HAVE
 
-    from shared.head import Head
+    from shared.models.head import Head
 
     head = Head.from_bundle(bundle).to_arrays()
     train = RecordDict({P.HEAD: ArrayRecord({k: Array(v) for k, v in head.items()}),
@@ -93,7 +93,7 @@ def test_site_receives_verifies_caches_and_trains(tiny_bundle, site_dir, tmp_pat
 
 def test_tampered_or_foreign_bundle_is_refused_and_logged(tiny_bundle, site_dir, tmp_path, flwr_task, caplog):
     from shared.bundle import load_bundle
-    from shared.signing import generate_keypair
+    from shared.security.keys import generate_keypair
 
     bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
     app = build_client_app()

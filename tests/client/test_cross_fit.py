@@ -15,8 +15,8 @@ from client.seeds import cross_fit_seed
 from client.session import SiteSession
 from client.site_config import SiteConfig
 from client.split import assign_folds
-from shared import protocol as P
-from shared.head import Head
+from shared.federation import protocol as P
+from shared.models.head import Head
 
 START = Head(np.zeros((2, 512), np.float32), np.array([0.0, -0.5], np.float32))
 

@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from client.finetune import train_head
-from shared.head import Head
+from shared.models.head import Head
 
 
 def _data(n=60, seed=0):

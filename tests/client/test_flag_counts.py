@@ -9,12 +9,12 @@ import pytest
 
 from client.cache import CachedCase, CaseCache
 from client.evaluate import arm_metrics
-from client.privacy import PrivacyViolation, build_reply
 from client.features import _part
+from client.privacy import PrivacyViolation, build_reply
 from server.pooling import pool_model
 from server.report_arms import no_lesion_lines
-from shared import protocol as P
-from shared.quality import FLAGS
+from shared.federation import protocol as P
+from shared.imaging.quality import FLAGS
 
 
 class _Case:

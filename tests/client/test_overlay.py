@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.overlay import SiteOverlay, load_overlay, overlay_path, read_overlay_file, save_overlay
-from shared.errors import IchfedError
+from client.overlay import (
+    SiteOverlay,
+    load_overlay,
+    overlay_path,
+    read_overlay_file,
+    save_overlay,
+)
+from shared.plumbing.errors import IchfedError
 
 REPO = Path(__file__).resolve().parents[2]
 H = "ab" * 32
@@ -118,8 +124,8 @@ def test_reader_threshold_from_with_null_threshold_is_one_line_error(tiny_bundle
 def _norm_stats():
     import torch
 
-    from shared import batchnorm_stats
-    from shared.classifier import backbone_and_head, build_model
+    from shared.models import batchnorm_stats
+    from shared.models.classifier import backbone_and_head, build_model
 
     torch.manual_seed(0)
     backbone, _ = backbone_and_head(build_model().eval())
@@ -129,7 +135,7 @@ def _norm_stats():
 
 def test_overlay_keeps_the_site_norm_stats_beside_it_checked_by_sha256(tmp_path):
     from client.overlay import load_norm_stats, norm_stats_path
-    from shared import batchnorm_stats
+    from shared.models import batchnorm_stats
 
     backbone, stats = _norm_stats()
     path = save_overlay(tmp_path, SiteOverlay(bundle_hash=H, threshold=0.4), norm_stats=stats)
@@ -167,9 +173,9 @@ def test_site_predictor_reads_threshold_calibration_and_norm_stats_through_the_o
     """``ichfed predict --site-config`` and the reader load their model in ``open_predictor``: the
     site's overlay gives the threshold, the calibration and the BatchNorm statistics together."""
     from client.site_predictor import open_predictor
-    from shared import batchnorm_stats
     from shared.bundle import bundle_hash
-    from shared.calibration import Calibration
+    from shared.evaluation.calibration import Calibration
+    from shared.models import batchnorm_stats
 
     h = bundle_hash(tiny_bundle.path)
     (tmp_path / "site.toml").write_text(

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.privacy import AuditMod, PrivacyViolation, build_reply, check_content, describe_content, privacy_mod
-from shared import protocol as P
+from client.privacy import (
+    AuditMod,
+    PrivacyViolation,
+    build_reply,
+    check_content,
+    describe_content,
+    privacy_mod,
+)
+from shared.federation import protocol as P
 
 
 def _head(rng=np.random.default_rng(0)):
@@ -97,7 +104,7 @@ def test_privacy_mod_replaces_a_leaking_reply_with_an_error(tmp_path, flwr_task)
 
 def test_stats_reply_is_allowed_and_a_small_count_in_it_is_stopped_on_the_way_out(flwr_task):
     """query.stats (ichfed stats): counts and fixed-bin histograms pass; a count of 2 never leaves."""
-    from shared import stats_protocol as S
+    from shared.federation import stats_protocol as S
 
     hist = [0] * S.n_bins(S.VOLUME_EDGES_ML)
     hist[2] = 7

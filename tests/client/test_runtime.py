@@ -12,9 +12,9 @@ from client.features import Part
 from client.session import SiteSession
 from client.site_config import SiteConfig, load_site_config
 from client.split import SiteSplit, stratified_split
-from shared import protocol as P
-from shared.errors import IchfedError
-from shared.head import Head
+from shared.federation import protocol as P
+from shared.models.head import Head
+from shared.plumbing.errors import IchfedError
 
 
 def test_site_config_resolves_paths_and_validates(tmp_path):

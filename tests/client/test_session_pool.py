@@ -11,7 +11,7 @@ from flwr.app import Context, RecordDict
 from client.app import SessionPool
 from client.session import SiteSession
 from client.site_config import SiteConfig, write_site_config
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 
 def _context(path, run_id=1, node_id=7):
@@ -58,7 +58,7 @@ def test_every_message_is_a_stage_in_the_sites_progress_events(tmp_path, flwr_ta
     from flwr.app import ConfigRecord, Message
 
     from client.app import build_client_app
-    from shared import protocol as P
+    from shared.federation import protocol as P
 
     path = write_site_config(SiteConfig(name="site-p", data_dir=tmp_path, state_dir=tmp_path / "s"), tmp_path / "p.toml")
     offer = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: "a" * 64, P.CFG_DELIVER: False})})

@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 
 from client.calibrate import on_grid, out_of_fold_scores, site_threshold
+from client.features import Part, SiteFeatures
 from client.final import final_arms
 from client.finetune import train_head
 from client.privacy import PrivacyViolation, build_reply
-from client.features import Part, SiteFeatures
 from client.seeds import out_of_fold_seed
 from client.session import SiteSession
 from client.site_config import SiteConfig, load_site_config
-from shared import protocol as P
-from shared.errors import IchfedError
-from shared.head import Head
-from shared.metrics import best_threshold, classification_metrics
+from shared.evaluation.metrics import best_threshold, classification_metrics
+from shared.federation import protocol as P
+from shared.models.head import Head
+from shared.plumbing.errors import IchfedError
 
 START = Head(np.zeros((2, 512), np.float32), np.array([0.0, -1.5], np.float32))
 TRAIN = dict(epochs=30, learning_rate=1e-2, batch_size=16, seed=0)

@@ -7,7 +7,6 @@ image and mask voxels); the federated ones pass through the reply builder and it
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,16 @@ import SimpleITK as sitk
 from client.privacy import PrivacyViolation, build_reply, check_content
 from client.site_config import SiteConfig
 from client.stats import CaseStats, histogram, site_table1, table1
-from server.table1 import build_table1, markdown, parse_reply, quantile, to_html, write_table1
-from shared import protocol as P
-from shared import stats_protocol as S
+from server.table1 import (
+    build_table1,
+    markdown,
+    parse_reply,
+    quantile,
+    to_html,
+    write_table1,
+)
+from shared.federation import protocol as P
+from shared.federation import stats_protocol as S
 from simulations.cohort import write_cohort
 
 PROFILES = ("community-hospital", "hamburg-like", "lowdose-mobile")

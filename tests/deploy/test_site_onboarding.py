@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 from client.site_config import load_site_config
 from ichfed.cli import main
-from shared import transport as T
-from shared.device import pick_device
-from shared.signing import generate_keypair
+from shared.bundle import transport as T
+from shared.plumbing.device import pick_device
+from shared.security.keys import generate_keypair
 from tests.shared.test_transport import _small_bundle
 
 

@@ -27,8 +27,8 @@ ROUNDS = 2
 
 
 def _public_key(tiny_bundle) -> Path:
-    """The bootstrap's signing public key (the fixture's name for it, or shared.signing's)."""
-    from shared.signing import PUBLIC_KEY_NAME
+    """The bootstrap's signing public key (the fixture's name for it, or shared.security.keys's)."""
+    from shared.security.keys import PUBLIC_KEY_NAME
 
     for candidate in (tiny_bundle.public_key, tiny_bundle.public_key.parent / PUBLIC_KEY_NAME):
         if candidate.is_file():
@@ -37,7 +37,7 @@ def _public_key(tiny_bundle) -> Path:
 
 
 def _private_key(tiny_bundle) -> Path:
-    from shared.signing import PRIVATE_KEY_NAME
+    from shared.security.keys import PRIVATE_KEY_NAME
 
     for candidate in (tiny_bundle.private_key, tiny_bundle.private_key.parent / PRIVATE_KEY_NAME):
         if candidate.is_file():

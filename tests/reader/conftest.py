@@ -65,7 +65,7 @@ def _healthy_head(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def lesion_case(reader_predictor, tiny_bundle) -> Case:
     """A case of the bundle's synthetic cohort in which the predictor finds a hemorrhage."""
-    from shared.sitedata import read_site
+    from shared.imaging.sitedata import read_site
 
     site = read_site(tiny_bundle.cohort_dir)
 
@@ -102,7 +102,13 @@ def ge_zip(ge_series, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reader_url(reader_predictor, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """A running reader (real app, real predictor) and the folder its case folders go to."""
-    from client.reader.app import ReaderSettings, create_app, loopback_hosts, make_analyse, model_info
+    from client.reader.app import (
+        ReaderSettings,
+        create_app,
+        loopback_hosts,
+        make_analyse,
+        model_info,
+    )
 
     work = tmp_path_factory.mktemp("reader_work")
     app = create_app(

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from client.reader.cases import CaseStore, StoreFull, status
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 
 def _threshold_analyse(path, progress):

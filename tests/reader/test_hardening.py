@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from client.reader.app import ReaderSettings, create_app
 from client.reader.upload import receive
 from client.reader.workdir import MARKER, PREFIX, new_case_folder, remove_leftovers
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 from .conftest import serve_in_thread
 

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from client.reader.render import WINDOWS, best_slice, make_view
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 
 def _png(data: bytes) -> np.ndarray:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from client.reader.upload import UploadTooLarge, receive
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 
 def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:

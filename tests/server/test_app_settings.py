@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.app import settings_from_run_config
-from shared.errors import IchfedError
+from server.settings import settings_from_run_config
+from shared.plumbing.errors import IchfedError
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 

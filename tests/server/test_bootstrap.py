@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from server.bootstrap import RECIPES, bootstrap, get_recipe, split_cases
-from shared.errors import BundleVerificationError, IchfedError
-from shared.sitedata import CaseRef
+from shared.imaging.sitedata import CaseRef
+from shared.plumbing.errors import BundleVerificationError, IchfedError
 
 
 def _cases(n_pos: int, n_neg: int) -> list[CaseRef]:
@@ -54,7 +54,7 @@ def test_report_has_dice_threshold_seed_and_split(tiny_bundle):
 
 def test_report_split_is_reproducible_from_its_seed(tiny_bundle):
     """The recorded split counts are what ``split_cases`` gives for the cohort and the recorded seed."""
-    from shared.sitedata import read_site
+    from shared.imaging.sitedata import read_site
 
     r = tiny_bundle.report
     cases = [c for c in read_site(tiny_bundle.cohort_dir).cases if c.mask_path is not None]
@@ -100,7 +100,7 @@ def test_bundle_verifies_with_its_key_and_carries_the_report_threshold(tiny_bund
 
 def test_bundle_is_refused_with_another_key(tiny_bundle, tmp_path):
     from shared.bundle import verify_bundle
-    from shared.signing import PUBLIC_KEY_NAME, generate_keypair
+    from shared.security.keys import PUBLIC_KEY_NAME, generate_keypair
 
     generate_keypair(tmp_path)
     with pytest.raises(BundleVerificationError, match="manifest.sig"):

@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.bootstrap_calibration import calibrate_reference, reference_threshold, render_calibration
+from server.bootstrap_calibration import (
+    calibrate_reference,
+    reference_threshold,
+    render_calibration,
+)
 from shared.bundle import load_bundle
-from shared.calibration import Calibration
-from shared.metrics import Threshold, best_threshold
+from shared.evaluation.calibration import Calibration
+from shared.evaluation.metrics import Threshold, best_threshold
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -56,7 +60,7 @@ def test_a_tampered_calibration_fails_the_bundle_signature(tiny_bundle, tmp_path
     import json
     import shutil
 
-    from shared.errors import BundleVerificationError
+    from shared.plumbing.errors import BundleVerificationError
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle.path, copy)

@@ -9,8 +9,8 @@ import pytest
 
 from server.checkpoint import CheckpointStore
 from server.report import paper_table_markdown, write_report
-from shared import protocol as P
-from shared.errors import IchfedError
+from shared.federation import protocol as P
+from shared.plumbing.errors import IchfedError
 
 
 def _head(v):

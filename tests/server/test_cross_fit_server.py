@@ -8,10 +8,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from client.privacy import PrivacyViolation, build_reply
-from server.app import initial_heads, settings_from_run_config
+from server.app import initial_heads
+from server.settings import settings_from_run_config
 from server.strategy import HeadFedAvg, check_update
-from shared import protocol as P
-from shared.errors import IchfedError
+from shared.federation import protocol as P
+from shared.plumbing.errors import IchfedError
 
 
 class _Nodes:

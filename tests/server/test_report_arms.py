@@ -10,9 +10,14 @@ from sklearn.metrics import roc_auc_score
 
 from server.report import markdown, write_report
 from server.strategy import pooled_metrics
-from shared import protocol as P
-from shared.metrics import classification_metrics
-from shared.rocstats import delong_auc, delong_paired, meta_analysis_auc, score_histogram
+from shared.evaluation.metrics import classification_metrics
+from shared.evaluation.rocstats import (
+    delong_auc,
+    delong_paired,
+    meta_analysis_auc,
+    score_histogram,
+)
+from shared.federation import protocol as P
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

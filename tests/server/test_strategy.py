@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from client.privacy import build_reply
 from server.strategy import HeadFedAvg, check_update, pooled_metrics
-from shared import protocol as P
-from shared.errors import IchfedError
+from shared.federation import protocol as P
+from shared.plumbing.errors import IchfedError
 
 
 class _Nodes:

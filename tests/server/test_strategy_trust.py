@@ -14,14 +14,17 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from server.admission import MAX_CASES, SiteLedger, check_reply_metrics, share_capped
-from server.app import distribute_bundle, settings_from_run_config
+from server.distribution import distribute_bundle
 from server.report import rounds_table_markdown
 from server.robust import HeadFedMedian, HeadFedTrimmedAvg, make_strategy
+from server.settings import settings_from_run_config
 from server.strategy import HeadFedAvg
-from shared import protocol as P
-from shared.errors import IchfedError
-
-from tests.server.test_strategy import _head, _Nodes  # one fake Grid and head maker for both files
+from shared.federation import protocol as P
+from shared.plumbing.errors import IchfedError
+from tests.server.test_strategy import (  # one fake Grid and head maker for both files
+    _head,
+    _Nodes,
+)
 
 HASH = "a" * 64
 

@@ -8,15 +8,15 @@ import copy
 import numpy as np
 import pytest
 
-from shared import batchnorm_stats as B
-from shared.errors import IchfedError
+from shared.models import batchnorm_stats as B
+from shared.plumbing.errors import IchfedError
 
 
 @pytest.fixture(scope="module")
 def backbone():
     import torch
 
-    from shared.classifier import backbone_and_head, build_model
+    from shared.models.classifier import backbone_and_head, build_model
 
     torch.manual_seed(0)
     bb, _ = backbone_and_head(build_model().eval())
@@ -31,7 +31,7 @@ def _crops(n, shift=0.0, seed=0):
 
 
 def test_site_statistics_change_the_embeddings_and_only_through_batchnorm(backbone):
-    from shared.classifier import embed
+    from shared.models.classifier import embed
 
     site = _crops(10, shift=0.5, seed=1)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -90,7 +90,7 @@ def test_predictor_applies_site_statistics_and_calibration(tiny_bundle, tmp_path
     """``Predictor(norm_stats=..., calibration=...)`` embeds with the site's statistics and reports
     the calibrated probability; without them it is the bundle's model."""
     from shared.bundle import load_bundle
-    from shared.calibration import Calibration
+    from shared.evaluation.calibration import Calibration
     from shared.pipeline import Predictor
     from simulations.cohort import make_case, write_nifti
 

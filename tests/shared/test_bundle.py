@@ -16,9 +16,9 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
 from shared import bundle as B  # noqa: E402
-from shared import signing  # noqa: E402
-from shared.config import CropSpec  # noqa: E402
-from shared.errors import BundleVerificationError, IchfedError  # noqa: E402
+from shared.plumbing.config import CropSpec  # noqa: E402
+from shared.plumbing.errors import BundleVerificationError, IchfedError  # noqa: E402
+from shared.security import keys  # noqa: E402
 
 CROP = CropSpec(size_xyz=(32, 32, 8))
 
@@ -32,11 +32,11 @@ def _cli(*argv: str) -> int:
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Two key pairs, classifier weights and an nnU-Net-shaped model folder, made once."""
-    from shared.classifier import build_model, save_weights
+    from shared.models.classifier import build_model, save_weights
 
     root = tmp_path_factory.mktemp("bundle_parts")
-    priv, pub = signing.generate_keypair(root / "keys")
-    other_priv, other_pub = signing.generate_keypair(root / "other_keys")
+    priv, pub = keys.generate_keypair(root / "keys")
+    other_priv, other_pub = keys.generate_keypair(root / "other_keys")
     torch.manual_seed(0)
     model = build_model()
     weights = root / "classifier.safetensors"
@@ -86,7 +86,7 @@ def test_keygen_permissions_and_no_overwrite(parts):
     assert priv.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
     assert parts["pub"].read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
     with pytest.raises(IchfedError, match="already exists; refusing to overwrite a key"):
-        signing.generate_keypair(priv.parent)
+        keys.generate_keypair(priv.parent)
 
 
 def test_create_sign_verify_and_load(parts, signed):
@@ -114,7 +114,7 @@ def test_create_sign_verify_and_load(parts, signed):
 
     bundle = B.load_bundle(signed, parts["pub"])
     assert bundle.hash == B.bundle_hash(signed) == B.sha256_file(signed / "manifest.json")
-    assert bundle.signed_by == signing.fingerprint(signing.load_public_key(parts["pub"]))
+    assert bundle.signed_by == keys.fingerprint(keys.load_public_key(parts["pub"]))
     assert bundle.crop_spec == CROP and bundle.threshold.p == 0.22
     assert bundle.nnunet_dir == signed / "nnunet" and bundle.classifier_path.is_file()
     model = bundle.build_classifier("cpu")
@@ -124,7 +124,7 @@ def test_create_sign_verify_and_load(parts, signed):
     assert not [p for p in signed.parent.iterdir() if p.name.startswith(".bundle.")], "temp build dir left behind"
     # layout v2: the head in its own file, the backbone without it; the model is their union
     assert manifest.format_version == 2 and bundle.head_path == signed / "head.safetensors"
-    from shared.classifier import load_weights
+    from shared.models.classifier import load_weights
 
     assert sorted(load_weights(bundle.head_path)) == ["fc.bias", "fc.weight"]
     assert "fc.weight" not in load_weights(bundle.classifier_path)
@@ -176,7 +176,7 @@ def test_wrong_key_is_refused(signed, parts, tmp_path):
     # A forger who also rewrites the key fingerprint in the signature file still fails.
     copy = _copy(signed, tmp_path)
     sig = json.loads((copy / "manifest.sig").read_text(encoding="utf-8"))
-    sig["key_fingerprint"] = signing.fingerprint(signing.load_public_key(parts["other_pub"]))
+    sig["key_fingerprint"] = keys.fingerprint(keys.load_public_key(parts["other_pub"]))
     (copy / "manifest.sig").write_text(json.dumps(sig), encoding="utf-8")
     with pytest.raises(BundleVerificationError, match="signature does not match"):
         B.load_bundle(copy, parts["other_pub"])
@@ -212,7 +212,7 @@ def test_sign_then_verify(parts, tmp_path):
 
 
 def test_derive_bundle_records_parent(parts, signed, tmp_path):
-    from shared.head import Head
+    from shared.models.head import Head
 
     parent = B.load_bundle(signed, parts["pub"])
     head = Head(torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), torch.tensor([0.1, -0.1]))
@@ -231,14 +231,14 @@ def test_derive_bundle_records_parent(parts, signed, tmp_path):
     assert torch.equal(model.conv1.weight, parts["model"].conv1.weight)
     with pytest.raises(IchfedError, match="head fc.weight: expected finite values of shape"):
         B.derive_bundle(parent, tmp_path / "bad", {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)}, 0.3, "x")
-    with pytest.raises(IchfedError, match="expected a shared.head.Head or exactly"):
+    with pytest.raises(IchfedError, match="expected a shared.models.head.Head or exactly"):
         B.derive_bundle(parent, tmp_path / "bad", parts["model"].state_dict(), 0.3, "x")
     assert not (tmp_path / "bad").exists()
 
 
 def test_upgrade_v1_to_v2_keeps_the_model_and_refuses_unknown_versions(parts, signed, tmp_path):
     """A v1 bundle (the whole ResNet in one file) still loads and upgrades to v2 with the same weights."""
-    from shared.classifier import save_weights
+    from shared.models.classifier import save_weights
 
     v1 = _copy(signed, tmp_path, "v1")
     save_weights(parts["model"], v1 / "classifier.safetensors")

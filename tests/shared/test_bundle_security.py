@@ -20,9 +20,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from shared import bundle as B  # noqa: E402
-from shared import signing  # noqa: E402
-from shared.head import Head  # noqa: E402
-from shared.errors import BundleVerificationError, IchfedError  # noqa: E402
+from shared.models.head import Head  # noqa: E402
+from shared.plumbing.errors import BundleVerificationError, IchfedError  # noqa: E402
+from shared.security import keys  # noqa: E402
 
 PLANS = "nnunet/plans.json"
 HUB = "dynamic_network_architectures.architectures.unet.torch.hub.load"
@@ -57,7 +57,7 @@ def _resign(root: Path, private_key: Path, edit_manifest=None) -> None:
     raw = B._manifest_bytes(manifest)
     _replace(root / B.MANIFEST, raw)
     # Signed directly (sign_bundle itself refuses to sign an inconsistent manifest).
-    _replace(root / B.SIGNATURE, B._signature_blob(raw, signing.load_private_key(private_key)))
+    _replace(root / B.SIGNATURE, B._signature_blob(raw, keys.load_private_key(private_key)))
 
 
 def _evil_bundle(tiny_bundle, tmp_path: Path, edit_arch) -> tuple[Path, Path]:
@@ -125,8 +125,8 @@ def test_signed_bundle_naming_code_is_refused(tiny_bundle, tmp_path, variant):
         B.load_bundle(root, tiny_bundle.public_key)
     assert "\n" not in str(e.value)
     # The model folder on its own (bootstrap, benchmarks, Segmenter) is refused the same way.
-    from shared.segment import Segmenter
-    from shared.segment_model import validate_model_folder
+    from shared.models.segment import Segmenter
+    from shared.models.segment_model import validate_model_folder
 
     with pytest.raises(IchfedError, match=r"plans\.json: configuration '3d_fullres'"):
         validate_model_folder(root / "nnunet", check_weights=False)
@@ -156,7 +156,7 @@ def test_cli_predict_refuses_code_bundle_in_one_line(tiny_bundle, tmp_path, caps
 
 @pytest.mark.parametrize("value", [{"__class__": "x"}, "torch.nn.modules.activation.Threshold", "torch.nn.Module"])
 def test_only_exact_ops_and_plain_kwargs(value):
-    from shared.model_policy import check_architecture
+    from shared.models.model_policy import check_architecture
 
     arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
             "arch_kwargs": {"nonlin": value}, "_kw_requires_import": ["nonlin"]}
@@ -166,7 +166,7 @@ def test_only_exact_ops_and_plain_kwargs(value):
 
 def test_swapped_classifier_after_load_is_refused_not_used(tiny_bundle, tmp_path):
     """A weights file swapped after load_bundle gave p = 1.0 under the verified hash; now it is refused."""
-    from shared.classifier import build_model, save_weights
+    from shared.models.classifier import build_model, save_weights
     from shared.pipeline import Predictor
 
     root = _link_copy(tiny_bundle.path, tmp_path / "b")
@@ -184,8 +184,8 @@ def test_swapped_classifier_after_load_is_refused_not_used(tiny_bundle, tmp_path
 
 
 def test_swapped_nnunet_checkpoint_after_load_is_refused(tiny_bundle, tmp_path):
-    from shared.segment import Segmenter
-    from shared.segment_model import CHECKPOINT
+    from shared.models.segment import Segmenter
+    from shared.models.segment_model import CHECKPOINT
 
     root = _link_copy(tiny_bundle.path, tmp_path / "b")
     bundle = B.load_bundle(root, tiny_bundle.public_key)
@@ -243,14 +243,15 @@ def test_predict_and_verify_accept_a_packed_bundle(tiny_bundle, tmp_path, capsys
 
 def test_derive_refuses_to_sign_a_swapped_parent_model(tiny_bundle, tmp_path):
     """The server derives the federated bundle from the parent's files: a swap after load is not signed."""
-    from shared.segment_model import CHECKPOINT
+    from shared.models.segment_model import CHECKPOINT
+    from shared.plumbing.verified import read_verified
 
     root = _link_copy(tiny_bundle.path, tmp_path / "parent")
     parent = B.load_bundle(root, tiny_bundle.public_key)
     ckpt = root / "nnunet" / "fold_all" / CHECKPOINT
     _replace(ckpt, ckpt.read_bytes() + b"\0")
     with pytest.raises(BundleVerificationError, match="sha256 no longer matches"):
-        B.read_verified(root, f"nnunet/fold_all/{CHECKPOINT}", parent.manifest.files)
+        read_verified(root, f"nnunet/fold_all/{CHECKPOINT}", parent.manifest.files)
     head = Head.from_bundle(parent)  # the classifier itself is unchanged and verified
     with pytest.raises(BundleVerificationError, match="changed since the parent bundle was verified"):
         B.derive_bundle(parent, tmp_path / "child", head, 0.5, version="2", private_key=tiny_bundle.private_key)
@@ -267,7 +268,7 @@ def test_v2_head_file_is_covered_by_the_signature(tiny_bundle, tmp_path):
     bundle = B.load_bundle(root, tiny_bundle.public_key)
     head = Head.from_bundle(bundle)
     evil = {"fc.weight": torch.zeros(2, head.n_features), "fc.bias": torch.tensor([-1e4, 1e4])}
-    from shared.classifier import save_weights
+    from shared.models.classifier import save_weights
 
     save_weights(evil, tmp_path / "evil.safetensors")
     _replace(root / B.HEAD_FILE, (tmp_path / "evil.safetensors").read_bytes())

@@ -1,4 +1,4 @@
-"""Out-of-sample threshold rule (shared.metrics) and probability calibration (shared.calibration)."""
+"""Out-of-sample threshold rule (shared.evaluation.metrics) and probability calibration (shared.evaluation.calibration)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from shared.calibration import (
+from shared.evaluation.calibration import (
     Calibration,
     calibration_error,
     operating_point_summary,
     reliability_from_histograms,
     reliability_points,
 )
-from shared.errors import IchfedError
-from shared.metrics import best_threshold, midpoint_threshold, snap_threshold
-from shared.rocstats import score_histogram
+from shared.evaluation.metrics import best_threshold, midpoint_threshold, snap_threshold
+from shared.evaluation.rocstats import score_histogram
+from shared.plumbing.errors import IchfedError
 
 
 def test_midpoint_threshold_sits_between_neighbouring_scores_and_keeps_the_operating_point():

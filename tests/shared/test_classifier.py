@@ -10,12 +10,12 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from shared import classifier as clf  # noqa: E402
-from shared import classifier_augment as aug  # noqa: E402
-from shared import classifier_history as hist  # noqa: E402
-from shared import classifier_training as training  # noqa: E402
-from shared.head import Head  # noqa: E402
-from shared.errors import IchfedError  # noqa: E402
+from server.training import classifier_augment as aug  # noqa: E402
+from server.training import classifier_history as hist  # noqa: E402
+from server.training import classifier_training as training  # noqa: E402
+from shared.models import classifier as clf  # noqa: E402
+from shared.models.head import Head  # noqa: E402
+from shared.plumbing.errors import IchfedError  # noqa: E402
 
 # Small crops keep CPU tests fast; the network ends in adaptive pooling, so it accepts any
 # size, and the paper's (20, 200, 200) only changes the cost.
@@ -162,7 +162,7 @@ def test_train_config_recipes_and_validation():
     assert training.ClassifierTrainConfig.named("ci").epochs < 10
     with pytest.raises(IchfedError, match="classifier recipe: must be one of"):
         training.ClassifierTrainConfig.named("fast")
-    from shared.config import from_dict
+    from shared.plumbing.config import from_dict
 
     with pytest.raises(IchfedError, match="'augmentation.p_noise' must be between 0.0 and 1.0"):
         from_dict(training.ClassifierTrainConfig, {"augmentation": {"p_noise": 2}})

@@ -16,10 +16,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared.errors import IchfedError
-from shared.ingest import read_geometry, read_image
-from shared.sitedata import read_mask
-from tests.dicom_factory import pacs_export_clutter, patch_tag, series_with_tags, simple_series, write_series
+from shared.imaging.ingest import read_geometry, read_image
+from shared.imaging.sitedata import read_mask
+from shared.plumbing.errors import IchfedError
+from tests.dicom_factory import (
+    pacs_export_clutter,
+    patch_tag,
+    series_with_tags,
+    simple_series,
+    write_series,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

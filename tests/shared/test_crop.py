@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared.config import CropSpec
-from shared.crop import Crop, make_crop
-from shared.errors import IchfedError
+from shared.imaging.crop import Crop, make_crop
+from shared.plumbing.config import CropSpec
+from shared.plumbing.errors import IchfedError
 
 SPACING = (0.45, 0.45, 5.0)
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from shared import classifier as clf
-from shared import classifier_training as training
-from shared.determinism import deterministic_training, train_threads
-from shared.errors import IchfedError
+from server.training import classifier_training as training
+from shared.models import classifier as clf
+from shared.plumbing.determinism import deterministic_training, train_threads
+from shared.plumbing.errors import IchfedError
 
 
 def _crops(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from shared.errors import BundleVerificationError, IchfedError
-from shared.files import link_or_copy, read_json, sha256_file, staged_dir
+from shared.plumbing.errors import BundleVerificationError, IchfedError
+from shared.plumbing.files import link_or_copy, read_json, sha256_file, staged_dir
 
 
 def _leftovers(folder):

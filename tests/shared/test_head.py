@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from shared import protocol as P
-from shared.errors import IchfedError
-from shared.head import Head
+from shared.federation import protocol as P
+from shared.models.head import Head
+from shared.plumbing.errors import IchfedError
 
 
 def _head(seed=0) -> Head:
@@ -92,9 +92,9 @@ def test_scorer_is_the_linear_layer_plus_log_softmax():
 
 
 def test_scores_match_the_full_model_forward():
-    from shared.classifier import backbone_and_head, build_model
-
     import torch
+
+    from shared.models.classifier import backbone_and_head, build_model
 
     torch.manual_seed(0)
     model = build_model().eval()
@@ -125,7 +125,12 @@ def test_bundle_head_scores_as_the_bundle_model(tiny_bundle):
     import torch
 
     from shared.bundle import load_bundle
-    from shared.classifier import as_batch_tensor, backbone_and_head, embed, model_log_probs
+    from shared.models.classifier import (
+        as_batch_tensor,
+        backbone_and_head,
+        embed,
+        model_log_probs,
+    )
 
     bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
     head = Head.from_bundle(bundle)

@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared.errors import IchfedError
-from shared.ingest import describe, read_geometry, read_image
-from tests.dicom_factory import BAD_INPUTS, new_uid, simple_series, tilted_frame, write_series
+from shared.imaging.ingest import describe, read_geometry, read_image
+from shared.plumbing.errors import IchfedError
+from tests.dicom_factory import (
+    BAD_INPUTS,
+    new_uid,
+    simple_series,
+    tilted_frame,
+    write_series,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_TILT = REPO / ".." / "shared" / "data" / "ct" / "ge-hispeed-head-tilt"

@@ -7,10 +7,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from shared.crop import make_crop
-from shared.config import CropSpec
-from shared.ingest import read_image
-from shared.intracranial import intracranial_mask, restrict_labels
+from shared.imaging.crop import make_crop
+from shared.imaging.ingest import read_image
+from shared.imaging.intracranial import intracranial_mask, restrict_labels
+from shared.plumbing.config import CropSpec
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_real_background_lesions_lie_inside_and_the_crop_stays_on_them():
 
 def test_an_image_without_skull_has_no_mask_and_segmentation_keeps_its_labels():
     """A skull-stripped or cropped volume: no intracranial space is found, so nothing is removed."""
-    from shared.segment import MIN_INTRACRANIAL_ML
+    from shared.models.segment import MIN_INTRACRANIAL_ML
 
     hu = np.full((10, 40, 40), 30.0, np.float32)  # brain-like tissue, no bone anywhere
     image = sitk.GetImageFromArray(hu)
@@ -147,8 +147,8 @@ def test_coarse_ci_scale_phantoms_keep_every_lesion_voxel(tmp_path):
     """At 3.6 mm no closing seals some lower slices' skull ring (partial volume): the hull fallback
     below the widest slice must keep the brain there. Before it, case 9 of this cohort lost its whole
     bleed (6.8 ml) as 'extracranial', and the segmenter's Dice on it fell to 0."""
-    from shared.intracranial import intracranial_mask
-    from shared.sitedata import read_mask, read_site
+    from shared.imaging.intracranial import intracranial_mask
+    from shared.imaging.sitedata import read_mask, read_site
     from simulations.cohort import write_cohort
 
     write_cohort("charite-like", 10, 0, tmp_path / "site", scale="ci")

@@ -9,8 +9,9 @@ import stat
 
 import pytest
 
-from shared import atomic, signing
-from shared.pki import init_pki
+from shared.plumbing import atomic
+from shared.security import keys
+from shared.security.pki import init_pki
 
 
 def _mode(path) -> int:
@@ -28,12 +29,12 @@ def _umask(mask: int):
 
 def test_signing_keys_private_0600_public_0644(tmp_path):
     with _umask(0o022):
-        priv, pub = signing.generate_keypair(tmp_path / "keys")
+        priv, pub = keys.generate_keypair(tmp_path / "keys")
     assert _mode(priv) == 0o600
     assert _mode(pub) == 0o644
     # Even a strict umask leaves the public half readable by the sites' service accounts.
     with _umask(0o077):
-        _, pub2 = signing.generate_keypair(tmp_path / "strict")
+        _, pub2 = keys.generate_keypair(tmp_path / "strict")
     assert _mode(pub2) == 0o644
 
 
@@ -44,8 +45,8 @@ def test_pki_private_keys_0600_certificates_and_public_keys_0644(tmp_path):
     assert _mode(layout.ca_cert) == _mode(layout.server_cert) == 0o644
     (node,) = layout.nodes
     assert _mode(node.private_key) == 0o600 and _mode(node.public_key) == 0o644
-    assert _mode(layout.root / signing.PRIVATE_KEY_NAME) == 0o600
-    assert _mode(layout.root / signing.PUBLIC_KEY_NAME) == 0o644
+    assert _mode(layout.root / keys.PRIVATE_KEY_NAME) == 0o600
+    assert _mode(layout.root / keys.PUBLIC_KEY_NAME) == 0o644
 
 
 @pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
@@ -79,7 +80,7 @@ def test_bundle_files_are_readable_by_other_accounts(tiny_bundle, tmp_path):
     """Weights and signature were written 0600 (mkstemp), so a reader service account could not load a bundle."""
     torch = pytest.importorskip("torch")
     from shared import bundle as B
-    from shared.classifier import save_weights
+    from shared.models.classifier import save_weights
 
     with _umask(0o022):
         save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from shared import logs, progress
+from shared.plumbing import logs, progress
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_verbose_brings_info_back_and_flower_prints_once(tmp_path, capsys, resto
 def test_tally_counts_cases_and_summarises_once(tmp_path, capsys, restore_root):
     logs.setup(tmp_path)
     capsys.readouterr()
-    lg = logging.getLogger("shared.crop")
+    lg = logging.getLogger("shared.imaging.crop")
     for i in range(10):
         logs.tally(lg, "lesion reaches beyond the crop", hit=i % 3 == 0)
     counts = logs.flush_tallies()
@@ -78,7 +78,7 @@ def test_site_file_collects_records_and_summary(tmp_path, restore_root):
     lg = logging.getLogger("client.app")
     with logs.site_file(tmp_path / "state", "site-a") as path:
         lg.info("site site-a: trained")
-        logs.tally(logging.getLogger("shared.crop"), "lesion beyond", True)
+        logs.tally(logging.getLogger("shared.imaging.crop"), "lesion beyond", True)
     lg.info("after the site: not in its file")
     text = path.read_text(encoding="utf-8")
     assert "site site-a: trained" in text and "site site-a: lesion beyond: 1 of 1 cases" in text
@@ -115,12 +115,14 @@ def _record(r, losses, norms, aucs, status=None):
 
 def test_round_metrics_and_run_progress_events(tmp_path):
     rec = _record(1, [0.5, 0.7, 0.9], [1.0, 3.0, 2.0], [0.6, 0.8, 0.7], status=["accepted", "accepted", "rejected"])
-    m = progress.round_metrics(rec)
+    from server import run_progress
+
+    m = run_progress.round_metrics(rec)
     assert m["train"] == {"expected": 3, "answered": 3, "refused": 1, "missing": 0}
     assert m["update_norm_mean"] == pytest.approx(2.0) and m["update_norm_max"] == 3.0
-    assert m["head_bytes_received"] == 2 * progress.head_payload_bytes() == 2 * 4 * (2 * 512 + 2)
+    assert m["head_bytes_received"] == 2 * run_progress.head_payload_bytes() == 2 * 4 * (2 * 512 + 2)
     assert m["global_mean_site_auc"] == pytest.approx(0.7)
-    run = progress.RunProgress(tmp_path, 2)
+    run = run_progress.RunProgress(tmp_path, 2)
     run.round_started(1, 3)
     run.stage_replies(1, "train", rec["train"]["sites"])
     run.round_finished(1, rec)

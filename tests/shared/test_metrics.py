@@ -9,8 +9,7 @@ import pytest
 import SimpleITK as sitk
 from sklearn.metrics import roc_auc_score
 
-from shared.errors import IchfedError
-from shared.metrics import (
+from shared.evaluation.metrics import (
     _auc_rows,
     best_threshold,
     classification_metrics,
@@ -20,6 +19,7 @@ from shared.metrics import (
     roc_points,
     segmentation_summary,
 )
+from shared.plumbing.errors import IchfedError
 
 # Six cases, sorted by p:      neg  neg  POS  neg  POS  POS
 Y = [0, 0, 1, 0, 1, 1]

@@ -9,7 +9,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("nnunetv2")
 
-from shared.nnunet_trainers import nnUNetTrainer_ichfedDemo, with_physics_transforms  # noqa: E402
+from shared.training.nnunet_trainers import (  # noqa: E402
+    nnUNetTrainer_ichfedDemo,
+    with_physics_transforms,
+)
 
 ARGS = ((16, 48, 48), (-0.5, 0.5), None, (2,), False, [False], False, (1, 2), None, None)
 
@@ -28,8 +31,10 @@ def test_demo_trainer_chain_has_sharpening_and_offset_before_the_noise():
 
 
 def _only_physics(**kw):
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import (
+        GaussianNoiseTransform,
+    )
     from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
     from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
     base = ComposeTransforms([RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0)), apply_probability=0.0)])

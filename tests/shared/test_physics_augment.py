@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from shared import classifier_augment as aug
-from shared.physics_augment import (
+from server.training import classifier_augment as aug
+from server.training.physics_augment import (
     CTNoise,
     HUOffset,
     KernelBlurSharpen,
@@ -93,9 +93,9 @@ def test_the_same_seed_gives_the_same_batch_and_the_chain_includes_physics():
 
 
 def test_physics_settings_are_validated_from_toml():
-    from shared.config import from_dict
-    from shared.errors import IchfedError
-    from shared.classifier_training import ClassifierTrainConfig
+    from server.training.classifier_training import ClassifierTrainConfig
+    from shared.plumbing.config import from_dict
+    from shared.plumbing.errors import IchfedError
 
     cfg = from_dict(ClassifierTrainConfig, {"augmentation": {"physics": {"noise_sd_hu": [2.0, 4.0]}}})
     assert cfg.augmentation.physics.noise_sd_hu == (2.0, 4.0) and cfg.augmentation.physics.enabled

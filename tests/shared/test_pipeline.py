@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 
 RESULT_KEYS = {
     "source", "lesion_found", "n_components", "ich_ml", "phe_ml", "ich_mean_hu", "phe_mean_hu", "p_neoplastic",
@@ -61,8 +61,8 @@ def write_healthy_head(path: Path) -> Path:
 
 def test_truth_mask_reproduces_recorded_volumes(predictor, tiny_bundle):
     """Measurement and units: ml from the ground-truth mask match cases.csv within 10 %."""
-    from shared.ingest import read_image
-    from shared.sitedata import read_mask
+    from shared.imaging.ingest import read_image
+    from shared.imaging.sitedata import read_mask
 
     rows = list(csv.DictReader((tiny_bundle.cohort_dir / "cases.csv").open(encoding="utf-8")))
     assert len(rows) >= 10
@@ -108,7 +108,7 @@ def test_predict_unseen_synthetic_case_finds_the_bleed(predictor, tmp_path):
 
 def test_predict_equals_the_stages_run_by_hand(predictor, tmp_path):
     """`predict` is exactly segment -> crop/measure -> embed -> head, as the site runtime calls them."""
-    from shared.ingest import read_image
+    from shared.imaging.ingest import read_image
 
     path = tmp_path / "case.nii.gz"
     write_synthetic_case(UNSEEN_CASE, path)

@@ -14,8 +14,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from ichfed.cli import main
-from shared.errors import IchfedError
-from shared.pki import PkiLayout, init_pki, load_certificate, load_node_public_key, write_node_keypair
+from shared.plumbing.errors import IchfedError
+from shared.security.pki import (
+    PkiLayout,
+    init_pki,
+    load_certificate,
+    load_node_public_key,
+    write_node_keypair,
+)
 
 
 def _mode(p) -> int:

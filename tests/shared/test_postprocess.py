@@ -1,4 +1,4 @@
-"""Component postprocessing chosen on validation (`shared.postprocess`, bootstrap's choice, Segmenter's use)."""
+"""Component postprocessing chosen on validation (`shared.models.postprocess`, bootstrap's choice, Segmenter's use)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from shared.errors import IchfedError
-from shared.postprocess import FILE_NAME, Rule, apply_rule, choose_rule, read_rule, write_rule
+from shared.models.postprocess import (
+    FILE_NAME,
+    Rule,
+    apply_rule,
+    choose_rule,
+    read_rule,
+    write_rule,
+)
+from shared.plumbing.errors import IchfedError
 
 
 def _case(rng: np.random.Generator, specks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +74,8 @@ def test_rule_file_round_trip_and_validation(tmp_path):
 def test_bootstrap_choice_is_stored_with_the_model_and_used_by_the_segmenter(tiny_nnunet_model, tmp_path):
     """Bootstrap's step: choose on validation, write into the model folder, the Segmenter applies it."""
     from server.bootstrap import SegmentedCase, _choose_postprocessing
-    from shared.segment import Segmentation, Segmenter
-    from shared.segment_model import copy_model_folder
+    from shared.models.segment import Segmentation, Segmenter
+    from shared.models.segment_model import copy_model_folder
     from simulations.cohort import make_case
 
     model = copy_model_folder(tiny_nnunet_model.model_dir, tmp_path / "model")
@@ -112,9 +119,9 @@ def test_rule_file_is_verified_like_the_weights(tiny_nnunet_model, tmp_path):
     """With a bundle's verified hashes, a swapped or unlisted postprocessing.json is refused, not used."""
     import hashlib
 
-    from shared.errors import BundleVerificationError
-    from shared.segment import Segmenter
-    from shared.segment_model import copy_model_folder
+    from shared.models.segment import Segmenter
+    from shared.models.segment_model import copy_model_folder
+    from shared.plumbing.errors import BundleVerificationError
 
     model = copy_model_folder(tiny_nnunet_model.model_dir, tmp_path / "model")
 

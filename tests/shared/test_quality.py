@@ -1,4 +1,4 @@
-"""Plausibility flags (`shared.quality`) on constructed label maps and on the real GE head."""
+"""Plausibility flags (`shared.imaging.quality`) on constructed label maps and on the real GE head."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared.quality import FLAGS, quality_flags
-from shared.volumetrics import measure
+from shared.imaging.quality import FLAGS, quality_flags
+from shared.imaging.volumetrics import measure
 
 
 def _volume(hu: np.ndarray, labels: np.ndarray, spacing=(1.0, 1.0, 5.0)):
@@ -105,14 +105,14 @@ def test_the_plain_ge_head_is_not_a_confident_bleed(tiny_bundle, ge_series):
     from shared.pipeline import Predictor
 
     predictor = Predictor(load_bundle(tiny_bundle.path, tiny_bundle.public_key), device="cpu")
-    from shared.ingest import read_image
+    from shared.imaging.ingest import read_image
 
     ingested = read_image(ge_series)
     result, image, mask = predictor.predict_image(ingested)
     assert isinstance(result["quality_flags"], list)
     assert result["extracranial_ml_removed"] is not None and result["extracranial_ml_removed"] >= 0
     assert (not result["lesion_found"]) or result["quality_flags"], result
-    from shared.intracranial import intracranial_mask
+    from shared.imaging.intracranial import intracranial_mask
 
     inside = sitk.GetArrayFromImage(intracranial_mask(image).mask).astype(bool)
     labels = sitk.GetArrayFromImage(mask)

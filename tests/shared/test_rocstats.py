@@ -1,4 +1,4 @@
-"""shared.rocstats: DeLong AUC variance, paired differences, pooled ROC from histograms, meta-analysis."""
+"""shared.evaluation.rocstats: DeLong AUC variance, paired differences, pooled ROC from histograms, meta-analysis."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
-from shared.errors import IchfedError
-from shared.rocstats import (
+from shared.evaluation.rocstats import (
     delong_auc,
     delong_paired,
     detectable_difference,
@@ -19,6 +18,7 @@ from shared.rocstats import (
     pooled_roc,
     score_histogram,
 )
+from shared.plumbing.errors import IchfedError
 
 
 def _simulate(rng: np.random.Generator, n_pos: int, n_neg: int, shift: float = 1.0):

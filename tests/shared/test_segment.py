@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared.errors import IchfedError
-from shared.ingest import read_image
-from shared.segment import Segmenter
-from shared.segment_dataset import export_dataset
-from shared.segment_model import copy_model_folder, validate_model_folder
-from shared.segment_train import train
-from shared.sitedata import read_mask, read_site
+from shared.imaging.ingest import read_image
+from shared.imaging.sitedata import read_mask, read_site
+from shared.models.segment import Segmenter
+from shared.models.segment_model import copy_model_folder, validate_model_folder
+from shared.plumbing.errors import IchfedError
+from shared.training.segment_dataset import export_dataset
+from shared.training.segment_train import train
 from simulations.cohort import write_cohort
 
 
@@ -135,7 +135,7 @@ def test_trained_folder_is_complete_and_loads_without_pickle(tiny_nnunet_model):
     ckpt = torch.load(model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert ckpt["trainer_name"] == "nnUNetTrainer_ichfedCI"
     assert ckpt["init_args"]["configuration"] == "3d_fullres"
-    from shared.nnunet_trainers import nnUNetTrainer_ichfedCI
+    from shared.training.nnunet_trainers import nnUNetTrainer_ichfedCI
 
     assert ckpt["current_epoch"] == nnUNetTrainer_ichfedCI.EPOCHS  # nnU-Net stores epochs done
     assert all(isinstance(v, torch.Tensor) for v in ckpt["network_weights"].values())
@@ -264,7 +264,7 @@ def test_predict_rejects_a_2d_image(segmenter):
 
 def test_labels_on_air_or_bone_are_removed():
     """A predicted label is only kept on soft tissue: air (-1000 HU) and bone (+1000 HU) lose it."""
-    from shared.segment import gate_soft_tissue
+    from shared.models.segment import gate_soft_tissue
 
     hu = np.array([-1000.0, -150.0, -90.0, 20.0, 70.0, 190.0, 250.0, 1000.0], dtype=np.float32)
     labels = np.array([2, 2, 2, 2, 1, 1, 1, 1], dtype=np.uint8)

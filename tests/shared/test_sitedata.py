@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared.errors import IchfedError
-from shared.ingest import read_image
-from shared.sitedata import read_mask, read_site
+from shared.imaging.ingest import read_image
+from shared.imaging.sitedata import read_mask, read_site
+from shared.plumbing.errors import IchfedError
 from tests.dicom_factory import simple_series, tilted_frame, write_series
 
 

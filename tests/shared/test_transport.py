@@ -15,9 +15,9 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from shared import bundle as B
-from shared import transport as T
-from shared.errors import BundleVerificationError, IchfedError
-from shared.signing import generate_keypair
+from shared.bundle import transport as T
+from shared.plumbing.errors import BundleVerificationError, IchfedError
+from shared.security.keys import generate_keypair
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def test_a_bundle_derived_from_a_v1_parent_carries_its_backbone_whole(tmp_path, 
 @pytest.mark.slow
 def test_federated_bundle_reaches_a_site_as_its_head(tmp_path, tiny_bundle):
     """The server's derive path (new head on the real ResNet-34) rebuilt byte-exact at a site."""
-    from shared.head import Head
+    from shared.models.head import Head
 
     parent = B.load_bundle(tiny_bundle.path, tiny_bundle.public_key)
     if parent.head_path is None:  # a cached v1 reference bundle: what `ichfed bundle upgrade` makes of it

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared.errors import IchfedError
-from shared.volumetrics import Volumetrics, ich_components, measure
+from shared.imaging.volumetrics import Volumetrics, ich_components, measure
+from shared.plumbing.errors import IchfedError
 
 
 def _image(arr_zyx: np.ndarray, spacing=(0.5, 0.8, 5.0)) -> sitk.Image:

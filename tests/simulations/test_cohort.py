@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 from simulations.cohort import CSV_COLUMNS, make_case, write_cohort
-from simulations.scanner import Grid, get_scale
 from simulations.profiles import load_profile
+from simulations.scanner import Grid, get_scale
 
 
 def _digests(folder):

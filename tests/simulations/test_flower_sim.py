@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import protocol as P
+from shared.federation import protocol as P
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def sites(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def other_key(tmp_path_factory):
-    from shared.signing import generate_keypair
+    from shared.security.keys import generate_keypair
 
     _, pub = generate_keypair(tmp_path_factory.mktemp("other_coordinator"))
     return pub
@@ -198,8 +198,9 @@ def test_every_outgoing_message_passes_the_privacy_inspection(federation, sites)
 
 
 def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, tiny_bundle):
-    from client.overlay import load_overlay
     from safetensors.numpy import load_file
+
+    from client.overlay import load_overlay
     from shared.bundle import load_bundle
 
     out, report = federation
@@ -300,8 +301,9 @@ def test_resume_after_the_server_is_killed(tiny_bundle, sites, federation, tmp_p
     assert 1 <= killed_at < rounds
     assert not (tmp_path / "run" / "report" / "report.json").exists()
 
-    from server.app import ServerSettings, run_federation
-    from shared.errors import IchfedError
+    from server.app import run_federation
+    from server.settings import ServerSettings
+    from shared.plumbing.errors import IchfedError
 
     # the ServerApp itself refuses to start afresh over another run's checkpoints
     with pytest.raises(IchfedError, match="resume"):

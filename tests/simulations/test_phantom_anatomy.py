@@ -36,7 +36,7 @@ def test_temporalis_and_nuchal_muscle_lie_outside_the_skull_at_blood_density(hea
 
 
 def test_intracranial_mask_of_a_phantom_holds_the_lesion_and_no_muscle():
-    from shared.intracranial import intracranial_mask
+    from shared.imaging.intracranial import intracranial_mask
 
     case = make_case("charite-like", 0, 4, scale="demo")
     image, _ = case.images()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 from simulations.preview import render_preview
 
 

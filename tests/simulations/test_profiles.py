@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from shared.errors import IchfedError
+from shared.plumbing.errors import IchfedError
 from simulations.profiles import Profile, etiology_weights, list_profiles, load_profile
 
 

@@ -37,7 +37,7 @@ def test_background_outside_lesion_is_the_real_scan(real_cases):
 
 
 def test_real_background_keeps_the_scans_hu_statistics(real_cases):
-    from shared.ingest import read_image
+    from shared.imaging.ingest import read_image
 
     src = sitk.GetArrayFromImage(read_image(default_scan()).image)
     src_brain = src[(src > 15) & (src < 60)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import protocol as P
+from shared.federation import protocol as P
 from simulations.repeats import headline, summarise, summary_markdown
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from shared import stats_protocol as S
+from shared.federation import stats_protocol as S
 
 pytestmark = pytest.mark.slow
 

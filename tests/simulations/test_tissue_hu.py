@@ -10,7 +10,17 @@ from scipy import ndimage
 
 from simulations.cohort import make_case
 from simulations.lesions import ICH, PHE, insert_lesions, sample_plan
-from simulations.phantom import AIR, CSF, DEEP_GM, GM, SCALP, SKULL, VENTRICLE, WM, make_phantom
+from simulations.phantom import (
+    AIR,
+    CSF,
+    DEEP_GM,
+    GM,
+    SCALP,
+    SKULL,
+    VENTRICLE,
+    WM,
+    make_phantom,
+)
 from simulations.profiles import load_profile
 from simulations.scanner import Grid, acquire, noise
 

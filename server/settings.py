@@ -1,0 +1,109 @@
+"""What the coordinator decides for a run (``ServerSettings``), read from Flower's run config.
+
+Settings come from the run config (``pyproject.toml`` ``[tool.flwr.app.config]``, overridable
+with ``flwr run . <federation> --run-config "num-server-rounds=5 resume=true"``), or are passed
+directly by the simulation runner through ``server.app.build_server_app(settings)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from shared.federation import protocol as P
+from shared.plumbing.errors import IchfedError
+
+from .robust import AGGREGATIONS
+from .strategy import DEFAULT_MAX_SITE_SHARE, DEFAULT_MAX_UPDATE_NORM
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """What the coordinator decides for a run."""
+
+    bundle_path: Path
+    public_key: Path
+    state_dir: Path
+    num_rounds: int = 3
+    min_sites: int = 2
+    signing_key: Path | None = None  # signs the federated bundle; without it none is written
+    resume: bool = False
+    max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
+    round_timeout_s: float = 3600.0
+    wait_for_sites_s: float = 600.0
+    seed: int = 0
+    report_dir: Path | None = None  # default <state_dir>/report
+    aggregation: str = "fedavg"  # or "median" / "trimmed-mean" (server/robust.py)
+    trim_fraction: float = 0.2  # cut at each end by "trimmed-mean"
+    max_site_share: float = DEFAULT_MAX_SITE_SHARE  # the largest FedAvg weight share one site can claim
+    mode: str = "federate"  # or "stats": the sites' Table 1 only (server/stats_run.py), no training
+    # K fold heads trained beside the main head, for the sites' out-of-fold federated threshold (0: off)
+    cross_fit_folds: int = 5
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise IchfedError(f"run config: 'num-server-rounds' must be at least 1, got {self.num_rounds}")
+        if self.min_sites < 1:
+            raise IchfedError(f"run config: 'min-sites' must be at least 1, got {self.min_sites}")
+        if not self.max_update_norm > 0:
+            raise IchfedError(f"run config: 'max-update-norm' must be positive, got {self.max_update_norm}")
+        if self.aggregation not in AGGREGATIONS:
+            raise IchfedError(f"run config: 'aggregation' must be one of {', '.join(AGGREGATIONS)}, "
+                              f"got {self.aggregation!r}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise IchfedError(f"run config: 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
+        if not (self.cross_fit_folds == 0 or 2 <= self.cross_fit_folds <= P.MAX_CROSS_FIT_FOLDS):
+            raise IchfedError(f"run config: 'cross-fit-folds' must be 0 (off) or 2..{P.MAX_CROSS_FIT_FOLDS}, "
+                              f"got {self.cross_fit_folds}")
+        if self.mode not in ("federate", "stats"):
+            raise IchfedError(f"run config: 'mode' must be 'federate' or 'stats', got {self.mode!r}")
+        if not 0.0 < self.max_site_share <= 1.0:
+            raise IchfedError(f"run config: 'max-site-share' must be in (0, 1], got {self.max_site_share}")
+
+    @property
+    def reports(self) -> Path:
+        return Path(self.report_dir) if self.report_dir else Path(self.state_dir) / "report"
+
+
+_RUN_CONFIG_KEYS = {
+    "bundle-path": ("bundle_path", Path),
+    "public-key": ("public_key", Path),
+    "state-dir": ("state_dir", Path),
+    "num-server-rounds": ("num_rounds", int),
+    "min-sites": ("min_sites", int),
+    "signing-key": ("signing_key", Path),
+    "resume": ("resume", bool),
+    "max-update-norm": ("max_update_norm", float),
+    "round-timeout": ("round_timeout_s", float),
+    "wait-for-sites": ("wait_for_sites_s", float),
+    "seed": ("seed", int),
+    "report-dir": ("report_dir", Path),
+    "aggregation": ("aggregation", str),
+    "trim-fraction": ("trim_fraction", float),
+    "max-site-share": ("max_site_share", float),
+    "mode": ("mode", str),
+    "cross-fit-folds": ("cross_fit_folds", int),
+}
+
+
+def settings_from_run_config(run_config: dict[str, Any]) -> ServerSettings:
+    """Settings from a Flower run config; empty strings mean "not set"."""
+    values: dict[str, Any] = {}
+    for key, (field, kind) in _RUN_CONFIG_KEYS.items():
+        v = run_config.get(key)
+        if v is None or v == "":
+            continue
+        try:
+            if kind is bool:
+                values[field] = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+            elif kind is Path:
+                values[field] = Path(str(v)).expanduser()
+            else:
+                values[field] = kind(v)
+        except (TypeError, ValueError):
+            raise IchfedError(f"run config: '{key}' must be {kind.__name__}, got {v!r}") from None
+    for key in ("bundle-path", "public-key", "state-dir"):
+        if _RUN_CONFIG_KEYS[key][0] not in values:
+            raise IchfedError(f"run config: '{key}' is required (set it with --run-config \"{key}='...'\")")
+    return ServerSettings(**values)

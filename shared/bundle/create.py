@@ -1,0 +1,279 @@
+"""Making bundles: ``create_bundle`` (from trained models), ``derive_bundle`` (a parent with a new head)
+and ``upgrade_bundle`` (layout v1 to v2).
+
+Every bundle is assembled in a temporary folder beside its target and renamed into place
+(``shared.plumbing.files.staged_dir``), so a reader never sees half a bundle. A derived or upgraded bundle
+hard-links the parent's unchanged files (copies them across file systems) and checks each against the
+sha256 the parent was verified with, so nothing swapped after the parent was loaded gets signed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from shared.bundle.manifest import (
+    ARCHITECTURE,
+    CLASSIFIER_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    HEAD_FILE,
+    HEAD_KEYS,
+    MANIFEST,
+    NNUNET_DIR,
+    SIGNATURE,
+    manifest_bytes,
+    package_versions,
+    scan_files,
+    threshold_spec,
+)
+from shared.bundle.signature import signature_blob
+from shared.plumbing.config import CropSpec, to_dict
+from shared.plumbing.errors import BundleVerificationError, IchfedError
+from shared.plumbing.files import link_or_copy, read_json, sha256_file, staged_dir
+from shared.security import keys
+
+if TYPE_CHECKING:
+    from shared.bundle.load import Bundle
+
+log = logging.getLogger(__name__)
+
+_CLASSIFIER_ENTRY = {"file": CLASSIFIER_FILE, "head_file": HEAD_FILE, "architecture": ARCHITECTURE, "format": "safetensors"}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _full_state(classifier_state: Any) -> dict[str, Any]:
+    """A module, state dict or safetensors path, checked to load strictly into the ResNet-34."""
+    from shared.models.classifier import build_model, load_weights
+
+    if isinstance(classifier_state, str | os.PathLike):
+        state = load_weights(classifier_state)
+        where = str(classifier_state)
+    else:
+        state = classifier_state.state_dict() if hasattr(classifier_state, "state_dict") else classifier_state
+        where = "classifier"
+    try:
+        build_model().load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise IchfedError(f"{where}: weights do not fit the 3D ResNet-34 classifier ({str(e).splitlines()[0]})") from None
+    return state
+
+
+def _write_split(state: Mapping[str, Any], folder: Path) -> None:
+    """Write the backbone (everything but the head) and the head to their two files in ``folder``."""
+    from shared.models.classifier import save_weights
+
+    save_weights({k: v for k, v in state.items() if k not in HEAD_KEYS}, folder / CLASSIFIER_FILE)
+    save_weights({k: state[k] for k in HEAD_KEYS}, folder / HEAD_FILE)
+
+
+def _finish(tmp: Path, manifest: dict[str, Any], key) -> bytes:
+    """Write the manifest (and its signature with private ``key``) into the staged folder; returns its bytes."""
+    raw = manifest_bytes(manifest)
+    (tmp / MANIFEST).write_bytes(raw)
+    if key is not None:
+        (tmp / SIGNATURE).write_bytes(signature_blob(raw, key))
+    return raw
+
+
+def _check_nnunet_dir(nnunet_dir: Path) -> None:
+    if not nnunet_dir.is_dir():
+        raise IchfedError(f"{nnunet_dir}: nnU-Net model folder not found")
+    for name in ("dataset.json", "plans.json"):
+        if not (nnunet_dir / name).is_file():
+            raise IchfedError(f"{nnunet_dir}: not an nnU-Net model folder ({name} missing)")
+    folds = [d for d in nnunet_dir.glob("fold_*") if d.is_dir() and any(f.is_file() for f in d.rglob("*"))]
+    if not folds:
+        raise IchfedError(f"{nnunet_dir}: no trained fold (fold_*/ with a checkpoint) in the nnU-Net model folder")
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(src):
+        d = Path(dirpath)
+        for name in dirnames + filenames:
+            if (d / name).is_symlink():
+                raise IchfedError(f"{d / name}: symbolic links are not allowed in a bundle")
+        target = dst / d.relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            shutil.copyfile(d / name, target / name)
+
+
+def create_bundle(
+    out_dir: str | Path,
+    classifier_state: Any,
+    nnunet_dir: str | Path,
+    threshold: Any,
+    crop_spec: CropSpec,
+    cohort: dict[str, Any],
+    name: str,
+    version: str,
+    lineage: dict[str, Any] | None = None,
+    private_key: str | Path | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> Path:
+    """Build a layout-v2 bundle at ``out_dir`` (which must not exist) and return its path.
+
+    ``classifier_state`` is a module, a state dict or a safetensors path; it must load strictly
+    into the ResNet-34 (it is stored as backbone and head files). ``threshold`` is a probability or
+    anything with ``.p`` (e.g. ``shared.evaluation.metrics.Threshold``). With ``private_key`` the bundle is
+    signed before it appears at ``out_dir``.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        raise IchfedError(f"{out}: already exists; choose a new bundle folder")
+    if not name or not version:
+        raise IchfedError("bundle: 'name' and 'version' must not be empty")
+    if not isinstance(cohort, dict):
+        raise IchfedError("bundle: 'cohort' must be a dict")
+    src = Path(nnunet_dir)
+    _check_nnunet_dir(src)
+    spec = threshold_spec(threshold)
+    state = _full_state(classifier_state)
+    key = keys.load_private_key(private_key) if private_key is not None else None
+    with staged_dir(out) as tmp:
+        _write_split(state, tmp)
+        _copy_tree(src, tmp / NNUNET_DIR)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "version": version,
+            "created_utc": _now(), "packages": package_versions(), "cohort": cohort,
+            "crop": to_dict(crop_spec), "threshold": dataclasses.asdict(spec),
+            "classifier": dict(_CLASSIFIER_ENTRY),
+            "files": {rel: sha256_file(p) for rel, p in sorted(scan_files(tmp).items())},
+            "lineage": dict(lineage or {}),
+            # Only when given, so manifests without calibration keep their bytes (and hashes).
+            **({"calibration": dict(calibration)} if calibration else {}),
+        }
+        raw = _finish(tmp, manifest, key)
+    log.info("created bundle %s %s at %s (hash %s)", name, version, out, hashlib.sha256(raw).hexdigest()[:16])
+    return out
+
+
+def _link_verified(parent: Bundle, tmp: Path, rels: list[str]) -> None:
+    """Hard-link (or copy) the parent's files ``rels`` into ``tmp``; each must still have its verified sha256."""
+    for rel in rels:
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy(parent.path / rel, target)
+        if sha256_file(target) != parent.manifest.files[rel]:
+            raise BundleVerificationError(f"{parent.path / rel}: changed since the parent bundle was verified; "
+                                          "nothing derived from it was kept")
+
+
+def _head_state(head: Any, parent: Bundle) -> dict[str, Any]:
+    """The new head as float32 tensors ``fc.weight`` / ``fc.bias``, shaped like the parent's and finite."""
+    import torch
+
+    arrays = head.to_state_dict() if hasattr(head, "to_state_dict") else head
+    if not isinstance(arrays, Mapping) or sorted(arrays) != sorted(HEAD_KEYS):
+        got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
+        raise IchfedError(f"head: expected a shared.models.head.Head or exactly {list(HEAD_KEYS)}, got {got}")
+    ref = parent.head_weights()
+    out = {}
+    for k in HEAD_KEYS:
+        v = arrays[k].detach().cpu().numpy() if hasattr(arrays[k], "detach") else np.asarray(arrays[k])
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        if v.shape != tuple(ref[k].shape) or not np.isfinite(v).all():
+            raise IchfedError(f"head {k}: expected finite values of shape {tuple(ref[k].shape)}, got {v.shape}")
+        out[k] = torch.from_numpy(v.copy())
+    return out
+
+
+def derive_bundle(
+    parent: Bundle,
+    out_dir: str | Path,
+    head: Any,
+    threshold: Any,
+    version: str,
+    lineage: dict[str, Any] | None = None,
+    name: str | None = None,
+    cohort: dict[str, Any] | None = None,
+    private_key: str | Path | None = None,
+) -> Path:
+    """A layout-v2 bundle with the parent's models but a new ``head`` and ``threshold``.
+
+    ``head`` is a ``shared.models.head.Head`` or a mapping with ``fc.weight`` / ``fc.bias``. Every other file
+    is hard-linked from ``parent`` (a v2 parent) or, for a v1 parent, the backbone is written from its
+    verified classifier; only ``head.safetensors``, the manifest and the signature are new. ``lineage``
+    gets ``parent_hash``, ``parent_name`` and ``parent_version``, so a bundle says where it came from.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        raise IchfedError(f"{out}: already exists; choose a new bundle folder")
+    new_head = _head_state(head, parent)
+    spec = threshold_spec(threshold)
+    key = keys.load_private_key(private_key) if private_key is not None else None
+    m = parent.manifest
+    lin = {"parent_hash": parent.hash, "parent_name": m.name, "parent_version": m.version, **(lineage or {})}
+    with staged_dir(out) as tmp:
+        v2 = m.head_file is not None
+        keep = [rel for rel in m.files if rel not in (m.classifier_file, m.head_file)] + ([m.classifier_file] if v2 else [])
+        _link_verified(parent, tmp, sorted(keep))
+        if not v2:  # a v1 parent holds no backbone file: write it from the verified classifier
+            _write_split({**parent.classifier_weights(), **new_head}, tmp)
+        else:
+            from shared.models.classifier import save_weights
+
+            save_weights(new_head, tmp / HEAD_FILE)
+        files = {rel: parent.manifest.files[rel] for rel in keep}
+        files.update({rel: sha256_file(tmp / rel) for rel in (CLASSIFIER_FILE, HEAD_FILE) if rel not in files})
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "name": name or m.name, "version": version,
+            "created_utc": _now(), "packages": package_versions(), "cohort": m.cohort if cohort is None else cohort,
+            "crop": to_dict(m.crop), "threshold": dataclasses.asdict(spec), "classifier": dict(_CLASSIFIER_ENTRY),
+            "files": dict(sorted(files.items())), "lineage": lin,
+        }
+        raw = _finish(tmp, manifest, key)
+    log.info("derived bundle %s from %s at %s", hashlib.sha256(raw).hexdigest()[:16], parent.hash[:16], out)
+    return out
+
+
+def upgrade_bundle(src: str | Path, out_dir: str | Path, public_key: str | Path | None,
+                   private_key: str | Path | None = None, allow_unsigned: bool = False) -> Path:
+    """Write the layout-v2 form of the v1 bundle ``src`` at ``out_dir``; same models, same numbers.
+
+    ``src`` is verified with ``public_key`` first. The manifest keeps every entry, with
+    ``format_version`` 2, the head file listed and ``lineage.upgraded_from`` the v1 hash; it is signed
+    with ``private_key`` when given (the v1 signature does not cover the new manifest).
+    """
+    from shared.bundle.load import load_bundle
+
+    parent = load_bundle(src, public_key, allow_unsigned=allow_unsigned)
+    out = Path(out_dir)
+    if parent.manifest.head_file is not None:
+        raise IchfedError(f"{parent.path}: already format_version {parent.manifest.format_version}; nothing to upgrade")
+    if out.exists():
+        raise IchfedError(f"{out}: already exists; choose a new bundle folder")
+    raw_v1 = (parent.path / MANIFEST).read_bytes()
+    if hashlib.sha256(raw_v1).hexdigest() != parent.hash:
+        raise BundleVerificationError(f"{parent.path / MANIFEST}: changed since the bundle was verified")
+    manifest = read_json(parent.path / MANIFEST, raw_v1, error=BundleVerificationError)
+    key = keys.load_private_key(private_key) if private_key is not None else None
+    with staged_dir(out) as tmp:
+        keep = sorted(rel for rel in parent.manifest.files if rel != parent.manifest.classifier_file)
+        _link_verified(parent, tmp, keep)
+        _write_split(parent.classifier_weights(), tmp)
+        files = {rel: parent.manifest.files[rel] for rel in keep}
+        files.update({rel: sha256_file(tmp / rel) for rel in (CLASSIFIER_FILE, HEAD_FILE)})
+        manifest.update({
+            "format_version": FORMAT_VERSION, "files": dict(sorted(files.items())),
+            "classifier": {**manifest.get("classifier", {}), **_CLASSIFIER_ENTRY},
+            "lineage": {**manifest.get("lineage", {}), "upgraded_from": parent.hash},
+        })
+        raw = _finish(tmp, manifest, key)
+    if key is None:
+        log.warning("upgraded bundle %s is unsigned: sign it with 'ichfed bundle sign' before sites can load it", out)
+    log.info("upgraded bundle %s (v1) to %s (v2) at %s", parent.hash[:16], hashlib.sha256(raw).hexdigest()[:16], out)
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: classification metrics and thresholds, ROC statistics (DeLong, pooling, meta-analysis), calibration."""

@@ -1,0 +1,195 @@
+"""What passes between the ServerApp and the ClientApps: message types and record keys.
+
+Both sides import these names; nothing else in a Flower message is legal. The client's
+privacy allow-list (``client/privacy.py``) is written against the reply keys below, so a
+new key has to be added here *and* allowed there before a site will send it.
+
+Message flow of one run::
+
+    query.bundle  server -> site: bundle hash it holds     site -> server: have | need | refused
+    query.bundle  server -> site: bundle records (if need) site -> server: have | refused
+    train         server -> site: global head              site -> server: local head + counts
+    evaluate      server -> site: global head              site -> server: held-out metrics
+    query.final   server -> site: final head (+ new bundle) site -> server: reference / local-only /
+                                                                            federated metrics
+"""
+
+from __future__ import annotations
+
+import re
+
+from shared.imaging.quality import FLAGS as QUALITY_FLAGS
+
+# -- message types ("<category>.<action>" as Flower's ClientApp dispatches them) ------------
+ACTION_BUNDLE = "bundle"
+ACTION_FINAL = "final"
+QUERY_BUNDLE = f"query.{ACTION_BUNDLE}"
+QUERY_FINAL = f"query.{ACTION_FINAL}"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+# -- records in server -> site messages --------------------------------------------------
+HEAD = "arrays"  # ArrayRecord: the head, keys HEAD_WEIGHT / HEAD_BIAS
+CONFIG = "config"  # ConfigRecord: round, bundle hash, ...
+BUNDLE_ARRAYS = "bundle-arrays"  # ArrayRecord from shared.bundle.transport.bundle_to_records
+BUNDLE_CONFIG = "bundle-config"  # ConfigRecord from shared.bundle.transport.bundle_to_records
+
+HEAD_WEIGHT = "weight"
+HEAD_BIAS = "bias"
+HEAD_FEATURES = 512
+HEAD_CLASSES = 2
+HEAD_SHAPES = {HEAD_WEIGHT: (HEAD_CLASSES, HEAD_FEATURES), HEAD_BIAS: (HEAD_CLASSES,)}
+# Cross-fitted federation: the HEAD record also holds K fold heads, fold k under
+# "fold<k>.weight" / "fold<k>.bias". Every site trains fold head k on its fine-tune cases outside
+# its own fold k, so the average of fold head k never saw any site's fold-k cases, and a site
+# can choose the federated threshold on out-of-fold scores. K = 0: the main head only.
+CROSS_FIT_PREFIX = "fold"
+MAX_CROSS_FIT_FOLDS = 10
+
+
+def fold_prefix(k: int) -> str:
+    """Key prefix of cross-fit fold head ``k`` in the HEAD record (``"fold3."``)."""
+    return f"{CROSS_FIT_PREFIX}{int(k)}."
+
+
+def head_keys(n_folds: int = 0) -> tuple[str, ...]:
+    """Every key of a HEAD record with ``n_folds`` fold heads (main head first)."""
+    return tuple(HEAD_SHAPES) + tuple(fold_prefix(k) + key for k in range(n_folds) for key in HEAD_SHAPES)
+
+
+def cross_fit_folds(keys) -> int | None:
+    """K when ``keys`` are exactly ``head_keys(K)`` for some 0 <= K <= MAX_CROSS_FIT_FOLDS, else None."""
+    keys = set(keys)
+    n, extra = divmod(len(keys) - len(HEAD_SHAPES), len(HEAD_SHAPES))
+    if extra or not 0 <= n <= MAX_CROSS_FIT_FOLDS or keys != set(head_keys(n)):
+        return None
+    return n
+
+# ConfigRecord keys the server sends
+CFG_ROUND = "server-round"  # also injected by Flower's FedAvg
+CFG_NUM_ROUNDS = "num-rounds"
+CFG_BUNDLE_HASH = "bundle-hash"
+CFG_DELIVER = "deliver"  # bool: this query.bundle carries the bundle records
+CFG_SEED = "seed"
+
+# -- records in site -> server replies ---------------------------------------------------
+METRICS = "metrics"  # MetricRecord
+INFO = "info"  # ConfigRecord of short, fixed-vocabulary strings
+
+# INFO keys
+INFO_SITE = "site"
+INFO_STATUS = "status"
+INFO_REASON = "reason"
+INFO_BUNDLE_HASH = "bundle-hash"
+REASON_SUFFIX = ".reason"  # "<metric key>.reason" -> one of REASONS
+
+STATUS_OK = "ok"
+STATUS_HAVE = "have"
+STATUS_NEED = "need"
+STATUS_REFUSED = "refused"
+STATUSES = (STATUS_OK, STATUS_HAVE, STATUS_NEED, STATUS_REFUSED)
+
+# Reasons are codes, never free text: free text is where a path or case ID would leak.
+REASON_BUNDLE_VERIFICATION = "bundle-verification-failed"
+REASON_BUNDLE_MISSING = "bundle-missing"
+REASON_NO_CASES = "no-usable-cases"
+REASON_ONE_CLASS = "one-class-only"
+REASON_TOO_FEW = "fewer-cases-than-minimum"
+REASON_NO_LESION = "no-segmented-lesion"
+REASON_NO_MASKS = "no-reference-masks"
+REASON_THRESHOLD_FROM_BUNDLE = "threshold-from-bundle"
+REASON_SITE_ERROR = "site-error"
+REASONS = (
+    REASON_BUNDLE_VERIFICATION,
+    REASON_BUNDLE_MISSING,
+    REASON_NO_CASES,
+    REASON_ONE_CLASS,
+    REASON_TOO_FEW,
+    REASON_NO_LESION,
+    REASON_NO_MASKS,
+    REASON_THRESHOLD_FROM_BUNDLE,
+    REASON_SITE_ERROR,
+)
+
+# MetricRecord keys. Training replies: NUM_EXAMPLES (the FedAvg weight), TRAIN_LOSS and the
+# split sizes. Evaluation replies: "<model>.<metric>" for the models below.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+N_FINE_TUNE = "n-fine-tune"
+N_HELD_OUT = "n-held-out"
+N_UNUSABLE = "n-unusable"
+SITE_COUNTS = (NUM_EXAMPLES, TRAIN_LOSS, N_FINE_TUNE, N_HELD_OUT, N_UNUSABLE)
+
+MODEL_GLOBAL = "global"  # the head the server sent this round
+MODEL_REFERENCE = "reference"  # the bundle's head, no fine-tuning (paper: before fine-tuning)
+MODEL_LOCAL = "local"  # last-layer fine-tuning on this site alone (paper: after fine-tuning)
+MODEL_FEDERATED = "federated"  # the final federated head
+# The bundle's head at the site's own out-of-sample threshold: separates re-thresholding from training.
+MODEL_REFERENCE_SITE = "reference-site"
+MODELS = (MODEL_GLOBAL, MODEL_REFERENCE, MODEL_REFERENCE_SITE, MODEL_LOCAL, MODEL_FEDERATED)
+# The four arms of the final reply, all scored on the same held-out cases.
+FINAL_ARMS = (MODEL_REFERENCE, MODEL_REFERENCE_SITE, MODEL_LOCAL, MODEL_FEDERATED)
+
+# Held-out cases whose segmentation failed a plausibility check (shared.imaging.quality): any flag, and per flag.
+N_FLAGGED = "n-flagged"
+QUALITY_METRICS = (N_FLAGGED,) + tuple(f"flag-{name}" for name in QUALITY_FLAGS)
+
+SCALAR_METRICS = (
+    "n",
+    "n-pos",
+    "n-neg",
+    "n-no-lesion",
+    "auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "threshold",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    "dice-ich",
+    "dice-phe",
+    "withheld",
+    "auc-var",  # DeLong variance of this model's AUC
+    "auc-minus-reference",  # paired DeLong AUC difference, this model minus the reference head
+    "auc-minus-reference-var",
+    "auc-minus-local",  # paired DeLong AUC difference, this model minus the local-only head
+    "auc-minus-local-var",
+    "itt-tp",  # intention to treat: cases with no segmented lesion count as predicted non-neoplastic
+    "itt-fp",
+    "itt-tn",
+    "itt-fn",
+) + QUALITY_METRICS
+# The ROC curve leaves a site only as TPR sampled at these fixed FPRs: a fixed-length
+# aggregate, never the per-case scores the full curve is made of.
+ROC_FPR_GRID = tuple(round(i / 20, 2) for i in range(21))
+ROC_TPR = "roc-tpr"
+# Held-out p(neoplastic) per class as counts in SCORE_BINS equal bins of [0, 1] (the server's pooled
+# ROC). Fixed bins and a minimum count per class keep a single case's score from being read back.
+SCORE_BINS = 50
+HIST_NEG = "hist-neg"
+HIST_POS = "hist-pos"
+LIST_METRICS = {ROC_TPR: len(ROC_FPR_GRID), HIST_NEG: SCORE_BINS, HIST_POS: SCORE_BINS}
+# A site config cannot set min_cases_for_metrics below this floor.
+MIN_CASES_FLOOR = 5
+# Thresholds leave a site only rounded to this grid (and never on an observed score).
+THRESHOLD_GRID = 0.01
+
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def metric_key(model: str, metric: str) -> str:
+    """``"<model>.<metric>"``, e.g. ``"federated.auc"``."""
+    return f"{model}.{metric}"
+
+
+def split_metric_key(key: str) -> tuple[str, str] | None:
+    """Inverse of :func:`metric_key`; None for a key that is not model-scoped."""
+    model, sep, metric = key.partition(".")
+    if not sep or model not in MODELS:
+        return None
+    if metric not in SCALAR_METRICS and metric not in LIST_METRICS:
+        return None
+    return model, metric

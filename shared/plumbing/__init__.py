@@ -1,0 +1,1 @@
+"""Plumbing: errors, atomic writes, files, configuration, device choice, determinism, logging and progress."""
