@@ -9,7 +9,8 @@ A reply may carry only
   on fixed bins with at least ``protocol.MIN_CASES_FLOOR`` cases per class),
 - thresholds only on the fixed grid ``protocol.THRESHOLD_GRID`` (the reference arm's is the
   bundle's own, public value),
-- a few short fields from a fixed vocabulary (site name, status, reason codes, bundle hash),
+- a few short fields from a fixed vocabulary (site name, status, reason codes, bundle hash,
+  the adoption code of a delivered federated bundle),
 - a Table 1 (``query.stats``, ``shared/federation/stats_protocol.py``): counts and fixed-bin histograms by
   class, each count and bin 0 or at least ``protocol.MIN_CASES_FLOOR``, and scanner categories
   (short printable labels) with such counts.
@@ -275,6 +276,8 @@ def _check_info(key: str, value: Any) -> None:
         ok = value in P.REASONS
     elif key == P.INFO_BUNDLE_HASH:
         ok = bool(P.HASH_RE.match(value))
+    elif key == P.INFO_ADOPTION:
+        ok = value in P.ADOPTIONS
     elif key.endswith(P.REASON_SUFFIX):
         target = key[: -len(P.REASON_SUFFIX)]
         ok = (target in P.SITE_COUNTS or P.split_metric_key(target) is not None

@@ -242,7 +242,8 @@ def final_evaluation(grid, ready: dict[int, str], head: dict[str, np.ndarray], b
         sites.append({"site": name, "node_id": node, "status": "ok", **{m: parsed.get(m, {}) for m in
                                                        P.FINAL_ARMS},
                       "counts": parsed["counts"], "reasons": parsed["reasons"],
-                      "kept_bundle": info.get(P.INFO_BUNDLE_HASH), "bundle_problem": info.get(P.INFO_REASON)})
+                      "kept_bundle": info.get(P.INFO_BUNDLE_HASH), "bundle_problem": info.get(P.INFO_REASON),
+                      "adoption": info.get(P.INFO_ADOPTION)})
     answered = {m.metadata.src_node_id for m in replies}
     for node in sorted(set(ready) - answered):
         log.warning("final evaluation: no reply from site %s (node %s)", ready[node], node)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from shared.evaluation.rocstats import detectable_difference
 from shared.federation import protocol as P
 from shared.plumbing.atomic import atomic_path
 
@@ -24,21 +23,26 @@ ARMS = (
     (P.MODEL_LOCAL, "Local-only last-layer fine-tuning"),
     (P.MODEL_FEDERATED, "Federated last-layer fine-tuning"),
 )
-# (model, pooled key, title) of the paired differences.
+# (model, other arm, title) of the paired differences; pooled keys "minus_<other>_mean" / "_meta".
 COMPARISONS = (
-    (P.MODEL_FEDERATED, "minus_reference_meta", "Federated − reference"),
-    (P.MODEL_FEDERATED, "minus_local_meta", "Federated − local-only"),
-    (P.MODEL_LOCAL, "minus_reference_meta", "Local-only − reference"),
+    (P.MODEL_FEDERATED, "reference", "Federated − reference"),
+    (P.MODEL_FEDERATED, "local", "Federated − local-only"),
+    (P.MODEL_LOCAL, "reference", "Local-only − reference"),
 )
 
 PRIMARY_NOTE = (
-    "**AUC is the primary comparison**: it does not depend on a threshold. Pooled AUC is built from "
-    "the sites' per-class score histograms (50 fixed bins; ties within a bin count ½); the "
-    "meta-analytic AUC combines each site's AUC and DeLong variance (inverse-variance fixed effect "
-    "and DerSimonian–Laird random effects, 95 % CI); \"mean of site AUCs\" is the case-weighted "
-    "average and has no CI. Sensitivity and specificity are pooled from summed confusion counts at "
-    "each arm's threshold: the bundle's for the first arm, the site's out-of-sample threshold "
-    "(out-of-fold scores on its fine-tune split, cut midway between neighbouring scores) for the others."
+    "**AUC is the primary comparison**: it does not depend on a threshold. The primary paired endpoint "
+    "is the mean over sites, every site weighted the same, of the within-site AUC difference of two "
+    "arms on the same held-out cases; its 95 % CI is a t interval (k − 1 degrees of freedom) from how "
+    "much the sites' differences vary, because cases never leave a site. The random-effects "
+    "meta-analysis of the same differences (DeLong variances; Hartung–Knapp CI with up to 20 sites) is "
+    "secondary: its inverse-variance weights favour a site whose head barely changed. Pooled AUC is "
+    "built from the sites' per-class score histograms (50 fixed bins; ties within a bin count ½); "
+    "\"mean of site AUCs\" is the case-weighted average and has no CI. Sensitivity and specificity "
+    "are pooled from summed confusion counts at each arm's threshold: the bundle's for the first arm, "
+    "the site's out-of-sample threshold (out-of-fold scores on its fine-tune split, cut midway "
+    "between neighbouring scores) for the others; ⚠ marks an arm whose sensitivity or specificity is 0 "
+    "at its threshold (pooled or at a site)."
 )
 
 
@@ -58,7 +62,8 @@ def _pooled(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def arms_table_markdown(report: dict[str, Any]) -> str:
-    """One row per arm: pooled AUC, meta-analytic AUC with CIs, mean of site AUCs, sens/spec."""
+    """One row per arm: pooled AUC, meta-analytic AUC with CIs, mean of site AUCs, sens/spec;
+    ⚠ on an arm whose sensitivity or specificity is 0 at its threshold (pooled or at any site)."""
     lines = [
         "| Arm | sites | n | Pooled AUC | AUC fixed effect (95 % CI) | AUC random effects (95 % CI) | I² "
         "| Mean of site AUCs | Sensitivity | Specificity | ITT sensitivity | ITT specificity |",
@@ -72,45 +77,93 @@ def arms_table_markdown(report: dict[str, Any]) -> str:
             continue
         meta = m.get("auc_meta")
         itt = m.get("itt") or {}
+        mark = " ⚠" if m.get("zero_operating_point") else ""
         cells = [m.get("n_sites"), m.get("n"), _f(m.get("pooled_auc")), _ci(meta, "fixed"), _ci(meta, "random"),
                  _f((meta or {}).get("i2"), 2), _f(m.get("mean_site_auc", m.get("auc"))), _f(m.get("sensitivity")),
                  _f(m.get("specificity")), _f(itt.get("sensitivity")), _f(itt.get("specificity"))]
-        lines.append(f"| {title} | " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")
+        lines.append(f"| {title}{mark} | " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _mean_ci(res: dict[str, Any] | None) -> str:
+    if not res:
+        return "n/a"
+    if res.get("ci_low") is None:
+        return f"{res['estimate']:.3f} (one site: no CI)"
+    return f"{res['estimate']:.3f} ({res['ci_low']:.3f} to {res['ci_high']:.3f})"
+
+
+def _site_values(res: dict[str, Any] | None) -> str:
+    return ", ".join(f"{s['site']} {s['estimate']:+.3f}" for s in (res or {}).get("sites") or []) or "n/a"
+
+
 def comparisons_table_markdown(report: dict[str, Any]) -> str:
-    """Paired AUC differences (DeLong per site, meta-analysed) with 95 % CIs, and the smallest
-    difference this design detects (two-sided 5 %, 80 % power, from the random-effects SE).
-    CIs are normal-theory and not clipped to [-1, 1]."""
-    lines = ["| Paired AUC difference | sites | Fixed effect (95 % CI) | Random effects (95 % CI) | I² "
-             "| Detectable difference (80 % power) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """Paired AUC differences: the primary equal-weight mean of within-site differences with its
+    t interval, the random-effects meta-analysis (Hartung–Knapp CI with few sites) and the
+    per-site values behind both. CIs are not clipped to [-1, 1]."""
+    lines = ["| Paired AUC difference | sites | Mean within-site difference, equal site weights (95 % CI) "
+             "| Random effects (95 % CI) | I² | Per-site differences |",
+             "|---|---:|---:|---:|---:|---|"]
     pooled = _pooled(report)
-    for model, key, title in COMPARISONS:
-        meta = (pooled.get(model) or {}).get(key)
-        se = ((meta or {}).get("random") or {}).get("se")
-        mdd = _f(detectable_difference(se)) if se is not None else "n/a"
-        lines.append(f"| {title} | {_f((meta or {}).get('k'))} | {_ci(meta, 'fixed')} | {_ci(meta, 'random')} "
-                     f"| {_f((meta or {}).get('i2'), 2)} | {mdd} |")
+    for model, other, title in COMPARISONS:
+        m = pooled.get(model) or {}
+        mean, meta = m.get(f"minus_{other}_mean"), m.get(f"minus_{other}_meta")
+        k = (mean or meta or {}).get("k")
+        lines.append(f"| {title} | {_f(k)} | {_mean_ci(mean)} | {_ci(meta, 'random')} "
+                     f"| {_f((meta or {}).get('i2'), 2)} | {_site_values(mean or meta)} |")
     return "\n".join(lines) + "\n"
 
 
 def verdict(report: dict[str, Any]) -> str:
-    """One sentence saying whether the federated head's AUC gain has a CI excluding 0."""
+    """One sentence per comparison of the federated head, on the primary endpoint (the equal-weight
+    mean of within-site differences; reports from before it fall back to random effects)."""
     fed = _pooled(report).get(P.MODEL_FEDERATED) or {}
     parts = []
-    for key, other in (("minus_reference_meta", "the reference"), ("minus_local_meta", "local-only fine-tuning")):
-        r = (fed.get(key) or {}).get("random")
+    for other, name in (("reference", "the reference"), ("local", "local-only fine-tuning")):
+        r = fed.get(f"minus_{other}_mean") or (fed.get(f"minus_{other}_meta") or {}).get("random")
         if not r:
-            parts.append(f"vs {other}: not available")
+            parts.append(f"vs {name}: not available")
+        elif r.get("ci_low") is None:
+            parts.append(f"vs {name}: {r['estimate']:+.3f} at one site (no interval)")
         elif r["ci_low"] > 0:
-            parts.append(f"better than {other} (random-effects CI excludes 0)")
+            parts.append(f"better than {name} ({r['estimate']:+.3f}, CI excludes 0)")
         elif r["ci_high"] < 0:
-            parts.append(f"worse than {other} (random-effects CI excludes 0)")
+            parts.append(f"worse than {name} ({r['estimate']:+.3f}, CI excludes 0)")
         else:
-            parts.append(f"no detectable difference from {other} (CI includes 0)")
+            parts.append(f"no difference from {name} shown ({r['estimate']:+.3f}, CI includes 0)")
     return "Federated AUC: " + "; ".join(parts) + "."
+
+
+def zero_operating_point_lines(report: dict[str, Any]) -> list[str]:
+    """One line per arm whose sensitivity or specificity at its threshold is 0 (pooled or at a site)."""
+    out = []
+    for model, title in ARMS:
+        hits = (_pooled(report).get(model) or {}).get("zero_operating_point") or []
+        if hits:
+            where = "; ".join(f"{h['site']}: {' and '.join(h['zero'])} 0" for h in hits)
+            out.append(f"- ⚠ {title}: {where} at its threshold (it calls every case one class there)")
+    return out
+
+
+def adoption_lines(report: dict[str, Any]) -> list[str]:
+    """Per site: whether the federated bundle became the site's model, and if not why (a reason code)."""
+    rows = [s for s in (report.get("final") or {}).get("sites", []) if s.get("adoption")]
+    if not rows:
+        return []
+    out = ["- federated bundle at each site (no harm at adoption: compared with the site's current model on "
+           "its own out-of-fold evidence):"]
+    for s in rows:
+        out.append(f"  - {s['site']}: {ADOPTION_TEXT.get(s['adoption'], s['adoption'])} (`{s['adoption']}`)")
+    return out
+
+
+ADOPTION_TEXT = {
+    P.ADOPTION_ACTIVATED: "activated (now the site's model)",
+    P.ADOPTION_CLEARLY_WORSE: "kept, not activated: clearly worse than the site's current model",
+    P.ADOPTION_ZERO_OPERATING_POINT: "kept, not activated: sensitivity or specificity 0 at its site threshold",
+    P.ADOPTION_INSUFFICIENT: "kept, not activated: too few fine-tune cases of a class to compare",
+    P.ADOPTION_AWAITING_APPROVAL: "kept, awaiting the hospital's manual approval",
+}
 
 
 def no_lesion_lines(report: dict[str, Any]) -> list[str]:

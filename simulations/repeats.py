@@ -36,6 +36,13 @@ HEADLINE = (
     ("specificity", ("specificity",)),
     ("ITT sensitivity", ("itt", "sensitivity")),
     ("ITT specificity", ("itt", "specificity")),
+    # The primary paired endpoint: mean of within-site differences, equal site weights (t CI).
+    ("AUC − reference (mean of sites)", ("minus_reference_mean", "estimate")),
+    ("AUC − reference mean CI low", ("minus_reference_mean", "ci_low")),
+    ("AUC − reference mean CI high", ("minus_reference_mean", "ci_high")),
+    ("AUC − local (mean of sites)", ("minus_local_mean", "estimate")),
+    ("AUC − local mean CI low", ("minus_local_mean", "ci_low")),
+    ("AUC − local mean CI high", ("minus_local_mean", "ci_high")),
     ("AUC − reference (random)", ("minus_reference_meta", "random", "estimate")),
     ("AUC − reference CI low", ("minus_reference_meta", "random", "ci_low")),
     ("AUC − reference CI high", ("minus_reference_meta", "random", "ci_high")),

@@ -7,10 +7,14 @@
 - :func:`score_histogram` / :func:`pooled_roc`: per-class counts of scores on a fixed grid,
   which the server sums into one pooled ROC curve. Within a bin the order of a positive and a
   negative is unknown, so such pairs count 1/2 (the trapezoid through the bin edges).
+- :func:`site_mean`: the primary paired endpoint where only per-site aggregates exist, the
+  mean of the sites' within-site AUC differences with equal site weights and a ``t_{k-1}``
+  interval from their spread. (Where case-level scores exist, :mod:`shared.evaluation.site_bootstrap`
+  gives the same mean a hierarchical bootstrap interval.)
 - :func:`meta_analysis`: inverse-variance fixed effect and DerSimonian-Laird random effects
-  (:func:`meta_analysis_auc` pools AUCs on the logit scale),
-  each with a normal-theory CI. statsmodels has this too, but is not a dependency; the
-  formulas are ten lines.
+  (:func:`meta_analysis_auc` pools AUCs on the logit scale); the random-effects CI is
+  Hartung-Knapp-Sidik-Jonkman's up to ``HKSJ_MAX_SITES`` sites. statsmodels has this too, but
+  is not a dependency; the formulas are a few lines.
 
 Conventions follow :mod:`shared.evaluation.metrics`: ``y_true`` 1 = neoplastic (positive), ``p`` the
 probability of the positive class.
@@ -24,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from scipy.stats import norm, rankdata
+from scipy.stats import t as t_dist
 
 from shared.plumbing.errors import IchfedError
 
@@ -112,7 +117,13 @@ def delong_auc(y_true: Sequence[int], p: Sequence[float]) -> AucEstimate:
 
 
 def delong_paired(y_true: Sequence[int], p_a: Sequence[float], p_b: Sequence[float]) -> AucEstimate:
-    """``AUC(a) - AUC(b)`` on the same cases and its variance (DeLong for correlated ROC curves)."""
+    """``AUC(a) - AUC(b)`` on the same cases and its variance (DeLong for correlated ROC curves).
+
+    Two score sets that rank the cases identically (one a monotone rescaling of the other) have
+    a difference of exactly 0 on every resample of the cases: variance 0. Only where both rank
+    perfectly (AUC 0 or 1) and differ in their order is DeLong's 0 replaced by the Hanley-McNeil
+    floor of ``delong_auc``: there a new case could break one ranking and not the other.
+    """
     a = np.asarray(p_a, dtype=np.float64)
     b = np.asarray(p_b, dtype=np.float64)
     if a.shape != b.shape:
@@ -121,8 +132,8 @@ def delong_paired(y_true: Sequence[int], p_a: Sequence[float], p_b: Sequence[flo
     aucs, cov = _delong_components(y, s)
     contrast = np.array([1.0, -1.0])
     var = max(float(contrast @ cov @ contrast), 0.0)
-    if var <= 0.0 and not np.array_equal(a, b):
-        # Two different models that both rank perfectly: as in delong_auc, not certainty.
+    perfect = all(float(v) in (0.0, 1.0) for v in aucs)
+    if var <= 0.0 and perfect and not np.array_equal(rankdata(a), rankdata(b)):
         m, n = int((y == 1).sum()), int((y == 0).sum())
         var = (_degenerate_floor(float(aucs[0]), m, n) + _degenerate_floor(float(aucs[1]), m, n)) / 2.0
     return AucEstimate(float(aucs[0] - aucs[1]), var)
@@ -203,7 +214,12 @@ class Estimate:
 
 @dataclasses.dataclass(frozen=True)
 class MetaResult:
-    """Fixed-effect and random-effects summaries of ``k`` site estimates."""
+    """Fixed-effect and random-effects summaries of ``k`` site estimates.
+
+    ``random_ci`` names how the random-effects interval was made: ``"hksj"`` (Hartung-Knapp-
+    Sidik-Jonkman, a t quantile with k - 1 degrees of freedom, up to ``HKSJ_MAX_SITES`` sites),
+    ``"normal"`` (DerSimonian-Laird with a normal quantile, more sites) or ``"single-site"``.
+    """
 
     fixed: Estimate
     random: Estimate
@@ -211,15 +227,25 @@ class MetaResult:
     i2: float
     q: float
     k: int
+    random_ci: str = "hksj"
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (nested ``fixed`` / ``random``)."""
         return dataclasses.asdict(self)
 
 
-def meta_analysis(estimates: Sequence[float], variances: Sequence[float], alpha: float = 0.05) -> MetaResult:
-    """Inverse-variance fixed effect and DerSimonian-Laird random effects with normal CIs.
+# With few sites the DerSimonian-Laird interval with a normal quantile covers too rarely once the
+# sites differ (4 sites, tau = 0.06: about 0.92 for a nominal 0.95; IntHout et al. 2014). Up to this
+# many sites the random-effects CI is Hartung-Knapp-Sidik-Jonkman's, which keeps its coverage.
+HKSJ_MAX_SITES = 20
 
+
+def meta_analysis(estimates: Sequence[float], variances: Sequence[float], alpha: float = 0.05) -> MetaResult:
+    """Inverse-variance fixed effect and DerSimonian-Laird random effects.
+
+    The fixed-effect CI is normal-theory. The random-effects estimate uses DL's ``tau2``; its CI
+    is Hartung-Knapp-Sidik-Jonkman's (``t_{k-1}`` times the weighted spread of the site estimates
+    around it) for ``k <= HKSJ_MAX_SITES`` and normal-theory above (``random_ci`` says which).
     ``tau2`` is the between-site variance, ``i2`` the share of total variation due to it
     (Higgins & Thompson 2002), ``q`` Cochran's Q. With one site both summaries equal it.
     """
@@ -242,14 +268,62 @@ def meta_analysis(estimates: Sequence[float], variances: Sequence[float], alpha:
     i2 = max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0
     w_r = 1.0 / (v + tau2)
     rand = float((w_r * e).sum() / w_r.sum())
-    return MetaResult(
-        fixed=_estimate(fixed, math.sqrt(1.0 / w.sum()), z),
-        random=_estimate(rand, math.sqrt(1.0 / w_r.sum()), z),
-        tau2=float(tau2),
-        i2=float(i2),
-        q=q,
-        k=k,
-    )
+    if k == 1:
+        random, how = _estimate(rand, math.sqrt(1.0 / w_r.sum()), z), "single-site"
+    elif k <= HKSJ_MAX_SITES:
+        # Hartung & Knapp (2001), Sidik & Jonkman (2002): the spread of the sites around the
+        # random-effects mean, not the model's variance, with k - 1 degrees of freedom.
+        se = math.sqrt(float((w_r * (e - rand) ** 2).sum()) / ((k - 1) * w_r.sum()))
+        random, how = _estimate(rand, se, float(t_dist.ppf(1.0 - alpha / 2.0, k - 1))), "hksj"
+    else:
+        random, how = _estimate(rand, math.sqrt(1.0 / w_r.sum()), z), "normal"
+    return MetaResult(fixed=_estimate(fixed, math.sqrt(1.0 / w.sum()), z), random=random, tau2=float(tau2),
+                      i2=float(i2), q=q, k=k, random_ci=how)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteMean:
+    """The equal-weight mean of ``k`` site values, with the t interval from their spread.
+
+    ``se`` and the CI are None with one site (no spread to estimate); ``values`` are the site
+    values behind the mean, in the order given.
+    """
+
+    estimate: float
+    se: float | None
+    ci_low: float | None
+    ci_high: float | None
+    k: int
+    sd: float | None
+    values: list[float]
+    method: str = "equal site weights; t(k-1) on the between-site spread"
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+
+def site_mean(values: Sequence[float], alpha: float = 0.05) -> SiteMean:
+    """Mean of per-site values with equal site weights and a ``t_{k-1}`` CI from their spread.
+
+    The primary paired endpoint of a federation in which cases never leave a site: each site
+    sends its within-site AUC difference, and the question "does a hospital gain?" weighs every
+    hospital the same. The interval rests on how much the sites' differences vary (it is the
+    equal-weight Hartung-Knapp interval), so a site whose head barely changed cannot narrow it by
+    reporting a tiny DeLong variance.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all():
+        raise IchfedError(f"values: need a non-empty list of finite site values, got shape {x.shape}")
+    if not 0.0 < alpha < 1.0:
+        raise IchfedError(f"alpha: must lie in (0, 1), got {alpha}")
+    k, mean = int(x.size), float(x.mean())
+    if k == 1:
+        return SiteMean(mean, None, None, None, 1, None, [float(v) for v in x])
+    sd = float(x.std(ddof=1))
+    se = sd / math.sqrt(k)
+    t = float(t_dist.ppf(1.0 - alpha / 2.0, k - 1))
+    return SiteMean(mean, se, mean - t * se, mean + t * se, k, sd, [float(v) for v in x])
 
 
 # AUCs are pooled on the logit scale, where a normal approximation holds near 0 and 1; a site
@@ -289,14 +363,6 @@ def _expit_estimate(e: Estimate) -> Estimate:
 
     p = expit(e.estimate)
     return Estimate(p, p * (1.0 - p) * e.se, expit(e.ci_low), expit(e.ci_high))
-
-
-def detectable_difference(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest true difference a two-sided level-``alpha`` test with standard error ``se`` detects
-    with probability ``power``: ``(z_{1-alpha/2} + z_{power}) * se`` (2.80 x se at 5 % / 80 %)."""
-    if not (se >= 0 and math.isfinite(se)) or not 0 < alpha < 1 or not 0 < power < 1:
-        raise IchfedError(f"detectable_difference: need se >= 0, alpha and power in (0, 1); got {se}, {alpha}, {power}")
-    return float((norm.ppf(1.0 - alpha / 2.0) + norm.ppf(power)) * se)
 
 
 def _estimate(value: float, se: float, z: float) -> Estimate:

@@ -81,6 +81,7 @@ INFO_SITE = "site"
 INFO_STATUS = "status"
 INFO_REASON = "reason"
 INFO_BUNDLE_HASH = "bundle-hash"
+INFO_ADOPTION = "adoption"  # final reply: what the site did with the federated bundle (ADOPTIONS)
 REASON_SUFFIX = ".reason"  # "<metric key>.reason" -> one of REASONS
 
 STATUS_OK = "ok"
@@ -110,6 +111,16 @@ REASONS = (
     REASON_THRESHOLD_FROM_BUNDLE,
     REASON_SITE_ERROR,
 )
+
+# What a site did with the delivered federated bundle (client/adoption.py): an aggregate code,
+# nothing per case. Every "kept-" bundle stays in the site's cache and can be approved by hand.
+ADOPTION_ACTIVATED = "activated"
+ADOPTION_CLEARLY_WORSE = "kept-clearly-worse"
+ADOPTION_ZERO_OPERATING_POINT = "kept-zero-sensitivity-or-specificity"
+ADOPTION_INSUFFICIENT = "kept-insufficient-evidence"
+ADOPTION_AWAITING_APPROVAL = "kept-awaiting-approval"
+ADOPTIONS = (ADOPTION_ACTIVATED, ADOPTION_CLEARLY_WORSE, ADOPTION_ZERO_OPERATING_POINT, ADOPTION_INSUFFICIENT,
+             ADOPTION_AWAITING_APPROVAL)
 
 # MetricRecord keys. Training replies: NUM_EXAMPLES (the FedAvg weight), TRAIN_LOSS and the
 # split sizes. Evaluation replies: "<model>.<metric>" for the models below.

@@ -76,8 +76,18 @@ def test_pooled_metrics_pooled_auc_meta_analysis_and_paired_differences():
     assert diff["fixed"]["estimate"] == pytest.approx(
         np.average([s["federated"]["auc-minus-reference"] for s in sites],
                    weights=[1 / s["federated"]["auc-minus-reference-var"] for s in sites]))
-    assert diff["random"]["ci_low"] > 0  # a real AUC gain of this size is detected by 4 x 60 cases
+    assert diff["random_ci"] == "hksj"
     assert fed["minus_local_meta"]["k"] == 4
+    # The primary endpoint: equal site weights, t interval from the sites' spread, site values kept.
+    primary = fed["minus_reference_mean"]
+    site_diffs = [s["federated"]["auc-minus-reference"] for s in sites]
+    assert primary["estimate"] == pytest.approx(np.mean(site_diffs)) and primary["k"] == 4
+    assert primary["ci_low"] > 0  # a real AUC gain of this size is detected by 4 x 60 cases
+    assert [v["estimate"] for v in primary["sites"]] == site_diffs
+    assert [v["site"] for v in primary["sites"]] == [s["site"] for s in sites]
+    assert [v["variance"] for v in diff["sites"]] == [s["federated"]["auc-minus-reference-var"] for s in sites]
+    assert [a["auc"] for a in fed["site_aucs"]] == [s["federated"]["auc"] for s in sites]
+    assert fed["zero_operating_point"] == []
     # Intention to treat: 8 no-lesion neoplastic cases pooled as false negatives.
     assert fed["n_no_lesion"] == 8
     assert fed["itt"]["confusion"]["fn"] == fed["confusion"]["fn"] + 8
@@ -112,9 +122,11 @@ def test_report_shows_four_arms_with_cis_pooled_roc_and_reliability(tmp_path):
         assert f"| {title} | 4 | 240 |" in md
     fed = report["final"]["pooled"]["federated"]["minus_reference_meta"]["random"]
     assert f"{fed['estimate']:.3f} ({fed['ci_low']:.3f} to {fed['ci_high']:.3f})" in md
+    primary = report["final"]["pooled"]["federated"]["minus_reference_mean"]
+    assert f"{primary['estimate']:.3f} ({primary['ci_low']:.3f} to {primary['ci_high']:.3f})" in md
+    assert f"site-0 {primary['sites'][0]['estimate']:+.3f}" in md  # the per-site values behind it
     assert "Federated AUC: better than the reference" in md
-    detectable = 2.8016 * fed["se"]  # (z_0.975 + z_0.8) x SE
-    assert f"| {detectable:.3f} |" in md
+    assert "Detectable" not in md and "| Federated last-layer fine-tuning ⚠" not in md
     assert "no segmented lesion: 8" in md
     html_text = paths["html"].read_text(encoding="utf-8")
     assert 'src="pooled_roc.png"' in html_text and "Federated − local-only" in html_text
@@ -133,3 +145,28 @@ def test_old_report_without_new_keys_renders_with_na(tmp_path):
     assert "| Before fine-tuning, site threshold | n/a |" in md
     assert "0.810" in md  # the old averaged figure, now in the "mean of site AUCs" column
     assert "not available" in md and "pooled_roc" not in paths and paths["html"].exists()
+
+
+def test_report_marks_an_arm_with_zero_sensitivity_at_its_threshold(tmp_path):
+    sites, _ = _sites(seed=2, k=3)
+    fed = sites[1][P.MODEL_FEDERATED]
+    fed["tp"], fed["fn"] = 0, fed["tp"] + fed["fn"]  # calls every case non-neoplastic at this site
+    fed["sensitivity"], fed["specificity"] = 0.0, 1.0
+    pooled = {m: pooled_metrics(sites, m) for m in P.FINAL_ARMS}
+    assert pooled[P.MODEL_FEDERATED]["zero_operating_point"] == [{"site": "site-1", "zero": ["sensitivity"]}]
+    assert pooled[P.MODEL_LOCAL]["zero_operating_point"] == []
+    report = {"run": {"sites": [s["site"] for s in sites]}, "rounds": [],
+              "final": {"sites": sites, "pooled": pooled}}
+    md = markdown(report, with_figures=False)
+    assert "| Federated last-layer fine-tuning ⚠ |" in md and "| Local-only last-layer fine-tuning |" in md
+    assert "⚠ Federated last-layer fine-tuning: site-1: sensitivity 0 at its threshold" in md
+
+
+def test_report_says_what_each_site_did_with_the_federated_bundle():
+    sites, _ = _sites(seed=3, k=2)
+    sites[0]["adoption"], sites[1]["adoption"] = P.ADOPTION_ACTIVATED, P.ADOPTION_CLEARLY_WORSE
+    report = {"run": {"sites": ["site-0", "site-1"]}, "rounds": [],
+              "final": {"sites": sites, "pooled": {m: pooled_metrics(sites, m) for m in P.FINAL_ARMS}}}
+    md = markdown(report, with_figures=False)
+    assert "site-0: activated (now the site's model) (`activated`)" in md
+    assert "site-1: kept, not activated: clearly worse than the site's current model (`kept-clearly-worse`)" in md

@@ -12,11 +12,11 @@ from sklearn.metrics import roc_auc_score
 from shared.evaluation.rocstats import (
     delong_auc,
     delong_paired,
-    detectable_difference,
     meta_analysis,
     meta_analysis_auc,
     pooled_roc,
     score_histogram,
+    site_mean,
 )
 from shared.plumbing.errors import IchfedError
 
@@ -137,7 +137,7 @@ def test_meta_analysis_heterogeneous_sites_widen_the_random_effects_interval():
     assert res.random.ci_high - res.random.ci_low > 2 * (res.fixed.ci_high - res.fixed.ci_low)
     one = meta_analysis([0.7], [0.01])
     assert one.fixed.estimate == one.random.estimate == 0.7 and one.tau2 == 0.0
-    assert set(one.to_dict()) == {"fixed", "random", "tau2", "i2", "q", "k"}
+    assert set(one.to_dict()) == {"fixed", "random", "tau2", "i2", "q", "k", "random_ci"}
     with pytest.raises(IchfedError, match="non-negative"):
         meta_analysis([0.7], [-0.01])
 
@@ -164,16 +164,74 @@ def test_meta_analysis_auc_pools_on_the_logit_scale_and_keeps_the_interval_insid
         meta_analysis_auc([1.2], [0.01])
 
 
-def test_detectable_difference_is_2_8_standard_errors_at_5_percent_and_80_percent_power():
-    assert detectable_difference(0.01) == pytest.approx(0.028, abs=2e-4)
-    assert detectable_difference(0.01, power=0.9) > detectable_difference(0.01)
-    with pytest.raises(IchfedError):
-        detectable_difference(-1.0)
-
-
 def test_perfect_separation_gets_a_small_positive_variance_not_infinite_weight():
     y = [1, 1, 1, 0, 0, 0]
     perfect = delong_auc(y, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
     assert perfect.estimate == 1.0 and 0.0 < perfect.variance < delong_auc(y, [0.9, 0.8, 0.2, 0.7, 0.3, 0.1]).variance
+    # Both rank perfectly but in different orders: a new case could break one and not the other.
     both = delong_paired(y, [0.9, 0.8, 0.7, 0.3, 0.2, 0.1], [0.6, 0.9, 0.8, 0.1, 0.3, 0.2])
     assert both.estimate == 0.0 and both.variance > 0.0
+
+
+def test_two_heads_that_rank_identically_differ_by_zero_with_zero_variance():
+    """One head a rescaling of the other (same order of every case): the difference is 0 on every
+    resample of the cases, so its variance is 0, not the single-AUC floor (0.0056 before)."""
+    rng = np.random.default_rng(2)
+    y, a = _simulate(rng, 7, 9, shift=0.8)
+    logit = np.log(a / (1 - a))
+    b = 1 / (1 + np.exp(-(3.0 * logit - 1.0)))  # monotone rescaling: identical ranking
+    assert not np.array_equal(a, b) and 0.5 < roc_auc_score(y, a) < 1.0
+    d = delong_paired(y, a, b)
+    assert d.estimate == 0.0 and d.variance == 0.0
+    # The same for two perfect rankings with the same order.
+    yp = [1, 1, 1, 0, 0, 0]
+    p = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1])
+    assert delong_paired(yp, p, p / 2).variance == 0.0
+
+
+def test_random_effects_ci_is_hartung_knapp_with_few_sites():
+    e, v = [0.02, 0.10, -0.04, 0.07], [0.0009] * 4
+    res = meta_analysis(e, v)
+    assert res.random_ci == "hksj" and res.k == 4
+    w = 1 / (np.asarray(v) + res.tau2)
+    mu = float((w * e).sum() / w.sum())
+    se = math.sqrt(float((w * (np.asarray(e) - mu) ** 2).sum()) / (3 * w.sum()))
+    assert res.random.estimate == pytest.approx(mu) and res.random.se == pytest.approx(se)
+    assert res.random.ci_high - mu == pytest.approx(3.182446 * se, rel=1e-5)  # t_{3, 0.975}
+    many = meta_analysis(list(np.linspace(-0.05, 0.05, 25)), [0.001] * 25)
+    assert many.random_ci == "normal"
+    assert meta_analysis([0.1], [0.01]).random_ci == "single-site"
+
+
+def test_hksj_keeps_its_coverage_with_four_heterogeneous_sites_where_dl_does_not():
+    """4 sites, true mean 0, between-site SD tau = 0.06, within-site SE 0.03 (issue 20's setting)."""
+    rng = np.random.default_rng(20)
+    n, tau, se = 3000, 0.06, 0.03
+    hk = dl = 0
+    for _ in range(n):
+        e = rng.normal(0.0, tau, 4) + rng.normal(0.0, se, 4)
+        res = meta_analysis(e, [se**2] * 4)
+        hk += res.random.ci_low <= 0.0 <= res.random.ci_high
+        w = 1 / (se**2 + res.tau2)
+        half = 1.959964 * math.sqrt(1 / (4 * w))  # DerSimonian-Laird with a normal quantile
+        dl += abs(res.random.estimate) <= half
+    assert hk / n >= 0.935, hk / n
+    assert dl / n <= 0.93 and dl / n < hk / n - 0.02, (dl / n, hk / n)
+
+
+def test_site_mean_weighs_sites_equally_with_a_t_interval():
+    r = site_mean([0.05, -0.01, 0.03, 0.01])
+    assert r.estimate == pytest.approx(0.02) and r.k == 4
+    sd = float(np.std([0.05, -0.01, 0.03, 0.01], ddof=1))
+    assert r.sd == pytest.approx(sd) and r.se == pytest.approx(sd / 2)
+    assert r.ci_low == pytest.approx(0.02 - 3.182446 * sd / 2, rel=1e-5)
+    assert r.values == [0.05, -0.01, 0.03, 0.01]
+    one = site_mean([0.04])
+    assert one.estimate == 0.04 and one.se is None and one.ci_low is None
+    with pytest.raises(IchfedError, match="values"):
+        site_mean([])
+    # The issue's failure: a site whose head barely moved (tiny DeLong variance) drags an
+    # inverse-variance mean to itself; the equal-weight mean stays the sites' average.
+    diffs, var = [-0.05, -0.04, -0.02, 0.0005], [0.002, 0.002, 0.002, 1e-9]
+    assert abs(meta_analysis(diffs, var).fixed.estimate - 0.0005) < 1e-3
+    assert site_mean(diffs).estimate == pytest.approx(np.mean(diffs))

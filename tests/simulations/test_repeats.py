@@ -21,6 +21,7 @@ def _report(auc: float, diff: float) -> dict:
     pooled = {arm: {"pooled_auc": auc, "auc_meta": meta(auc), "mean_site_auc": auc, "sensitivity": 0.7,
                     "specificity": None, "itt": {"sensitivity": 0.6}} for arm in P.FINAL_ARMS}
     pooled[P.MODEL_FEDERATED]["minus_reference_meta"] = meta(diff)
+    pooled[P.MODEL_FEDERATED]["minus_reference_mean"] = {"estimate": diff, "ci_low": diff - 0.1, "ci_high": None}
     return {"final": {"pooled": pooled}}
 
 
@@ -34,6 +35,8 @@ def test_summary_is_mean_and_sd_of_every_headline_figure():
     assert fed["pooled AUC"]["mean"] == pytest.approx(0.74) and fed["pooled AUC"]["sd"] == pytest.approx(0.04)
     assert fed["AUC − reference (random)"]["values"] == [0.02, 0.06, 0.04]
     assert fed["AUC fixed CI low"]["mean"] == pytest.approx(0.64)
+    assert fed["AUC − reference (mean of sites)"]["values"] == [0.02, 0.06, 0.04]
+    assert "AUC − reference mean CI high" not in fed  # one site: no interval
     assert "specificity" not in fed  # a figure no run produced is not invented
     md = summary_markdown(s)
     assert "| federated | pooled AUC | 0.740 ± 0.040 | 3 |" in md and "split seeds [0, 1, 2]" in md
