@@ -7,10 +7,16 @@
 - **Unlabelled cases** (empty label in ``cases.csv``) only feed those statistics.
 - **A regularised head**: the FedProx proximal term toward the received global head and early
   stopping by inner folds (``client.finetune.local_update``).
+- **The converged fit** (``head_fit = "converged"``, issue #20): instead of the paper's fixed
+  Adam epochs, the head that minimises NLL + lambda/2 ||theta - theta_received||^2 with lambda
+  chosen by inner folds (``client.head_fit``); the proximal term, epochs, learning rate, batch size
+  and early stopping do not apply to it. With local statistics on, this is "AdaBN + head refit":
+  the features are re-normalised at the site and the head is refitted to them to convergence.
 
 Each is switched in the site config (``local_norm_stats``, ``unlabelled_for_norm_stats``,
-``proximal_mu`` = 0, ``early_stopping``); with all off a site runs the paper's plain last-layer
-fine-tuning. ``settings(config)`` reads the switches from any config object that has them.
+``proximal_mu`` = 0, ``early_stopping``, ``head_fit``); with the first four off and ``head_fit =
+"paper"`` a site runs the paper's plain last-layer fine-tuning. ``settings(config)`` reads the
+switches from any config object that has them.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Adaptation:
-    """The site's adaptation switches (defaults: all on; ``paper()``: all off)."""
+    """The site's adaptation switches (defaults: all on, the paper's head training; ``paper()``: all off)."""
 
     local_norm_stats: bool = True
     unlabelled_for_norm_stats: bool = True
     proximal_mu: float = 1.0
     early_stopping: bool = True
+    head_fit: str = "paper"  # "paper": Adam for a number of epochs; "converged": client.head_fit
 
     @classmethod
     def paper(cls) -> "Adaptation":
@@ -86,9 +93,18 @@ def embed_with(bundle, stats, crops: np.ndarray, device: str = "cpu") -> np.ndar
 
 def local_update(adaptation: Adaptation, head, features: np.ndarray, labels: np.ndarray, *, epochs: int,
                  learning_rate: float, batch_size: int, seed: int, device: str = "cpu"):
-    """The site's training of ``head`` under its switches (``client.finetune.local_update``):
-    ``epochs`` is the most it trains; early stopping may choose fewer."""
+    """The site's training of ``head`` under its switches: ``client.finetune.local_update`` (the
+    paper's recipe; ``epochs`` is the most it trains, early stopping may choose fewer) or, with
+    ``head_fit = "converged"``, ``client.head_fit.converged_update`` (a ``HeadTrainResult`` whose
+    ``loss`` is the training NLL and ``epochs`` the Newton iterations)."""
+    from .finetune import HeadTrainResult
     from .finetune import local_update as update
+
+    if adaptation.head_fit == "converged":
+        from .head_fit import converged_update
+
+        fit = converged_update(head, np.asarray(features, np.float32), np.asarray(labels, np.int64), seed=seed)
+        return HeadTrainResult(head=fit.head, loss=fit.nll if len(labels) else float("nan"), epochs=fit.iterations)
 
     return update(head, features, labels, max_epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                   seed=seed, device=device, proximal_mu=adaptation.proximal_mu,

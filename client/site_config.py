@@ -38,6 +38,14 @@ class SiteConfig:
     unlabelled_for_norm_stats: bool = _ADAPT.unlabelled_for_norm_stats  # empty-label cases feed them (only them)
     proximal_mu: float = dataclasses.field(default=_ADAPT.proximal_mu, metadata={"range": (0.0, 1e6)})  # FedProx
     early_stopping: bool = _ADAPT.early_stopping  # local epochs chosen by inner folds (at most local_epochs)
+    # "paper": Adam for local_epochs; "converged": NLL + lambda/2 ||w - w_received||^2 to its optimum,
+    # lambda by inner folds (client/head_fit.py); with local_norm_stats this is AdaBN + head refit.
+    head_fit: Literal["paper", "converged"] = _ADAPT.head_fit  # type: ignore[assignment]
+    # No harm at adoption (client/adoption.py): "auto" activates a delivered federated bundle unless
+    # it is clearly worse on the site's own out-of-fold evidence; "manual" waits for `ichfed site approve`.
+    adoption: Literal["auto", "manual"] = "auto"
+    # "Clearly worse": paired AUC (candidate - current) below -adoption_margin and below 0 at one-sided 5 %.
+    adoption_margin: float = dataclasses.field(default=0.05, metadata={"range": (0.0, 1.0)})
 
     @property
     def min_cases(self) -> int:
