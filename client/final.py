@@ -19,6 +19,8 @@ import dataclasses
 import logging
 from typing import Any
 
+import numpy as np
+
 from shared.federation import protocol as P
 from shared.models.head import Head
 
@@ -32,8 +34,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class FinalArms:
+    """The reply's metrics and reasons; ``labels`` and ``scores`` (per arm) of the held-out cases stay at the site."""
+
     metrics: dict[str, Any]
     reasons: dict[str, str]
+    labels: np.ndarray | None = None
+    scores: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def final_arms(config: SiteConfig, feats: SiteFeatures, reference: Head, federated: Head, t_fed: SiteThreshold,
@@ -74,4 +80,4 @@ def final_arms(config: SiteConfig, feats: SiteFeatures, reference: Head, federat
     for model, others in ((P.MODEL_FEDERATED, (P.MODEL_REFERENCE, P.MODEL_LOCAL)), (P.MODEL_LOCAL, (P.MODEL_REFERENCE,))):
         m, r = paired_metrics(model, held.labels, scores[model], {o: scores[o] for o in others}, min_cases=min_cases)
         metrics.update(m), reasons.update(r)
-    return FinalArms(metrics=metrics, reasons=reasons)
+    return FinalArms(metrics=metrics, reasons=reasons, labels=np.asarray(held.labels, np.int64), scores=scores)

@@ -56,6 +56,7 @@ def build_reply(
     reason: str | None = None,
     bundle_hash: str | None = None,
     scanner: Mapping[str, Mapping[str, int]] | None = None,
+    adoption: str | None = None,
 ):
     """Build the content (a Flower ``RecordDict``) of a site's reply and check it.
 
@@ -71,6 +72,8 @@ def build_reply(
         info[P.INFO_REASON] = reason
     if bundle_hash is not None:
         info[P.INFO_BUNDLE_HASH] = bundle_hash
+    if adoption is not None:
+        info[P.INFO_ADOPTION] = adoption
     for key, code in (reasons or {}).items():
         info[f"{key}{P.REASON_SUFFIX}"] = code
     if head is not None:

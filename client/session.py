@@ -140,11 +140,14 @@ class SiteSession:
         own fold, which no site trained on that fold's cases); without them they are the main
         head's own, partly in-sample, scores.
         """
+        return site_threshold(fine.labels, self._fine_tune_scores(heads, fine)[0], fallback)
+
+    def _fine_tune_scores(self, heads: HeadSet, fine: Part) -> tuple[np.ndarray, str]:
+        """``heads.main``'s scores of the fine-tune cases and how they were made: out-of-fold
+        through the cross-fit fold heads, else the main head's own (in-sample) scores."""
         if heads.n_folds:
-            scores = cross_fit_scores(heads, fine, self._folds(fine, heads.n_folds))
-        else:
-            scores = heads.main.p_neoplastic(fine.features)
-        return site_threshold(fine.labels, scores, fallback)
+            return cross_fit_scores(heads, fine, self._folds(fine, heads.n_folds)), "out-of-fold"
+        return heads.main.p_neoplastic(fine.features), "in-sample"
 
     # -- query.final ---------------------------------------------------------------------------
     def final_comparison(self, content):
@@ -165,19 +168,76 @@ class SiteSession:
 
         arms = final_arms(self.config, feats, self.bundles.reference_head(bundle), heads.main, t_fed,
                           float(bundle.threshold.p), local_only, seed=round_seed(self.config.seed))
-        final_hash, problem = None, None
+        final_hash, problem, adopted = None, None, None
         if cfg.get(P.CFG_DELIVER, False):
             try:
                 final_hash = self.bundles.receive(content[P.BUNDLE_ARRAYS], content[P.BUNDLE_CONFIG])
                 self.bundles.get(final_hash)
             except Refusal as refusal:
                 final_hash, problem = None, refusal.reason
-        self._keep(bundle, final_hash, t_fed, rounds, cross_fit=heads.n_folds, norm_stats=feats.norm_stats)
+        if final_hash:
+            adopted = self._adopt(bundle, final_hash, heads, feats, t_fed)
+        self._keep(bundle, final_hash, t_fed, rounds, cross_fit=heads.n_folds, norm_stats=feats.norm_stats,
+                   adoption=adopted)
+        _keep_scores(self.config.state_dir, arms)
         return build_reply(self.name, metrics={**feats.counts(feats.held_out.n), **arms.metrics},
-                           reasons=arms.reasons, reason=problem, bundle_hash=final_hash)
+                           reasons=arms.reasons, reason=problem, bundle_hash=final_hash, adoption=adopted)
+
+    def _adopt(self, bundle, final_hash: str, heads: HeadSet, feats: SiteFeatures, t_fed: SiteThreshold) -> str:
+        """No harm at adoption (``client.adoption``): compare the federated bundle with the site's
+        current model on the fine-tune cases' out-of-fold scores; activate it unless clearly worse
+        (or wait for approval). Returns the aggregate code the reply carries."""
+        from . import adoption
+
+        state, fine = self.config.state_dir, feats.fine_tune
+        scores, kind = self._fine_tune_scores(heads, fine)
+        current_hash, current_scores, current_t = self._current_model(bundle, feats)
+        comparison = adoption.compare(fine.labels, scores, current_scores, t_fed.p, current_t,
+                                      margin=self.config.adoption_margin, evidence=kind)
+        code = adoption.decide(comparison, self.config.adoption)
+        path = self.bundles.folder / final_hash
+        adoption.record(state, final_hash, path, code, comparison, current_hash)
+        if code == P.ADOPTION_ACTIVATED:
+            adoption.activate(state, final_hash, path, "federated run")
+        else:
+            ev = comparison.evidence
+            log.warning("site %s: federated bundle %s kept but not activated: %s (fine-tune AUC %s vs %s of the "
+                        "current model %s; see %s; 'ichfed site approve' activates it)", self.name, final_hash[:12],
+                        code, _fmt(ev.get("candidate_auc")), _fmt(ev.get("current_auc")), current_hash[:12],
+                        adoption.record_path(state, final_hash))
+            if adoption.active_model(state) is None:  # the site goes on with the model it was given
+                adoption.activate(state, bundle.hash, bundle.path, "reference")
+        return code
+
+    def _current_model(self, bundle, feats: SiteFeatures) -> tuple[str, np.ndarray, float]:
+        """The model the site uses now (its active model, else the run's bundle): its hash, its
+        scores of the fine-tune cases and its threshold (its overlay's, else its bundle's)."""
+        from .adoption import active_model
+        from .overlay import load_overlay
+
+        state = self.config.state_dir
+        ref_fine = feats.reference_parts[0]
+        active = active_model(state)
+        if active is not None and active.bundle_hash != bundle.hash:
+            try:
+                other = self.bundles.get(active.bundle_hash)
+            except Refusal:
+                other = None
+            if other is not None and _same_backbone(other, bundle):
+                overlay = load_overlay(state, other.hash)
+                site_stats = overlay is not None and overlay.norm_stats is not None and feats.norm_stats is not None
+                part = feats.fine_tune if site_stats else ref_fine
+                t = overlay.threshold if overlay else float(other.threshold.p)
+                return other.hash, self.bundles.reference_head(other).p_neoplastic(part.features), t
+            log.warning("site %s: the active model %s cannot be scored on this run's features (missing, or another "
+                        "backbone); the federated bundle is compared with the run's bundle %s instead",
+                        self.name, active.bundle_hash[:12], bundle.hash[:12])
+        overlay = load_overlay(state, bundle.hash)
+        t = overlay.threshold if overlay else float(bundle.threshold.p)
+        return bundle.hash, self.bundles.reference_head(bundle).p_neoplastic(ref_fine.features), t
 
     def _keep(self, bundle, final_hash: str | None, t_fed: SiteThreshold, rounds: int, cross_fit: int,
-              norm_stats=None) -> None:
+              norm_stats=None, adoption: str | None = None) -> None:
         """The federated threshold and calibration, and the site's BatchNorm statistics, go with the
         bundle that carries the federated head (the site overlay; the backbone is the parent's, so
         the statistics fit it); with a final bundle, ``final.json`` records it."""
@@ -198,6 +258,7 @@ class SiteSession:
                 "threshold_source": source,
                 "threshold_scores": f"out-of-fold ({cross_fit} cross-fit folds)" if cross_fit else "in-sample",
                 "rounds": rounds,
+                "adoption": adoption,
             })
             log.info("site %s: final bundle %s kept with local threshold %.4f", self.name, final_hash[:12], t_fed.p)
 
@@ -224,6 +285,30 @@ class SiteSession:
 
     def _folds(self, part: Part, n_folds: int) -> np.ndarray:
         return case_folds(part, n_folds, cross_fit_seed(self.config.seed)) if n_folds else np.zeros(part.n, np.int64)
+
+
+def _same_backbone(a, b) -> bool:
+    """Whether two v2 bundles embed a case identically (same backbone file, nnU-Net and crop spec)."""
+    if a.manifest.head_file is None or b.manifest.head_file is None:
+        return False
+    return (a.manifest.files[a.manifest.classifier_file] == b.manifest.files[b.manifest.classifier_file]
+            and a.nnunet_file_hashes == b.nnunet_file_hashes and a.crop_spec.key() == b.crop_spec.key())
+
+
+def _keep_scores(state_dir, arms) -> None:
+    """The held-out labels and every arm's scores, kept at the site (``final_scores.npz``): a
+    simulation, whose sites share one machine, bootstraps its report from them. Never sent."""
+    if arms.labels is None:
+        return
+    from shared.plumbing.atomic import atomic_path
+
+    with atomic_path(Path(state_dir) / "final_scores.npz", suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, labels=arms.labels, **{k.replace("-", "_"): v for k, v in arms.scores.items()})
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _head_set(content) -> HeadSet:

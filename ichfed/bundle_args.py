@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 def add_bundle_args(p) -> None:
     """Options every command that loads a bundle shares."""
-    p.add_argument("--bundle", required=True, help="model bundle directory or .tar")
+    p.add_argument("--bundle", help="model bundle directory or .tar (default with --site-config: the site's active "
+                   "model, the bundle it adopted)")
     p.add_argument("--pubkey", help="coordinator's Ed25519 public key that must have signed the bundle")
     p.add_argument(
         "--site-config",

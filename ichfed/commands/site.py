@@ -53,6 +53,20 @@ def register(sub) -> None:
                        help="only locate files (skip opening every image; faster on large sites)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(func=run_check)
+
+    approve = psub.add_parser(
+        "approve",
+        help="make a kept federated bundle the site's model (manual adoption)",
+        description="A federated bundle that a run delivered but the site did not activate (adoption = "
+                    "\"manual\" in the site config, too little evidence, or clearly worse on the site's own "
+                    "out-of-fold scores) stays in the site's cache. This makes it the site's active model, the one "
+                    "'ichfed predict --site-config' and the reader use. Without --bundle: the latest kept one.",
+    )
+    approve.add_argument("config", type=Path, help="site config TOML")
+    approve.add_argument("--bundle", metavar="HASH", help="the kept bundle's hash (default: the latest kept one)")
+    approve.add_argument("--force", action="store_true",
+                         help="also activate a bundle kept as clearly worse on this site's evidence")
+    approve.set_defaults(func=run_approve)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -78,6 +92,25 @@ def run_init(args) -> int:
     print(f"      flower-supernode --superlink <host>:<port> --root-certificates <ca.crt> "
           f"--auth-supernode-private-key {result.private_key} "
           f"--node-config \"site-config='{result.config_path}'\"")
+    return 0
+
+
+def run_approve(args) -> int:
+    """``ichfed site approve``: activate a kept federated bundle; print what it was and why it was kept."""
+    from client.adoption import approve
+    from client.site_config import load_site_config
+
+    model, record = approve(load_site_config(args.config), bundle_hash=args.bundle, force=args.force)
+    ev = record.get("evidence") or {}
+
+    def f(key: str) -> str:
+        v = ev.get(key)
+        return "n/a" if v is None else f"{v:.3f}"
+
+    print(f"active model  {model.bundle_hash}  ({model.bundle_path})")
+    print(f"was kept as   {record.get('decision')}: fine-tune AUC {f('candidate_auc')} ({ev.get('candidate_scores')}) "
+          f"vs {f('current_auc')} for {str(record.get('compared_with', ''))[:12]}, "
+          f"sensitivity {f('candidate_sensitivity')}, specificity {f('candidate_specificity')}")
     return 0
 
 
