@@ -43,10 +43,13 @@ class SiteSession:
     """The protocol of one site for one run. Each public method takes a message's content and
     returns the reply's content; it raises ``Refusal`` when the site declines."""
 
-    def __init__(self, config: SiteConfig) -> None:
+    def __init__(self, config: SiteConfig, store=None) -> None:
+        """``store``: where the site's features come from (default ``FeatureStore(config)``, the
+        site's cases through the cache); anything with ``features(bundle) -> SiteFeatures``, e.g.
+        a benchmark's precomputed features, runs the same protocol on them."""
         self.config = config
         self.bundles = SiteBundles(config)
-        self.store = FeatureStore(config)
+        self.store = store if store is not None else FeatureStore(config)
 
     @property
     def name(self) -> str:

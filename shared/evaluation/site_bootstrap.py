@@ -107,12 +107,17 @@ class _PreparedBlock:
                    ([np.atleast_2d(block.mask).shape[0]] if block.mask is not None else []))
         mask = np.ones((rows, y.size), bool) if block.mask is None else np.broadcast_to(
             np.atleast_2d(np.asarray(block.mask, bool)), (rows, y.size))
+        scores = {}
         for m in models:
             s = np.atleast_2d(np.asarray(block.scores[m], np.float64))
-            if s.shape[1] != y.size or s.shape[0] not in (1, rows) or not np.isfinite(s[:, mask.any(0)]).all():
-                raise IchfedError(f"scores of '{m}': need finite ({rows}, {y.size}) or ({y.size},) scores")
+            if s.shape[1] != y.size or s.shape[0] not in (1, rows):
+                raise IchfedError(f"scores of '{m}': need ({rows}, {y.size}) or ({y.size},) scores")
+            s = np.where(mask, np.broadcast_to(s, mask.shape), 0.0) if s.shape[0] == rows else s
+            if not np.isfinite(s).all():
+                raise IchfedError(f"scores of '{m}': not finite where the mask uses them")
+            scores[m] = s  # a case outside a row's mask has weight 0 there: its value is irrelevant
         self.mask = mask.astype(np.float64)
-        self.ranked = {m: _Ranked(block.scores[m], pos, rows) for m in models}
+        self.ranked = {m: _Ranked(scores[m], pos, rows) for m in models}
         self.classes = [np.flatnonzero(pos), np.flatnonzero(~pos)]
         self.n = y.size
 
@@ -186,7 +191,7 @@ class SiteBootstrap:
 
 
 def bootstrap_sites(sites: Sequence[SiteScores], models: Sequence[str], n_boot: int = 2000,
-                    seed: int = 0) -> SiteBootstrap:
+                    seed: int = 0, resample_sites: bool = True) -> SiteBootstrap:
     """Every site's replicate-mean AUC per model, and ``n_boot`` hierarchical resamples of them.
 
     Parameters
@@ -196,6 +201,8 @@ def bootstrap_sites(sites: Sequence[SiteScores], models: Sequence[str], n_boot: 
     n_boot : resamples; each draws ``len(sites)`` sites with replacement, then each drawn site's
         cases within every block (stratified by class)
     seed : the resampling seed
+    resample_sites : False keeps the sites fixed and resamples only cases (the case-level share
+        of the variance, e.g. for a design that changes the number of cases)
     """
     if not sites:
         raise IchfedError("sites: need at least one site")
@@ -210,7 +217,8 @@ def bootstrap_sites(sites: Sequence[SiteScores], models: Sequence[str], n_boot: 
     rng = np.random.default_rng(seed)
     draws = np.empty((n_boot, len(sites), len(models)))
     for i in range(n_boot):
-        for j, k in enumerate(rng.integers(0, len(sites), size=len(sites))):
+        drawn = rng.integers(0, len(sites), size=len(sites)) if resample_sites else range(len(sites))
+        for j, k in enumerate(drawn):
             draws[i, j] = np.mean([b.values(b.resample(rng)) for b in prepared[k]], axis=0)
     return SiteBootstrap([s.name for s in sites], models, point, draws)
 
