@@ -24,14 +24,10 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pilot", action="store_true", help="10 replicates; writes the design for >= 0.03 AUC at 80 %% power")
     p.add_argument("--design", type=Path, default=RESULTS / "federation_pilot.json", help="the pilot result to follow")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (feature cache, oracles, replicate chunks)")
     p.add_argument("--work-dir", type=Path, default=ROOT / "build" / "bench_federation")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/federation[_pilot].json")
     args = p.parse_args(argv)
@@ -78,22 +75,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from shared.bundle import load_bundle
-    from shared.plumbing.atomic import write_json, write_text
-    from shared.security.keys import PUBLIC_KEY_NAME
+    from federation_run import context, run_all
 
-    pubkey = (args.pubkey or args.bundle.parent / f"{args.bundle.name}-keys" / PUBLIC_KEY_NAME).resolve()
-    bundle = load_bundle(args.bundle, pubkey)
+    from shared.plumbing.atomic import write_json, write_text
+
+    bundle, _ = context(args)
     replicates, design_source = choose_replicates(args)
     out = args.out or RESULTS / ("federation_pilot.json" if args.pilot else "federation.json")
     load_start = list(os.getloadavg())
     t0 = time.perf_counter()
-    seeds = [args.seed + i for i in range(args.seeds)]
-    cohorts = {s: features(args, bundle, s) for s in seeds}
-    t_features = time.perf_counter() - t0
-    runs = {s: run_seed(args, bundle, pubkey, cohorts[s], s, replicates) for s in seeds}
+    cohorts, runs = run_all(args, [args.seed + i for i in range(args.seeds)], replicates)
     result = summarise(args, bundle, cohorts, runs, replicates, design_source)
-    result["wall_s"] = {"features": round(t_features, 1), "total": round(time.perf_counter() - t0, 1)}
+    result["wall_s"] = {"total": round(time.perf_counter() - t0, 1), "jobs": args.jobs}
     result["load_average"] = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]}
     from federation_summary import render
 
@@ -116,91 +109,6 @@ def choose_replicates(args) -> tuple[int, str]:
         if needed:
             return max(int(needed), 10), f"pilot {args.design.name}"
     return 100, "default (no pilot design)"
-
-
-def features(args, bundle, seed: int) -> list:
-    """Every site's cached features for cohort ``seed`` (built once)."""
-    from federation_features import Models, cache_key, load_or_build, site_specs
-
-    folder = args.work_dir / "features" / cache_key(bundle, args.masks, args.scale, args.cases, args.unlabelled)
-    models = None
-
-    class Lazy:
-        def __getattr__(self, name):
-            nonlocal models
-            models = models or Models(bundle, args.masks, args.device)
-            return getattr(models, name)
-
-    return [load_or_build(folder, spec, bundle, n_cases=args.cases, n_unlabelled=args.unlabelled, scale=args.scale,
-                          masks=args.masks, device=args.device, models=Lazy())
-            for spec in site_specs(args.sites, seed, args.real_profile or None)]
-
-
-def development_volumes(n: int, seed: int, scale: str):
-    """(ICH ml, PHE ml, labels) of ``n`` development-profile cases from their true masks (mask only: fast)."""
-    from federation_features import DEVELOPMENT
-
-    from simulations.cohort import make_case
-
-    cases = [make_case(DEVELOPMENT, k, seed * 7_919 + 5, scale=scale, mask_only=True).record for k in range(n)]
-    return (np.array([c.ich_ml for c in cases]), np.array([c.phe_ml for c in cases]),
-            np.array([c.label for c in cases]))
-
-
-def run_seed(args, bundle, pubkey: Path, sites: list, seed: int, replicates: int) -> dict[str, Any]:
-    """Every replicate of one cohort seed: per site, the labels, the held-out mask and every model's scores."""
-    from federation_arms import (
-        SESSION_ARMS,
-        Federation,
-        central_small,
-        draw_fine_tune,
-        fixed_oracles,
-        volume_model,
-    )
-
-    from shared.models.head import Head
-
-    anchor = Head.from_bundle(bundle)
-    simulated = [d for d in sites if d.spec.background == "phantom"]
-    fixed = fixed_oracles(sites, simulated, anchor, volume_model(*development_volumes(args.dev_cases, seed,
-                                                                                      args.scale)), seed)
-    n_arms = [a for a, _, _ in SESSION_ARMS]
-    rec = {d.spec.name: {"labels": d.labels, "mask": np.zeros((replicates, d.n), bool),
-                         "scores": {a: np.zeros((replicates, d.n)) for a in [*n_arms, "oracle-central-12"]},
-                         "fixed": fixed.scores[d.spec.name],
-                         "metrics": {a: {k: [] for k in ("auc", "sensitivity", "specificity", "threshold")}
-                                     for a in n_arms}} for d in sites}
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    state_root = Path(tempfile.mkdtemp(prefix=f"states-{seed}-", dir=args.work_dir))
-    try:
-        fed = Federation(sites, bundle, pubkey, state_root, rounds=args.rounds, folds=args.cross_fit_folds,
-                         device=args.device)
-        for r in range(replicates):
-            rng = np.random.default_rng([seed, r, 20])
-            splits = []
-            for d in sites:
-                fine = draw_fine_tune(d.labels, d.lesion, args.fine_tune, rng)
-                splits.append((fine, np.setdiff1d(np.arange(d.n), fine)))
-            res = fed.replicate(splits)
-            small = central_small(sites, {d.spec.name for d in simulated}, splits, anchor, seed * 1000 + r)
-            for d, (_, held) in zip(sites, splits):
-                _record(rec[d.spec.name], r, d, held, res[d.spec.name], small[d.spec.name])
-            log.info("seed %d replicate %d/%d: federated − reference %s", seed, r + 1, replicates,
-                     {d.spec.name: round(res[d.spec.name]["federated-converged"]["auc"]
-                                         - res[d.spec.name]["reference"]["auc"], 3) for d in sites})
-    finally:
-        shutil.rmtree(state_root, ignore_errors=True)
-    return rec
-
-
-def _record(rec: dict, r: int, d, held: np.ndarray, arms: dict, small: np.ndarray) -> None:
-    rows = held[d.lesion[held]]  # the held-out rows the site scored, in its order
-    rec["mask"][r, rows] = True
-    for arm, v in arms.items():
-        rec["scores"][arm][r, rows] = v["scores"]
-        for k in rec["metrics"][arm]:
-            rec["metrics"][arm][k].append(v.get(k))
-    rec["scores"]["oracle-central-12"][r] = small
 
 
 def summarise(args, bundle, cohorts: dict, runs: dict, replicates: int, design_source: str) -> dict[str, Any]:

@@ -201,6 +201,6 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"| {t['target']} | {v} | {'n/a' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
     la = result["load_average"]
     w = result["wall_s"]
-    lines += ["", f"Wall time {w['total']} s ({w['features']} s of it for the feature cache); load average at "
-              f"start {la['start']}, at end {la['end']}."]
+    lines += ["", f"Wall time {w['total']} s with {w['jobs']} worker process(es), the feature cache included where it "
+              f"was built; load average at start {la['start']}, at end {la['end']}."]
     return "\n".join(lines) + "\n"
