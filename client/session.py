@@ -38,6 +38,8 @@ from .site_config import SiteConfig
 
 log = logging.getLogger(__name__)
 
+FINAL_SCORES = "final_scores.npz"  # the held-out labels and every arm's scores, kept at the site
+
 
 class SiteSession:
     """The protocol of one site for one run. Each public method takes a message's content and
@@ -305,7 +307,7 @@ def _keep_scores(state_dir, arms) -> None:
         return
     from shared.plumbing.atomic import atomic_path
 
-    with atomic_path(Path(state_dir) / "final_scores.npz", suffix=".npz") as tmp:
+    with atomic_path(Path(state_dir) / FINAL_SCORES, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, labels=arms.labels, **{k.replace("-", "_"): v for k, v in arms.scores.items()})
 

@@ -131,6 +131,7 @@ def markdown(report: dict[str, Any], with_figures: bool = True) -> str:
         arms.arms_table_markdown(report),
         "\n" + arms.verdict(report) + "\n",
         arms.comparisons_table_markdown(report),
+        *arms.bootstrap_lines(report),
         *arms.zero_operating_point_lines(report),
         *arms.no_lesion_lines(report),
         *arms.adoption_lines(report),
@@ -190,7 +191,8 @@ def to_html(report: dict[str, Any], with_figures: bool = True) -> str:
         f"<p>{html.escape(arms.PRIMARY_NOTE.replace('**', ''))}</p>"
         + table(arms.arms_table_markdown(report)) + f"<p>{html.escape(arms.verdict(report))}</p>"
         + table(arms.comparisons_table_markdown(report))
-        + "".join(f"<p>{html.escape(line.strip()[2:])}</p>" for line in [*arms.zero_operating_point_lines(report),
+        + "".join(f"<p>{html.escape(line.strip()[2:])}</p>" for line in [*arms.bootstrap_lines(report),
+                                                                         *arms.zero_operating_point_lines(report),
                                                                          *arms.no_lesion_lines(report),
                                                                          *arms.adoption_lines(report)])
         + "<h2>Per site</h2>" + table(paper_table_markdown(report)) + figs

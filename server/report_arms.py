@@ -134,6 +134,20 @@ def verdict(report: dict[str, Any]) -> str:
     return "Federated AUC: " + "; ".join(parts) + "."
 
 
+def bootstrap_lines(report: dict[str, Any]) -> list[str]:
+    """A simulation's case-level endpoints (``report["final"]["bootstrap"]``): the same equal-weight
+    mean of within-site differences with a hierarchical bootstrap CI (sites, then cases)."""
+    boot = (report.get("final") or {}).get("bootstrap")
+    if not boot:
+        return []
+    out = [f"- case-level check (simulation: every site's held-out scores on this machine; {boot['n_sites']} sites, "
+           f"{boot['n_boot']} hierarchical bootstrap resamples):"]
+    for name, d in boot["differences"].items():
+        ci = "" if d.get("ci_low") is None else f" ({d['ci_low']:+.3f} to {d['ci_high']:+.3f})"
+        out.append(f"  - {name}: {d['estimate']:+.3f}{ci}" if d.get("estimate") is not None else f"  - {name}: n/a")
+    return out
+
+
 def zero_operating_point_lines(report: dict[str, Any]) -> list[str]:
     """One line per arm whose sensitivity or specificity at its threshold is 0 (pooled or at a site)."""
     out = []

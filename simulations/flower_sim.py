@@ -182,6 +182,10 @@ def run(
             shutil.rmtree(settings.state_dir)
         for i in range(len(specs)):
             shutil.rmtree(out / "sites" / f"site-{i + 1}" / "state" / "outgoing", ignore_errors=True)
+    from client.session import FINAL_SCORES
+
+    for i in range(len(specs)):  # a site that does not answer this run's final query leaves no stale scores
+        (out / "sites" / f"site-{i + 1}" / "state" / FINAL_SCORES).unlink(missing_ok=True)
     from shared.plumbing.progress import site_mod
 
     sites = [(out / "sites" / f"site-{i + 1}" / "state", spec.name) for i, spec in enumerate(specs)]
@@ -192,7 +196,52 @@ def run(
                     len(specs), cpus_per_site, device, ray_address)
     if not report_path.is_file():
         raise IchfedError(f"simulation ended without a report in {settings.reports} (see the log above)")
-    return json.loads(report_path.read_text(encoding="utf-8"))
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    boot = case_level_bootstrap([out / "sites" / f"site-{i + 1}" / "state" for i in range(len(specs))],
+                                [spec.name for spec in specs], seed=seed)
+    if boot is not None and report.get("final"):
+        from server.report import write_report
+
+        report["final"]["bootstrap"] = boot
+        write_report(report, settings.reports)
+    return report
+
+
+BOOTSTRAP_ARMS = ("reference", "local", "federated")
+
+
+def case_level_bootstrap(state_dirs: Sequence[Path], names: Sequence[str], n_boot: int = 2000,
+                         seed: int = 0) -> dict[str, Any] | None:
+    """The paired endpoints with a hierarchical bootstrap CI, from the sites' case-level scores.
+
+    In a simulation every site's folder is on this machine, so the held-out scores each site kept
+    (``final_scores.npz``) can be resampled: sites with replacement, then cases within each site
+    (``shared.evaluation.site_bootstrap``). A real federation has only the per-site aggregates and
+    its report uses the t interval over sites instead. None when no site kept usable scores.
+    """
+    import numpy as np
+
+    from client.session import FINAL_SCORES
+    from shared.evaluation.site_bootstrap import Block, SiteScores, bootstrap_sites
+
+    sites = []
+    for name, state in zip(names, state_dirs):
+        path = Path(state) / FINAL_SCORES
+        if not path.is_file():
+            continue
+        with np.load(path, allow_pickle=False) as z:
+            y = z["labels"]
+            if min(int((y == 1).sum()), int((y == 0).sum())) < 2 or any(a not in z for a in BOOTSTRAP_ARMS):
+                continue
+            sites.append(SiteScores(name, [Block(y, {a: z[a] for a in BOOTSTRAP_ARMS})]))
+    if not sites:
+        return None
+    boot = bootstrap_sites(sites, BOOTSTRAP_ARMS, n_boot=n_boot, seed=seed)
+    pairs = (("federated", "reference"), ("federated", "local"), ("local", "reference"))
+    return {"method": "hierarchical bootstrap (sites, then cases within site); equal site weights; percentile CI",
+            "n_boot": n_boot, "n_sites": len(sites),
+            "auc": {a: boot.mean(a).to_dict() for a in BOOTSTRAP_ARMS},
+            "differences": {f"{a} − {b}": boot.difference(a, b).to_dict() for a, b in pairs}}
 
 
 def backend_config(n_nodes: int, cpus_per_site: float, device: str,

@@ -53,7 +53,11 @@ def _csv(value: str | None) -> list[str] | None:
 
 
 def run(args) -> int:
-    from server.report_arms import arms_table_markdown, comparisons_table_markdown
+    from server.report_arms import (
+        arms_table_markdown,
+        bootstrap_lines,
+        comparisons_table_markdown,
+    )
     from simulations.flower_sim import run as simulate
 
     if args.rounds < 1:
@@ -82,5 +86,7 @@ def run(args) -> int:
     report = simulate(args.out, args.bundle, pubkey, args.rounds, resume=args.resume, **kwargs)
     print(arms_table_markdown(report))
     print(comparisons_table_markdown(report))
+    for line in bootstrap_lines(report):
+        print(line)
     print(f"report: {args.out}/report/report.md")
     return 0
