@@ -47,15 +47,20 @@ def test_tiny_pilot_runs_every_arm_with_the_site_code_and_keeps_every_value(tiny
     assert set(prim["site_values"]) == {"hamburg-like", "community-hospital"} and prim["n_boot"] == 30
     mean_sites = sum(prim["site_values"].values()) / 2
     assert prim["estimate"] == pytest.approx(mean_sites)
-    assert set(r["headroom"]) == {"hamburg-like", "community-hospital"}
-    assert all(v["verdict"] in ("headroom", "no headroom for a last layer") for v in r["headroom"].values())
+    h = r["headroom"]
+    assert set(h["sites"]) == {"hamburg-like", "community-hospital"}
+    assert h["mean"] == pytest.approx(sum(v["oracle_minus_reference"] for v in h["sites"].values()) / 2)
+    for v in [*h["sites"].values(), h]:
+        gain = v.get("oracle_minus_reference", v.get("mean"))
+        assert v["verdict"] == ("no headroom for a last layer" if gain <= 0.02 else "headroom")
     assert "federated-converged − reference" in r["real_site"]["differences"]
     # the load average and the design: what this run could detect, and the pilot's recommendation
     assert len(r["load_average"]["start"]) == 3 and len(r["load_average"]["end"]) == 3
     dc = r["design_check"]
     assert dc["detectable_difference_actual"] == pytest.approx(2.8015852 * dc["se"])
     assert dc["pilot"]["pilot_replicates"] == 3 and "replicates_needed" in dc["pilot"]
-    assert {t["target"] for t in r["targets"]} >= {"federated − reference ≥ +0.03", "federated ≥ local-only"}
+    assert "federated ≥ local-only" in {t["target"] for t in r["targets"]}
+    assert any(t["target"].startswith("federated − reference ≥ +0.03") for t in r["targets"])
     md = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "Primary endpoint: mean over sites (equal weights)" in md and "Real-background site" in md
     # a later full run follows the pilot's design
