@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from shared.imaging.crop import Crop, make_crop
-from shared.imaging.ingest import Ingested, read_image
+from shared.imaging.ingest import Ingested, IngestOptions, read_image
 from shared.imaging.quality import quality_flags
 from shared.imaging.volumetrics import Volumetrics, measure
 
@@ -176,10 +176,15 @@ class Predictor:
         result = self._result(ingested, prepared, timer)
         return result, image, prepared.mask
 
-    def predict(self, path: str | os.PathLike, save_masks_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-        """Read, segment and classify one image (NIfTI, DICOM folder or zip); the JSON of ``ichfed predict``."""
+    def predict(self, path: str | os.PathLike, save_masks_dir: str | os.PathLike | None = None,
+                ingest_options: IngestOptions | None = None) -> dict[str, Any]:
+        """Read, segment and classify one image (NIfTI, DICOM folder or zip); the JSON of ``ichfed predict``.
+
+        ``ingest_options`` accepts what ingestion refuses by default (``--allow-missing-slices``,
+        ``--nifti-geometry``); the result's ``ingest_notes`` then say so.
+        """
         t0 = time.perf_counter()
-        ingested = read_image(path)
+        ingested = read_image(path, ingest_options)
         ingest_s = time.perf_counter() - t0
         result, _, mask = self.predict_image(ingested)
         result["timings"] = {"ingest": round(ingest_s, 4), **result["timings"]}
@@ -214,6 +219,7 @@ class Predictor:
             "quality_flags": list(prepared.quality_flags),
             "extracranial_ml_removed": _round(prepared.extracranial_ml_removed, 3),
             "postprocessing": self.segmenter.postprocessing.name,
+            "ingest_notes": list(ingested.notes),  # what ingestion accepted or changed (e.g. a missing slice)
         }
         if crop.lesion_found:
             with timer.stage("classification"):

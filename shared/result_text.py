@@ -20,6 +20,8 @@ def format_result(r: dict) -> str:
         )
     if r.get("quality_flags"):
         lines.append(f"  quality flags: {', '.join(r['quality_flags'])}")
+    for note in r.get("ingest_notes") or []:
+        lines.append(f"  input: {note}")
     if r.get("extracranial_ml_removed"):
         lines.append(f"  removed outside the skull: {r['extracranial_ml_removed']:.1f} ml")
     t = ", ".join(f"{k} {v:.2f}s" for k, v in r["timings"].items())

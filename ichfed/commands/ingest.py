@@ -7,6 +7,8 @@ from pathlib import Path
 
 from shared.plumbing.errors import IchfedError
 
+from ..ingest_args import add_ingest_args, ingest_options
+
 
 def register(sub) -> None:
     """Add the ``ingest`` subcommand."""
@@ -17,11 +19,14 @@ def register(sub) -> None:
             "Read a NIfTI file, a folder holding one DICOM series, or a .zip of one, into a float32 "
             "Hounsfield-unit volume. Gantry tilt and uneven slice spacing are resampled onto a regular "
             "grid. Writes OUT atomically and prints one JSON object (shape in x,y,z order, spacing, "
-            "origin, direction, modality, hu_min, hu_max, corrections, source_slices, notes)."
+            "origin, direction, modality, hu_min, hu_max, corrections, source_slices, notes). A DICOM "
+            "series with a missing slice, or a NIfTI file whose qform/sform/pixdim disagree, is refused "
+            "unless accepted with the options below."
         ),
     )
     p.add_argument("input", metavar="INPUT", help="a .nii/.nii.gz file, a DICOM series folder, or a .zip of one")
     p.add_argument("-o", "--output", metavar="OUT.nii.gz", required=True, help="where to write the volume (.nii.gz or .nii)")
+    add_ingest_args(p)
     p.set_defaults(func=run)
 
 
@@ -40,7 +45,7 @@ def run(args) -> int:
         raise IchfedError(f"{out}: parent folder {out.parent} does not exist")
     if out.is_dir():
         raise IchfedError(f"{out}: is a folder; give a file name ending in .nii.gz or .nii")
-    ingested = read_image(args.input)
+    ingested = read_image(args.input, ingest_options(args))
     try:
         with atomic_path(out) as tmp:
             sitk.WriteImage(ingested.image, str(tmp), useCompression=True)

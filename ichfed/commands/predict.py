@@ -10,6 +10,7 @@ from shared.plumbing.errors import IchfedError
 from shared.result_text import format_result
 
 from ..bundle_args import add_bundle_args, load_predictor
+from ..ingest_args import add_ingest_args, ingest_options
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--tile-step-size", type=float, default=0.5, metavar="F",
                    help="nnU-Net sliding-window step as a fraction of the patch, in (0, 1] (default 0.5, "
                    "nnU-Net's; 0.75 needs about a third of the patches on large images, slightly less accurate)")
+    add_ingest_args(p)
     p.set_defaults(func=run)
 
 
@@ -38,11 +40,12 @@ def run(args) -> int:
     if args.save_masks:
         _check_masks_dir(args.save_masks)
         _check_mask_names(args.images)
+    options = ingest_options(args)
     predictor = load_predictor(args)
     failed = 0
     for image in args.images:
         try:
-            result = predictor.predict(image, save_masks_dir=args.save_masks)
+            result = predictor.predict(image, save_masks_dir=args.save_masks, ingest_options=options)
         except IchfedError as e:
             # One bad file must not cost the results of the others.
             print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,11 @@
 * Geometry tags are validated before they are trusted: GDCM turns a zero PixelSpacing into
   1 mm (a 0.5 mm scan then measures 4x too large per slice) and an all-zero or negative tag
   ends in a NaN grid or an ITK exception. Each is a one-line error naming the tag.
+* Rescale Slope/Intercept (0028,1053)/(0028,1052) turn stored values into HU (HU = slope x stored +
+  intercept, PS3.3 C.11.1.1.2). A slope of 0 would map every pixel to the intercept, which no CT
+  image can mean; GDCM reads it as 1 (so does dcm2niix), and ichfed does too, but says so in the
+  result's notes (it used to pass unnoticed). A slope or intercept that is not a finite number is
+  refused, naming the tag.
 * Pixel padding (0028,0120)/(0028,0121) marks voxels outside the reconstruction circle with a
   sentinel such as -2000; left alone it becomes -3024 HU "tissue" beside air. Padded voxels are
   set to air before anything else sees the slice.
@@ -72,6 +77,23 @@ def check_geometry_tags(file: Path, meta: dict[str, str]) -> None:
                               "direction cosines must be unit vectors at right angles")
 
 
+def rescale(file: Path, meta: dict[str, str]) -> tuple[float, float, bool]:
+    """(slope, intercept, slope was 0) as GDCM applies them; raises naming the tag for a non-number.
+
+    Absent tags mean 1 and 0 (GDCM's defaults); a slope of 0 is read as 1 (module doc).
+    """
+    values = []
+    for tag, name, default in ((TAG_SLOPE, "RescaleSlope (0028,1053)", 1.0),
+                               (TAG_INTERCEPT, "RescaleIntercept (0028,1052)", 0.0)):
+        raw = meta.get(tag, "").strip(" \0")
+        nums = _numbers(raw) if raw else [default]
+        if not nums or not math.isfinite(nums[0]):
+            raise IchfedError(f"{file}: {name} is '{raw}'; it must be a finite number")
+        values.append(nums[0])
+    slope, intercept = values
+    return (1.0 if slope == 0 else slope), intercept, slope == 0
+
+
 def check_volume_size(source: Path, size: tuple[int, ...]) -> None:
     """Refuse a planned grid whose float32 volume exceeds ``MAX_VOLUME_BYTES`` before it is allocated.
 
@@ -95,8 +117,10 @@ def padding_range_hu(meta: dict[str, str]) -> tuple[float, float] | None:
     if not pad:
         return None
     limit = _numbers(meta.get(TAG_PADDING_LIMIT, "")) or pad
-    slope = (_numbers(meta.get(TAG_SLOPE, "")) or [1.0])[0]
-    intercept = (_numbers(meta.get(TAG_INTERCEPT, "")) or [0.0])[0]
+    try:
+        slope, intercept, _ = rescale(Path("(header)"), meta)  # GDCM's slope: 0 is read as 1
+    except IchfedError:
+        return None  # the slice is refused for its rescale tags if its series is used
     a, b = pad[0] * slope + intercept, limit[0] * slope + intercept
     # Stored values are integers: half a stored step either side absorbs float32 rounding.
     half = 0.5 * abs(slope)

@@ -53,7 +53,8 @@ class SliceHeader:
     instance: int
     z_spacing: float = 0.0  # only for multi-frame files
     padding_hu: tuple[float, float] | None = None  # pixel padding (0028,0120/0121) in HU
-    bad_geometry: str | None = None  # why PixelSpacing/ImageOrientationPatient are unusable
+    bad_geometry: str | None = None  # why PixelSpacing/ImageOrientationPatient/Rescale tags are unusable
+    slope_zero: bool = False  # RescaleSlope was 0 (read as 1, as GDCM does)
     scanner_tags: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -100,13 +101,16 @@ def scan_headers(folder: Path, source: Path) -> tuple[list[SliceHeader], list[Pa
         meta = {k: reader.GetMetaData(k) for k in _TAGS_READ if reader.HasMetaDataKey(k)}
         try:
             dicom_checks.check_geometry_tags(f, meta)
+            slope_zero = dicom_checks.rescale(f, meta)[2]
             bad_geometry = None
         except IchfedError as e:
-            bad_geometry = str(e)  # fatal only if this slice belongs to the series that is used
+            bad_geometry, slope_zero = str(e), False  # fatal only if this slice belongs to the series that is used
         if meta.get(_TAG_SOP_CLASS, "").strip("\0 ") == _DICOMDIR_SOP_CLASS:
             ignored.append(f)
             continue
-        slices.append(_header_of(f, reader, meta, bad_geometry))
+        header = _header_of(f, reader, meta, bad_geometry)
+        header.slope_zero = slope_zero
+        slices.append(header)
     return slices, broken, ignored
 
 

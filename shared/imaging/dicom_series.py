@@ -20,20 +20,26 @@ Series choice (``shared/imaging/dicom_headers.py``, headers only): only modality
 series beside a CT are ignored, and of several CT series the one with the most slices is used;
 both cases log a warning and add a ``notes`` entry.
 
-Rescale slope/intercept are applied by GDCM when a slice is read; values are cast to float32.
+Rescale slope/intercept are applied by GDCM when a slice is read; values are cast to float32. A
+RescaleSlope of 0 (which would map every pixel to the intercept) is read as 1, as GDCM and dcm2niix
+do, and noted (``dicom_checks.rescale``).
+
+A missing slice (``shared/imaging/dicom_gaps.py``) is refused with one line naming where it is missing,
+unless ``allow_missing_slices``; slices of one orientation whose Rows/Columns or PixelSpacing change
+mid-series are refused (they cannot be one stack).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from shared.imaging import dicom_checks
+from shared.imaging import dicom_checks, dicom_gaps
 from shared.imaging.dicom_headers import (
     TAG_KERNEL,
     TAG_MANUFACTURER,
@@ -121,11 +127,12 @@ class _Plan:
     tilt_deg: float = 0.0  # the larger of the measured and the tagged gantry tilt
 
 
-def plan_series(folder: Path, source: Path) -> _Plan:
+def plan_series(folder: Path, source: Path, allow_missing_slices: bool = False) -> _Plan:
     """Which slices of ``folder`` make the CT volume, in what order, onto what grid (headers only).
 
     ``source`` names the input in error messages (the zip, for an unpacked one). Raises
-    ``IchfedError`` for a folder ``read_series`` would refuse on header grounds.
+    ``IchfedError`` for a folder ``read_series`` would refuse on header grounds (a missing slice
+    too, unless ``allow_missing_slices``: it is then interpolated and noted).
     """
     chosen, notes = _chosen_series(folder, source)
     if len(chosen) == 1 and len(chosen[0].size) == 3 and chosen[0].size[2] > 1:
@@ -135,7 +142,7 @@ def plan_series(folder: Path, source: Path) -> _Plan:
         dicom_checks.check_volume_size(source, s.size)
         return _Plan(chosen, frame, np.zeros(1), np.zeros((1, 2)), tuple(s.size), (*s.spacing, s.z_spacing),
                      tuple(float(v) for v in s.position), [], notes, multiframe=True, tilt_deg=abs(s.tilt_tag))
-    return _regular_grid(_main_stack(chosen, source, notes), source, notes)
+    return _regular_grid(_main_stack(chosen, source, notes), source, notes, allow_missing_slices)
 
 
 def _chosen_series(folder: Path, source: Path) -> tuple[list[SliceHeader], list[str]]:
@@ -159,28 +166,39 @@ def _chosen_series(folder: Path, source: Path) -> tuple[list[SliceHeader], list[
     bad = [s.bad_geometry for s in chosen if s.bad_geometry]
     if bad:
         raise IchfedError(bad[0] + (f" (and {len(bad) - 1} more slice(s))" if len(bad) > 1 else ""))
+    zero = [s for s in chosen if s.slope_zero]
+    if zero:
+        msg = (f"RescaleSlope (0028,1053) is 0 on {len(zero)} slice(s) (e.g. {zero[0].file.name}); read as 1, as GDCM "
+               "and dcm2niix do (a zero slope would map every pixel to the intercept)")
+        log.warning("%s: %s", source, msg)
+        notes.append(msg)
     return chosen, notes
 
 
 def _main_stack(chosen: list[SliceHeader], source: Path, notes: list[str]) -> list[SliceHeader]:
-    """The largest set of parallel slices of one size and spacing (at least two)."""
-    # A localizer or a reformat sometimes shares the series UID; keep the largest stack
-    # of slices that share size, pixel spacing and orientation.
+    """The largest set of parallel slices (at least two), which must share one size and pixel spacing."""
+    # A localizer sometimes shares the series UID: slices of another orientation are left out.
     groups: dict[tuple, list[SliceHeader]] = defaultdict(list)
     for s in chosen:
-        key = (s.size[:2], tuple(np.round(s.spacing, 4)), tuple(np.round(s.orientation, 3)))
-        groups[key].append(s)
+        groups[tuple(np.round(s.orientation, 3))].append(s)
     stack = max(groups.values(), key=len)
     if len(stack) < len(chosen):
-        msg = f"ignored {len(chosen) - len(stack)} slice(s) whose size, spacing or orientation differ from the main stack"
+        msg = f"ignored {len(chosen) - len(stack)} slice(s) whose orientation differs from the main stack"
         log.warning("%s: %s", source, msg)
         notes.append(msg)
     if len(stack) < 2:
         raise IchfedError(f"{source}: only one 2D CT slice; a 3D series of at least 2 slices is needed")
+    shapes = Counter((s.size[:2], tuple(np.round(s.spacing, 4))) for s in stack)
+    if len(shapes) > 1:
+        (size, spacing), n = shapes.most_common(1)[0]
+        odd = next(s for s in stack if (s.size[:2], tuple(np.round(s.spacing, 4))) != (size, spacing))
+        raise IchfedError(f"{source}: Rows/Columns or PixelSpacing change within the series ({n} slice(s) are "
+                          f"{size[1]}x{size[0]} at {spacing[0]:g} mm, {odd.file.name} is {odd.size[1]}x{odd.size[0]} "
+                          f"at {odd.spacing[0]:g} mm); one series must have one slice size")
     return stack
 
 
-def _regular_grid(stack: list[SliceHeader], source: Path, notes: list[str]) -> _Plan:
+def _regular_grid(stack: list[SliceHeader], source: Path, notes: list[str], allow_missing: bool = False) -> _Plan:
     """Order the slices along their normal, note tilt and uneven gaps, and lay out the output grid."""
     frame = _frame(np.mean([s.orientation for s in stack], axis=0))
     normal = frame[:, 2]
@@ -191,8 +209,13 @@ def _regular_grid(stack: list[SliceHeader], source: Path, notes: list[str]) -> _
         i = int(np.argmin(gaps))
         raise IchfedError(f"{source}: two slices at the same position ({stack[i].file.name}, {stack[i + 1].file.name}); "
                           "more than one acquisition in the series?")
-    step = float(np.median(gaps))
     corrections: list[str] = []
+    missing = dicom_gaps.find_gaps([s.instance for s in stack], np.array([s.position for s in stack]), depth)
+    if missing:
+        _missing_slices(missing, stack, source, notes, allow_missing)
+        corrections.append("missing_slices")
+    # A missing stretch counts as the slices it lacks, so one gap does not set the spacing.
+    step = float(np.median(dicom_gaps.filled_gaps(depth, missing)))
     travel = stack[-1].position - stack[0].position
     cos_angle = abs(float(np.dot(travel, normal))) / float(np.linalg.norm(travel))
     tilt_deg = float(np.degrees(np.arccos(min(1.0, cos_angle))))
@@ -200,7 +223,7 @@ def _regular_grid(stack: list[SliceHeader], source: Path, notes: list[str]) -> _
     if tilt_deg > TILT_TOLERANCE_DEG or tilt_tag > 0.01:
         corrections.append("gantry_tilt")
         log.info("%s: gantry tilt %.2f deg (tag %.2f deg); resampling on the slice normal", source, tilt_deg, tilt_tag)
-    if float(np.max(np.abs(gaps - step))) > GAP_TOLERANCE * step:
+    if float(np.max(np.abs(dicom_gaps.filled_gaps(depth, missing) - step))) > GAP_TOLERANCE * step:
         corrections.append("nonuniform_spacing")
         log.info("%s: slice gaps %.3f..%.3f mm; resampling to %.3f mm", source, gaps.min(), gaps.max(), step)
 
@@ -216,9 +239,30 @@ def _regular_grid(stack: list[SliceHeader], source: Path, notes: list[str]) -> _
                  tilt_deg=max(tilt_deg, tilt_tag))
 
 
-def read_series(folder: Path, source: Path) -> DicomVolume:
-    """The CT series in ``folder`` as a regular float32 HU volume, with its scanner metadata."""
-    plan = plan_series(folder, source)
+def _missing_slices(missing: list, stack: list[SliceHeader], source: Path, notes: list[str], allow: bool) -> None:
+    """Refuse the series (one line naming the first gap) or, when ``allow``, note every gap."""
+    first = missing[0]
+    a, b = stack[first.after], stack[first.after + 1]
+    n = sum(g.n_missing for g in missing)
+    if not allow:
+        more = f" ({len(missing) - 1} more gap(s) in the series)" if len(missing) > 1 else ""
+        skipped = next((m for m in notes if m.startswith("skipped ")), None)
+        raise IchfedError(f"{source}: slice missing between {a.file.name} and {b.file.name}: "
+                          f"{dicom_gaps.describe(first)}; the two are {first.gap_mm:.2f} mm apart where the "
+                          f"series' slices are {first.usual_mm:.2f} mm apart{more}"
+                          f"{f' ({skipped})' if skipped else ''}; pass --allow-missing-slices to interpolate across it")
+    msg = (f"interpolated across {n} missing slice(s) (--allow-missing-slices): "
+           + "; ".join(dicom_gaps.describe(g) for g in missing))
+    log.warning("%s: %s", source, msg)
+    notes.append(msg)
+
+
+def read_series(folder: Path, source: Path, allow_missing_slices: bool = False) -> DicomVolume:
+    """The CT series in ``folder`` as a regular float32 HU volume, with its scanner metadata.
+
+    A missing slice is refused unless ``allow_missing_slices`` (then interpolated and noted).
+    """
+    plan = plan_series(folder, source, allow_missing_slices)
     if plan.multiframe:
         f = plan.stack[0].file
         try:

@@ -4,8 +4,13 @@ ITK's NIfTI reader trusts the header: it allocates whatever the header declares 
 can ask for 10 GB) and zero-fills a payload that ends early, so a truncated integer image reads
 as a volume whose missing slices are 0 HU and the segmenter then finds "no lesion". A zero or
 NaN ``pixdim`` silently becomes 1 mm, which scales every volume. These checks read the header
-with nibabel (no voxel data), compare the declared payload with what the file holds, and for a
-gzip file stream the whole payload once, counting bytes, before anything is allocated.
+as stored in the file (``raw_header``: nibabel's header class on the file's first bytes, no voxel
+data, nothing "fixed"), compare the declared payload (from the file's own ``vox_offset``, so a
+header extension counts) with what the file holds, bound the memory decoding will take, and for
+a gzip file stream the whole payload once, counting bytes, before anything is allocated.
+
+A loaded nibabel image reports a data offset of 0, whatever the file says: trusting it let a
+``.nii`` with a 300 KB extension lose 300 KB of voxels (or a plain one its last 2 bytes) unseen.
 """
 
 from __future__ import annotations
@@ -22,66 +27,85 @@ from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 
-#: refuse volumes whose float32 copy would need more than this (a 512x512x2000 CT is 2 GiB)
+#: refuse volumes whose float32 copy would need more than this (a 512x512x2000 CT is 2 GiB); for a
+#: NIfTI file, refuse one whose decoding (stored values plus their float32 copy) would need more
 MAX_VOLUME_BYTES = 4 * 1024**3
 #: deflate cannot compress better than about 1032:1, so a larger declared/compressed ratio is a lie
 MAX_GZIP_RATIO = 1032
+_HEADER_SIZES = {348: 352, 540: 544}  # sizeof_hdr -> first byte voxel data may use (header + 4-byte extender)
 
 
-def declared_payload(p: Path):
-    """The nibabel header of ``p`` and the bytes its voxel data must occupy (offset included).
+def raw_header(p: Path):
+    """The NIfTI-1 or NIfTI-2 header of ``p`` exactly as stored (a nibabel header, no voxel data).
 
-    Raises ``IchfedError`` naming ``p`` for an unreadable header, a zero/NaN/infinite voxel size,
-    or a volume too large to hold in memory.
+    Unlike ``nibabel.load(p).header``, it keeps the file's ``vox_offset``, ``scl_slope``/``scl_inter``
+    and ``pixdim`` as written (a loaded image resets the offset to 0 and "fixes" a zero voxel size).
+    Raises ``IchfedError`` naming ``p`` when the first bytes are not a NIfTI header.
     """
     import nibabel
-
-    try:
-        header = nibabel.load(str(p)).header
-    except Exception as e:  # nibabel raises several unrelated types for a bad header
-        raise IchfedError(f"{p}: not a readable NIfTI image ({e})") from None
-    shape = tuple(int(v) for v in header.get_data_shape())
-    n_voxels = math.prod(shape) if shape else 0
-    if n_voxels * 4 > MAX_VOLUME_BYTES:
-        raise IchfedError(f"{p}: header declares {'x'.join(map(str, shape))} voxels "
-                          f"({n_voxels * 4 / 1024**3:.1f} GiB as float32); refusing more than "
-                          f"{MAX_VOLUME_BYTES // 1024**3} GiB")
-    zooms = _raw_pixdim(p)[1:1 + min(3, len(shape))]
-    for i, z in enumerate(zooms, start=1):
-        if not math.isfinite(z) or z == 0.0:
-            raise IchfedError(f"{p}: pixdim[{i}] (voxel size) is {z:g}; it must be a non-zero number of mm")
-    itemsize = np.dtype(header.get_data_dtype()).itemsize
-    return header, int(header.get_data_offset()) + n_voxels * itemsize
-
-
-def _raw_pixdim(p: Path) -> list[float]:
-    """``pixdim`` as stored; nibabel's loader silently "fixes" a zero voxel size to 1, as ITK does."""
     from nibabel.openers import ImageOpener
 
-    with ImageOpener(str(p)) as fh:
-        raw = fh.read(540)
+    try:
+        with ImageOpener(str(p)) as fh:
+            raw = fh.read(540)
+    except (OSError, EOFError, ValueError) as e:  # gzip and zlib raise several types for a bad stream
+        raise IchfedError(f"{p}: not a readable NIfTI image ({e})") from None
     for endian in "<>":
-        sizeof_hdr = struct.unpack(endian + "i", raw[:4])[0]
-        if sizeof_hdr == 348:
-            return list(struct.unpack(endian + "8f", raw[76:108]))
-        if sizeof_hdr == 540 and len(raw) >= 168:
-            return list(struct.unpack(endian + "8d", raw[104:168]))
+        size = struct.unpack(endian + "i", raw[:4])[0] if len(raw) >= 4 else 0
+        klass = {348: nibabel.Nifti1Header, 540: nibabel.Nifti2Header}.get(size)
+        if klass is not None and len(raw) >= size:
+            try:
+                return klass(raw[:size], endianness=endian, check=False)
+            except Exception as e:  # nibabel raises several unrelated types for a bad header
+                raise IchfedError(f"{p}: not a readable NIfTI image ({e})") from None
     raise IchfedError(f"{p}: not a NIfTI-1 or NIfTI-2 header")
 
 
-def check_payload(p: Path, stream_gzip: bool = True) -> None:
-    """Refuse ``p`` unless it holds the whole payload its header declares.
+def data_offset(header) -> int:
+    """Where the voxel data of a single-file NIfTI starts: the file's ``vox_offset`` (never inside the header)."""
+    offset = float(header["vox_offset"])
+    floor = _HEADER_SIZES[int(header["sizeof_hdr"])]
+    return max(int(offset), floor) if math.isfinite(offset) else floor
+
+
+def declared_payload(p: Path):
+    """The header of ``p`` as stored and the bytes its voxel data must occupy (offset included).
+
+    Raises ``IchfedError`` naming ``p`` for an unreadable header, a zero/NaN/infinite voxel size,
+    or a volume whose decoding would need more than ``MAX_VOLUME_BYTES``.
+    """
+    header = raw_header(p)
+    try:
+        shape = tuple(int(v) for v in header.get_data_shape())
+        itemsize = np.dtype(header.get_data_dtype()).itemsize
+    except Exception as e:  # an unknown datatype code or a negative dimension
+        raise IchfedError(f"{p}: not a readable NIfTI image ({e})") from None
+    n_voxels = math.prod(shape) if shape else 0
+    decoded = n_voxels * (itemsize + 4)  # ITK reads the stored type, then makes the float32 copy
+    if decoded > MAX_VOLUME_BYTES:
+        raise IchfedError(f"{p}: header declares {'x'.join(map(str, shape))} {header.get_data_dtype()} voxels; "
+                          f"decoding them needs {decoded / 1024**3:.1f} GiB (stored values and their float32 "
+                          f"copy); refusing more than {MAX_VOLUME_BYTES // 1024**3} GiB")
+    zooms = [float(v) for v in header["pixdim"][1:1 + min(3, len(shape))]]
+    for i, z in enumerate(zooms, start=1):
+        if not math.isfinite(z) or z == 0.0:
+            raise IchfedError(f"{p}: pixdim[{i}] (voxel size) is {z:g}; it must be a non-zero number of mm")
+    return header, data_offset(header) + n_voxels * itemsize
+
+
+def check_payload(p: Path, stream_gzip: bool = True):
+    """Refuse ``p`` unless it holds the whole payload its header declares; returns the header as stored.
 
     ``.nii``: the file size is compared with the declared size. ``.nii.gz``: the declared size
     must be reachable at deflate's best ratio (before decompressing anything) and, with
     ``stream_gzip``, the decompressed stream is counted to the end (catches a cut-off gzip).
     """
-    _, declared = declared_payload(p)
+    header, declared = declared_payload(p)
     size = p.stat().st_size
     if not p.name.lower().endswith(".gz"):
         if size < declared:
             raise _truncated(p, size, declared)
-        return
+        return header
     if declared > size * MAX_GZIP_RATIO:
         raise IchfedError(f"{p}: header declares {declared} bytes of voxel data but the compressed file has "
                           f"only {size} bytes (more than gzip's {MAX_GZIP_RATIO}:1); truncated or corrupt")
@@ -89,6 +113,7 @@ def check_payload(p: Path, stream_gzip: bool = True) -> None:
         got = _gzip_length(p, declared)
         if got < declared:
             raise _truncated(p, got, declared)
+    return header
 
 
 def _gzip_length(p: Path, enough: int) -> int:

@@ -157,7 +157,7 @@ def test_predict_keeps_going_after_any_exception(tmp_path, monkeypatch, capsys):
     from ichfed.commands import predict as cmd
 
     class FaultyPredictor:
-        def predict(self, path, save_masks_dir=None):
+        def predict(self, path, save_masks_dir=None, ingest_options=None):
             if "img2" in str(path):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
             return {"source": str(path), "lesion_found": False}

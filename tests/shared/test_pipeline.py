@@ -28,7 +28,7 @@ RESULT_KEYS = {
     "source", "lesion_found", "n_components", "ich_ml", "phe_ml", "ich_mean_hu", "phe_mean_hu", "p_neoplastic",
     "log_p_neoplastic", "threshold", "threshold_source", "label", "timings", "bundle",
     "quality_flags", "extracranial_ml_removed", "postprocessing",
-    "p_calibrated", "calibration_source", "norm_stats_source",
+    "p_calibrated", "calibration_source", "norm_stats_source", "ingest_notes",
 }
 # A fresh case of the development population (the bootstrap cohort holds indices 0..15 only).
 UNSEEN_CASE = 103
