@@ -28,7 +28,7 @@ def register(sub) -> None:
     s.add_argument("--key", required=True, metavar="PEM", help="Ed25519 private key")
     s.set_defaults(func=_sign)
 
-    v = actions.add_parser("verify", help="check a bundle's signature and every file hash")
+    v = actions.add_parser("verify", help="check a bundle's signature, every file hash and every weight")
     v.add_argument("bundle", metavar="BUNDLE", help="bundle folder or packed .tar")
     v.add_argument("--pubkey", metavar="PEM", help="trusted Ed25519 public key")
     v.add_argument("--allow-unsigned", action="store_true", help="accept an unsigned bundle (hashes still checked)")
@@ -90,11 +90,12 @@ def _sign(args) -> int:
 
 
 def _verify(args) -> int:
-    from shared.bundle import open_bundle
+    from shared.bundle import check_weights, open_bundle
 
     if args.pubkey is None and not args.allow_unsigned:
         raise IchfedError("--pubkey: a trusted public key is required to verify the bundle")
     bundle = open_bundle(args.bundle, args.pubkey, allow_unsigned=args.allow_unsigned)
+    check_weights(bundle)  # every weight a number, the head a trained head's size
     print(json.dumps(bundle.describe(), indent=2))
     return 0
 

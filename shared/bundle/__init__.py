@@ -13,7 +13,13 @@ packing (``tar``) and a bundle as Flower records (``transport``, imported on its
 """
 
 from shared.bundle.create import create_bundle, derive_bundle, upgrade_bundle
-from shared.bundle.load import Bundle, load_bundle, open_bundle, verify_bundle
+from shared.bundle.load import (
+    Bundle,
+    check_weights,
+    load_bundle,
+    open_bundle,
+    verify_bundle,
+)
 from shared.bundle.manifest import (
     ARCHITECTURE,
     CLASSIFIER_FILE,
@@ -47,7 +53,7 @@ __all__ = [
     "ARCHITECTURE", "CLASSIFIER_FILE", "FORMAT", "FORMAT_VERSION", "HEAD_FILE", "HEAD_KEYS", "MANIFEST", "NNUNET_DIR",
     "READABLE_VERSIONS", "SIGNATURE", "Bundle", "Manifest", "ThresholdSpec", "bundle_hash", "create_bundle",
     "derive_bundle", "load_bundle", "open_bundle", "pack", "sha256_file", "sign_bundle", "unpack", "upgrade_bundle",
-    "verify_bundle", "bundle_dir", "check_files", "check_plans_code_free", "check_signature",
+    "verify_bundle", "check_weights", "bundle_dir", "check_files", "check_plans_code_free", "check_signature",
     "manifest_bytes", "parse_manifest", "scan_files", "signature_blob",
 ]
 

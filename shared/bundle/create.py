@@ -37,6 +37,7 @@ from shared.bundle.manifest import (
     threshold_spec,
 )
 from shared.bundle.signature import signature_blob
+from shared.bundle.weights import check_bundle_weights, check_state
 from shared.plumbing.config import CropSpec, to_dict
 from shared.plumbing.errors import BundleVerificationError, IchfedError
 from shared.plumbing.files import link_or_copy, read_json, sha256_file, staged_dir
@@ -68,6 +69,7 @@ def _full_state(classifier_state: Any) -> dict[str, Any]:
         build_model().load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise IchfedError(f"{where}: weights do not fit the 3D ResNet-34 classifier ({str(e).splitlines()[0]})") from None
+    check_state(state, where)  # every weight finite, the head bounded
     return state
 
 
@@ -188,6 +190,7 @@ def _head_state(head: Any, parent: Bundle) -> dict[str, Any]:
         if v.shape != tuple(ref[k].shape) or not np.isfinite(v).all():
             raise IchfedError(f"head {k}: expected finite values of shape {tuple(ref[k].shape)}, got {v.shape}")
         out[k] = torch.from_numpy(v.copy())
+    check_state(out, "head")  # within the bound a trained head stays in
     return out
 
 
@@ -267,6 +270,7 @@ def upgrade_bundle(src: str | Path, out_dir: str | Path, public_key: str | Path 
         _write_split(parent.classifier_weights(), tmp)
         files = {rel: parent.manifest.files[rel] for rel in keep}
         files.update({rel: sha256_file(tmp / rel) for rel in (CLASSIFIER_FILE, HEAD_FILE)})
+        check_bundle_weights(tmp, files, CLASSIFIER_FILE, HEAD_FILE)  # the checks of 'bundle sign'
         manifest.update({
             "format_version": FORMAT_VERSION, "files": dict(sorted(files.items())),
             "classifier": {**manifest.get("classifier", {}), **_CLASSIFIER_ENTRY},

@@ -32,6 +32,12 @@ from shared.bundle.signature import (
     bundle_dir,
     check_signature,
 )
+from shared.bundle.weights import (
+    check_bundle_weights,
+    check_finite,
+    check_head_state,
+    check_state,
+)
 from shared.plumbing.config import CropSpec
 from shared.plumbing.errors import BundleVerificationError, IchfedError
 from shared.plumbing.verified import read_verified
@@ -99,6 +105,7 @@ class Bundle:
         state = load_weights(self.path / head, data=self.read_verified(head))
         if sorted(state) != sorted(HEAD_KEYS):
             raise BundleVerificationError(f"{self.path / head}: holds {sorted(state)}, expected exactly {list(HEAD_KEYS)}")
+        check_head_state(state, str(self.path / head))  # finite, (2, 512), bounded: a head that is numbers
         return state
 
     def classifier_weights(self) -> dict[str, Any]:
@@ -108,10 +115,12 @@ class Bundle:
         rel = self.manifest.classifier_file
         state = load_weights(self.classifier_path, data=self.read_verified(rel))
         if self.manifest.head_file is None:
+            check_state(state, str(self.classifier_path))  # every weight finite, the head (2, 512) and bounded
             return state
         clash = sorted(k for k in HEAD_KEYS if k in state)
         if clash:
             raise BundleVerificationError(f"{self.classifier_path}: the backbone file holds head tensors {clash}")
+        check_finite(state, str(self.classifier_path))
         return {**state, **self.head_weights()}
 
     def build_classifier(self, device="cpu"):
@@ -179,7 +188,16 @@ def open_bundle(path: str | Path, public_key: str | Path | None, allow_unsigned:
     return load_bundle(root, public_key, allow_unsigned=allow_unsigned)
 
 
+def check_weights(bundle: Bundle) -> None:
+    """Every weight of ``bundle`` finite, its head (2, 512) and bounded, the state a ResNet-34's (``bundle verify``)."""
+    m = bundle.manifest
+    check_bundle_weights(bundle.path, m.files, m.classifier_file, m.head_file)
+
+
 def verify_bundle(path: str | Path, public_key_path: str | Path) -> Manifest:
-    """Check signature and files against ``public_key_path``; returns the manifest or raises BundleVerificationError."""
-    return load_bundle(path, public_key_path).manifest
+    """Check signature, files and weights against ``public_key_path``; returns the manifest or raises
+    BundleVerificationError."""
+    bundle = load_bundle(path, public_key_path)
+    check_weights(bundle)
+    return bundle.manifest
 

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from shared.bundle.manifest import MANIFEST, SIGNATURE, check_files, parse_manifest
+from shared.bundle.weights import check_bundle_weights
 from shared.plumbing.atomic import write_bytes
 from shared.plumbing.errors import BundleVerificationError
 from shared.security import keys
@@ -54,13 +55,15 @@ def check_signature(root: Path, manifest_bytes: bytes, public_key_path: Path) ->
 
 
 def sign_bundle(path: str | Path, private_key_path: str | Path) -> str:
-    """Sign (or re-sign) a bundle's manifest after checking that its files match; returns the bundle hash."""
+    """Sign (or re-sign) a bundle's manifest after checking its files and weights; returns the bundle hash."""
     root = bundle_dir(path)
     key = keys.load_private_key(private_key_path)
     raw = (root / MANIFEST).read_bytes()
     manifest = parse_manifest(raw, root / MANIFEST)
-    # Never put a signature on files that no longer match what the manifest says.
+    # Never put a signature on files that no longer match what the manifest says,
+    # nor on weights that are not numbers (NaN, a 1e30 head, a (5, 512) head).
     check_files(root, manifest.files)
+    check_bundle_weights(root, manifest.files, manifest.classifier_file, manifest.head_file)
     write_bytes(root / SIGNATURE, signature_blob(raw, key))
     digest = hashlib.sha256(raw).hexdigest()
     log.info("signed bundle %s (%s) with key %s", root, digest[:16], keys.fingerprint(key.public_key())[:16])

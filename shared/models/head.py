@@ -27,6 +27,10 @@ if TYPE_CHECKING:  # torch and flwr are heavy; imported where used
     from torch import nn
 
 STATE_PREFIX = "fc."  # where the head lives in the classifier's state dict (MONAI's ``fc``)
+#: the largest |value| a bundle's head weight or bias may hold. Adam moves a weight by about the
+#: learning rate per step at most, so no recipe of ichfed's reaches it (docs/security.md, "Models
+#: that are not numbers"); a head beyond it is corrupt or hostile and would only give p = 0 or 1.
+MAX_HEAD_ABS = 100.0
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -174,3 +178,29 @@ class Head:
         """Same shapes and values within ``atol`` (exact by default)."""
         return (self.weight.shape == other.weight.shape and bool(np.allclose(self.weight, other.weight, rtol=0, atol=atol))
                 and bool(np.allclose(self.bias, other.bias, rtol=0, atol=atol)))
+
+
+# -- checks on a head that is to be used (bundle sign, verify, load) ------------------------------
+def check_head_values(weight: Any, bias: Any, where: str) -> None:
+    """Raise ``IchfedError`` naming ``where`` unless every value is finite and within ``MAX_HEAD_ABS``.
+
+    A received update may hold NaN and is judged elsewhere (the server's ``check_update``); a head
+    that is signed, verified or used for a prediction must be numbers of a trained head's size.
+    """
+    for key, value in ((P.HEAD_WEIGHT, weight), (P.HEAD_BIAS, bias)):
+        arr = _as_numpy(value).astype(np.float64)
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise IchfedError(f"{where}: head {key} holds {bad} NaN or infinite value(s)")
+        top = float(np.max(np.abs(arr))) if arr.size else 0.0
+        if top > MAX_HEAD_ABS:
+            raise IchfedError(f"{where}: head {key} holds a value of magnitude {top:.3g}, above the bound of "
+                              f"{MAX_HEAD_ABS:g} for a trained head")
+
+
+def check_head_shapes(weight: Any, bias: Any, where: str, n_features: int = P.HEAD_FEATURES) -> None:
+    """Raise ``IchfedError`` naming ``where`` unless the head is ``(2, n_features)`` / ``(2,)``."""
+    for key, value, shape in ((P.HEAD_WEIGHT, weight, (P.HEAD_CLASSES, n_features)), (P.HEAD_BIAS, bias, (P.HEAD_CLASSES,))):
+        got = tuple(getattr(value, "shape", ()))
+        if got != shape:
+            raise IchfedError(f"{where}: head {key} has shape {got}, expected {shape}")
