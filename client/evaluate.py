@@ -6,7 +6,22 @@ the confusion counts (plus an intention-to-treat confusion in which cases with n
 lesion are predicted non-neoplastic), a ROC curve sampled at fixed FPRs, per-class score
 histograms on fixed bins, paired DeLong AUC differences between arms on the same cases, and how
 many held-out cases carry each segmentation quality flag (``shared.imaging.quality``).
-Metrics that would describe fewer than ``min_cases`` cases are withheld with a reason code.
+Metrics that would describe fewer than ``min_cases`` cases are withheld with a reason code:
+
+* fewer than ``min_cases`` held-out cases with a score: everything but ``withheld`` (``n`` too);
+* a class with 1..``min_cases``-1 cases (e.g. 2 positives): its size (``n-pos`` and ``n-neg``, as one
+  gives the other) and everything computed within the classes: AUC and its variance, accuracy,
+  sensitivity, specificity, the confusion and intention-to-treat counts, the ROC, the score
+  histograms and the paired AUC differences (with 2 positives they described those 2 patients);
+* every count that leaves the site is 0 or at least ``min_cases`` (``n-no-lesion``, each quality
+  flag count, ``n-flagged``; the site counts in ``client.features.SiteFeatures.counts``); the
+  intention-to-treat counts go with ``n-no-lesion``, which they would give back;
+* a mean Dice over fewer than ``min_cases`` cases with a reference mask.
+
+Confusion counts inside classes that both meet the floor are sent as they are: they are
+cross-classifications of those classes, like the bins of the score histograms (from which they
+could be read back at a threshold on the histogram's bin edges), and withholding them only where
+they are small would bias the pooled sensitivity toward the sites where the model errs most.
 """
 
 from __future__ import annotations
@@ -20,29 +35,58 @@ from shared.federation import protocol as P
 GATED = ("auc", "auc-var", "accuracy", "sensitivity", "specificity", "threshold", "tp", "fp", "tn", "fn",
          "itt-tp", "itt-fp", "itt-tn", "itt-fn", P.ROC_TPR, P.HIST_NEG, P.HIST_POS, "dice-ich", "dice-phe",
          *P.QUALITY_METRICS)
+#: everything computed within the two classes: withheld when either class has 1..min_cases-1 cases
+WITHIN_CLASSES = ("n-pos", "n-neg", "auc", "auc-var", "accuracy", "sensitivity", "specificity", "tp", "fp", "tn",
+                  "fn", "itt-tp", "itt-fp", "itt-tn", "itt-fn", P.ROC_TPR, P.HIST_NEG, P.HIST_POS)
+ITT = ("itt-tp", "itt-fp", "itt-tn", "itt-fn")
+
+
+def small_class(y: np.ndarray, min_cases: int) -> bool:
+    """True when a class has 1..min_cases-1 cases: anything computed within it describes those few patients."""
+    return any(0 < int((y == c).sum()) < min_cases for c in (0, 1))
 
 
 def arm_metrics(model: str, part, p: np.ndarray, threshold: float, *, min_cases: int, seed: int = 0,
                 threshold_reason: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Metrics of scores ``p`` at ``threshold`` on ``part`` (a ``client.features.Part``)."""
-    from shared.evaluation.metrics import classification_metrics
+    """Metrics of scores ``p`` at ``threshold`` on ``part`` (a ``client.features.Part``), floored as the module doc says."""
+    from client.privacy import floor_counts
 
     k = lambda m: P.metric_key(model, m)  # noqa: E731
     y = np.asarray(part.labels, np.int64)
-    metrics: dict[str, Any] = {k("n"): part.n, k("n-pos"): int((y == 1).sum()), k("n-neg"): int((y == 0).sum()),
-                               k("n-no-lesion"): part.n_no_lesion}
+    metrics: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     if part.n < min_cases:
         metrics[k("withheld")] = 1
-        reasons.update({k(m): P.REASON_TOO_FEW if part.n else P.REASON_NO_CASES for m in GATED})
+        reasons.update({k(m): P.REASON_TOO_FEW if part.n else P.REASON_NO_CASES for m in (*GATED, *WITHIN_CLASSES)})
+        floor_counts({k("n"): part.n, k("n-no-lesion"): part.n_no_lesion}, min_cases, metrics, reasons)
         return metrics, reasons
     metrics[k("withheld")] = 0
-    metrics[k(P.N_FLAGGED)] = int(getattr(part, "n_flagged", 0))
-    metrics.update({k(f"flag-{name}"): int(n) for name, n in getattr(part, "flag_counts", {}).items()})
-    cm = classification_metrics(y, p, threshold, n_boot=0, seed=seed)
+    counts = {k("n"): part.n, k("n-no-lesion"): part.n_no_lesion, k(P.N_FLAGGED): int(getattr(part, "n_flagged", 0))}
+    counts.update({k(f"flag-{name}"): int(n) for name, n in getattr(part, "flag_counts", {}).items()})
+    floor_counts(counts, min_cases, metrics, reasons)
     metrics[k("threshold")] = float(threshold)
     if threshold_reason:
         reasons[k("threshold")] = threshold_reason
+    _dice(model, part, min_cases, metrics, reasons)
+    if small_class(y, min_cases):
+        reasons.update({k(m): P.REASON_TOO_FEW for m in WITHIN_CLASSES})
+        return metrics, reasons
+    metrics.update({k("n-pos"): int((y == 1).sum()), k("n-neg"): int((y == 0).sum())})
+    _within_classes(model, part, y, p, threshold, min_cases, seed, metrics, reasons)
+    if k("n-no-lesion") not in metrics:  # the intention-to-treat counts would give n-no-lesion back
+        for m in ITT:
+            metrics.pop(k(m), None)
+            reasons[k(m)] = P.REASON_TOO_FEW
+    return metrics, reasons
+
+
+def _within_classes(model: str, part, y: np.ndarray, p: np.ndarray, threshold: float, min_cases: int, seed: int,
+                    metrics: dict, reasons: dict) -> None:
+    """AUC, rates, confusion and intention-to-treat counts, ROC and histograms (both classes meet the floor)."""
+    from shared.evaluation.metrics import classification_metrics
+
+    k = lambda m: P.metric_key(model, m)  # noqa: E731
+    cm = classification_metrics(y, p, threshold, n_boot=0, seed=seed)
     for m in ("auc", "accuracy", "sensitivity", "specificity"):
         metrics[k(m)] = cm[m]
         if cm[m] is None:
@@ -58,12 +102,18 @@ def arm_metrics(model: str, part, p: np.ndarray, threshold: float, *, min_cases:
     _auc_var(model, y, p, metrics, reasons)
     _roc(model, y, p, metrics, reasons)
     _histograms(model, y, p, min_cases, metrics, reasons)
+
+
+def _dice(model: str, part, min_cases: int, metrics: dict, reasons: dict) -> None:
+    """Mean Dice per label, over at least ``min_cases`` cases with a reference mask (else one case's Dice shows)."""
     for m, values in (("dice-ich", part.dice_ich), ("dice-phe", part.dice_phe)):
-        if values:
-            metrics[k(m)] = float(np.mean(values))
+        key = P.metric_key(model, m)
+        if len(values) >= min_cases:
+            metrics[key] = float(np.mean(values))
+        elif values:
+            reasons[key] = P.REASON_TOO_FEW
         else:
-            reasons[k(m)] = P.REASON_NO_MASKS if not part.has_masks else P.REASON_NO_LESION
-    return metrics, reasons
+            reasons[key] = P.REASON_NO_MASKS if not part.has_masks else P.REASON_NO_LESION
 
 
 def paired_metrics(model: str, labels: np.ndarray, p: np.ndarray, others: Mapping[str, np.ndarray], *,
@@ -79,7 +129,7 @@ def paired_metrics(model: str, labels: np.ndarray, p: np.ndarray, others: Mappin
     reasons: dict[str, str] = {}
     for other, q in others.items():
         key = P.metric_key(model, f"auc-minus-{other}")
-        if len(y) < min_cases:
+        if len(y) < min_cases or small_class(y, min_cases):
             reasons[key] = reasons[key + "-var"] = P.REASON_TOO_FEW if len(y) else P.REASON_NO_CASES
         elif _delong_undefined(y):
             reasons[key] = reasons[key + "-var"] = _delong_undefined(y)

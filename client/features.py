@@ -56,6 +56,7 @@ class SiteFeatures:
     # with, and the same parts under the bundle's own statistics (the reference arms); None when off.
     norm_stats: Any = None
     bundle_stats: tuple[Part, Part] | None = None
+    min_cases: int = P.MIN_CASES_FLOOR  # the site's minimum: counts below it do not leave the site
 
     @property
     def reference_parts(self) -> tuple[Part, Part]:
@@ -63,9 +64,14 @@ class SiteFeatures:
         return self.bundle_stats or (self.fine_tune, self.held_out)
 
     def counts(self, num_examples: int) -> dict[str, int]:
-        """The site counts every reply carries, with ``num_examples`` (FedAvg's weight key)."""
-        return {P.NUM_EXAMPLES: int(num_examples), P.N_FINE_TUNE: self.fine_tune.n,
-                P.N_HELD_OUT: self.held_out.n, P.N_UNUSABLE: self.n_unusable}
+        """The site counts every reply carries, with ``num_examples`` (FedAvg's weight key); a count
+        of 1..``min_cases``-1 is left out (``client.privacy.floor_counts``)."""
+        from .privacy import floor_counts
+
+        kept: dict[str, int] = {}
+        floor_counts({P.NUM_EXAMPLES: int(num_examples), P.N_FINE_TUNE: self.fine_tune.n,
+                      P.N_HELD_OUT: self.held_out.n, P.N_UNUSABLE: self.n_unusable}, self.min_cases, kept, {})
+        return kept
 
 
 class FeatureStore:
@@ -135,7 +141,8 @@ class FeatureStore:
         feats = SiteFeatures(fine_tune=part(split.fine_tune, adapted), held_out=part(split.held_out, adapted),
                              n_unusable=unusable, norm_stats=stats,
                              bundle_stats=None if stats is None else (part(split.fine_tune, rows),
-                                                                      part(split.held_out, rows)))
+                                                                      part(split.held_out, rows)),
+                             min_cases=self.config.min_cases)
         self._memo = {bundle.hash: (stamp, feats)}  # one bundle at a time: the older one's arrays are dropped
         return feats
 

@@ -6,7 +6,11 @@ A reply may carry only
 - named aggregate metrics (counts, AUC and its DeLong variance, paired AUC differences and their
   variances, accuracy, sensitivity, specificity, confusion counts (also intention-to-treat),
   mean Dice, a ROC curve sampled at fixed false-positive rates, and per-class score histograms
-  on fixed bins with at least ``protocol.MIN_CASES_FLOOR`` cases per class),
+  on fixed bins with at least ``protocol.MIN_CASES_FLOOR`` cases per class); every count of cases
+  (``n``, ``n-pos``, ``n-neg``, ``n-no-lesion``, quality-flag counts, ``n-held-out``, ``n-unusable``)
+  is 0 or at least the floor (``floor_counts`` applies the site's own minimum at the source;
+  ``num-examples`` and ``n-fine-tune`` are the FedAvg weight of a train reply, which a site sends
+  only above its minimum, and are floored at the source in other replies),
 - thresholds only on the fixed grid ``protocol.THRESHOLD_GRID`` (the reference arm's is the
   bundle's own, public value),
 - a few short fields from a fixed vocabulary (site name, status, reason codes, bundle hash,
@@ -40,6 +44,24 @@ _UNIT_METRICS = {"auc", "accuracy", "sensitivity", "specificity", "threshold", "
                  "auc-var", "auc-minus-reference-var", "auc-minus-local-var"}
 _DIFF_METRICS = {"auc-minus-reference", "auc-minus-local"}  # paired differences lie in [-1, 1]
 _HIST_METRICS = {P.HIST_NEG, P.HIST_POS}
+
+
+#: case counts that are 0 or at least the floor wherever they appear (model-scoped metrics)
+_FLOORED_COUNTS = {"n", "n-pos", "n-neg", "n-no-lesion", *P.QUALITY_METRICS}
+#: site counts the allow-list floors (the FedAvg weight keys are floored where they are made)
+_FLOORED_SITE_COUNTS = {P.N_HELD_OUT, P.N_UNUSABLE}
+
+
+def floor_counts(counts: Mapping[str, int], k: int, metrics: dict[str, Any], reasons: dict[str, str]) -> None:
+    """Put each count in ``metrics`` when it is 0 or at least ``k``; otherwise say why in ``reasons``.
+
+    A count of 1..k-1 singles out a case or a few (a flag on one held-out case, two unusable scans).
+    """
+    for key, n in counts.items():
+        if 0 < int(n) < k:
+            reasons[key] = P.REASON_TOO_FEW
+        else:
+            metrics[key] = int(n)
 
 
 class PrivacyViolation(RuntimeError):
@@ -231,6 +253,9 @@ def _check_metric(key: str, value: Any) -> None:
     if metric in _COUNT_METRICS or metric == "n":
         if not isinstance(value, int) or value < 0:
             raise PrivacyViolation(f"metric '{key}' must be a count, got {value!r}")
+        if (metric in _FLOORED_COUNTS if model is not None else key in _FLOORED_SITE_COUNTS) \
+                and 0 < value < P.MIN_CASES_FLOOR:
+            raise PrivacyViolation(f"metric '{key}' holds a count of {value}, below the floor of {P.MIN_CASES_FLOOR}")
         return
     if metric in _UNIT_METRICS:
         _check_number(key, value, 0.0, 1.0)

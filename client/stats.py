@@ -9,6 +9,10 @@ bin between 1 and ``min_cases_for_metrics - 1`` is left out (bins are set to 0, 
 with the reason ``fewer-cases-than-minimum``), and scanner categories that small are merged into
 ``other`` (dropped too when ``other`` is still that small). The bins are open at both ends, so no
 minimum or maximum leaves the site. ``client/privacy.py`` checks the result again.
+
+Differencing: a table is sent only if it differs from every table this site released before by 0 or
+at least ``min_cases_for_metrics`` cases in every cell; otherwise the last release is sent again
+(``client/stats_ledger.py``), so running ``ichfed stats`` before and after adding one case shows nothing.
 """
 
 from __future__ import annotations
@@ -236,4 +240,24 @@ def site_table1(config, bundle=None, device: str = "cpu") -> SiteTable1:
     rows, unusable = measure_cases(site, bundle, device, cache_dir=Path(config.state_dir) / "table1-cache")
     log.info("site %s: table 1 over %d cases (%d from reference masks), %d unusable",
              config.name, len(rows), sum(r.from_mask for r in rows), unusable)
-    return table1(rows, unusable, config.min_cases_for_metrics)
+    return release(config, rows, unusable, table1(rows, unusable, config.min_cases_for_metrics))
+
+
+def release(config, rows: list[CaseStats], unusable: int, t1: SiteTable1) -> SiteTable1:
+    """The Table 1 to send: ``t1`` when the site's release ledger allows it, else the last one released.
+
+    A table that will not be sent at all (no usable count) is not recorded, so it never holds a later one back.
+    """
+    from .stats_ledger import ReleaseLedger, true_cells
+
+    if not t1.metrics.get(S.site_key(S.N)):
+        return t1
+    k = max(int(config.min_cases_for_metrics), P.MIN_CASES_FLOOR)
+    reply = {"metrics": t1.metrics, "reasons": t1.reasons, "scanner": t1.scanner}
+    sent, held = ReleaseLedger(config.state_dir).decide(true_cells(rows, unusable), reply, k)
+    if held is not None:
+        log.warning("site %s: Table 1 not updated: %s changed by %+d case(s) since the release of %s, fewer than %d; "
+                    "that release is sent again (docs/stats.md, differencing)", config.name, held.cell, held.change,
+                    held.released_utc, k)
+    return SiteTable1(metrics=dict(sent["metrics"]), reasons=dict(sent["reasons"]),
+                      scanner={field: dict(counts) for field, counts in sent["scanner"].items()})

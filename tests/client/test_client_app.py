@@ -80,7 +80,8 @@ def test_site_receives_verifies_caches_and_trains(tiny_bundle, site_dir, tmp_pat
     assert len(cache_files) >= 5
     mtimes = [p.stat().st_mtime_ns for p in cache_files]
     reply = _call(app, cfg, P.EVALUATE, train)
-    assert reply.content[P.METRICS]["global.n"] >= 1
+    m = reply.content[P.METRICS]
+    assert m["global.withheld"] == 1 and "global.n" not in m  # 1-2 held-out cases: not even their count leaves
     assert [p.stat().st_mtime_ns for p in cache_files] == mtimes
 
     # the same cases split 0.4 / 0.6 leave fewer fine-tune cases than the floor: no head update, and why

@@ -39,11 +39,14 @@ def test_held_out_part_counts_cases_per_flag_and_with_any_flag():
 
 
 def test_flag_counts_leave_the_site_only_above_the_count_floor():
-    part = _part(_rows(FLAGGED), [_Case(i % 2, f"c{i}") for i in range(len(FLAGGED))])
+    part = _part(_rows(FLAGGED * 3), [_Case(i % 2, f"c{i}") for i in range(3 * len(FLAGGED))])
     p = np.linspace(0.1, 0.9, part.n)
     k = lambda m: P.metric_key(P.MODEL_REFERENCE, m)  # noqa: E731
     metrics, reasons = arm_metrics(P.MODEL_REFERENCE, part, p, 0.5, min_cases=5)
-    assert metrics[k(P.N_FLAGGED)] == 3 and metrics[k("flag-many_components")] == 2
+    assert metrics[k(P.N_FLAGGED)] == 9 and metrics[k("flag-many_components")] == 6
+    # issue 21: a flag on 3 (or 1) held-out cases is a count below the floor: it stays at the site
+    assert k("flag-touches_skull") not in metrics and reasons[k("flag-touches_skull")] == P.REASON_TOO_FEW
+    assert metrics[k("flag-small_lesion")] == 0  # 0 says nothing about anyone
     build_reply("site-a", metrics=metrics, reasons=reasons)  # on the allow-list
     metrics, reasons = arm_metrics(P.MODEL_REFERENCE, part, p, 0.5, min_cases=10)
     assert k(P.N_FLAGGED) not in metrics and reasons[k(P.N_FLAGGED)] == P.REASON_TOO_FEW

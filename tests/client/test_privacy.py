@@ -23,7 +23,7 @@ def _head(rng=np.random.default_rng(0)):
 
 def test_allowed_train_reply_is_built_and_carries_only_allowed_records():
     content = build_reply("site-a", head=_head(), metrics={P.NUM_EXAMPLES: 12, P.TRAIN_LOSS: 0.6, P.N_FINE_TUNE: 12,
-                                                           P.N_HELD_OUT: 40, P.N_UNUSABLE: 1})
+                                                           P.N_HELD_OUT: 40, P.N_UNUSABLE: 0})
     assert set(content.keys()) == {P.HEAD, P.METRICS, P.INFO}
     assert content[P.HEAD]["weight"].numpy().shape == (2, 512)
     assert content[P.METRICS][P.NUM_EXAMPLES] == 12

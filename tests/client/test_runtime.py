@@ -84,8 +84,8 @@ def _evaluate(model, head, threshold, part, min_cases=5):
 
 def test_evaluation_metrics_reasons_and_withholding(tmp_path):
     head = Head(weight=np.stack([np.zeros(512), np.ones(512) * 0.05]).astype(np.float32), bias=np.zeros(2, np.float32))
-    m, r = _evaluate("global", head, 0.5, _part(6, 8, no_lesion=2))
-    assert m["global.n"] == 14 and m["global.n-no-lesion"] == 2 and m["global.withheld"] == 0
+    m, r = _evaluate("global", head, 0.5, _part(6, 8, no_lesion=5))
+    assert m["global.n"] == 14 and m["global.n-no-lesion"] == 5 and m["global.withheld"] == 0
     assert 0.0 <= m["global.auc"] <= 1.0 and m["global.tp"] + m["global.fn"] == 6
     assert len(m["global.roc-tpr"]) == len(P.ROC_FPR_GRID) and m["global.roc-tpr"][-1] == 1.0
     assert r["global.dice-ich"] == P.REASON_NO_MASKS
@@ -95,7 +95,7 @@ def test_evaluation_metrics_reasons_and_withholding(tmp_path):
     assert m["global.auc"] is None and r["global.auc"] == P.REASON_ONE_CLASS
     assert m["global.specificity"] is not None and m["global.sensitivity"] is None
 
-    # fewer cases than the site's minimum: counts only, every metric withheld and marked
+    # fewer cases than the site's minimum: every metric and count withheld and marked
     m, r = _evaluate("global", head, 0.5, _part(2, 2))
     assert m["global.withheld"] == 1 and "global.auc" not in m and "global.accuracy" not in m
     assert r["global.auc"] == P.REASON_TOO_FEW

@@ -113,7 +113,7 @@ def arms(tmp_path_factory):
     xh, yh = _data(12, 14, rng, mu=0.4)
     tmp = tmp_path_factory.mktemp("arms")
     config = SiteConfig(name="a", data_dir=tmp, state_dir=tmp, local_epochs=10, learning_rate=1e-2)
-    feats = SiteFeatures(fine_tune=_part(xf, yf), held_out=_part(xh, yh, no_lesion=3, no_lesion_pos=2), n_unusable=0)
+    feats = SiteFeatures(fine_tune=_part(xf, yf), held_out=_part(xh, yh, no_lesion=6, no_lesion_pos=2), n_unusable=0)
     xr, yr = _data(10, 10, rng, mu=0.4)  # the "bundle's" head: trained elsewhere, weakly
     reference = train_head(START, xr, yr, **dict(TRAIN, epochs=3)).head
     federated = train_head(reference, np.concatenate([xf, xr]), np.concatenate([yf, yr]), **TRAIN).head
@@ -127,8 +127,8 @@ def test_four_arms_on_the_same_held_out_cases(arms):
         assert m[f"{arm}.n"] == len(yh) and m[f"{arm}.n-pos"] == 12 and m[f"{arm}.withheld"] == 0
         assert 0.0 <= m[f"{arm}.auc"] <= 1.0 and 0.0 < m[f"{arm}.auc-var"] < 0.05, m
         assert m[f"{arm}.tp"] + m[f"{arm}.fn"] == 12
-        # intention to treat: the 3 cases without a segmented lesion (2 neoplastic) are called negative
-        assert m[f"{arm}.itt-fn"] == m[f"{arm}.fn"] + 2 and m[f"{arm}.itt-tn"] == m[f"{arm}.tn"] + 1
+        # intention to treat: the 6 cases without a segmented lesion (2 neoplastic) are called negative
+        assert m[f"{arm}.itt-fn"] == m[f"{arm}.fn"] + 2 and m[f"{arm}.itt-tn"] == m[f"{arm}.tn"] + 4
         assert sum(m[f"{arm}.hist-neg"]) == 14 and sum(m[f"{arm}.hist-pos"]) == 12
     # reference and reference-site score the same head: same AUC, different thresholds
     assert m["reference.auc"] == m["reference-site.auc"] and m["reference.threshold"] == 0.2345
@@ -142,7 +142,7 @@ def test_four_arms_on_the_same_held_out_cases(arms):
     build_reply("site-a", metrics=m, reasons=r)
 
 
-def test_histograms_withheld_when_a_class_is_under_the_floor(tmp_path):
+def test_everything_within_the_classes_is_withheld_when_a_class_is_under_the_floor(tmp_path):
     rng = np.random.default_rng(3)
     xf, yf = _data(6, 6, rng)
     xh, yh = _data(3, 10, rng)  # 3 positives held out: fewer than the floor of 5
@@ -151,7 +151,11 @@ def test_histograms_withheld_when_a_class_is_under_the_floor(tmp_path):
     out = _final_arms(config, feats, START, START, bundle_threshold=0.3, rounds=1)
     assert "federated.hist-pos" not in out.metrics and "federated.hist-neg" not in out.metrics
     assert out.reasons["federated.hist-pos"] == P.REASON_TOO_FEW
-    assert out.metrics["federated.auc"] is not None  # the AUC itself is still sent
+    # issue 21: the AUC, the class sizes and the confusion counts described those 3 patients too
+    for metric in ("auc", "n-pos", "n-neg", "tp", "fn", "sensitivity", "roc-tpr", "auc-minus-reference"):
+        assert f"federated.{metric}" not in out.metrics and out.reasons[f"federated.{metric}"] == P.REASON_TOO_FEW
+    assert out.metrics["federated.n"] == 13 and out.metrics["federated.withheld"] == 0
+    build_reply("site-a", metrics=out.metrics, reasons=out.reasons)
 
 
 @pytest.mark.parametrize("metrics, fragment", [
@@ -175,15 +179,15 @@ def test_allow_list_accepts_grid_thresholds_and_the_bundles_own():
 
 
 def test_a_single_positive_withholds_the_auc_variance_instead_of_failing():
-    """Five held-out cases with one positive pass the count floor but DeLong needs two per class:
-    the variance and the paired differences are withheld with a reason, the rest is still sent
-    (before, the whole evaluate reply failed with a site error)."""
+    """Five held-out cases with one positive pass the count floor but not the class floor: the AUC
+    and its variance and the paired differences are withheld with a reason, no site error (before
+    issue 21 the AUC of that one patient against four was sent)."""
     from client.evaluate import arm_metrics, paired_metrics
 
     x, y = _data(1, 4, np.random.default_rng(3))
     p = START.p_neoplastic(x)
     metrics, reasons = arm_metrics(P.MODEL_GLOBAL, _part(x, y), p, 0.5, min_cases=5)
-    assert P.metric_key(P.MODEL_GLOBAL, "auc") in metrics
+    assert P.metric_key(P.MODEL_GLOBAL, "auc") not in metrics
     assert P.metric_key(P.MODEL_GLOBAL, "auc-var") not in metrics
     assert reasons[P.metric_key(P.MODEL_GLOBAL, "auc-var")] == P.REASON_TOO_FEW
     m, r = paired_metrics(P.MODEL_FEDERATED, y, p, {P.MODEL_REFERENCE: p[::-1].copy()}, min_cases=5)
