@@ -54,7 +54,7 @@ def read_nifti(p: Path, geometry: str | None = None) -> NiftiRead:
     try:
         img = sitk.ReadImage(str(p), sitk.sitkFloat32)
     except RuntimeError as e:
-        raise IchfedError(f"{p}: not a readable NIfTI image ({_itk_reason(e)})") from None
+        raise IchfedError(f"{p}: not a readable NIfTI image ({_itk_reason(e, header)})") from None
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise IchfedError(f"{p}: has {img.GetNumberOfComponentsPerPixel()} components per voxel, expected a grey-value CT")
     if img.GetDimension() == 4 and img.GetSize()[3] == 1:
@@ -94,7 +94,7 @@ def nifti_grid(p: Path, geometry: str | None = None) -> dict:
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        raise IchfedError(f"{p}: not a readable NIfTI image ({_itk_reason(e)})") from None
+        raise IchfedError(f"{p}: not a readable NIfTI image ({_itk_reason(e, header)})") from None
     size = reader.GetSize()
     if len(size) == 4 and size[3] == 1:
         size = size[:3]  # read_nifti drops a trailing time axis of length 1
@@ -156,8 +156,10 @@ def _apply(img: sitk.Image, grid: Grid) -> None:
     img.SetDirection(grid.direction)
 
 
-def _itk_reason(e: RuntimeError) -> str:
+def _itk_reason(e: RuntimeError, header) -> str:
     """ITK's own last line (e.g. "... only supports orthonormal direction cosines"), without the source path."""
+    if int(header["sizeof_hdr"]) == 540:
+        return "a NIfTI-2 header, which this ITK cannot read; save it as NIfTI-1"
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else "unknown error"
     return last.split("): ", 1)[-1][:200]
