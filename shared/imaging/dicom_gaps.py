@@ -9,7 +9,8 @@ missing when
   and two neighbours' numbers jump by more than the series' usual step, or
 * two neighbouring slices are more than ``GAP_FACTOR`` times as far apart as the larger of the gaps
   beside them (a series' own spacing may change, e.g. 4 mm then 7 mm on the GE series; one missing
-  slice doubles the gap where it was).
+  slice doubles the gap where it was). The first and last gaps have one neighbour only, so the
+  series' median gap is their second witness: they must exceed both.
 
 ``shared.imaging.dicom_series`` refuses such a series with one line naming where the slice is missing,
 unless the user passes ``--allow-missing-slices``; the gap is then interpolated and noted, and the
@@ -24,8 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: a gap this many times the larger neighbouring gap is a missing slice (one missing slice makes 2x)
-GAP_FACTOR = 1.5
+#: a gap this many times the larger neighbouring gap is a missing slice (one missing slice makes 2x;
+#: the margin below 2 absorbs position jitter, the margin above 1.5 a series' own spacing changes)
+GAP_FACTOR = 1.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +73,14 @@ def _instance_gaps(instances: Sequence[int]) -> list[tuple[int, int, int, float]
 
 
 def _position_gaps(gaps: np.ndarray) -> list[tuple[int, int]]:
-    """(index, missing count) where a gap is ``GAP_FACTOR`` times both of its neighbours."""
+    """(index, missing count) where a gap is ``GAP_FACTOR`` times its neighbours (the median too at an end)."""
     out = []
+    median = float(np.median(gaps)) if len(gaps) else 0.0
     for i, g in enumerate(gaps):
         beside = [gaps[j] for j in (i - 1, i + 1) if 0 <= j < len(gaps)]
         if not beside:
             continue
-        usual = float(max(beside))
+        usual = float(max(beside)) if len(beside) == 2 else max(float(beside[0]), median)
         if g > GAP_FACTOR * usual:
             out.append((i, max(1, int(round(g / usual)) - 1)))
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -141,17 +142,25 @@ def test_an_accepted_missing_slice_keeps_the_series_spacing_and_is_noted(ge_copy
     assert any("1 missing slice" in n and "InstanceNumber 8" in n for n in ing.notes), ing.notes
 
 
-def test_a_position_gap_beyond_the_series_spacing_is_refused(tmp_path):
+@pytest.mark.parametrize("z, between, where", [
+    ([0.0, 2.5, 5.0, 10.0, 12.5], ("slice002", "slice003"), "(0.0, 0.0, 7.5)"),  # inside the series
+    ([0.0, 2.5, 5.0, 7.5, 12.5], ("slice003", "slice004"), "(0.0, 0.0, 10.0)"),  # the last gap
+    ([0.0, 5.0, 7.5, 10.0, 12.5], ("slice000", "slice001"), "(0.0, 0.0, 2.5)"),  # the first gap
+])
+def test_a_position_gap_beyond_the_series_spacing_is_refused(tmp_path, z, between, where):
     # InstanceNumbers 1..5 are consecutive: only the positions show the slice that is not there.
-    z = [0.0, 2.5, 5.0, 10.0, 12.5]
     write_series(tmp_path / "s", [np.zeros((8, 8))] * 5, [(0, 0, v) for v in z])
-    with pytest.raises(IchfedError, match=r"slice missing between slice002.dcm and slice003.dcm: near "
-                                          r"ImagePositionPatient \(0.0, 0.0, 7.5\)"):
+    with pytest.raises(IchfedError, match=rf"slice missing between {between[0]}.dcm and {between[1]}.dcm: near "
+                                          rf"ImagePositionPatient {re.escape(where)}"):
         read_image(tmp_path / "s")
 
 
-def test_a_series_whose_spacing_changes_is_not_a_missing_slice(tmp_path):
-    z = [0.0, 4.0, 8.0, 12.0, 13.1, 20.1, 27.1, 34.1]  # the GE pattern: 4 mm, a 1.1 mm step, then 7 mm
+@pytest.mark.parametrize("z", [
+    [0.0, 4.0, 8.0, 12.0, 13.1, 20.1, 27.1, 34.1],  # the GE pattern: 4 mm, a 1.1 mm step, then 7 mm
+    [0.0, 2.0, 4.0, 5.0, 8.0],  # uneven (2, 2, 1, 3 mm): 3 mm is not twice the series' own spacing
+    [0.0, 2.5, 5.0, 10.0, 15.0, 20.0],  # a change of reconstruction interval (2.5 mm, then 5 mm)
+])
+def test_a_series_whose_spacing_changes_is_not_a_missing_slice(tmp_path, z):
     write_series(tmp_path / "s", [np.zeros((8, 8))] * len(z), [(0, 0, v) for v in z])
     assert read_image(tmp_path / "s").corrections == ["nonuniform_spacing"]
 
