@@ -104,7 +104,8 @@ def test_federation_runs_and_reports(federation, tiny_bundle):
     assert set(final) == set(names)
     for s in final.values():
         for model in P.FINAL_ARMS:
-            assert s[model]["n"] >= 2
+            # a held-out split under the floor does not even send its size (issue 21)
+            assert s[model]["withheld"] == 1 or s[model]["n"] >= 5
     md = (out / "report" / "report.md").read_text(encoding="utf-8")
     assert "Before fine-tuning" in md and "Local-only last-layer fine-tuning" in md and "Federated last-layer" in md
     assert "site threshold" in md
