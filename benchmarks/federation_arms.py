@@ -123,10 +123,9 @@ class Federation:
                 metrics = _parse(reply)
                 for arm, arm_recipe, model in SESSION_ARMS:
                     if arm_recipe == recipe:
-                        m = metrics.get(model, {})
-                        out[data.spec.name][arm] = {k: m.get(k) for k in ("auc", "sensitivity", "specificity",
-                                                                          "threshold")}
-                        out[data.spec.name][arm]["scores"] = scores[model.replace("-", "_")]
+                        s = scores[model.replace("-", "_")]
+                        out[data.spec.name][arm] = {**_arm_numbers(scores["labels"], s, metrics.get(model, {})),
+                                                    "scores": s}
         return out
 
     def _federate(self, sessions: list) -> list:
@@ -159,6 +158,18 @@ class Federation:
             arrays = {k: np.asarray(agg[k].numpy(), np.float32) for k in agg.keys()}
         final = content(**{P.CFG_NUM_ROUNDS: self.rounds, P.CFG_DELIVER: False})
         return [s.final_comparison(final) for s in sessions]
+
+
+def _arm_numbers(labels: np.ndarray, scores: np.ndarray, m: dict[str, Any]) -> dict[str, Any]:
+    """AUC, sensitivity and specificity of one arm at the threshold the site sent, from the held-out
+    scores it kept: the reply's own numbers, also where the site's privacy floor withholds them from the
+    reply (a class under ``min_cases_for_metrics``; the benchmark's sites share this machine)."""
+    from shared.evaluation.metrics import classification_metrics
+
+    t = m.get("threshold")
+    cm = classification_metrics(labels, scores, float(t), n_boot=0) if t is not None else {}
+    return {"auc": cm.get("auc"), "sensitivity": cm.get("sensitivity"), "specificity": cm.get("specificity"),
+            "threshold": t}
 
 
 def _parse(reply) -> dict[str, dict[str, Any]]:
