@@ -113,13 +113,13 @@ class FeatureStore:
         predictor = _LazyPredictor(bundle, self.config.device)
         rows: dict[str, CachedCase] = {}
         unusable = len([p for p in site.problems if p.case_id is not None])
-        from tqdm import tqdm
+        from shared.plumbing.progress import bar
 
         adapt = settings(self.config)
         # Unlabelled cases are preprocessed only for the site's BatchNorm statistics.
         cases = site.cases if adapt.local_norm_stats and adapt.unlabelled_for_norm_stats else site.labelled
         keys: dict[str, str] = {}
-        for case in tqdm(cases, desc=f"{self.config.name}: preprocessing", unit="case", disable=None):
+        for case in bar(cases, desc=f"{self.config.name}: preprocessing", unit="case"):
             try:
                 keys[case.case_id], rows[case.case_id] = self._case(case, bundle, predictor,
                                                                     with_crop=adapt.local_norm_stats)

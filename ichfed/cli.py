@@ -9,12 +9,13 @@ happen inside those callables so that ``ichfed --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 from pathlib import Path
 
-from shared.plumbing import logs
+from shared.plumbing import logs, progress
 from shared.plumbing.errors import IchfedError
 from shared.plumbing.logs import flush_tallies
 
@@ -22,6 +23,9 @@ from . import __version__
 
 # Order here is the order in `ichfed --help`.
 COMMANDS = ["ingest", "cohort", "bootstrap", "predict", "bundle", "site", "federate", "simulate", "stats", "pki", "reader"]
+# Commands that can work for minutes: off a terminal they print a progress line at least every 30 s
+# (shared.plumbing.progress.heartbeat). The reader serves until stopped: no heartbeat there.
+LONG_COMMANDS = {"ingest", "cohort", "bootstrap", "predict", "site", "simulate", "stats"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,11 +77,10 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        log_file = _setup_logging(args)
-        code = int(args.func(args) or 0)
+        _setup_logging(args)
+        with progress.heartbeat(args.command) if args.command in LONG_COMMANDS else contextlib.nullcontext():
+            code = int(args.func(args) or 0)
         flush_tallies()  # repeated case-level conditions, once each
-        if log_file is not None and not sys.stderr.isatty():
-            print(f"log: {log_file}", file=sys.stderr)  # on a terminal it was named at the start
         sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's shutdown
         return code
     except IchfedError as e:
@@ -100,8 +103,13 @@ def _log_dir(args) -> Path | None:
 
 
 def _setup_logging(args) -> Path | None:
-    """Console: progress, results, warnings; everything else in the run folder's log file (returned)."""
-    return logs.setup(_log_dir(args), verbose=args.verbose, debug=args.debug, quiet=args.quiet)
+    """Console: progress, results, warnings; everything else in the run folder's log file (returned),
+    named at the start (``logs.setup`` names it on a terminal; here off one, for a job's log)."""
+    progress.set_quiet(args.quiet)
+    log_file = logs.setup(_log_dir(args), verbose=args.verbose, debug=args.debug, quiet=args.quiet)
+    if log_file is not None and not args.quiet and not sys.stderr.isatty():
+        print(f"log: {log_file}", file=sys.stderr, flush=True)
+    return log_file
 
 
 if __name__ == "__main__":

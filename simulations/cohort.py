@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from tqdm import tqdm
 
 from shared.plumbing.atomic import write_bytes, write_json, write_text
 from shared.plumbing.config import to_dict
 from shared.plumbing.errors import IchfedError
+from shared.plumbing.progress import bar
 
 from .lesions import ICH, PHE, CasePlan, insert_lesions, sample_plan
 from .phantom import make_phantom
@@ -206,7 +206,7 @@ def write_cohort(profile: str | Profile, n_cases: int, seed: int, out: Path, sca
     _check_out(out)
     t0 = time.perf_counter()
     records: list[CaseRecord] = []
-    for k in tqdm(range(n_cases), desc=f"cohort {prof.name}", unit="case", disable=None):
+    for k in bar(range(n_cases), desc=f"cohort {prof.name}", unit="case"):
         case = make_case(prof, k, seed, scale=scale, background=background)
         img, msk = case.images()
         write_nifti(img, out / "images" / f"{case.record.case_id}.nii.gz")

@@ -1,4 +1,5 @@
-"""A run you can watch: one JSON line per event in ``events.jsonl`` and a ``tqdm`` bar on stderr.
+"""A run you can watch: one JSON line per event in ``events.jsonl``, and progress on stderr (a
+``tqdm`` bar on a terminal, a line at least every 30 s elsewhere: :func:`bar`, :func:`heartbeat`).
 
 The server writes ``<state_dir>/events.jsonl`` (bundle distribution, each round's start and end
 with its metrics, the final evaluation); each site writes ``<site state_dir>/events.jsonl`` for
@@ -154,3 +155,193 @@ class _SiteMod:
         finally:
             _in_site_mod.active = False
         return reply
+
+
+# -- progress on a console that is not a terminal --------------------------------------------------
+#
+# A tqdm bar hides itself when stderr is not a terminal (a log file, journald, CI). Long work there
+# must still say it is alive: ``bar`` is tqdm on a terminal and otherwise prints one line at least
+# every ``INTERVAL_S`` seconds, and ``heartbeat`` does the same for work without a count (naming the
+# innermost bar, or the last log message). One ticker thread serves every open bar and heartbeat of
+# the process, and prints for the innermost one only.
+
+INTERVAL_S = float(os.environ.get("ICHFED_PROGRESS_INTERVAL", "30"))
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """No progress lines at all (``ichfed -q``); tqdm bars on a terminal are unaffected."""
+    global _quiet
+    _quiet = bool(quiet)
+
+
+def _on_terminal() -> bool:
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def bar(iterable=None, *, desc: str, total: int | None = None, unit: str = "it", **tqdm_kwargs: Any):
+    """A progress bar over ``iterable`` (or updated by hand): ``tqdm`` on a terminal, elsewhere a line
+    on stderr at least every ``INTERVAL_S`` seconds ("desc: 12/40 case, 1m30s") and one at the end
+    when the work took longer than that. Use it where a ``tqdm(..., disable=None)`` would go."""
+    if _on_terminal():
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, unit=unit, **tqdm_kwargs)
+    return _LineBar(iterable, desc=desc, total=total, unit=unit)
+
+
+@contextlib.contextmanager
+def heartbeat(label: str) -> Iterator[None]:
+    """Around long work without a count (a command): off a terminal, a line at least every
+    ``INTERVAL_S`` seconds naming the innermost open bar or the last log message."""
+    if _on_terminal() or _quiet:
+        yield
+        return
+    activity = _Activity(label, None, None, "")
+    handler = _LastMessage(activity)
+    logging.getLogger().addHandler(handler)
+    _TICKER.push(activity)
+    try:
+        yield
+    finally:
+        _TICKER.pop(activity)
+        logging.getLogger().removeHandler(handler)
+
+
+class _Activity:
+    """One open bar or heartbeat: what the ticker prints about it."""
+
+    def __init__(self, desc: str, total: int | None, iterable: Any, unit: str) -> None:
+        self.desc, self.unit, self.n = desc, unit, 0
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total = total
+        self.t0 = time.monotonic()
+        self.last_message: str | None = None
+
+    def line(self) -> str:
+        elapsed = _clock(time.monotonic() - self.t0)
+        if self.unit:
+            count = f"{self.n}/{self.total}" if self.total is not None else str(self.n)
+            return f"{self.desc}: {count} {self.unit}, {elapsed}"
+        inner = _TICKER.innermost_bar()
+        now = inner.line() if inner is not None else (f"last: {self.last_message}" if self.last_message else "working")
+        return f"{self.desc} ({elapsed}): {now}"
+
+
+class _LineBar(_Activity):
+    """The off-terminal bar: counts like tqdm, reports through the ticker."""
+
+    def __init__(self, iterable: Any, *, desc: str, total: int | None, unit: str) -> None:
+        super().__init__(desc, total, iterable, unit or "it")
+        self.iterable = iterable
+        self.closed = False
+        if not _quiet:
+            _TICKER.push(self)
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self) -> "_LineBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass  # the line names the count; a terminal bar shows the postfix
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not _quiet and _TICKER.pop(self) and time.monotonic() - self.t0 >= INTERVAL_S:
+            _TICKER.emit(f"{self.desc}: done, {self.n} {self.unit} in {_clock(time.monotonic() - self.t0)}")
+
+
+class _LastMessage(logging.Handler):
+    """Keeps the last INFO-or-above message of the process for the heartbeat's line."""
+
+    def __init__(self, activity: _Activity) -> None:
+        super().__init__(logging.INFO)
+        self.activity = activity
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.activity.last_message = record.getMessage().splitlines()[0][:120]
+        except Exception:  # a message that cannot be formatted is simply not shown
+            pass
+
+
+class _Ticker:
+    """The one thread that prints progress lines for the innermost open activity."""
+
+    def __init__(self) -> None:
+        self.stack: list[_Activity] = []
+        self.lock = threading.Lock()
+        self.last_line = time.monotonic()
+        self.thread: threading.Thread | None = None
+
+    def push(self, activity: _Activity) -> None:
+        with self.lock:
+            if not self.stack:
+                self.last_line = time.monotonic()
+            self.stack.append(activity)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="ichfed-progress", daemon=True)
+                self.thread.start()
+
+    def pop(self, activity: _Activity) -> bool:
+        with self.lock:
+            if activity in self.stack:
+                self.stack.remove(activity)
+                return True
+            return False
+
+    def innermost_bar(self) -> _Activity | None:
+        with self.lock:
+            return next((a for a in reversed(self.stack) if a.unit), None)
+
+    def emit(self, line: str) -> None:
+        import sys
+
+        self.last_line = time.monotonic()
+        try:
+            sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # a closed console must not kill the work
+            pass
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(min(1.0, INTERVAL_S / 4))
+            with self.lock:
+                if not self.stack:
+                    self.thread = None
+                    return
+                # A heartbeat at the bottom names the innermost bar itself ("bootstrap (3m): segment 5/12")
+                top = self.stack[0] if not self.stack[0].unit else self.stack[-1]
+                due = time.monotonic() - self.last_line >= INTERVAL_S
+            if due:
+                self.emit(top.line())
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+_TICKER = _Ticker()
