@@ -14,15 +14,18 @@ from shared.plumbing.errors import IchfedError
 log = logging.getLogger(__name__)
 
 
-def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
-    """Dry run of a site: config, every case, device and cached bundles; nothing leaves the machine.
+def check_site(config_path: Path, open_images: bool = True, cross_fit_folds: int | None = None) -> dict[str, Any]:
+    """Dry run of a site: config, every case, the split a run will use, device and cached bundles;
+    nothing leaves the machine.
 
     A bad config raises ``IchfedError``; everything else is reported in the returned dict,
-    with ``ready`` False and ``not_ready`` reasons when the site cannot take part.
+    with ``ready`` False and ``not_ready`` reasons (each with its fix) when the site cannot take
+    part. ``cross_fit_folds`` is the run's ``cross-fit-folds`` (default: the run config's default).
     """
     from shared.imaging.sitedata import read_site
 
     from .site_config import load_site_config
+    from .split_plan import DEFAULT_CROSS_FIT_FOLDS, plan_split
 
     cfg = load_site_config(config_path)
     not_ready: list[str] = []
@@ -34,37 +37,25 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
         not_ready.append("no usable cases")
     elif not n_pos or not n_neg:
         not_ready.append("usable cases of only one class (fine-tuning needs both)")
-
+    folds = DEFAULT_CROSS_FIT_FOLDS if cross_fit_folds is None else cross_fit_folds
+    plan = plan_split({c.case_id: int(c.label) for c in usable if c.label is not None}, cfg.fine_tune_fraction,
+                      cfg.min_cases, cfg.seed, folds)
+    if n_pos and n_neg and plan.problems:  # one class only is said above, and no fraction fixes it
+        not_ready.append("; ".join(plan.problems) + f"; fix: {plan.fix}")
     device = _device_report(cfg.device)
     if device["selected"] is None:
         not_ready.append(device["error"])
-
-    if cfg.public_key is None:
-        not_ready.append("no public_key: the site cannot verify (and so will refuse) any bundle")
-    elif not Path(cfg.public_key).is_file():
-        not_ready.append(f"public_key {cfg.public_key} not found")
     bundles = _bundle_report(cfg)
-    if any(b["status"] != "verified" for b in bundles):
-        not_ready.append("a cached bundle does not verify (delete it; the server sends it again)")
-
+    not_ready += _key_and_bundle_problems(cfg, bundles)
     return {
         "site": cfg.name,
         "config": str(Path(config_path).resolve()),
         "data_dir": str(cfg.data_dir),
         "state_dir": str(cfg.state_dir),
-        "cases": {
-            "listed": len(site.cases) + len({p.case_id for p in site.problems if p.case_id is not None}),
-            "usable": len(usable),
-            "unusable": len({u["case_id"] for u in unusable if u["case_id"] is not None}),
-            "neoplastic": n_pos,
-            "non_neoplastic": n_neg,
-            # used only for the site's BatchNorm statistics, never for training or metrics
-            "unlabelled": len(usable) - n_pos - n_neg,
-            "with_mask": sum(1 for c in usable if c.mask_path is not None),
-            "images_opened": open_images,
-        },
+        "cases": _case_counts(site, usable, unusable, n_pos, n_neg, open_images),
         "unusable": unusable,
         "skipped": skipped,
+        "split": plan.to_dict(),
         "device": device,
         "public_key": str(cfg.public_key) if cfg.public_key else None,
         "bundles": bundles,
@@ -73,9 +64,35 @@ def check_site(config_path: Path, open_images: bool = True) -> dict[str, Any]:
     }
 
 
+def _case_counts(site, usable: list, unusable: list[dict[str, Any]], n_pos: int, n_neg: int,
+                 open_images: bool) -> dict[str, Any]:
+    return {
+        "listed": len(site.cases) + len({p.case_id for p in site.problems if p.case_id is not None}),
+        "usable": len(usable),
+        "unusable": len({u["case_id"] for u in unusable if u["case_id"] is not None}),
+        "neoplastic": n_pos,
+        "non_neoplastic": n_neg,
+        # used only for the site's BatchNorm statistics, never for training or metrics
+        "unlabelled": len(usable) - n_pos - n_neg,
+        "with_mask": sum(1 for c in usable if c.mask_path is not None),
+        "images_opened": open_images,
+    }
+
+
+def _key_and_bundle_problems(cfg, bundles: list[dict[str, Any]]) -> list[str]:
+    out = []
+    if cfg.public_key is None:
+        out.append("no public_key: the site cannot verify (and so will refuse) any bundle")
+    elif not Path(cfg.public_key).is_file():
+        out.append(f"public_key {cfg.public_key} not found")
+    if any(b["status"] != "verified" for b in bundles):
+        out.append("a cached bundle does not verify (delete it; the server sends it again)")
+    return out
+
+
 def _read_cases(name: str, site, open_images: bool) -> tuple[list, list[dict[str, Any]], str | None]:
     """(usable cases, unusable cases with why, what was not checked) of ``site``."""
-    from tqdm import tqdm
+    from shared.plumbing.progress import bar
 
     unusable = [{"case_id": p.case_id, "message": p.message} for p in site.problems]
     if not open_images:
@@ -84,7 +101,7 @@ def _read_cases(name: str, site, open_images: bool) -> tuple[list, list[dict[str
             f"--headers-only: pixel data of {len(site.cases)} image(s) and {n_masks} mask(s) not read, so "
             "truncated payloads, DICOM pixel data, mask values and zip contents are not checked")
     usable = []
-    for case in tqdm(site.cases, desc=f"{name}: reading cases", unit="case", disable=None):
+    for case in bar(site.cases, desc=f"{name}: reading cases", unit="case"):
         why = _open_case(case)
         if why:
             unusable.append({"case_id": case.case_id, "message": why})

@@ -106,7 +106,7 @@ def run(
     n_sites: int | None = None,
     profiles: Sequence[str] | None = None,
     site_dirs: Sequence[str | os.PathLike] | None = None,
-    cases_per_site: int = 12,
+    cases_per_site: int = 30,
     scale: str = "ci",
     seed: int = 0,
     split_seed: int | None = None,
@@ -134,7 +134,6 @@ def run(
     Raises ``IchfedError`` for bad arguments and when the run fails (e.g. too few usable sites).
     """
     from client.app import build_client_app
-    from client.site_config import SiteConfig, write_site_config
     from server.app import build_server_app
     from server.settings import ServerSettings
 
@@ -147,21 +146,11 @@ def run(
     specs = plan_sites(out, n_sites=n_sites, profiles=profiles, site_dirs=site_dirs,
                        cases_per_site=cases_per_site, seed=seed)
     make_cohorts(specs, scale)
-    config_paths = []
-    for i, spec in enumerate(specs):
-        extra = dict((site_overrides or {}).get(spec.name) or (site_overrides or {}).get(str(i)) or {})
-        cfg = SiteConfig(name=spec.name, data_dir=spec.data_dir, state_dir=out / "sites" / f"site-{i + 1}" / "state",
-                         public_key=Path(public_key).resolve(), device=device, fine_tune_fraction=fine_tune_fraction,
-                         local_epochs=local_epochs, learning_rate=learning_rate,
-                         min_cases_for_metrics=min_cases_for_metrics,
-                         seed=(seed if split_seed is None else split_seed) + i)
-        if extra:
-            from shared.plumbing.config import from_dict, to_dict
-
-            merged = {**to_dict(cfg), **{k: str(v) if isinstance(v, Path) else v for k, v in extra.items()}}
-            cfg = from_dict(SiteConfig, {k: v for k, v in merged.items() if v is not None},
-                            source=f"site_overrides[{spec.name}]")
-        config_paths.append(write_site_config(cfg, out / "site_configs" / f"{spec.name}.toml"))
+    config_paths = write_site_configs(
+        out, specs, public_key, device=device, fine_tune_fraction=fine_tune_fraction, local_epochs=local_epochs,
+        learning_rate=learning_rate, min_cases_for_metrics=min_cases_for_metrics,
+        first_seed=seed if split_seed is None else split_seed, site_overrides=site_overrides)
+    check_splits(config_paths, min_sites or len(specs))
 
     settings = ServerSettings(
         bundle_path=Path(bundle).resolve(), public_key=Path(public_key).resolve(), state_dir=out / "server",
@@ -242,6 +231,60 @@ def case_level_bootstrap(state_dirs: Sequence[Path], names: Sequence[str], n_boo
             "n_boot": n_boot, "n_sites": len(sites),
             "auc": {a: boot.mean(a).to_dict() for a in BOOTSTRAP_ARMS},
             "differences": {f"{a} − {b}": boot.difference(a, b).to_dict() for a, b in pairs}}
+
+
+def write_site_configs(out: Path, specs: Sequence[SiteSpec], public_key: str | os.PathLike, *,
+                       first_seed: int = 0, site_overrides: dict[str, dict[str, Any]] | None = None,
+                       **fields: Any) -> list[Path]:
+    """``out/site_configs/<site>.toml`` of each simulated site (seed ``first_seed + i``, ``fields``
+    such as ``fine_tune_fraction`` for all, ``site_overrides[name or index]`` for one)."""
+    from client.site_config import SiteConfig, write_site_config
+    from shared.plumbing.config import from_dict, to_dict
+
+    paths = []
+    for i, spec in enumerate(specs):
+        extra = dict((site_overrides or {}).get(spec.name) or (site_overrides or {}).get(str(i)) or {})
+        cfg = SiteConfig(name=spec.name, data_dir=spec.data_dir, state_dir=Path(out) / "sites" / f"site-{i + 1}" / "state",
+                         public_key=Path(public_key).resolve(), seed=first_seed + i, **fields)
+        if extra:
+            merged = {**to_dict(cfg), **{k: str(v) if isinstance(v, Path) else v for k, v in extra.items()}}
+            cfg = from_dict(SiteConfig, {k: v for k, v in merged.items() if v is not None},
+                            source=f"site_overrides[{spec.name}]")
+        paths.append(write_site_config(cfg, Path(out) / "site_configs" / f"{spec.name}.toml"))
+    return paths
+
+
+def check_splits(config_paths: Sequence[Path], min_sites: int) -> None:
+    """Before any case is preprocessed: a site whose fine-tune split is below its minimum would
+    refuse every round. Fewer than ``min_sites`` sites left to train is an error naming the flag
+    that fixes it (the run could not succeed); otherwise the small sites are a warning.
+
+    The same split as ``ichfed site check`` (``client.split_plan``) on each site's labelled cases.
+    """
+    from client.site_config import load_site_config
+    from client.split_plan import more_cases_needed, plan_split, smallest_fraction
+    from shared.imaging.sitedata import read_site
+
+    short = []
+    for path in config_paths:
+        cfg = load_site_config(path)
+        labels = {c.case_id: int(c.label) for c in read_site(cfg.data_dir, allow_unlabelled=True).labelled}
+        plan = plan_split(labels, cfg.fine_tune_fraction, cfg.min_cases, cfg.seed)
+        if plan.ready:
+            continue
+        fraction = smallest_fraction(labels, cfg.min_cases, above=cfg.fine_tune_fraction)
+        more = more_cases_needed(labels, cfg.fine_tune_fraction, cfg.min_cases)
+        fixes = ([f"--fine-tune-fraction {fraction:.2f}"] if fraction is not None else []) + (
+            [f"--cases-per-site {len(labels) + more} (or {more} more labelled cases per site folder)"]
+            if more is not None else [])
+        short.append(f"{cfg.name}: {plan.n_fine_tune} fine-tune of {len(labels)} labelled cases at "
+                     f"fine_tune_fraction {cfg.fine_tune_fraction:g}, below the minimum of {cfg.min_cases}"
+                     + (f"; use {' or '.join(fixes)}" if fixes else ""))
+    if len(config_paths) - len(short) < min_sites:
+        raise IchfedError(f"{len(short)} of {len(config_paths)} site(s) too small to train (each would refuse every "
+                          f"round; {min_sites} must train): " + "; ".join(short))
+    for line in short:
+        log.warning("site too small to train, left out of every round: %s", line)
 
 
 def backend_config(n_nodes: int, cpus_per_site: float, device: str,

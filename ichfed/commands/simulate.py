@@ -16,12 +16,17 @@ def register(sub) -> None:
         help="run federated fine-tuning on simulated (or given) sites in Flower's simulation engine",
         description="Makes synthetic site cohorts (or uses --site-dirs), runs the same ServerApp and ClientApp "
         "as a real deployment in Flower's simulation engine (Ray), and writes the run report comparing the "
-        "reference model, local-only and federated last-layer fine-tuning on the same held-out splits.",
+        "reference model, local-only and federated last-layer fine-tuning on the same held-out splits. "
+        "A site whose split is too small to train is named before any case is preprocessed. Duration: "
+        "the defaults (3 sites of 30 ci-scale cases, 3 rounds) take a few minutes on 2 CPU cores, most of it "
+        "segmenting each case once (cached for the next run); demo and paper scale take far longer.",
     )
     p.add_argument("--sites", type=int, help="number of simulated sites (default: one per --site-dirs folder)")
     p.add_argument("--profiles", help="comma-separated site profiles, cycled over the sites")
     p.add_argument("--site-dirs", help="comma-separated existing site folders instead of simulated cohorts")
-    p.add_argument("--cases-per-site", type=int, default=12, help="cases per simulated site (default 12)")
+    p.add_argument("--cases-per-site", type=int, default=30,
+                   help="cases per simulated site (default 30: at the default --fine-tune-fraction 0.2 each site "
+                   "gets the 5 fine-tune cases a head update needs)")
     p.add_argument("--scale", default="ci", choices=["ci", "demo", "paper"], help="simulated image scale (default ci)")
     p.add_argument("--rounds", type=int, required=True, help="federated rounds")
     p.add_argument("--bundle", required=True, help="signed reference bundle folder")
@@ -31,7 +36,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (sites, server state, report)")
     p.add_argument("--local-epochs", type=int, default=20, help="head epochs per round at each site (default 20)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate of the head (default 1e-3)")
-    p.add_argument("--fine-tune-fraction", type=float, default=0.2, help="share of each site's cases for fine-tuning")
+    p.add_argument("--fine-tune-fraction", type=float, default=0.2,
+                   help="share of each site's labelled cases (per class) for fine-tuning (default 0.2)")
     p.add_argument("--min-cases", type=int, default=5,
                    help="fewest cases for a site to report metrics or send a head update (at least 5)")
     p.add_argument("--min-sites", type=int, help="fewest usable sites per round (default: all)")
