@@ -82,12 +82,15 @@ def test_federate_cli_status_and_report(tmp_path, capsys):
 
     state = tmp_path / "server"
     assert main(["federate", "status", str(state)]) == 2
-    assert "no checkpoint yet" in capsys.readouterr().err
-    CheckpointStore(state).save(1, _head(0.5), {"bundle_hash": "c" * 64, "num_rounds": 3, "sites": ["a"]},
-                                [{"round": 1, "evaluate": {"pooled": {"n": 9, "auc": 0.75}}}])
-    assert main(["federate", "status", str(state)]) == 0
+    assert "not a folder" in capsys.readouterr().err
+    # Status reads the run's events (tests/cli/test_run_status.py has the outcomes and layouts).
+    from shared.plumbing.progress import EventLog
+
+    EventLog(state / "events.jsonl").write("run_started", total_rounds=3, first_round=1)
+    EventLog(state / "events.jsonl").write("round_finished", round=1)
+    assert main(["federate", "status", str(state), "--json"]) == 3  # still running
     status = json.loads(capsys.readouterr().out)
-    assert status["round"] == 1 and status["of"] == 3 and status["pooled"]["auc"] == 0.75
+    assert status["rounds_finished"] == 1 and status["total_rounds"] == 3 and status["outcome"] == "running"
 
     assert main(["federate", "report", str(state)]) == 2  # no report.json yet: one line, exit 2
     assert capsys.readouterr().err.startswith("error: ")
