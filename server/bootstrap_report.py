@@ -11,6 +11,7 @@ def render_report(report: dict[str, Any]) -> str:
     from shared.evaluation.metrics import paper_table
 
     cls = report["test"]["classification"]
+    n_test = int(cls.get("n") or 0)
     lines = [
         f"# ichfed bootstrap report ({report['profile']})",
         "",
@@ -19,7 +20,7 @@ def render_report(report: dict[str, Any]) -> str:
         "",
         "## Classification (end-to-end, predicted masks, held-out test split)",
         "",
-        paper_table([{"name": "Test set", **cls}]),
+        _table(paper_table([{"name": "Test set", **cls}]), n_test),
         "",
         f"Cases with no segmented lesion (not classified): {report['test']['n_no_lesion']}",
         "",
@@ -43,6 +44,25 @@ def render_report(report: dict[str, Any]) -> str:
     lines += render_calibration(report.get("calibration"))
     lines += ["", "## Timings (s)", "", *(f"- {k}: {v}" for k, v in report["timings"].items()), ""]
     return "\n".join(lines)
+
+
+def _table(table: str, n: int) -> str:
+    """The paper table, its figures replaced by "too few cases (n = k)" below ``MIN_REPORT_CASES``:
+    an AUC of 1.00 (1.00–1.00) on two cases says nothing, and reads as if it did."""
+    from .bootstrap_calibration import MIN_REPORT_CASES
+
+    if n >= MIN_REPORT_CASES:
+        return table
+    head = table.splitlines()[:2]
+    n_figures = head[0].count("|") - 3  # Cohort and n come first
+    row = f"| Test set | {n} | " + " | ".join([too_few(n)] * n_figures) + " |"
+    return "\n".join([*head, row, "", f"Figures on fewer than {MIN_REPORT_CASES} test cases are not shown: their "
+                      "confidence intervals span most of the possible range. Use a larger --profile or --site."]) + "\n"
+
+
+def too_few(n: int) -> str:
+    """How a figure computed on too few cases is shown."""
+    return f"too few cases (n = {n})"
 
 
 def _f(v: Any) -> str:

@@ -165,11 +165,13 @@ def _reasons(report: dict[str, Any]) -> list[str]:
 def to_html(report: dict[str, Any], with_figures: bool = True) -> str:
     """The same report as a self-contained HTML page (PNGs linked beside it)."""
     def table(md: str) -> str:
-        rows = [line.strip().strip("|").split("|") for line in md.strip().splitlines()]
+        lines = md.strip().splitlines()
+        rows = [line.strip().strip("|").split("|") for line in lines if line.startswith("|")]
+        notes = "".join(f"<p>{html.escape(line[2:])}</p>" for line in lines if line.startswith("- "))
         head, body = rows[0], rows[2:]
         th = "".join(f"<th>{html.escape(c.strip())}</th>" for c in head)
         trs = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip().strip('*'))}</td>" for c in r) + "</tr>" for r in body)
-        return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+        return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>{notes}"
 
     run = report.get("run", {})
     hist = with_figures and arms.has_histograms(report)
@@ -296,7 +298,11 @@ def plot_rounds(report: dict[str, Any], path: str | os.PathLike) -> bool:
     ]
     for ax, (title, lines, ylim) in zip(axes[0], panels):
         for label, key in lines:
-            ax.plot(xs, series(key), marker="o", label=label)
+            ys = series(key)
+            if all(y != y for y in ys):  # NaN everywhere: a legend entry without points says why instead
+                ax.plot([], [], " ", label=f"{label}: none ({_why_missing(rounds[-1], key)})")
+            else:
+                ax.plot(xs, ys, marker="o", label=label)
         ax.set(title=title, xlabel="round")
         if ylim:
             ax.set_ylim(*ylim)
@@ -304,3 +310,13 @@ def plot_rounds(report: dict[str, Any], path: str | os.PathLike) -> bool:
         ax.legend(fontsize=7)
     arms._save(fig, path)
     return True
+
+
+def _why_missing(record: dict[str, Any], key: str) -> str:
+    """Why a per-round figure has no value, for its legend entry (the pooled evaluation's reason)."""
+    reasons = ((record.get("evaluate") or {}).get("pooled") or {}).get("reasons") or {}
+    why = reasons.get({"global_pooled_auc": "pooled_auc", "global_mean_site_auc": "mean_site_auc"}.get(key, ""))
+    if why:
+        return why
+    return ("sites withheld their metrics: too few held-out cases" if "auc" in key
+            else "no site sent an accepted update")

@@ -63,13 +63,18 @@ def _pooled(report: dict[str, Any]) -> dict[str, Any]:
 
 def arms_table_markdown(report: dict[str, Any]) -> str:
     """One row per arm: pooled AUC, meta-analytic AUC with CIs, mean of site AUCs, sens/spec;
-    ⚠ on an arm whose sensitivity or specificity is 0 at its threshold (pooled or at any site)."""
+    ⚠ on an arm whose sensitivity or specificity is 0 at its threshold (pooled or at any site).
+
+    "sites" and "n" count the sites and cases the pooled AUC used (those that sent score
+    histograms); where sensitivity and specificity pool more sites, a note under the table says so.
+    """
     lines = [
-        "| Arm | sites | n | Pooled AUC | AUC fixed effect (95 % CI) | AUC random effects (95 % CI) | I² "
+        "| Arm | sites (AUC) | n (AUC) | Pooled AUC | AUC fixed effect (95 % CI) | AUC random effects (95 % CI) | I² "
         "| Mean of site AUCs | Sensitivity | Specificity | ITT sensitivity | ITT specificity |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     pooled = _pooled(report)
+    notes = []
     for model, title in ARMS:
         m = pooled.get(model)
         if m is None:
@@ -78,11 +83,24 @@ def arms_table_markdown(report: dict[str, Any]) -> str:
         meta = m.get("auc_meta")
         itt = m.get("itt") or {}
         mark = " ⚠" if m.get("zero_operating_point") else ""
-        cells = [m.get("n_sites"), m.get("n"), _f(m.get("pooled_auc")), _ci(meta, "fixed"), _ci(meta, "random"),
+        auc_sites, auc_n = _auc_counts(m)
+        if auc_sites != m.get("n_sites"):
+            notes.append(f"- {title}: the AUC columns use {auc_sites} site(s) ({auc_n} cases; the others sent no "
+                         f"score histograms, too few cases); sensitivity and specificity pool {m.get('n_sites')} "
+                         f"site(s) ({m.get('n')} cases).")
+        cells = [auc_sites, auc_n, _f(m.get("pooled_auc")), _ci(meta, "fixed"), _ci(meta, "random"),
                  _f((meta or {}).get("i2"), 2), _f(m.get("mean_site_auc", m.get("auc"))), _f(m.get("sensitivity")),
                  _f(m.get("specificity")), _f(itt.get("sensitivity")), _f(itt.get("specificity"))]
         lines.append(f"| {title}{mark} | " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _auc_counts(m: dict[str, Any]) -> tuple[Any, Any]:
+    """Sites and cases behind an arm's pooled AUC (a report from before ``hist_sites``: all its sites)."""
+    if "hist_sites" not in m:
+        return m.get("n_sites"), m.get("n")
+    n = (m.get("pooled_n_pos") or 0) + (m.get("pooled_n_neg") or 0)
+    return m["hist_sites"], n if m["hist_sites"] else 0
 
 
 def _mean_ci(res: dict[str, Any] | None) -> str:

@@ -82,7 +82,30 @@ def pool(sites: list[dict[str, Any]]) -> dict[str, Any]:
             dest = pooled["scanner"].setdefault(field, {})
             for label, n in cats.items():
                 dest[label] = dest.get(label, 0) + n
+    pooled["withheld_at"] = _withheld_at(sites)
     return pooled
+
+
+def _withheld_at(sites: list[dict[str, Any]]) -> dict[str, int]:
+    """For each count and histogram of the pooled column, how many sites did not send it (they
+    suppressed it, or the class it belongs to): the pooled sum lacks their cases.
+
+    A site with no case of a class sends that class's ``n`` as 0 and nothing else: it is
+    complete (its other counts are 0), not withheld.
+    """
+    out: dict[str, int] = {}
+    for metric in S.SITE_COUNTS:
+        out[metric] = sum(1 for s in sites if metric not in s["counts"])
+    for cls in S.CLASSES:
+        for metric in (*S.CLASS_COUNTS, *(name for name, _ in QUANTITIES)):
+            missing = 0
+            for s in sites:
+                block = s["classes"][cls]
+                if block["counts"].get(S.N) == 0:
+                    continue
+                missing += metric not in block["counts"] and metric not in block["hist"]
+            out[f"{cls}.{metric}"] = missing
+    return {k: v for k, v in out.items() if v}
 
 
 def quantile(counts: list[int], edges: tuple[float, ...], q: float) -> dict[str, Any] | None:
@@ -129,7 +152,8 @@ def build_table1(sites: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, 
         col["summary"] = summarise(col)
         n = col["counts"].get(S.N)
         n_neo = col["classes"]["neoplastic"]["counts"].get(S.N)
-        col["prevalence"] = (n_neo / n) if n and n_neo is not None else None
+        partial = col is pooled and {S.N, f"neoplastic.{S.N}"} & set(pooled.get("withheld_at", {}))
+        col["prevalence"] = (n_neo / n) if n and n_neo is not None and not partial else None
     return {"run": run, "sites": sites, "pooled": pooled,
             "bins": {name: list(S.HISTOGRAMS[name]) for name, _ in QUANTITIES}}
 
@@ -148,28 +172,52 @@ def _cell(summary: dict[str, Any] | None, unit: str) -> str:
     return f"{_q(summary['median'])}{prec} [{_q(summary['q1'])}–{_q(summary['q3'])}] {unit} (n={summary['n']})"
 
 
-def _count(v: int | None) -> str:
-    return "withheld" if v is None else str(v)
+def _count(v: int | None, withheld_at: int = 0, n_sites: int = 0) -> str:
+    """A count; "withheld" for a suppressed one, never 0. A pooled sum lacking ``withheld_at``
+    sites' values is a lower bound and says so."""
+    if v is None or (withheld_at and not v):
+        return "withheld" if not withheld_at or withheld_at >= n_sites else f"withheld at {withheld_at} of {n_sites} sites"
+    return f"≥ {v} (withheld at {withheld_at} of {n_sites} sites)" if withheld_at else str(v)
+
+
+def _counter(table: dict[str, Any]):
+    """``count(column, value, key)``: a site's cell as sent, the pooled cell with what it lacks."""
+    pooled = table["pooled"]
+    n_sites = len(table["sites"])
+
+    def count(col: dict[str, Any], value: int | None, key: str) -> str:
+        if col is pooled:
+            return _count(value, pooled.get("withheld_at", {}).get(key, 0), n_sites)
+        return _count(value)
+
+    return count
 
 
 def rows(table: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """(row label, one cell per column) for every row of the table; columns are the sites then the pool."""
     cols = [*table["sites"], table["pooled"]]
-    out = [("cases", [_count(c["counts"].get(S.N)) for c in cols]),
+    count = _counter(table)
+    withheld = table["pooled"].get("withheld_at", {})
+    out = [("cases", [count(c, c["counts"].get(S.N), S.N) for c in cols]),
            ("neoplastic, n (prevalence)", [
-               f"{_count(c['classes']['neoplastic']['counts'].get(S.N))}"
+               count(c, c["classes"]["neoplastic"]["counts"].get(S.N), f"neoplastic.{S.N}")
                + (f" ({100 * c['prevalence']:.0f}%)" if c.get("prevalence") is not None else "") for c in cols]),
-           ("measured on reference masks", [_count(c["counts"].get(S.N_FROM_MASKS)) for c in cols]),
-           ("unusable cases", [_count(c["counts"].get(S.N_UNUSABLE)) for c in cols])]
+           ("measured on reference masks", [count(c, c["counts"].get(S.N_FROM_MASKS), S.N_FROM_MASKS) for c in cols]),
+           ("unusable cases", [count(c, c["counts"].get(S.N_UNUSABLE), S.N_UNUSABLE) for c in cols])]
     for cls in S.CLASSES:
         out.append((f"**{cls}**", ["" for _ in cols]))
-        out.append((f"{cls}: no lesion segmented", [_count(c["classes"][cls]["counts"].get(S.N_NO_LESION)) for c in cols]))
-        for name, label in zip(S.LESIONS, ("1", "2", "3 or more")):
-            out.append((f"{cls}: ICH lesions = {label}", [_count(c["classes"][cls]["counts"].get(name)) for c in cols]))
+        for name, label in ((S.N_NO_LESION, "no lesion segmented"),
+                            *zip(S.LESIONS, ("ICH lesions = 1", "ICH lesions = 2", "ICH lesions = 3 or more"))):
+            out.append((f"{cls}: {label}", [count(c, c["classes"][cls]["counts"].get(name), f"{cls}.{name}")
+                                            for c in cols]))
         for name, label in QUANTITIES:
             unit = S.HISTOGRAM_UNITS[name]
+            lacking = withheld.get(f"{cls}.{name}", 0)
             out.append((f"{cls}: {label}, median ±precision [IQR]",
-                        [_cell(c["summary"].get(cls, {}).get(name), unit) for c in cols]))
+                        [_cell(c["summary"].get(cls, {}).get(name), unit)
+                         + (f" (withheld at {lacking} of {len(cols) - 1} sites)"
+                            if c is table["pooled"] and lacking and c["summary"].get(cls, {}).get(name) else "")
+                         for c in cols]))
     for field in S.SCANNER_FIELDS:
         labels = sorted({lab for c in cols for lab in c["scanner"].get(field, {})})
         for lab in labels:
@@ -226,10 +274,12 @@ def plot_volumes(table: dict[str, Any], path: str | os.PathLike) -> None:
             ax = axes[i][j]
             cols = [*table["sites"], table["pooled"]]
             width = 0.8 / len(cols)
+            drawn = False
             for k, col in enumerate(cols):
                 h = col["classes"][cls]["hist"].get(name)
                 if not h or not sum(h):
                     continue
+                drawn = True
                 h = h[1:]
                 x = [b + (k - len(cols) / 2) * width + width / 2 for b in range(len(h))]
                 ax.bar(x, [v / sum(h) for v in h], width=width, label=f"{col['site']} (n={sum(h)})",
@@ -238,7 +288,18 @@ def plot_volumes(table: dict[str, Any], path: str | os.PathLike) -> None:
             ax.set(title=f"{dict(QUANTITIES)[name]}, {cls}", xlabel="ml", ylabel="share of cases", ylim=(0, 1))
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
+            if not drawn:
+                ax.text(0.5, 0.5, _why_empty(table, cls), ha="center", va="center", wrap=True, fontsize=9,
+                        transform=ax.transAxes)
     _save(fig, path)
+
+
+def _why_empty(table: dict[str, Any], cls: str) -> str:
+    """Why a panel of the volume figure has no bars."""
+    if all(s["classes"][cls]["counts"].get(S.N) == 0 for s in table["sites"]):
+        return f"no {cls} cases at any site"
+    return (f"withheld at every site:\neach volume bin held fewer {cls} cases\n"
+            "than the site's min_cases_for_metrics")
 
 
 def write_table1(table: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
