@@ -144,6 +144,10 @@ def run_init(args) -> int:
     print(f"public key       {result.public_key}")
     print("next: send the public key to the coordinator, who runs")
     print(f"      flwr supernode register {result.public_key} <connection>")
+    print("check the site before the first run with")
+    print(f"      ichfed site check {result.config_path}")
+    print(f"      ichfed site preflight {result.config_path} --superlink <host>:<port> --root-certificates <ca.crt> "
+          f"--auth-supernode-private-key {result.private_key}")
     print("then start the SuperNode with")
     print(f"      flower-supernode --superlink <host>:<port> --root-certificates <ca.crt> "
           f"--auth-supernode-private-key {result.private_key} "
