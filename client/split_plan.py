@@ -11,6 +11,11 @@ A site needs at least ``min_cases`` fine-tune cases of both classes to send a he
 held-out cases to report metrics (below that they are withheld, the run goes on). When the
 fine-tune part is too small, :func:`plan_split` names the smallest ``fine_tune_fraction`` that
 reaches the minimum and how many more labelled cases would reach it at the current fraction.
+
+Both fixes aim ``SPARE`` case above the minimum: a fine-tune case in which the bundle finds no
+lesion is not trained on, so a site planned at exactly the minimum fails its first round when
+one is missed (issue 22's quick start saw it with the tiny test bundle). A ready site at exactly
+the minimum gets a warning saying so.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .split import assign_folds, stratified_split
 # takes it as an option.
 DEFAULT_CROSS_FIT_FOLDS = 5
 _FRACTION_STEP = 0.05  # a fix is quoted on this grid: easier to type than 0.4166
+SPARE = 1  # fine-tune cases a fix plans above the minimum (see the module doc)
 _MAX_FRACTION = 0.95
 
 
@@ -105,6 +111,9 @@ def _judge(fine: dict[str, int], held: dict[str, int], folds: tuple[int, ...],
                         "refuse to train in every round")
     if n_fine and not all(fine.values()):
         problems.append("the fine-tune part lacks a class (a head update needs both)")
+    if min_cases <= n_fine < min_cases + SPARE:
+        warnings.append(f"{n_fine} fine-tune cases, exactly the minimum: a case in which the bundle finds no lesion "
+                        "is not trained on and would leave the site below it")
     if n_held < min_cases:
         warnings.append(f"{n_held} held-out case(s), fewer than {min_cases}: this site's evaluation metrics "
                         "will be withheld")
@@ -133,13 +142,15 @@ def _fix(labels: Mapping[str, int], fraction: float, min_cases: int) -> str:
     n_pos = sum(1 for y in labels.values() if y == 1)
     n_neg = len(labels) - n_pos
     options = []
-    better = smallest_fraction(labels, min_cases, above=fraction)
+    target = min_cases + SPARE
+    better = smallest_fraction(labels, target, above=fraction)
     if better is not None:
         held = n_pos + n_neg - _fine_count(n_pos, n_neg, better)
         note = "" if held >= min_cases else f"; then only {held} held out, so this site's metrics are withheld"
         options.append(f"raise fine_tune_fraction to {better:.2f} in the site config "
-                       f"({_fine_count(n_pos, n_neg, better)} fine-tune cases{note})")
-    more = more_cases_needed(labels, fraction, min_cases)
+                       f"({_fine_count(n_pos, n_neg, better)} fine-tune cases: the minimum of {min_cases} and a spare"
+                       f"{note})")
+    more = more_cases_needed(labels, fraction, target)
     if more is not None:
         options.append(f"add {more} more labelled case(s) (keeping fine_tune_fraction {fraction:g})")
     return " or ".join(options) if options else "add labelled cases of both classes"

@@ -262,7 +262,12 @@ def check_splits(config_paths: Sequence[Path], min_sites: int) -> None:
     The same split as ``ichfed site check`` (``client.split_plan``) on each site's labelled cases.
     """
     from client.site_config import load_site_config
-    from client.split_plan import more_cases_needed, plan_split, smallest_fraction
+    from client.split_plan import (
+        SPARE,
+        more_cases_needed,
+        plan_split,
+        smallest_fraction,
+    )
     from shared.imaging.sitedata import read_site
 
     short = []
@@ -272,8 +277,8 @@ def check_splits(config_paths: Sequence[Path], min_sites: int) -> None:
         plan = plan_split(labels, cfg.fine_tune_fraction, cfg.min_cases, cfg.seed)
         if plan.ready:
             continue
-        fraction = smallest_fraction(labels, cfg.min_cases, above=cfg.fine_tune_fraction)
-        more = more_cases_needed(labels, cfg.fine_tune_fraction, cfg.min_cases)
+        fraction = smallest_fraction(labels, cfg.min_cases + SPARE, above=cfg.fine_tune_fraction)
+        more = more_cases_needed(labels, cfg.fine_tune_fraction, cfg.min_cases + SPARE)
         fixes = ([f"--fine-tune-fraction {fraction:.2f}"] if fraction is not None else []) + (
             [f"--cases-per-site {len(labels) + more} (or {more} more labelled cases per site folder)"]
             if more is not None else [])

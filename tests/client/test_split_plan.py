@@ -11,6 +11,7 @@ from client.seeds import split_seed
 from client.split import stratified_split
 from client.split_plan import (
     DEFAULT_CROSS_FIT_FOLDS,
+    SPARE,
     more_cases_needed,
     plan_split,
     smallest_fraction,
@@ -39,11 +40,12 @@ def test_twelve_cases_at_the_default_fraction_are_not_ready_and_the_fix_works():
     plan = plan_split(labels, 0.2, 5, seed=0)
     assert not plan.ready and plan.n_fine_tune == 2
     assert "fewer than the minimum of 5" in plan.problems[0]
-    assert "raise fine_tune_fraction to 0.45" in plan.fix and "add 13 more labelled case(s)" in plan.fix
-    # Both fixes really reach the minimum (and one step less does not).
-    assert plan_split(labels, 0.45, 5, seed=0).ready and not plan_split(labels, 0.40, 5, seed=0).ready
-    bigger = _labels(6 + 7, 6 + 6)  # 13 more, in the site's proportions
-    assert plan_split(bigger, 0.2, 5, seed=0).ready
+    assert "raise fine_tune_fraction to 0.45" in plan.fix and "add 14 more labelled case(s)" in plan.fix
+    # Both fixes reach the minimum and a spare (a case without a segmented lesion is not trained on).
+    assert plan_split(labels, 0.45, 5, seed=0).n_fine_tune == 5 + SPARE
+    assert plan_split(labels, 0.40, 5, seed=0).n_fine_tune < 5 + SPARE
+    bigger = _labels(6 + 7, 6 + 7)  # 14 more, in the site's proportions
+    assert plan_split(bigger, 0.2, 5, seed=0).n_fine_tune >= 5 + SPARE
 
 
 @pytest.mark.parametrize("n_pos, n_neg, fraction, min_cases", [
@@ -63,6 +65,12 @@ def test_every_named_fix_reaches_the_minimum(n_pos, n_neg, fraction, min_cases):
         m = more - 1
         add_pos = min(max(round(m * share), 1 if m >= 2 else 0), m)
         assert not plan_split(_labels(n_pos + add_pos, n_neg + m - add_pos), fraction, min_cases, seed=0).ready
+
+
+def test_exactly_the_minimum_is_ready_with_a_warning():
+    plan = plan_split(_labels(4, 6), 0.5, 5, seed=0)  # 2 + 3 fine-tune cases
+    assert plan.n_fine_tune == 5 and plan.ready
+    assert any("exactly the minimum" in w for w in plan.warnings)
 
 
 def test_small_held_out_part_and_empty_folds_are_warnings_not_problems():
