@@ -26,7 +26,8 @@ def register(sub) -> None:
     p.add_argument("--sites", type=int, help="number of simulated sites (default: one per --site-dirs folder)")
     p.add_argument("--profiles", help="comma-separated site profiles, cycled over the sites")
     p.add_argument("--site-dirs", help="comma-separated existing site folders instead of simulated cohorts")
-    p.add_argument("--cases-per-site", type=int, default=12, help="cases per simulated site (default 12)")
+    p.add_argument("--cases-per-site", type=int, default=30,
+                   help="cases per simulated site (default 30, as ichfed simulate: the same cohorts)")
     p.add_argument("--scale", default="ci", choices=["ci", "demo", "paper"], help="simulated image scale (default ci)")
     p.add_argument("--bundle", required=True, help="signed reference bundle (segments cases without masks)")
     p.add_argument("--pubkey", help="coordinator's Ed25519 public key (default: the development key beside --bundle)")
