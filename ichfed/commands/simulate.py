@@ -18,7 +18,7 @@ def register(sub) -> None:
         "as a real deployment in Flower's simulation engine (Ray), and writes the run report comparing the "
         "reference model, local-only and federated last-layer fine-tuning on the same held-out splits. "
         "A site whose split is too small to train is named before any case is preprocessed. Duration: "
-        "the defaults (3 sites of 30 ci-scale cases, 3 rounds) take a few minutes on 2 CPU cores, most of it "
+        "3 sites of 30 ci-scale cases (the defaults) took 5 minutes for 2 rounds on 2 busy CPU cores, most of it "
         "segmenting each case once (cached for the next run); demo and paper scale take far longer.",
     )
     p.add_argument("--sites", type=int, help="number of simulated sites (default: one per --site-dirs folder)")
