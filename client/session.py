@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from shared.federation import protocol as P
-from shared.models.head import Head
+from shared.models.head import Head, HeadSet
 from shared.plumbing.errors import IchfedError
 
 from .calibrate import SiteThreshold, site_threshold
-from .cross_fit import HeadSet, case_folds, cross_fit_scores, train_head_set
+from .cross_fit import case_folds, cross_fit_scores, train_head_set
 from .features import FeatureStore, Part, SiteFeatures
 from .privacy import build_reply
 from .seeds import cross_fit_seed, fold_head_seed, round_seed
@@ -104,7 +104,7 @@ class SiteSession:
         trained, loss = train_head_set(heads, fine, self._folds(fine, heads.n_folds), train)
         log.info("site %s: round %s trained on %d cases (%d fold heads), loss %.4f",
                  self.name, server_round, fine.n, heads.n_folds, loss)
-        return build_reply(self.name, head=trained.to_arrays(),
+        return build_reply(self.name, head=trained,
                            metrics={**feats.counts(fine.n), P.TRAIN_LOSS: loss})
 
     def local_update(self, start: Head, x: np.ndarray, y: np.ndarray, *, seed: int, device: str,
@@ -319,7 +319,7 @@ def _fmt(v) -> str:
 def _head_set(content) -> HeadSet:
     """The heads of a server message; a malformed head record is refused."""
     try:
-        return HeadSet.from_arrays(content[P.HEAD])
-    except (KeyError, ValueError, IchfedError) as e:  # keys, or a head of the wrong shape
+        return HeadSet.from_record(content[P.HEAD])
+    except (KeyError, IchfedError) as e:  # no record, its keys, or a head of the wrong shape
         log.error("head record unusable: %s", e)
         raise Refusal(P.REASON_SITE_ERROR) from None
