@@ -14,9 +14,9 @@ def register(sub) -> None:
     st = psub.add_parser("status", help="last checkpoint (round, sites, pooled metrics) of a server state folder")
     st.add_argument("state_dir", metavar="STATE_DIR")
     st.set_defaults(func=status)
-    rp = psub.add_parser("report", help="(re)write report.md/.html and figures from STATE_DIR/report/report.json")
+    rp = psub.add_parser("report", help="(re)write report.md/.html and figures from the newest run's report.json")
     rp.add_argument("state_dir", metavar="STATE_DIR")
-    rp.add_argument("--out", help="report folder (default STATE_DIR/report)")
+    rp.add_argument("--out", help="report folder (default: the run's folder)")
     rp.set_defaults(func=report)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -36,8 +36,10 @@ def status(args) -> int:
 
 def report(args) -> int:
     from server.report import paper_table_markdown, write_report
+    from server.run_folder import latest_run
 
-    src = Path(args.state_dir) / "report" / "report.json"
+    # The newest run's folder (<state_dir>/runs/<run_id>/, named by latest_run); STATE_DIR/report/ before it.
+    src = (latest_run(args.state_dir) or Path(args.state_dir) / "report") / "report.json"
     if not src.is_file():
         raise IchfedError(f"{src}: not found (the run has not finished, or STATE_DIR is not a server state folder)")
     from shared.plumbing.files import read_json
