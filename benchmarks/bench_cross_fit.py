@@ -44,11 +44,11 @@ def _site(rng, n_fine: int, n_held: int, signal: float, dims: int = 64):
 
 def _run(seed: int, args) -> dict:
     from client.calibrate import site_threshold
-    from client.cross_fit import HeadSet, case_folds, cross_fit_scores, train_head_set
+    from client.cross_fit import case_folds, cross_fit_scores, train_head_set
     from client.features import Part
     from client.finetune import train_head
     from client.seeds import cross_fit_seed, fold_head_seed, round_seed
-    from shared.models.head import Head
+    from shared.models.head import Head, HeadSet
 
     rng = np.random.default_rng(seed)
     sites = [_site(rng, args.fine_tune, args.held_out, args.signal) for _ in range(args.sites)]

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         for s in samplers.values():
             s.stop()
         dep.stop_and_check()
-    report_path = root / "server" / "report" / "report.json"
+    from server.run_folder import latest_run
+
+    report_path = (latest_run(root / "server") or root / "server") / "report.json"
     ok = r.returncode == 0 and report_path.is_file()
     report = json.loads(report_path.read_text(encoding="utf-8")) if ok else {}
     nodes = {n: s for n, s in samplers.items() if n in names}

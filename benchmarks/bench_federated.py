@@ -241,7 +241,7 @@ def bench_bytes(args) -> dict:
     from client.privacy import build_reply
     from shared.bundle.transport import message_size
     from shared.federation import protocol as P
-    from shared.models.head import Head
+    from shared.models.head import Head, HeadSet
 
     rng = np.random.default_rng(args.seed)
     n_ft, n_ho = 12, 48
@@ -254,7 +254,7 @@ def bench_bytes(args) -> dict:
     ho = Part(feats[n_ft:], labels[n_ft:], 1, [0.8] * n_ho, [0.6] * n_ho, True)
     # the replies a site with min_cases_for_metrics = 5 builds
     counts = {P.N_FINE_TUNE: ft.n, P.N_HELD_OUT: ho.n, P.N_UNUSABLE: 2}
-    train = build_reply("hospital-site-01", head=head.to_arrays(),
+    train = build_reply("hospital-site-01", head=HeadSet(head),
                         metrics={P.NUM_EXAMPLES: ft.n, P.TRAIN_LOSS: 0.41, **counts})
     t = site_threshold(ft.labels, head.p_neoplastic(ft.features), 0.5)
     p_ho = head.p_neoplastic(ho.features)

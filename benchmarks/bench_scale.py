@@ -127,7 +127,9 @@ def run_one(n: int, args, pubkey: Path) -> dict:
     stdout, stderr = child.communicate()
     sampler.stop()
     wall = time.perf_counter() - t1
-    events = read_events(out / "server" / "events.jsonl")
+    from server.run_folder import latest_run
+
+    events = read_events((latest_run(out / "server") or out / "server") / "events.jsonl")
     rounds = _round_seconds(events)
     later = rounds[1:]
     return {

@@ -135,7 +135,10 @@ def run_arm(arm: str, parent_dir: Path, public: Path, private: Path, work: Path,
             state.update({k: torch.from_numpy(v) for k, v in head.items()})
             bundle_mod.derive_bundle(parent, out, state, 0.4, version=f"fed{i}", private_key=private)
         else:
-            bundle_mod.derive_bundle(parent, out, head, 0.4, version=f"fed{i}", private_key=private)
+            from shared.models.head import Head
+
+            bundle_mod.derive_bundle(parent, out, Head.from_state_dict(head), 0.4, version=f"fed{i}",
+                                     private_key=private)
         derive_s.append(time.perf_counter() - t0)
         arrays, config = transport.bundle_to_records(out, parent=parent)
         sent.append(records_size(arrays, config))

@@ -130,32 +130,26 @@ class Federation:
 
     def _federate(self, sessions: list) -> list:
         """Rounds of train_round + server check + Flower aggregation, then every site's final comparison."""
-        from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+        from flwr.app import ConfigRecord, RecordDict
         from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-        from client.cross_fit import HeadSet
-        from server.strategy import (
-            DEFAULT_MAX_UPDATE_NORM,
-            check_update,
-            head_from_record,
-        )
-        from shared.models.head import Head
+        from server.strategy import DEFAULT_MAX_UPDATE_NORM
+        from server.updates import check_update
+        from shared.models.head import Head, HeadSet
 
-        ref = Head.from_bundle(self.bundle)
-        arrays = HeadSet(main=ref, folds=(ref,) * self.folds).to_arrays()
+        heads = HeadSet.replicate(Head.from_bundle(self.bundle), self.folds)
 
         def content(**config):
-            return RecordDict({P.HEAD: ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
+            return RecordDict({P.HEAD: heads.to_record(),
                                P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: self.bundle.hash, **config})})
 
         for r in range(1, self.rounds + 1):
             replies = [s.train_round(content(**{P.CFG_ROUND: r})) for s in sessions]
             for s, reply in zip(sessions, replies):
-                why = check_update(head_from_record(reply[P.HEAD]), arrays, DEFAULT_MAX_UPDATE_NORM)
+                why = check_update(reply[P.HEAD], heads, DEFAULT_MAX_UPDATE_NORM).reason
                 if why:
                     raise RuntimeError(f"round {r}: the server would reject {s.name}'s update: {why}")
-            agg = aggregate_arrayrecords(replies, P.NUM_EXAMPLES)
-            arrays = {k: np.asarray(agg[k].numpy(), np.float32) for k in agg.keys()}
+            heads = HeadSet.from_record(aggregate_arrayrecords(replies, P.NUM_EXAMPLES))
         final = content(**{P.CFG_NUM_ROUNDS: self.rounds, P.CFG_DELIVER: False})
         return [s.final_comparison(final) for s in sessions]
 

@@ -1,6 +1,6 @@
 """Cross-fitted federation at a site: K fold heads beside the main head, and out-of-fold scores.
 
-The server's HEAD record holds the main head and K fold heads (``protocol.head_keys``). A site
+The server's HEAD record (``shared.models.head.HeadSet``) holds the main head and K fold heads. A site
 trains the main head on all its fine-tune cases and fold head k on its fine-tune cases outside
 its own fold k (seeded, stratified: ``client.split.assign_folds``). FedAvg averages every key, so
 the aggregated fold head k never saw any site's fold-k cases, and scoring each fine-tune case
@@ -10,49 +10,13 @@ federated arm's threshold and calibration are chosen on them (``client.calibrate
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 
-from shared.federation import protocol as P
-from shared.models.head import Head
+from shared.models.head import Head, HeadSet
 
 from .split import assign_folds
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadSet:
-    """The main head and the cross-fit fold heads of one HEAD record (``folds`` empty: no cross-fit)."""
-
-    main: Head
-    folds: tuple[Head, ...] = ()
-
-    @property
-    def n_folds(self) -> int:
-        return len(self.folds)
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping) -> "HeadSet":
-        """From a HEAD record (or any key -> array mapping) holding exactly ``protocol.head_keys(K)``.
-
-        Raises ``ValueError`` for any other set of keys.
-        """
-        keys = list(arrays.keys())
-        k = P.cross_fit_folds(keys)
-        if k is None:
-            raise ValueError(f"head record keys {sorted(keys)} are not a main head plus 0..{P.MAX_CROSS_FIT_FOLDS} "
-                             "fold heads")
-        return cls(main=Head.from_arrays(arrays), folds=tuple(Head.from_arrays(arrays, P.fold_prefix(i))
-                                                              for i in range(k)))
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Every head under its record key (``protocol.head_keys(K)``)."""
-        out = self.main.to_arrays()
-        for i, fold in enumerate(self.folds):
-            out.update(fold.to_arrays(P.fold_prefix(i)))
-        return out
-
 
 TrainFn = Callable[[Head, np.ndarray, np.ndarray, int], tuple[Head, float]]
 """``train(start, features, labels, fold) -> (head, loss)``; ``fold`` is -1 for the main head."""

@@ -34,6 +34,8 @@ import numpy as np
 
 from shared.federation import protocol as P
 from shared.federation import stats_protocol as S
+from shared.models.head import HeadSet
+from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def build_reply(
     site: str,
     status: str = P.STATUS_OK,
     *,
-    head: Mapping[str, np.ndarray] | None = None,
+    head: HeadSet | None = None,
     metrics: Mapping[str, Any] | None = None,
     reasons: Mapping[str, str] | None = None,
     reason: str | None = None,
@@ -86,7 +88,7 @@ def build_reply(
     in ``reasons`` under the same key. ``scanner`` maps a scanner field to its category counts
     (a stats reply). Raises ``PrivacyViolation`` for anything not allowed.
     """
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
     content = RecordDict()
     info: dict[str, Any] = {P.INFO_SITE: site, P.INFO_STATUS: status}
@@ -99,9 +101,7 @@ def build_reply(
     for key, code in (reasons or {}).items():
         info[f"{key}{P.REASON_SUFFIX}"] = code
     if head is not None:
-        content[P.HEAD] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(np.asarray(v, dtype=np.float32))) for k, v in head.items()}
-        )
+        content[P.HEAD] = head.to_record()
     if metrics is not None:
         clean = {}
         for k, v in metrics.items():
@@ -213,17 +213,18 @@ class AuditMod:
 
 def _check_head(record) -> None:
     keys = set(record.keys())
-    n_folds = P.cross_fit_folds(keys)
-    if n_folds is None:
+    if P.cross_fit_folds(keys) is None:
         raise PrivacyViolation(f"head arrays must be exactly {sorted(P.HEAD_SHAPES)} plus cross-fit fold heads "
                                f"'{P.fold_prefix(0)}...', got {sorted(keys)}")
-    for key in P.head_keys(n_folds):
-        shape = P.HEAD_SHAPES[key.rpartition(".")[2]]
-        arr = record[key].numpy()
-        if arr.dtype != np.float32 or tuple(arr.shape) != shape:
-            raise PrivacyViolation(f"head '{key}' must be float32 {shape}, got {arr.dtype} {tuple(arr.shape)}")
-        if not np.all(np.isfinite(arr)):
-            raise PrivacyViolation(f"head '{key}' holds NaN or Inf")
+    for key in keys:  # float32 only: a wider dtype is room for other bytes
+        if record[key].dtype != "float32":
+            raise PrivacyViolation(f"head '{key}' must be float32, got {record[key].dtype}")
+    try:
+        why = HeadSet.from_record(record).problem()
+    except IchfedError as e:
+        why = str(e)
+    if why:
+        raise PrivacyViolation(why)
 
 
 def _check_metric(key: str, value: Any) -> None:

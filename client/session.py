@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from shared.federation import protocol as P
-from shared.models.head import Head
+from shared.models.head import Head, HeadSet
 from shared.plumbing.errors import IchfedError
 
 from .calibrate import SiteThreshold, site_threshold
-from .cross_fit import HeadSet, case_folds, cross_fit_scores, train_head_set
+from .cross_fit import case_folds, cross_fit_scores, train_head_set
 from .features import FeatureStore, Part, SiteFeatures
 from .privacy import build_reply
 from .seeds import cross_fit_seed, fold_head_seed, round_seed
@@ -65,18 +65,34 @@ class SiteSession:
 
     # -- query.bundle --------------------------------------------------------------------
     def prepare(self, content):
-        """Say whether the site holds the announced bundle (verifying it), receiving it when sent."""
+        """Say whether the site holds the announced bundle (verifying it), receiving it when sent.
+
+        When the run trains, the site first checks that its split gives enough fine-tune cases
+        (planned from the labelled cases, before any preprocessing) and says how many; below its
+        minimum it refuses now, before the coordinator sends a bundle.
+        """
         cfg = content[P.CONFIG]
         wanted = str(cfg[P.CFG_BUNDLE_HASH])
+        counts = self._planned_counts() if cfg.get(P.CFG_TRAINS, False) else None
         if cfg.get(P.CFG_DELIVER, False):
             got = self.bundles.receive(content[P.BUNDLE_ARRAYS], content[P.BUNDLE_CONFIG])
             if got != wanted:
                 log.error("site %s: delivered bundle %s is not the announced %s", self.name, got[:12], wanted[:12])
                 raise Refusal(P.REASON_BUNDLE_VERIFICATION)
         if not self.bundles.has(wanted):
-            return build_reply(self.name, P.STATUS_NEED)
+            return build_reply(self.name, P.STATUS_NEED, metrics=counts)
         self.bundles.get(wanted)  # full verification before the site says it has it
-        return build_reply(self.name, P.STATUS_HAVE, bundle_hash=wanted)
+        return build_reply(self.name, P.STATUS_HAVE, bundle_hash=wanted, metrics=counts)
+
+    def _planned_counts(self) -> dict[str, int]:
+        """``{n-fine-tune: k}`` of the split the run will use; a ``Refusal`` when k is below the minimum."""
+        planned = len(self.store.split(self.store.read_site()).fine_tune)
+        if planned < self.config.min_cases:
+            log.error("site %s: the split gives %d fine-tune cases, fewer than the minimum %d; raise "
+                      "fine_tune_fraction or add labelled cases (`ichfed site check` shows the split)",
+                      self.name, planned, self.config.min_cases)
+            raise Refusal(P.REASON_TOO_FEW)
+        return {P.N_FINE_TUNE: planned}
 
     # -- train -----------------------------------------------------------------------------
     def train_round(self, content):
@@ -104,7 +120,7 @@ class SiteSession:
         trained, loss = train_head_set(heads, fine, self._folds(fine, heads.n_folds), train)
         log.info("site %s: round %s trained on %d cases (%d fold heads), loss %.4f",
                  self.name, server_round, fine.n, heads.n_folds, loss)
-        return build_reply(self.name, head=trained.to_arrays(),
+        return build_reply(self.name, head=trained,
                            metrics={**feats.counts(fine.n), P.TRAIN_LOSS: loss})
 
     def local_update(self, start: Head, x: np.ndarray, y: np.ndarray, *, seed: int, device: str,
@@ -319,7 +335,7 @@ def _fmt(v) -> str:
 def _head_set(content) -> HeadSet:
     """The heads of a server message; a malformed head record is refused."""
     try:
-        return HeadSet.from_arrays(content[P.HEAD])
-    except (KeyError, ValueError, IchfedError) as e:  # keys, or a head of the wrong shape
+        return HeadSet.from_record(content[P.HEAD])
+    except (KeyError, IchfedError) as e:  # no record, its keys, or a head of the wrong shape
         log.error("head record unusable: %s", e)
         raise Refusal(P.REASON_SITE_ERROR) from None

@@ -6,10 +6,15 @@ SuperLink checks it), but everything inside a reply is the site's own claim: the
 the number of cases it says it trained on, the metrics it reports. Each claim is checked here on
 arrival; a reply that fails is dropped by the caller and logged with the node ID.
 
-The checks are table-driven: known metric names are checked by rule (probabilities in [0, 1],
-counts non-negative integers that add up, variances non-negative, AUC differences in [-1, 1]);
-any other key must be a finite number or a list of finite numbers, so a metric added later is
-still range-checked without an edit here.
+A reply holds exactly the protocol's records and keys (``shared/federation/protocol.py``) for
+its message type: a train reply the head, its site counts and INFO; an evaluate reply the global
+head's metrics; a final reply the four arms'. Anything else (``global.foo``, a record named
+otherwise, an INFO key off the vocabulary) refuses the reply: the protocol is the one list, so a
+new metric is added there, and to the site's allow-list, before it is accepted.
+
+The value checks are table-driven: probabilities in [0, 1], counts non-negative integers that add
+up, variances non-negative, AUC differences in [-1, 1]; a protocol metric without a rule here
+must still be a finite number or a list of them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ import math
 from typing import Any, Mapping
 
 from shared.federation import protocol as P
+
+# The models (arms) whose metrics each reply may carry.
+STAGE_MODELS = {P.TRAIN: (), P.EVALUATE: (P.MODEL_GLOBAL,), P.QUERY_FINAL: P.FINAL_ARMS, P.QUERY_BUNDLE: ()}
+# The records each reply may carry (a refusal carries only INFO).
+STAGE_RECORDS = {P.TRAIN: {P.HEAD, P.METRICS, P.INFO}, P.EVALUATE: {P.METRICS, P.INFO},
+                 P.QUERY_FINAL: {P.METRICS, P.INFO}, P.QUERY_BUNDLE: {P.METRICS, P.INFO}}
+_INFO_KEYS = {P.INFO_SITE, P.INFO_STATUS, P.INFO_REASON, P.INFO_BUNDLE_HASH}
+STAGE_INFO = {P.QUERY_FINAL: {P.INFO_ADOPTION}}  # INFO keys only one reply may carry
 
 # No site fine-tunes on a million ICH cases; a claim above this is a lie or a bug, and a float
 # this size can no longer overflow a weighted sum.
@@ -96,26 +109,29 @@ def _check_value(key: str, value: Any, rule: str | None) -> str | None:
     return None
 
 
-def check_reply_metrics(metrics: Mapping[str, Any]) -> str | None:
+def check_reply_metrics(metrics: Mapping[str, Any], models: tuple[str, ...] = P.MODELS) -> str | None:
     """Why an evaluate or final reply's metrics are impossible (None: they pass).
 
-    Every value is range-checked by its rule; then the counts must add up: per model
+    Every key is the protocol's (a site count, or ``<model>.<metric>`` of one of ``models``) and
+    every value is range-checked by its rule; then the counts must add up: per model
     ``n-pos + n-neg == n``, ``tp + fn == n-pos``, ``fp + tn == n-neg``, each score histogram
     holds no more cases than its class, and ``n`` equals the site's held-out count.
     """
-    models: dict[str, dict[str, Any]] = {}
+    by_model: dict[str, dict[str, Any]] = {}
     for key, value in metrics.items():
         parts = P.split_metric_key(key)
-        if parts is not None:
+        if parts is not None and parts[0] in models:
             rule = MODEL_METRIC_RULES.get(parts[1])
-            models.setdefault(parts[0], {})[parts[1]] = value
-        else:
+            by_model.setdefault(parts[0], {})[parts[1]] = value
+        elif key in P.SITE_COUNTS:
             rule = SITE_METRIC_RULES.get(key)
+        else:
+            return f"'{key}' is not a metric of this reply in the protocol"
         why = _check_value(key, value, rule)
         if why:
             return why
     held_out = metrics.get(P.N_HELD_OUT)
-    for model, m in models.items():
+    for model, m in by_model.items():
         why = _counts_add_up(model, m, held_out)
         if why:
             return why
@@ -160,11 +176,59 @@ def check_train_claims(metrics: Mapping[str, Any]) -> tuple[int | None, str | No
     if loss is not None and not _finite(loss):
         return None, f"'{P.TRAIN_LOSS}' is {loss!r}, not a finite number"
     for key, value in metrics.items():
+        if key not in P.SITE_COUNTS:
+            return None, f"'{key}' is not a metric of a train reply in the protocol"
         if key not in (P.NUM_EXAMPLES, P.N_FINE_TUNE, P.TRAIN_LOSS):
             why = _check_value(key, value, SITE_METRIC_RULES.get(key))
             if why:
                 return None, why
     return count, None
+
+
+def check_reply_records(msg, stage: str) -> str | None:
+    """Why a reply's records or INFO keys are not exactly the protocol's for ``stage`` (None: they are).
+
+    ``stage`` is the message type (``protocol.TRAIN``, ``EVALUATE``, ``QUERY_FINAL``, ``QUERY_BUNDLE``).
+    """
+    content = msg.content
+    names = set(content.keys())
+    extra = names - STAGE_RECORDS[stage]
+    if extra:
+        return f"record(s) {sorted(extra)} are not part of a {stage} reply"
+    if P.INFO not in content.config_records:
+        return "reply has no INFO record"
+    for name, kind in ((P.HEAD, content.array_records), (P.METRICS, content.metric_records),
+                       (P.INFO, content.config_records)):
+        if name in names and name not in kind:
+            return f"record '{name}' is of the wrong kind"
+    for key, value in content[P.INFO].items():
+        target = key[: -len(P.REASON_SUFFIX)] if key.endswith(P.REASON_SUFFIX) else None
+        if key not in _INFO_KEYS | STAGE_INFO.get(stage, set()) and not (
+                target is not None and _known_target(target, stage)):
+            return f"info '{key}' is not part of a {stage} reply"
+        if not _info_value_ok(key, value):
+            return f"info '{key}' holds a value outside the protocol's vocabulary"
+    return None
+
+
+def _info_value_ok(key: str, value: Any) -> bool:
+    """INFO values are codes from fixed lists: free text is where a site could put anything."""
+    if not isinstance(value, str):
+        return False
+    if key == P.INFO_SITE:
+        return bool(P.SITE_NAME_RE.match(value))
+    if key == P.INFO_STATUS:
+        return value in P.STATUSES
+    if key == P.INFO_BUNDLE_HASH:
+        return bool(P.HASH_RE.match(value))
+    if key == P.INFO_ADOPTION:
+        return value in P.ADOPTIONS
+    return value in P.REASONS  # INFO_REASON and every "<key>.reason"
+
+
+def _known_target(key: str, stage: str) -> bool:
+    parts = P.split_metric_key(key)
+    return key in P.SITE_COUNTS or (parts is not None and parts[0] in STAGE_MODELS[stage])
 
 
 class SiteLedger:
@@ -228,14 +292,15 @@ def check_identity(ledger: SiteLedger, msg) -> str | None:
     return ledger.claim_name(msg.metadata.src_node_id, name)
 
 
-def admit_metrics_reply(ledger: SiteLedger, msg) -> str | None:
-    """Why an evaluate or final reply cannot be believed (None: admitted): the sender's name,
-    the range and consistency of its metrics, and its fine-tune count against earlier replies."""
-    why = check_identity(ledger, msg)
+def admit_metrics_reply(ledger: SiteLedger, msg, stage: str = P.EVALUATE) -> str | None:
+    """Why an evaluate or final reply cannot be believed (None: admitted): exactly the protocol's
+    records and keys for ``stage``, the sender's name, the range and consistency of its metrics,
+    and its fine-tune count against earlier replies."""
+    why = check_reply_records(msg, stage) or check_identity(ledger, msg)
     if why or P.METRICS not in msg.content.metric_records:
         return why
     metrics = dict(msg.content[P.METRICS])
-    why = check_reply_metrics(metrics)
+    why = check_reply_metrics(metrics, STAGE_MODELS[stage])
     if why is None and P.N_FINE_TUNE in metrics:
         why = ledger.check_count(msg.metadata.src_node_id, metrics[P.N_FINE_TUNE])
     return why

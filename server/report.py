@@ -8,7 +8,11 @@ approach), (d) federated last-layer fine-tuning. AUC is the primary comparison: 
 score histograms, meta-analysed with DeLong variances, and as paired differences with CIs.
 
 Everything here comes from the aggregates the sites sent; a site's metrics withheld for too
-few cases appear as "withheld" with the reason.
+few cases appear as "withheld" with the reason. A failed run's report says so first, with the
+reason, then shows what was done until then. Sites are "name (node id)" everywhere.
+
+This renders the JSON of ``server.records.RunReport`` (``report.json``), because ``ichfed
+federate report`` re-renders a report from disk.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from shared.federation import protocol as P
 from shared.plumbing.atomic import atomic_path, write_json, write_text
 
+from . import records
 from . import report_arms as arms
 
 log = logging.getLogger(__name__)
@@ -82,8 +87,43 @@ def rounds_table_markdown(report: dict[str, Any]) -> str:
 def site_label(row: dict[str, Any]) -> str:
     """A site as "name (node 123)": the name is the site's own claim, the node ID is the one its
     SuperNode key authenticated, so two sites sending one name can still be told apart."""
-    node = row.get("node_id")
-    return row["site"] if node is None else f"{row['site']} (node {node})"
+    return records.site_label(row["site"], row.get("node_id"))
+
+
+def _sites_line(run: dict[str, Any]) -> str:
+    nodes = run.get("site_nodes") or {}
+    return ", ".join(records.site_label(name, nodes.get(name)) for name in run.get("sites", []))
+
+
+def failure_lines(report: dict[str, Any]) -> list[str]:
+    """The top of a failed run's report: that it failed, and why (empty for a finished run)."""
+    run = report.get("run", {})
+    if run.get("status") != "failed":
+        return []
+    done = len(report.get("rounds") or [])
+    return [f"> **This run failed**: {run.get('failure') or 'no reason recorded'}",
+            f"> It completed {done} of {run.get('num_rounds')} round(s); what follows is what was done until then.\n"]
+
+
+def distribution_lines(report: dict[str, Any]) -> list[str]:
+    """Who held, received or refused the bundle (refusals with their reasons)."""
+    d = report.get("distribution") or {}
+    if not d:
+        return []
+    out = [f"- bundle: {len(d.get('had', []))} site(s) had it, {len(d.get('received', []))} received it, "
+           f"{len(d.get('refused', []))} refused"]
+    out += [f"  - refused: {label}: {(d.get('reasons') or {}).get(label, '')}" for label in d.get("refused", [])]
+    return out
+
+
+def flagged_lines(report: dict[str, Any]) -> list[str]:
+    """Zero-change, replayed and duplicate updates (``server.updates``), one line each."""
+    out = []
+    for rnd in report.get("rounds", []):
+        for row in (rnd.get("train") or {}).get("sites", []):
+            for flag in row.get("flags") or []:
+                out.append(f"- round {rnd['round']}: {site_label(row)} ({row.get('status')}): {flag}")
+    return out
 
 
 def _f(v) -> str:
@@ -121,11 +161,14 @@ def markdown(report: dict[str, Any], with_figures: bool = True) -> str:
     run = report.get("run", {})
     parts = [
         "# ichfed federated fine-tuning report\n",
-        f"- bundle: `{run.get('bundle_hash', '')[:16]}` → final bundle: "
+        *failure_lines(report),
+        f"- run: `{run.get('run_id', '')}`; bundle: `{run.get('bundle_hash', '')[:16]}` → final bundle: "
         f"`{(report.get('final_bundle') or {}).get('hash', 'not written')[:16]}`",
-        f"- rounds: {run.get('num_rounds')}; sites: {', '.join(run.get('sites', []))}; "
+        f"- rounds: {run.get('num_rounds')}; sites: {_sites_line(run)}; "
         f"min-sites: {run.get('min_sites')}; seed: {run.get('seed')}",
-        f"- resumed from round: {run.get('resumed_from_round', 0)}\n",
+        f"- resumed from round: {run.get('resumed_from_round', 0)}",
+        *distribution_lines(report),
+        "",
         "## Four arms on the same held-out cases\n",
         arms.PRIMARY_NOTE + "\n",
         arms.arms_table_markdown(report),
@@ -148,6 +191,9 @@ def markdown(report: dict[str, Any], with_figures: bool = True) -> str:
     reasons = _reasons(report)
     if reasons:
         parts += ["\n### Withheld or undefined metrics\n"] + [f"- {r}" for r in reasons] + [""]
+    flagged = flagged_lines(report)
+    if flagged:
+        parts += ["\n### Flagged updates\n"] + flagged + [""]
     parts += ["\n## Rounds: global head on each site's held-out split\n", rounds_table_markdown(report)]
     if report.get("rounds"):  # written whenever there are rounds (write_report, plot_rounds)
         parts += ["\n![Per-round AUC, training loss, update norm and head bytes](rounds.png)\n"]
@@ -158,7 +204,7 @@ def _reasons(report: dict[str, Any]) -> list[str]:
     out = []
     for site in (report.get("final") or {}).get("sites", []):
         for key, code in sorted((site.get("reasons") or {}).items()):
-            out.append(f"{site['site']}: {key}: {code}")
+            out.append(f"{site_label(site)}: {key}: {code}")
     return out
 
 
@@ -187,8 +233,11 @@ def to_html(report: dict[str, Any], with_figures: bool = True) -> str:
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,td:nth-child(2){text-align:left}"
         "img{max-width:100%}</style></head><body>"
         "<h1>ichfed federated fine-tuning report</h1>"
-        f"<p>bundle <code>{html.escape(run.get('bundle_hash', '')[:16])}</code>, rounds {run.get('num_rounds')}, "
-        f"sites {html.escape(', '.join(run.get('sites', [])))}, seed {run.get('seed')}</p>"
+        + "".join(f"<p><strong>{html.escape(line.lstrip('> ').replace('**', ''))}</strong></p>"
+                  for line in failure_lines(report))
+        + f"<p>run <code>{html.escape(str(run.get('run_id', '')))}</code>, "
+        f"bundle <code>{html.escape(run.get('bundle_hash', '')[:16])}</code>, rounds {run.get('num_rounds')}, "
+        f"sites {html.escape(_sites_line(run))}, seed {run.get('seed')}</p>"
         "<h2>Four arms on the same held-out cases</h2>"
         f"<p>{html.escape(arms.PRIMARY_NOTE.replace('**', ''))}</p>"
         + table(arms.arms_table_markdown(report)) + f"<p>{html.escape(arms.verdict(report))}</p>"
@@ -200,6 +249,8 @@ def to_html(report: dict[str, Any], with_figures: bool = True) -> str:
         + "<h2>Per site</h2>" + table(paper_table_markdown(report)) + figs
         + "<h3>Reliability of the federated head</h3>" + table(arms.reliability_table_markdown(report))
         + (f"<h3>Withheld or undefined metrics</h3><ul>{reasons}</ul>" if reasons else "")
+        + ("<h3>Flagged updates</h3><ul>" + "".join(f"<li>{html.escape(x[2:])}</li>" for x in flagged_lines(report))
+           + "</ul>" if flagged_lines(report) else "")
         + "<h2>Rounds</h2>" + table(rounds_table_markdown(report))
         + ('<img src="rounds.png" alt="Per-round AUC, training loss, update norm and head bytes">'
            if report.get("rounds") else "")
@@ -222,7 +273,8 @@ def plot_roc(report: dict[str, Any], path: str | os.PathLike) -> None:
             tpr = m.get(P.ROC_TPR)
             if tpr:
                 auc = m.get("auc")
-                ax.plot(P.ROC_FPR_GRID, tpr, marker=".", label=f"{site['site']} (AUC {auc:.2f})" if auc is not None else site["site"])
+                ax.plot(P.ROC_FPR_GRID, tpr, marker=".",
+                        label=f"{site_label(site)} (AUC {auc:.2f})" if auc is not None else site_label(site))
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set(title=title, xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02))
         if ax.get_legend_handles_labels()[0]:
@@ -242,7 +294,7 @@ def plot_confusion(report: dict[str, Any], path: str | os.PathLike) -> None:
     import numpy as np
 
     final = report["final"]
-    rows = [(s["site"], s) for s in final["sites"]] + [("all sites", {m: {**(final.get("pooled") or {}).get(m, {}),
+    rows = [(site_label(s), s) for s in final["sites"]] + [("all sites", {m: {**(final.get("pooled") or {}).get(m, {}),
                                                                           **((final.get("pooled") or {}).get(m, {}).get("confusion") or {})}
                                                                        for m, _ in FINAL_MODELS})]
     fig, axes = plt.subplots(len(rows), len(FINAL_MODELS), figsize=(3.2 * len(FINAL_MODELS), 2.8 * len(rows)), squeeze=False)
@@ -274,7 +326,7 @@ def plot_rounds(report: dict[str, Any], path: str | os.PathLike) -> bool:
     exchanged (the same figures as the ``round_finished`` events). False when there are no rounds."""
     from .run_progress import round_metrics
 
-    rounds = report.get("rounds") or []
+    rounds = [records.RoundRecord.from_dict(r) for r in report.get("rounds") or []]
     if not rounds:
         return False
     import matplotlib
@@ -282,7 +334,7 @@ def plot_rounds(report: dict[str, Any], path: str | os.PathLike) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["round"] for r in rounds]
+    xs = [r.round for r in rounds]
     ms = [round_metrics(r) for r in rounds]
 
     def series(key):
@@ -312,9 +364,9 @@ def plot_rounds(report: dict[str, Any], path: str | os.PathLike) -> bool:
     return True
 
 
-def _why_missing(record: dict[str, Any], key: str) -> str:
+def _why_missing(record: records.RoundRecord, key: str) -> str:
     """Why a per-round figure has no value, for its legend entry (the pooled evaluation's reason)."""
-    reasons = ((record.get("evaluate") or {}).get("pooled") or {}).get("reasons") or {}
+    reasons = (record.pooled.values.get("reasons") if record.pooled is not None else None) or {}
     why = reasons.get({"global_pooled_auc": "pooled_auc", "global_mean_site_auc": "mean_site_auc"}.get(key, ""))
     if why:
         return why

@@ -6,7 +6,7 @@ Layout written by the ServerApp:
   just ``<run_id>``);
 - ``<state_dir>/runs/<run_id>/events.jsonl``: one JSON object per line (``run_started``,
   ``round_started``, ``train_replies``, ``round_finished``, ``run_finished``, ``run_failed``
-  with its ``reason``, ...) and the run's ``report/``.
+  with its ``reason``, ...) and the run's report files beside it (``server.run_folder``).
 
 A state folder from before per-run folders holds ``events.jsonl`` and ``report/`` directly;
 it is read as one run (its events from the last ``run_started`` on).
@@ -27,8 +27,9 @@ from typing import Any
 from shared.plumbing.errors import IchfedError
 from shared.plumbing.progress import EVENTS_NAME, read_events
 
-LATEST_RUN = "latest_run"
-RUNS = "runs"
+from .run_folder import LATEST as LATEST_RUN
+from .run_folder import RUNS
+
 EXIT_CODES = {"finished": 0, "failed": 1, "running": 3}
 
 
@@ -118,11 +119,17 @@ def _last_round(events: list[dict[str, Any]]) -> int:
     return max(done) if done else 0
 
 
+def report_file(folder: Path, name: str = "report.md") -> Path:
+    """A run's report file: in its run folder, or in ``report/`` of a state folder from before run folders."""
+    here = Path(folder) / name
+    return here if here.is_file() or not (Path(folder) / "report" / name).is_file() else Path(folder) / "report" / name
+
+
 def _report(folder: Path, events: list[dict[str, Any]]) -> Path | None:
     for e in reversed(events):
         if e.get("event") == "run_finished" and e.get("report"):
             return Path(e["report"])
-    candidate = folder / "report" / "report.md"
+    candidate = report_file(folder)
     return candidate if candidate.is_file() else None
 
 

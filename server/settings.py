@@ -14,7 +14,7 @@ from typing import Any
 from shared.federation import protocol as P
 from shared.plumbing.errors import IchfedError
 
-from .robust import AGGREGATIONS
+from .robust import AggregationRule
 from .strategy import DEFAULT_MAX_SITE_SHARE, DEFAULT_MAX_UPDATE_NORM
 
 
@@ -33,9 +33,12 @@ class ServerSettings:
     round_timeout_s: float = 3600.0
     wait_for_sites_s: float = 600.0
     seed: int = 0
-    report_dir: Path | None = None  # default <state_dir>/report
+    # A federation's report is in its run folder (<state_dir>/runs/<run_id>/); report-dir gets a copy
+    # of the newest one. A stats run writes its Table 1 here (default <state_dir>/report).
+    report_dir: Path | None = None
     aggregation: str = "fedavg"  # or "median" / "trimmed-mean" (server/robust.py)
-    trim_fraction: float = 0.2  # cut at each end by "trimmed-mean"
+    trim_fraction: float = 0.2  # cut at each end by "trimmed-mean" (at least num-malicious-sites)
+    num_malicious_sites: int = 1  # lying sites "median" / "trimmed-mean" must withstand (server/robust.py)
     max_site_share: float = DEFAULT_MAX_SITE_SHARE  # the largest FedAvg weight share one site can claim
     mode: str = "federate"  # or "stats": the sites' Table 1 only (server/stats_run.py), no training
     # K fold heads trained beside the main head, for the sites' out-of-fold federated threshold (0: off)
@@ -48,11 +51,7 @@ class ServerSettings:
             raise IchfedError(f"run config: 'min-sites' must be at least 1, got {self.min_sites}")
         if not self.max_update_norm > 0:
             raise IchfedError(f"run config: 'max-update-norm' must be positive, got {self.max_update_norm}")
-        if self.aggregation not in AGGREGATIONS:
-            raise IchfedError(f"run config: 'aggregation' must be one of {', '.join(AGGREGATIONS)}, "
-                              f"got {self.aggregation!r}")
-        if not 0.0 <= self.trim_fraction < 0.5:
-            raise IchfedError(f"run config: 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
+        AggregationRule(self.aggregation, self.trim_fraction, self.num_malicious_sites)  # its checks, one line each
         if not (self.cross_fit_folds == 0 or 2 <= self.cross_fit_folds <= P.MAX_CROSS_FIT_FOLDS):
             raise IchfedError(f"run config: 'cross-fit-folds' must be 0 (off) or 2..{P.MAX_CROSS_FIT_FOLDS}, "
                               f"got {self.cross_fit_folds}")
@@ -63,6 +62,7 @@ class ServerSettings:
 
     @property
     def reports(self) -> Path:
+        """Where a stats run writes its Table 1 (``report-dir``, default ``<state_dir>/report``)."""
         return Path(self.report_dir) if self.report_dir else Path(self.state_dir) / "report"
 
 
@@ -81,6 +81,7 @@ _RUN_CONFIG_KEYS = {
     "report-dir": ("report_dir", Path),
     "aggregation": ("aggregation", str),
     "trim-fraction": ("trim_fraction", float),
+    "num-malicious-sites": ("num_malicious_sites", int),
     "max-site-share": ("max_site_share", float),
     "mode": ("mode", str),
     "cross-fit-folds": ("cross_fit_folds", int),

@@ -30,7 +30,8 @@ def run_stats(grid, settings) -> dict[str, Any]:
 
     from shared.bundle import load_bundle
 
-    from .distribution import distribute_bundle, reply_status, send
+    from .distribution import distribute_bundle, send
+    from .replies import refusal_reason, reply_status
 
     t0 = time.perf_counter()
     bundle = load_bundle(settings.bundle_path, settings.public_key)
@@ -42,8 +43,8 @@ def run_stats(grid, settings) -> dict[str, Any]:
     for msg in replies:
         name = ready[msg.metadata.src_node_id]
         if reply_status(msg) != P.STATUS_OK:
-            why = msg.error.reason if msg.has_error() else msg.content[P.INFO].get(P.INFO_REASON, "no reason given")
-            log.warning("stats: site %s refused: %s", name, why)
+            why = refusal_reason(msg)
+            log.warning("stats: site %s (node %s) refused: %s", name, msg.metadata.src_node_id, why)
             refused.append({"site": name, "reason": why})
             continue
         sites.append(parse_reply(name, _metrics(msg), _reasons(msg), _scanner(msg)))
@@ -53,7 +54,7 @@ def run_stats(grid, settings) -> dict[str, Any]:
         log.warning("stats: no reply from site %s", name)
     sites.sort(key=lambda s: s["site"])
     run = {"mode": "stats", "bundle_hash": bundle.hash, "bundle_name": bundle.manifest.name,
-           "distribution": distribution, "refused": refused, "missing": missing,
+           "distribution": distribution.to_dict(), "refused": refused, "missing": missing,
            "wall_s": round(time.perf_counter() - t0, 2)}
     table = build_table1(sites, run)
     paths = write_table1(table, settings.reports)

@@ -179,7 +179,7 @@ def run(
 
     sites = [(out / "sites" / f"site-{i + 1}" / "state", spec.name) for i, spec in enumerate(specs)]
     mods = [site_mod(lambda context: sites[int(context.node_config["partition-id"])]), *extra_client_mods]
-    log.info("progress of the run: %s; of each site: %s", settings.state_dir / "events.jsonl",
+    log.info("progress of the run: %s; of each site: %s", settings.state_dir / "runs" / "<run id>" / "events.jsonl",
              out / "sites" / "site-N" / "state" / "events.jsonl")
     _run_simulation(build_server_app(settings), build_client_app(config_paths, extra_mods=mods),
                     len(specs), cpus_per_site, device, ray_address)
@@ -190,9 +190,11 @@ def run(
                                 [spec.name for spec in specs], seed=seed)
     if boot is not None and report.get("final"):
         from server.report import write_report
+        from server.run_folder import latest_run
 
         report["final"]["bootstrap"] = boot
-        write_report(report, settings.reports)
+        for folder in {settings.reports, latest_run(settings.state_dir)} - {None}:  # the copy and the run's own
+            write_report(report, folder)
     return report
 
 

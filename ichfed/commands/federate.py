@@ -19,10 +19,10 @@ def register(sub) -> None:
     st.add_argument("--run", metavar="RUN_ID", help="this run instead of the latest (a folder name in STATE_DIR/runs)")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     st.set_defaults(func=status)
-    rp = psub.add_parser("report", help="(re)write report.md/.html and figures from a run's report/report.json")
+    rp = psub.add_parser("report", help="(re)write report.md/.html and figures from a run's report.json")
     rp.add_argument("state_dir", metavar="STATE_DIR", help="the run config's state-dir")
     rp.add_argument("--run", metavar="RUN_ID", help="this run instead of the latest")
-    rp.add_argument("--out", help="report folder (default: the run's report/)")
+    rp.add_argument("--out", help="report folder (default: the run's folder)")
     rp.set_defaults(func=report)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -38,9 +38,9 @@ def status(args) -> int:
 
 def report(args) -> int:
     from server.report import paper_table_markdown, write_report
-    from server.run_status import locate_run
+    from server.run_status import locate_run, report_file
 
-    src = locate_run(args.state_dir, args.run) / "report" / "report.json"
+    src = report_file(locate_run(args.state_dir, args.run), "report.json")
     if not src.is_file():
         raise IchfedError(f"{src}: not found (the run has not finished, or STATE_DIR is not a server state folder)")
     from shared.plumbing.files import read_json

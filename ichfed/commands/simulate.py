@@ -88,7 +88,8 @@ def run(args) -> int:
         print(f"summary: {args.out}/repeats/summary.md")
         return 0
     if sys.stderr.isatty():  # a script finds it in docs/simulations.md; its stderr stays quiet
-        print(f"progress: {Path(args.out) / 'server' / 'events.jsonl'} (one JSON line per event)", file=sys.stderr)
+        print(f"progress: {Path(args.out) / 'server' / 'runs'}/<run id>/events.jsonl (one JSON line per event; "
+              f"{Path(args.out) / 'server' / 'latest_run'} names the run)", file=sys.stderr)
     report = simulate(args.out, args.bundle, pubkey, args.rounds, resume=args.resume, **kwargs)
     print(arms_table_markdown(report))
     print(comparisons_table_markdown(report))

@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from shared.bundle.manifest import (
     ARCHITECTURE,
     CLASSIFIER_FILE,
@@ -38,6 +36,7 @@ from shared.bundle.manifest import (
 )
 from shared.bundle.signature import signature_blob
 from shared.bundle.weights import check_bundle_weights, check_state
+from shared.models.head import Head
 from shared.plumbing.config import CropSpec, to_dict
 from shared.plumbing.errors import BundleVerificationError, IchfedError
 from shared.plumbing.files import link_or_copy, read_json, sha256_file, staged_dir
@@ -174,22 +173,16 @@ def _link_verified(parent: Bundle, tmp: Path, rels: list[str]) -> None:
                                           "nothing derived from it was kept")
 
 
-def _head_state(head: Any, parent: Bundle) -> dict[str, Any]:
-    """The new head as float32 tensors ``fc.weight`` / ``fc.bias``, shaped like the parent's and finite."""
+def _head_state(head: Head) -> dict[str, Any]:
+    """The new head as float32 tensors ``fc.weight`` / ``fc.bias``: it must fit the parent's ResNet-34."""
     import torch
 
-    arrays = head.to_state_dict() if hasattr(head, "to_state_dict") else head
-    if not isinstance(arrays, Mapping) or sorted(arrays) != sorted(HEAD_KEYS):
-        got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
-        raise IchfedError(f"head: expected a shared.models.head.Head or exactly {list(HEAD_KEYS)}, got {got}")
-    ref = parent.head_weights()
-    out = {}
-    for k in HEAD_KEYS:
-        v = arrays[k].detach().cpu().numpy() if hasattr(arrays[k], "detach") else np.asarray(arrays[k])
-        v = np.ascontiguousarray(v, dtype=np.float32)
-        if v.shape != tuple(ref[k].shape) or not np.isfinite(v).all():
-            raise IchfedError(f"head {k}: expected finite values of shape {tuple(ref[k].shape)}, got {v.shape}")
-        out[k] = torch.from_numpy(v.copy())
+    if not isinstance(head, Head):
+        raise IchfedError(f"head: expected a shared.models.head.Head, got {type(head).__name__}")
+    why = head.problem()  # every bundle's classifier is the ResNet-34 of shared.models.classifier
+    if why:
+        raise IchfedError(why)
+    out = {k: torch.from_numpy(v) for k, v in head.to_state_dict().items()}
     check_state(out, "head")  # within the bound a trained head stays in
     return out
 
@@ -197,7 +190,7 @@ def _head_state(head: Any, parent: Bundle) -> dict[str, Any]:
 def derive_bundle(
     parent: Bundle,
     out_dir: str | Path,
-    head: Any,
+    head: Head,
     threshold: Any,
     version: str,
     lineage: dict[str, Any] | None = None,
@@ -207,7 +200,7 @@ def derive_bundle(
 ) -> Path:
     """A layout-v2 bundle with the parent's models but a new ``head`` and ``threshold``.
 
-    ``head`` is a ``shared.models.head.Head`` or a mapping with ``fc.weight`` / ``fc.bias``. Every other file
+    ``head`` is a ``shared.models.head.Head`` (finite, of the ResNet-34's shape). Every other file
     is hard-linked from ``parent`` (a v2 parent) or, for a v1 parent, the backbone is written from its
     verified classifier; only ``head.safetensors``, the manifest and the signature are new. ``lineage``
     gets ``parent_hash``, ``parent_name`` and ``parent_version``, so a bundle says where it came from.
@@ -215,7 +208,7 @@ def derive_bundle(
     out = Path(out_dir)
     if out.exists():
         raise IchfedError(f"{out}: already exists; choose a new bundle folder")
-    new_head = _head_state(head, parent)
+    new_head = _head_state(head)
     spec = threshold_spec(threshold)
     key = keys.load_private_key(private_key) if private_key is not None else None
     m = parent.manifest

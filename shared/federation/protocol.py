@@ -7,6 +7,7 @@ new key has to be added here *and* allowed there before a site will send it.
 Message flow of one run::
 
     query.bundle  server -> site: bundle hash it holds     site -> server: have | need | refused
+                  (and whether the run trains)             (+ planned n-fine-tune when it trains)
     query.bundle  server -> site: bundle records (if need) site -> server: have | refused
     train         server -> site: global head              site -> server: local head + counts
     evaluate      server -> site: global head              site -> server: held-out metrics
@@ -70,6 +71,9 @@ CFG_ROUND = "server-round"  # also injected by Flower's FedAvg
 CFG_NUM_ROUNDS = "num-rounds"
 CFG_BUNDLE_HASH = "bundle-hash"
 CFG_DELIVER = "deliver"  # bool: this query.bundle carries the bundle records
+# bool: the run will train (a federation, not ``ichfed stats``): the bundle offer's reply then carries
+# the site's planned N_FINE_TUNE, or the site refuses with REASON_TOO_FEW before any bundle is sent.
+CFG_TRAINS = "trains"
 CFG_SEED = "seed"
 
 # -- records in site -> server replies ---------------------------------------------------

@@ -7,14 +7,17 @@ pipeline and bootstrap. One scorer (``log_probs``: a linear map and a log-softma
 model's own forward) means a case gives the same number wherever it is scored.
 
 Arrays travel under the message keys of ``shared.federation.protocol`` (``HEAD_WEIGHT`` / ``HEAD_BIAS``),
-optionally behind a prefix, so several heads can share one record (``"fold3.weight"``).
+optionally behind a prefix, so several heads can share one record (``"fold3.weight"``). ``HeadSet``
+is that record: the main head and the cross-fit fold heads, the one form in which heads move
+between server and sites, into checkpoints and into a federated bundle.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,8 +49,8 @@ def _as_numpy(value: Any) -> np.ndarray:
 class Head:
     """Final-layer weights: ``weight`` (2, F) and ``bias`` (2,), float32, F = 512 for the bundle's ResNet.
 
-    Values are not checked for finiteness here (a received update may hold NaN; the server's
-    ``check_update`` says why it is refused); shapes are.
+    Values are not checked for finiteness here (a received update may hold NaN; :meth:`problem`
+    says why it cannot be used, and the server refuses it); the (2, F) form is.
     """
 
     weight: np.ndarray
@@ -174,6 +177,27 @@ class Head:
         db = self.bias.astype(np.float64) - other.bias
         return math.sqrt(float(np.sum(dw**2) + np.sum(db**2)))
 
+    def digest(self) -> str:
+        """sha256 of the float32 bytes of ``weight`` then ``bias``: the head's identity (bundle names)."""
+        return hashlib.sha256(np.ascontiguousarray(self.weight).tobytes()
+                              + np.ascontiguousarray(self.bias).tobytes()).hexdigest()
+
+    def problem(self, prefix: str = "") -> str | None:
+        """Why this head cannot be the bundle ResNet-34's last layer, or None.
+
+        The fit check of a head that moves (site replies, the server's admission of updates, a
+        derived bundle): the shapes by :func:`check_head_shapes` (the one shape check, also of
+        every bundle's head file) and every value finite. ``prefix`` names the head (``"fold2."``).
+        """
+        try:
+            check_head_shapes(self.weight, self.bias, f"{prefix.rstrip('.')} head" if prefix else "main head")
+        except IchfedError as e:
+            return str(e)
+        for key, arr in ((P.HEAD_WEIGHT, self.weight), (P.HEAD_BIAS, self.bias)):
+            if not np.all(np.isfinite(arr)):
+                return f"'{prefix}{key}' holds NaN or Inf"
+        return None
+
     def allclose(self, other: Head, atol: float = 0.0) -> bool:
         """Same shapes and values within ``atol`` (exact by default)."""
         return (self.weight.shape == other.weight.shape and bool(np.allclose(self.weight, other.weight, rtol=0, atol=atol))
@@ -204,3 +228,95 @@ def check_head_shapes(weight: Any, bias: Any, where: str, n_features: int = P.HE
         got = tuple(getattr(value, "shape", ()))
         if got != shape:
             raise IchfedError(f"{where}: head {key} has shape {got}, expected {shape}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeadSet:
+    """The main head and the cross-fit fold heads of one HEAD record (``folds`` empty: no cross-fit).
+
+    The one head record end to end: the server's initial and aggregated heads, a site's trained
+    update, a checkpoint's weights and the record a message carries (``protocol.head_keys(K)``:
+    ``weight`` / ``bias`` and ``fold<k>.weight`` / ``fold<k>.bias``).
+    """
+
+    main: Head
+    folds: tuple[Head, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folds", tuple(self.folds))
+        if len(self.folds) > P.MAX_CROSS_FIT_FOLDS:
+            raise IchfedError(f"head record: {len(self.folds)} fold heads, at most {P.MAX_CROSS_FIT_FOLDS}")
+
+    @property
+    def n_folds(self) -> int:
+        """K, the number of cross-fit fold heads."""
+        return len(self.folds)
+
+    @classmethod
+    def replicate(cls, head: Head, n_folds: int) -> HeadSet:
+        """``head`` as the main head and as each of ``n_folds`` fold heads (a run's first record)."""
+        return cls(main=head.copy(), folds=tuple(head.copy() for _ in range(n_folds)))
+
+    def items(self) -> Iterator[tuple[str, Head]]:
+        """``(prefix, head)`` pairs: ``("", main)`` then ``("fold<k>.", fold k)``."""
+        yield "", self.main
+        for k, fold in enumerate(self.folds):
+            yield P.fold_prefix(k), fold
+
+    # -- records -----------------------------------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every head under its record key (``protocol.head_keys(K)``, main head first); copies."""
+        out: dict[str, np.ndarray] = {}
+        for prefix, head in self.items():
+            out.update(head.to_arrays(prefix))
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> HeadSet:
+        """From a mapping holding exactly ``protocol.head_keys(K)`` for some K (numpy, torch or Flower
+        arrays); any other set of keys, or a head not of the form (2, F) / (2,), is an ``IchfedError``."""
+        keys = list(arrays.keys())
+        k = P.cross_fit_folds(keys)
+        if k is None:
+            raise IchfedError(f"head record: keys {sorted(keys)} are not a main head plus 0..{P.MAX_CROSS_FIT_FOLDS} "
+                              "fold heads")
+        return cls(main=Head.from_arrays(arrays),
+                   folds=tuple(Head.from_arrays(arrays, P.fold_prefix(i)) for i in range(k)))
+
+    def to_record(self) -> ArrayRecord:
+        """A Flower ``ArrayRecord`` of :meth:`to_arrays` (float32, C-contiguous)."""
+        from flwr.app import Array, ArrayRecord
+
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in self.to_arrays().items()})
+
+    @classmethod
+    def from_record(cls, record: ArrayRecord) -> HeadSet:
+        """From a Flower ``ArrayRecord`` (see :meth:`from_arrays`); an undecodable array is an ``IchfedError``."""
+        try:
+            arrays = {k: record[k].numpy() for k in record.keys()}
+        except Exception as e:  # the bytes came from another process: a decoding failure is its problem
+            raise IchfedError(f"head record: arrays unreadable ({type(e).__name__})") from None
+        return cls.from_arrays(arrays)
+
+    # -- checks ------------------------------------------------------------------------------
+    def problem(self) -> str | None:
+        """Why some head of the set cannot be the ResNet-34's last layer (:meth:`Head.problem`), or None."""
+        return next((why for prefix, head in self.items() if (why := head.problem(prefix))), None)
+
+    def distances(self, other: HeadSet) -> dict[str, float]:
+        """``{prefix: L2 distance}`` of each head from the same head of ``other`` (same K)."""
+        if other.n_folds != self.n_folds:
+            raise IchfedError(f"head record: {self.n_folds} fold heads against {other.n_folds}")
+        return {prefix: head.distance(ref) for (prefix, head), (_, ref) in zip(self.items(), other.items())}
+
+    def digest(self) -> str:
+        """sha256 over every head in record order: the identity of the whole record (replay checks)."""
+        h = hashlib.sha256()
+        for _, head in self.items():
+            h.update(head.digest().encode("ascii"))
+        return h.hexdigest()
+
+    def allclose(self, other: HeadSet, atol: float = 0.0) -> bool:
+        """The same K and every head :meth:`Head.allclose`."""
+        return self.n_folds == other.n_folds and all(
+            a.allclose(b, atol) for (_, a), (_, b) in zip(self.items(), other.items()))

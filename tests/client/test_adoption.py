@@ -80,14 +80,13 @@ def _derive(site, head, name):
 def _final(cfg, ref, candidate, head):
     """The final comparison as the coordinator sends it: 5 cross-fit fold heads (all the candidate's
     head here), the federated bundle delivered against the parent the site holds."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+    from flwr.app import ConfigRecord, RecordDict
 
-    from client.cross_fit import HeadSet
     from client.session import SiteSession
     from shared.bundle.transport import bundle_to_records
+    from shared.models.head import HeadSet
 
-    arrays = HeadSet(main=head, folds=(head,) * 5).to_arrays()
-    content = RecordDict({P.HEAD: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+    content = RecordDict({P.HEAD: HeadSet.replicate(head, 5).to_record(),
                           P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: ref.hash, P.CFG_NUM_ROUNDS: 1,
                                                   P.CFG_DELIVER: True})})
     content[P.BUNDLE_ARRAYS], content[P.BUNDLE_CONFIG] = bundle_to_records(candidate.path, parent=ref)

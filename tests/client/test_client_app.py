@@ -39,8 +39,9 @@ def _call(app, config_path, message_type, content):
     return app(msg, ctx)
 
 
-def _offer(bundle_hash, records=None):
-    content = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle_hash, P.CFG_DELIVER: records is not None})})
+def _offer(bundle_hash, records=None, trains=False):
+    content = RecordDict({P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle_hash, P.CFG_DELIVER: records is not None,
+                                                  P.CFG_TRAINS: trains})})
     if records is not None:
         content[P.BUNDLE_ARRAYS], content[P.BUNDLE_CONFIG] = records
     return content
@@ -90,6 +91,26 @@ def test_site_receives_verifies_caches_and_trains(tiny_bundle, site_dir, tmp_pat
     info = reply.content[P.INFO]
     assert info[P.INFO_STATUS] == P.STATUS_REFUSED and info[P.INFO_REASON] == P.REASON_TOO_FEW
     assert P.HEAD not in reply.content
+
+
+def test_a_site_too_small_for_its_split_refuses_the_first_message(tiny_bundle, site_dir, tmp_path, flwr_task):
+    """Issue 22: the default fine-tune fraction 0.2 of 10 cases gives 2 fine-tune cases, below the floor
+    of 5; the site says so in its reply to the bundle offer, before any bundle is sent or case read."""
+    from shared.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
+    app = build_client_app()
+    small = _site(tmp_path, site_dir, tiny_bundle.public_key, name="small", fraction=0.2)
+    reply = _call(app, small, P.QUERY_BUNDLE, _offer(bundle.hash, trains=True))
+    info = reply.content[P.INFO]
+    assert (info[P.INFO_STATUS], info[P.INFO_REASON]) == (P.STATUS_REFUSED, P.REASON_TOO_FEW)
+    assert P.METRICS not in reply.content  # a count below the floor does not leave the site
+    assert not (tmp_path / "small" / "cache").exists()  # nothing was preprocessed
+    # a site that can run says how many fine-tune cases it plans; a stats run (trains=False) asks nothing
+    ok = _site(tmp_path, site_dir, tiny_bundle.public_key, name="ok", fraction=0.9)
+    reply = _call(app, ok, P.QUERY_BUNDLE, _offer(bundle.hash, trains=True))
+    assert reply.content[P.INFO][P.INFO_STATUS] == P.STATUS_NEED and reply.content[P.METRICS][P.N_FINE_TUNE] >= 5
+    assert P.METRICS not in _call(app, small, P.QUERY_BUNDLE, _offer(bundle.hash)).content
 
 
 def test_tampered_or_foreign_bundle_is_refused_and_logged(tiny_bundle, site_dir, tmp_path, flwr_task, caplog):

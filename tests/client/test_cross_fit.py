@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from client.calibrate import site_threshold
-from client.cross_fit import HeadSet, case_folds, cross_fit_scores, train_head_set
+from client.cross_fit import case_folds, cross_fit_scores, train_head_set
 from client.features import Part
 from client.finetune import train_head
 from client.seeds import cross_fit_seed
@@ -16,7 +16,8 @@ from client.session import SiteSession
 from client.site_config import SiteConfig
 from client.split import assign_folds
 from shared.federation import protocol as P
-from shared.models.head import Head
+from shared.models.head import Head, HeadSet
+from shared.plumbing.errors import IchfedError
 
 START = Head(np.zeros((2, 512), np.float32), np.array([0.0, -0.5], np.float32))
 
@@ -84,8 +85,13 @@ def test_head_record_keys_roundtrip_and_refusal_of_other_keys():
     assert HeadSet.from_arrays({k: arrays[k] for k in P.head_keys(0)}).n_folds == 0
     for bad in ({k: arrays[k] for k in ("weight", "bias", "fold1.weight", "fold1.bias")},  # fold 0 missing
                 {**arrays, "fold2.weight": arrays["weight"]}, {"weight": arrays["weight"]}):
-        with pytest.raises(ValueError):
+        with pytest.raises(IchfedError, match="head record"):
             HeadSet.from_arrays(bad)
+    # the record form round-trips, and the digest names the whole record
+    assert HeadSet.from_record(hs.to_record()).allclose(hs)
+    assert HeadSet.from_record(hs.to_record()).digest() == hs.digest() != HeadSet.replicate(hs.main, 2).digest()
+    assert HeadSet.replicate(hs.main, 3).distances(HeadSet.replicate(hs.main, 3)) == {
+        "": 0.0, "fold0.": 0.0, "fold1.": 0.0, "fold2.": 0.0}
 
 
 def test_session_threshold_comes_from_the_fold_heads_scores(tmp_path):

@@ -15,14 +15,23 @@ from client.privacy import (
     privacy_mod,
 )
 from shared.federation import protocol as P
+from shared.models.head import HeadSet
 
 
 def _head(rng=np.random.default_rng(0)):
     return {"weight": rng.normal(size=(2, 512)).astype(np.float32), "bias": np.zeros(2, np.float32)}
 
 
+def _head_content(arrays):
+    """A reply whose head record holds ``arrays`` as they are (not through ``HeadSet``): what a reply
+    built some other way would carry."""
+    content = build_reply("site-a")
+    content[P.HEAD] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return content
+
+
 def test_allowed_train_reply_is_built_and_carries_only_allowed_records():
-    content = build_reply("site-a", head=_head(), metrics={P.NUM_EXAMPLES: 12, P.TRAIN_LOSS: 0.6, P.N_FINE_TUNE: 12,
+    content = build_reply("site-a", head=HeadSet.from_arrays(_head()), metrics={P.NUM_EXAMPLES: 12, P.TRAIN_LOSS: 0.6, P.N_FINE_TUNE: 12,
                                                            P.N_HELD_OUT: 40, P.N_UNUSABLE: 0})
     assert set(content.keys()) == {P.HEAD, P.METRICS, P.INFO}
     assert content[P.HEAD]["weight"].numpy().shape == (2, 512)
@@ -59,13 +68,17 @@ def test_allowed_evaluation_reply_with_reasons_and_roc():
         ({"head": {"weight": np.zeros((20, 200, 200), np.float32), "bias": np.zeros(2, np.float32)}}, "head"),
         ({"head": {**_head(), "crop": np.zeros((2, 512), np.float32)}}, "exactly"),
         ({"head": {"weight": np.full((2, 512), np.nan, np.float32), "bias": np.zeros(2, np.float32)}}, "NaN"),
+        ({"head": {"weight": np.zeros((2, 512), np.float64), "bias": np.zeros(2, np.float64)}}, "float32"),
         ({"metrics": {"global.auc": float("inf")}}, "outside"),
     ],
 )
 def test_forbidden_content_is_refused(kwargs, fragment):
     site = kwargs.pop("site", "site-a")
     with pytest.raises(PrivacyViolation, match=fragment):
-        build_reply(site, **kwargs)
+        if "head" in kwargs:  # a HeadSet cannot hold these: check a record built without it
+            check_content(_head_content(kwargs["head"]))
+        else:
+            build_reply(site, **kwargs)
 
 
 def test_unknown_records_and_info_keys_are_refused():

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 from client.cache import CachedCase, CaseCache, cache_key, content_hash
-from client.cross_fit import HeadSet
 from client.evaluate import arm_metrics
 from client.features import Part
 from client.session import SiteSession
 from client.site_config import SiteConfig, load_site_config
 from client.split import SiteSplit, stratified_split
 from shared.federation import protocol as P
-from shared.models.head import Head
+from shared.models.head import Head, HeadSet
 from shared.plumbing.errors import IchfedError
 
 

@@ -51,7 +51,9 @@ def _run_config(tiny_bundle, public_key: Path, state: Path, rounds: int, min_sit
 
 
 def _report(dep: Deployment, state: Path, run_name: str) -> dict:
-    path = state / "report" / "report.json"
+    from server.run_folder import latest_run
+
+    path = (latest_run(state) or state) / "report.json"  # the run's own folder (docs/federation.md)
     assert path.is_file(), f"no report\n{dep.log(run_name)[-5000:]}"
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -122,7 +124,9 @@ def test_site_killed_mid_round_is_missing_and_rejoins_the_next_run(deployment, t
     assert final[VICTIM]["status"] == "missing"
     assert all(final[s]["status"] == "ok" for s in SITES if s != VICTIM), final
     assert report["final_bundle"] is not None
-    md = (state1 / "report" / "report.md").read_text(encoding="utf-8")
+    from server.run_folder import latest_run
+
+    md = (latest_run(state1) / "report.md").read_text(encoding="utf-8")
     assert f"{VICTIM} (node {nodes[VICTIM]}) | missing" in md
 
     # The victim restarts with the same key and state folder: its cache survived the crash.

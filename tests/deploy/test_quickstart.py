@@ -156,9 +156,9 @@ def test_quickstart_for_a_coordinator_and_two_sites(tmp_path, tiny_bundle):
         assert len(qs.outputs["fixes"]) == len(SITES)  # both tiny sites needed the named fix
         status = coordinator[-1]
         assert "status    finished" in status, status
-        from server.run_status import locate_run
+        from server.run_status import locate_run, report_file
 
-        report = json.loads((locate_run(qs.coord / "server") / "report" / "report.json").read_text(encoding="utf-8"))
+        report = json.loads(report_file(locate_run(qs.coord / "server"), "report.json").read_text(encoding="utf-8"))
         assert sorted(report["run"]["sites"]) == list(SITES)
         assert all(s["status"] == "ok" for s in report["final"]["sites"])
     finally:

@@ -123,7 +123,9 @@ def test_two_rounds_over_tls_with_node_auth(federation, tiny_bundle):
     app = _app_copy(root / "app")
     r = dep.flwr("run", str(app), "tls", "--stream", "--run-config", run_config, timeout=540, name="run")
     wall = time.monotonic() - t0
-    report_path = state / "report" / "report.json"
+    from server.run_folder import latest_run
+
+    report_path = (latest_run(state) or state) / "report.json"  # <state>/runs/<Flower's run id>/
     assert r.returncode == 0 and report_path.is_file(), (
         f"flwr run rc={r.returncode}\n{r.stdout[-5000:]}\n--- site-a ---\n{dep.log('site-a')[-3000:]}")
     report = json.loads(report_path.read_text(encoding="utf-8"))

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 
 from server.checkpoint import CheckpointStore
+from server.pooling import pool_model
 from server.report import paper_table_markdown, write_report
 from shared.federation import protocol as P
+from shared.models.head import Head, HeadSet
 from shared.plumbing.errors import IchfedError
 
 
-def _head(v):
-    return {"weight": np.full((2, 512), v, np.float32), "bias": np.full(2, v, np.float32)}
+def _head(v, n_folds=0):
+    return HeadSet.replicate(Head(np.full((2, 512), v, np.float32), np.full(2, v, np.float32)), n_folds)
 
 
 def test_checkpoints_are_versioned_and_the_latest_is_verified(tmp_path):
@@ -22,9 +24,10 @@ def test_checkpoints_are_versioned_and_the_latest_is_verified(tmp_path):
     assert not store.exists() and store.latest() is None
     run = {"bundle_hash": "a" * 64}
     store.save(1, _head(1.0), run, [{"round": 1}])
-    store.save(2, _head(2.0), run, [{"round": 1}, {"round": 2}])
+    store.save(2, _head(2.0, n_folds=2), run, [{"round": 1}, {"round": 2}])
     ckpt = store.latest()
-    assert ckpt.round == 2 and np.all(ckpt.head["weight"] == 2.0) and len(ckpt.history) == 2
+    assert ckpt.round == 2 and np.all(ckpt.heads.main.weight == 2.0) and len(ckpt.history) == 2
+    assert ckpt.heads.n_folds == 2 and ckpt.heads.folds[1].allclose(ckpt.heads.main)
     assert (tmp_path / "checkpoints" / "round-0001.safetensors").is_file()  # earlier versions are kept
     assert not list((tmp_path / "checkpoints").glob("*.tmp*"))
     # a damaged weight file is detected, not silently loaded
@@ -49,14 +52,12 @@ def _report():
         {"site": "site-b", "status": "ok", "reference": {"n": 3, "withheld": 1}, "local": {"n": 3, "withheld": 1},
          "federated": {"n": 3, "withheld": 1}, "reasons": {"federated.auc": P.REASON_TOO_FEW}},
     ]
-    from server.strategy import pooled_metrics
-
     return {
         "run": {"bundle_hash": "b" * 64, "num_rounds": 2, "sites": ["site-a", "site-b"], "seed": 0},
         "rounds": [{"round": 1, "train": {"sites": [{"site": "site-a", "status": "accepted"}]},
                     "evaluate": {"sites": [{"site": "site-a", "status": "ok", "global": _metrics(20, 0.7, 7, 3, 7, 3)}],
                                  "pooled": {"n": 20, "auc": 0.7}}}],
-        "final": {"sites": sites, "pooled": {m: pooled_metrics(sites, m) for m in ("reference", "local", "federated")}},
+        "final": {"sites": sites, "pooled": {m: pool_model(sites, m) for m in ("reference", "local", "federated")}},
         "final_bundle": None,
     }
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from server.pooling import pool_model as pooled_metrics
 from server.report import markdown, write_report
-from server.strategy import pooled_metrics
 from shared.evaluation.metrics import classification_metrics
 from shared.evaluation.rocstats import (
     delong_auc,

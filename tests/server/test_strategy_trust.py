@@ -16,9 +16,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from server.admission import MAX_CASES, SiteLedger, check_reply_metrics, share_capped
 from server.distribution import distribute_bundle
 from server.report import rounds_table_markdown
-from server.robust import HeadFedMedian, HeadFedTrimmedAvg, make_strategy
+from server.robust import AggregationRule
 from server.settings import settings_from_run_config
-from server.strategy import HeadFedAvg
+from server.strategy import HeadStrategy
 from shared.federation import protocol as P
 from shared.plumbing.errors import IchfedError
 from tests.server.test_strategy import (  # one fake Grid and head maker for both files
@@ -56,7 +56,7 @@ def _instructions(strategy, nodes, round_=1, evaluate=False):
 
 
 def _rows(strategy, part="train"):
-    return {r["node_id"]: r for r in strategy._current[part]["sites"]}
+    return {r.node_id: r.to_dict() for r in getattr(strategy.book.current, part)}
 
 
 # -- claimed weights ---------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def _rows(strategy, part="train"):
 
 def test_a_huge_claimed_count_no_longer_replaces_the_global_head(flwr_task):
     """Reproduction: num-examples 1e12 with a small update made the aggregate equal the attacker's head."""
-    strategy = HeadFedAvg(min_sites=2)
+    strategy = HeadStrategy(min_sites=2, max_site_share=0.75)
     ins = _instructions(strategy, [1, 2, 3])
     attacker = _head(7, scale=0.01)
     replies = [_train(ins[1], "site-a", _head(1), 10), _train(ins[2], "site-b", _head(2), 30),
@@ -78,7 +78,7 @@ def test_a_huge_claimed_count_no_longer_replaces_the_global_head(flwr_task):
 
 def test_overflowing_claims_are_rejected_not_a_crash(flwr_task, caplog):
     """Reproduction: two sites claiming 1.7e308 crashed aggregate_train with an OverflowError."""
-    strategy = HeadFedAvg(min_sites=2)
+    strategy = HeadStrategy(min_sites=2)
     ins = _instructions(strategy, [1, 2, 3, 4])
     replies = [_train(ins[1], "site-a", _head(1), 10), _train(ins[2], "site-b", _head(2), 10),
                _train(ins[3], "big-1", _head(3), 1.7e308), _train(ins[4], "big-2", _head(4), 1.7e308)]
@@ -90,7 +90,7 @@ def test_overflowing_claims_are_rejected_not_a_crash(flwr_task, caplog):
 
 
 def test_weight_is_capped_at_the_reported_fine_tune_count_and_counts_must_not_change(flwr_task):
-    strategy = HeadFedAvg(min_sites=1, max_site_share=1.0)
+    strategy = HeadStrategy(min_sites=1, max_site_share=1.0)
     ins = _instructions(strategy, [1, 2, 3])
     replies = [_train(ins[1], "site-a", _head(1), 50, n_fine_tune=10),  # claims more than it has
                _train(ins[2], "site-b", _head(2), 10, n_fine_tune=10),
@@ -111,7 +111,7 @@ def test_weight_is_capped_at_the_reported_fine_tune_count_and_counts_must_not_ch
 
 
 def test_nan_training_loss_rejects_the_update(flwr_task):
-    strategy = HeadFedAvg(min_sites=1)
+    strategy = HeadStrategy(min_sites=1)
     ins = _instructions(strategy, [1, 2])
     arrays, _ = strategy.aggregate_train(1, [_train(ins[1], "site-a", _head(1), 10),
                                              _train(ins[2], "diverged", _head(2), 10, loss=float("nan"))])
@@ -137,9 +137,8 @@ def test_one_malicious_site_among_five_cannot_move_the_aggregate_beyond_the_boun
     within the honest sites' min/max; for FedAvg with max-site-share 0.5 it moves at most half
     the attacker's deviation from the honest weighted mean.
     """
-    strategy = make_strategy(aggregation, trim_fraction=0.2, min_sites=3, max_update_norm=100.0, max_site_share=0.5)
-    assert isinstance(strategy, {"median": HeadFedMedian, "trimmed-mean": HeadFedTrimmedAvg,
-                                 "fedavg": HeadFedAvg}[aggregation])
+    strategy = HeadStrategy(rule=AggregationRule(aggregation, trim_fraction=0.2, num_malicious=1), min_sites=3,
+                            max_update_norm=100.0, max_site_share=0.5)
     ins = _instructions(strategy, [1, 2, 3, 4, 5])
     honest = {n: (_head(n), 10 + 5 * n) for n in (1, 2, 3, 4)}
     evil = {k: np.full_like(v, 90.0 / np.sqrt(1026)) for k, v in _head(0).items()}  # every coordinate pushed up
@@ -207,7 +206,7 @@ def test_range_check_rules():
 
 
 def test_impossible_evaluate_replies_are_dropped_and_logged_with_the_node(flwr_task, caplog):
-    strategy = HeadFedAvg(min_sites=1)
+    strategy = HeadStrategy(min_sites=1)
     ins = _instructions(strategy, [1, 2, 3], evaluate=True)
     replies = [_reply(ins[1], "site-a", metrics=_good_eval()),
                _reply(ins[2], "liar", metrics={**_good_eval(), "global.auc": 1.5}),
@@ -218,7 +217,7 @@ def test_impossible_evaluate_replies_are_dropped_and_logged_with_the_node(flwr_t
     assert rows[1]["status"] == "ok" and rows[1][P.MODEL_GLOBAL]["auc"] == 0.8
     assert rows[2]["status"] == "rejected" and "outside [0, 1]" in rows[2]["reason"]
     assert rows[3]["status"] == "rejected" and "already held by node 1" in rows[3]["reason"]
-    assert strategy._current["evaluate"]["pooled"]["n_sites"] == 1
+    assert strategy.book.current.pooled.n_sites == 1
     assert any("liar (node 2)" in r.message and "dropped" in r.message for r in caplog.records)
 
 
@@ -243,20 +242,21 @@ def test_a_second_node_claiming_a_taken_name_is_refused_for_the_run(flwr_task, c
     with caplog.at_level(logging.WARNING, logger="server.app"):
         ready, summary = distribute_bundle(grid, types.SimpleNamespace(hash=HASH), settings, ledger)
     assert ready == {11: "site-a", 12: "site-b"}
-    assert summary["refused"] == ["site-a (node 13)"]
-    assert any("node 13 refused" in r.message and "already held by node 11" in r.message for r in caplog.records)
+    assert summary.to_dict()["refused"] == ["site-a (node 13)"]
+    assert any("site-a (node 13) refused" in r.message and "already held by node 11" in r.message
+               for r in caplog.records)
     # The same ledger in the rounds: node 13 is still refused, and node 11 cannot rename itself.
     assert ledger.claim_name(13, "site-a") and ledger.claim_name(11, "site-c")
 
 
 def test_report_names_sites_by_node_and_lists_the_missing_one(flwr_task):
-    strategy = HeadFedAvg(min_sites=1, ready_nodes=[1, 2])
+    strategy = HeadStrategy(min_sites=1, ready_nodes=[1, 2])
     strategy.ledger.claim_name(1, "site-a"), strategy.ledger.claim_name(2, "site-b")
     ins = _instructions(strategy, [1, 2])
     strategy.aggregate_train(1, [_train(ins[1], "site-a", _head(1), 10)])  # node 2 died mid-round
     ins = _instructions(strategy, [1], evaluate=True)
     strategy.aggregate_evaluate(1, [_reply(ins[1], "site-a", metrics=_good_eval())])
     assert _rows(strategy)[2]["status"] == "missing" and _rows(strategy, "evaluate")[2]["status"] == "missing"
-    table = rounds_table_markdown({"rounds": strategy.history})
+    table = rounds_table_markdown({"rounds": [r.to_dict() for r in strategy.book.rounds]})
     assert "| 1 | site-a (node 1) | accepted |" in table
     assert "| 1 | site-b (node 2) | missing (no reply) |" in table

@@ -229,9 +229,11 @@ def test_derive_bundle_records_parent(parts, signed, tmp_path):
     model = B.load_bundle(child, parts["pub"]).build_classifier("cpu")
     assert torch.equal(model.fc.weight, torch.from_numpy(head.weight))
     assert torch.equal(model.conv1.weight, parts["model"].conv1.weight)
-    with pytest.raises(IchfedError, match="head fc.weight: expected finite values of shape"):
-        B.derive_bundle(parent, tmp_path / "bad", {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)}, 0.3, "x")
-    with pytest.raises(IchfedError, match="expected a shared.models.head.Head or exactly"):
+    with pytest.raises(IchfedError, match=r"main head: head weight has shape \(2, 3\), expected \(2, 512\)"):
+        B.derive_bundle(parent, tmp_path / "bad", Head(torch.zeros(2, 3), torch.zeros(2)), 0.3, "x")
+    with pytest.raises(IchfedError, match="'bias' holds NaN or Inf"):
+        B.derive_bundle(parent, tmp_path / "bad", Head(torch.zeros(2, 512), torch.tensor([0.0, float("nan")])), 0.3, "x")
+    with pytest.raises(IchfedError, match="expected a shared.models.head.Head, got OrderedDict"):
         B.derive_bundle(parent, tmp_path / "bad", parts["model"].state_dict(), 0.3, "x")
     assert not (tmp_path / "bad").exists()
 

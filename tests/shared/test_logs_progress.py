@@ -116,21 +116,26 @@ def _record(r, losses, norms, aucs, status=None):
 def test_round_metrics_and_run_progress_events(tmp_path):
     rec = _record(1, [0.5, 0.7, 0.9], [1.0, 3.0, 2.0], [0.6, 0.8, 0.7], status=["accepted", "accepted", "rejected"])
     from server import run_progress
+    from server.records import RoundRecord
 
-    m = run_progress.round_metrics(rec)
+    record = RoundRecord.from_dict(rec)
+    assert RoundRecord.from_dict(record.to_dict()).to_dict() == record.to_dict()  # reads back what it writes
+    m = run_progress.round_metrics(record)
     assert m["train"] == {"expected": 3, "answered": 3, "refused": 1, "missing": 0}
     assert m["update_norm_mean"] == pytest.approx(2.0) and m["update_norm_max"] == 3.0
     assert m["head_bytes_received"] == 2 * run_progress.head_payload_bytes() == 2 * 4 * (2 * 512 + 2)
     assert m["global_mean_site_auc"] == pytest.approx(0.7)
     run = run_progress.RunProgress(tmp_path, 2)
+    run.start(first_round=1, run_id="42")
     run.round_started(1, 3)
-    run.stage_replies(1, "train", rec["train"]["sites"])
-    run.round_finished(1, rec)
+    run.stage_replies(1, "train", record.train)
+    run.round_finished(record)
     run.close(report="r.md")
     events = progress.read_events(tmp_path / "events.jsonl")
     assert [e["event"] for e in events] == ["run_started", "round_started", "train_replies", "round_finished",
                                             "run_finished"]
-    assert events[3]["round"] == 1 and events[3]["train"]["refused"] == 1
+    assert events[0]["run_id"] == "42" and events[3]["round"] == 1 and events[3]["train"]["refused"] == 1
+    assert events[2]["sites"][2] == {"site": "s2", "node_id": 2, "status": "rejected"}  # name beside node
 
 
 def test_rounds_figure_in_report(tmp_path):

@@ -255,8 +255,10 @@ def test_seed_bundle_puts_a_verifiable_copy_in_the_cache(tmp_path, small_bundle,
 
 
 def _new_head(seed=1):
+    from shared.models.head import Head
+
     rng = np.random.default_rng(seed)
-    return {"fc.weight": rng.normal(size=(2, 512)).astype(np.float32), "fc.bias": np.array([0.5, -0.5], np.float32)}
+    return Head(rng.normal(size=(2, 512)).astype(np.float32), np.array([0.5, -0.5], np.float32))
 
 
 def test_v2_federated_bundle_sends_only_the_head_and_manifest(tmp_path, small_bundle, keys):
@@ -284,7 +286,7 @@ def test_v2_federated_bundle_sends_only_the_head_and_manifest(tmp_path, small_bu
     assert (out / B.CLASSIFIER_FILE).stat().st_ino == (seeded / B.CLASSIFIER_FILE).stat().st_ino
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
     got = B.load_bundle(out, keys[1]).head_weights()
-    assert all(np.array_equal(got[k].numpy(), v) for k, v in _new_head().items())
+    assert all(np.array_equal(got[k].numpy(), v) for k, v in _new_head().to_state_dict().items())
 
 
 def test_a_tampered_head_or_damaged_parent_is_refused(tmp_path, small_bundle, keys):

@@ -1,10 +1,12 @@
 """End to end in Flower's simulation engine (Ray) with the real tiny bundle.
 
 One federation run (module fixture) of 4 sites for 2 rounds serves several checks:
-- site 3 holds a single class and fewer fine-tune cases than the floor (5): it sends no head
-  update (reason fewer-cases-than-minimum), its held-out metrics are withheld, and the run goes on;
+- site 3 holds a single class and its split plans fewer fine-tune cases than the floor (5): it
+  refuses the bundle offer (reason fewer-cases-than-minimum), the first message, so no bundle is
+  sent to it and it never trains; the run goes on with the others;
 - site 4 trusts another coordinator key, so it refuses the bundle and is left out;
-- the aggregated head of each round equals the case-weighted mean of the site updates;
+- the aggregated head of each round equals the weighted mean of the site updates, with the weights
+  the report gives (each site's fine-tune count, capped at max-site-share);
 - every message a site sent (kept in its outgoing audit folder) passes the privacy inspection;
 - the run is cross-fitted (5 fold heads, the default): each site's federated threshold comes from
   the out-of-fold scores of the aggregated fold heads, not from the main head's own scores.
@@ -93,12 +95,12 @@ def _outgoing(out: Path, i: int) -> list[dict]:
 def test_federation_runs_and_reports(federation, tiny_bundle):
     out, report = federation
     names = report["run"]["sites"]
-    assert len(names) == 3 and not any(n.startswith("site-4") for n in names)
+    assert len(names) == 2 and not any(n.startswith(("site-3", "site-4")) for n in names)
+    assert report["run"]["status"] == "finished"
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     for rnd in report["rounds"]:
         assert sorted(s["site"] for s in rnd["train"]["sites"]) == sorted(names)
-        assert [s["status"] == "accepted" for s in sorted(rnd["train"]["sites"], key=lambda s: s["site"])] == \
-            [True, True, False]  # the one-class site is under the floor
+        assert all(s["status"] == "accepted" for s in rnd["train"]["sites"])
         assert rnd["evaluate"]["pooled"]["n_sites"] >= 2
     final = {s["site"]: s for s in report["final"]["sites"]}
     assert set(final) == set(names)
@@ -106,6 +108,12 @@ def test_federation_runs_and_reports(federation, tiny_bundle):
         for model in P.FINAL_ARMS:
             # a held-out split under the floor does not even send its size (issue 21)
             assert s[model]["withheld"] == 1 or s[model]["n"] >= 5
+    from server.run_folder import latest_run
+
+    run_folder = latest_run(out / "server")  # the run's own folder; out/report is report-dir's copy
+    assert run_folder.name == report["run"]["run_id"] and (run_folder / "report.json").is_file()
+    events = [json.loads(line)["event"] for line in (run_folder / "events.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert events[0] == "run_started" and events[-1] == "run_finished"
     md = (out / "report" / "report.md").read_text(encoding="utf-8")
     assert "Before fine-tuning" in md and "Local-only last-layer fine-tuning" in md and "Federated last-layer" in md
     assert "site threshold" in md
@@ -113,24 +121,24 @@ def test_federation_runs_and_reports(federation, tiny_bundle):
     print(f"federation of 4 sites x {ROUNDS} rounds: {report['_wall_s']:.1f} s")
 
 
-def test_site_under_the_floor_sends_no_head_update_and_withholds_metrics(federation):
+def test_site_under_the_floor_is_refused_in_the_first_message(federation):
+    """Issue 22: a site whose split cannot give the minimum of fine-tune cases is left out before the
+    bundle is sent, instead of after preprocessing every case."""
     out, report = federation
-    site = next(s for s in report["final"]["sites"] if "negatives" in s["site"])
-    for arm in P.FINAL_ARMS:
-        assert site[arm]["withheld"] == 1 and site[arm].get("auc") is None
-        assert site["reasons"][f"{arm}.auc"] == P.REASON_TOO_FEW
-    trains = [m for m in _outgoing(out, 3) if m["message_type"] == "train"]
-    assert len(trains) == ROUNDS
-    for m in trains:
-        assert P.HEAD not in m["content"]
-        info = m["content"]["info"]["items"]
-        assert info[P.INFO_STATUS] == P.STATUS_REFUSED and info[P.INFO_REASON] == P.REASON_TOO_FEW
+    label = next(r for r in report["distribution"]["refused"] if r.startswith("site-3"))
+    assert report["distribution"]["reasons"][label] == P.REASON_TOO_FEW
+    sent = _outgoing(out, 3)
+    assert [m["message_type"] for m in sent] == ["query.bundle"]  # its only message: the offer
+    info = sent[0]["content"]["info"]["items"]
+    assert info[P.INFO_STATUS] == P.STATUS_REFUSED and info[P.INFO_REASON] == P.REASON_TOO_FEW
+    assert not (out / "sites" / "site-3" / "state" / "bundles").exists()
+    assert not (out / "sites" / "site-3" / "state" / "cache").exists()  # nothing was preprocessed
 
 
 def test_site_with_the_wrong_key_refuses_the_bundle(federation, tiny_bundle):
     out, report = federation
-    refused = report["distribution"]["refused"]
-    assert len(refused) == 1 and refused[0].startswith("site-4")
+    refused = [r for r in report["distribution"]["refused"] if r.startswith("site-4")]
+    assert len(refused) == 1 and report["distribution"]["reasons"][refused[0]] == P.REASON_BUNDLE_VERIFICATION
     sent = _outgoing(out, 4)
     infos = [m["content"]["info"]["items"] for m in sent]
     assert infos[-1][P.INFO_STATUS] == P.STATUS_REFUSED
@@ -142,12 +150,15 @@ def test_site_with_the_wrong_key_refuses_the_bundle(federation, tiny_bundle):
 def test_aggregate_is_the_case_weighted_mean_of_site_updates(federation):
     from safetensors.numpy import load_file
 
-    out, _ = federation
+    out, report = federation
     updates = {i: [m for m in _outgoing(out, i) if m["message_type"] == "train"] for i in (1, 2)}
     assert all(len(u) == ROUNDS for u in updates.values())
     for r in range(1, ROUNDS + 1):
         ckpt = load_file(str(out / "server" / "checkpoints" / f"round-{r:04d}.safetensors"))
-        weights = [updates[i][r - 1]["content"]["metrics"]["items"][P.NUM_EXAMPLES] for i in updates]
+        claimed = [updates[i][r - 1]["content"]["metrics"]["items"][P.NUM_EXAMPLES] for i in updates]
+        rows = sorted(report["rounds"][r - 1]["train"]["sites"], key=lambda row: row["site"])
+        weights = [row["weight"] for row in rows]  # the capped weights the server used, in site order
+        assert weights == [min(c, min(claimed)) for c in claimed]  # two sites at max-site-share 0.5
         for key in ("weight", "bias"):
             arrays = [np.array(updates[i][r - 1]["content"]["arrays"]["items"][key]["values"], np.float64) for i in updates]
             expected = sum(a * w for a, w in zip(arrays, weights)) / sum(weights)
@@ -195,7 +206,7 @@ def test_every_outgoing_message_passes_the_privacy_inspection(federation, sites)
                 assert isinstance(value, str) and len(value) <= 64
                 for text in (key, value):
                     assert not any(f in text for f in forbidden_text), (key, value)
-    assert n_messages >= 3 * 7 + 1
+    assert n_messages >= 2 * 6 + 1 + 2
 
 
 def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, tiny_bundle):
@@ -209,13 +220,14 @@ def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, ti
     assert fb["parent_hash"] == report["run"]["bundle_hash"]
     lineage = fb["lineage"]
     assert lineage["parent_hash"] == report["run"]["bundle_hash"]
-    assert lineage["federated"]["rounds"] == ROUNDS and lineage["federated"]["n_sites"] == 3
+    assert lineage["federated"]["rounds"] == ROUNDS and lineage["federated"]["n_sites"] == 2
+    assert "weighted median" in lineage["federated"]["threshold"]
     assert lineage["federated"]["aggregate_metrics"]["n_sites"] >= 2
     bundle = load_bundle(fb["path"], tiny_bundle.public_key)
     state = bundle.classifier_weights()  # layout v2: backbone and head files merged
     last = load_file(str(out / "server" / "checkpoints" / f"round-{ROUNDS:04d}.safetensors"))
     np.testing.assert_array_equal(state["fc.weight"].numpy(), last["weight"])
-    for i in (1, 2, 3):
+    for i in (1, 2):
         state_dir = out / "sites" / f"site-{i}" / "state"
         kept = json.loads((state_dir / "final.json").read_text(encoding="utf-8"))
         assert kept["bundle_hash"] == bundle.hash and Path(kept["bundle_path"]).is_dir()
@@ -230,11 +242,12 @@ def test_federated_threshold_comes_from_the_fold_heads_out_of_fold_scores(federa
     from safetensors.numpy import load_file
 
     from client.calibrate import site_threshold
-    from client.cross_fit import HeadSet, case_folds, cross_fit_scores
+    from client.cross_fit import case_folds, cross_fit_scores
     from client.features import FeatureStore
     from client.seeds import cross_fit_seed
     from client.site_config import load_site_config
     from shared.bundle import load_bundle
+    from shared.models.head import HeadSet
 
     out, report = federation
     assert report["run"]["cross_fit_folds"] == 5
@@ -302,7 +315,7 @@ def test_resume_after_the_server_is_killed(tiny_bundle, sites, federation, tmp_p
     assert 1 <= killed_at < rounds
     assert not (tmp_path / "run" / "report" / "report.json").exists()
 
-    from server.app import run_federation
+    from server.federation import run_federation
     from server.settings import ServerSettings
     from shared.plumbing.errors import IchfedError
 

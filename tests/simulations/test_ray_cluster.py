@@ -106,8 +106,10 @@ def test_simulate_on_a_ray_cluster_with_a_readable_console(tiny_bundle, ray_head
     assert set(rounds.values()) == {1}, rounds  # each Flower record once, not twice
     assert "DEPRECATED FEATURE" not in log_text
 
+    from server.run_folder import latest_run
+
     events = [json.loads(line)
-              for line in (out / "server" / "events.jsonl").read_text(encoding="utf-8").splitlines()]
+              for line in (latest_run(out / "server") / "events.jsonl").read_text(encoding="utf-8").splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
     finished = [e for e in events if e["event"] == "round_finished"]
