@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -71,17 +70,10 @@ class ReaderSettings:
 
 
 def make_analyse(predictor: Any) -> Callable:
-    """The worker's job for one case: read, segment, classify, as ``Predictor.predict`` does."""
-    from shared.imaging.ingest import read_image
+    """The worker's job for one case: ``Predictor.read_case``, the reading path of ``Predictor.predict``."""
 
     def analyse(path: Path, progress: Callable[[str], None]):
-        t0 = time.perf_counter()
-        ingested = read_image(path)
-        ingest_s = time.perf_counter() - t0
-        result, image, mask = predictor.predict_image(ingested, progress=progress)
-        # Same key order and content as Predictor.predict, i.e. `ichfed predict --json`.
-        result["timings"] = {"ingest": round(ingest_s, 4), **result["timings"]}
-        return result, image, mask
+        return predictor.read_case(path, progress=progress)
 
     return analyse
 

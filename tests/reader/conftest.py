@@ -76,8 +76,8 @@ def lesion_case(reader_predictor, tiny_bundle) -> Case:
     ranked = sorted((c for c in site.cases if c.mask_path), key=ich_voxels, reverse=True)
     for case in ranked[:3]:
         result = reader_predictor.predict(case.image_path)
-        if result["lesion_found"]:
-            return Case(case.image_path, result)
+        if result.lesion_found:
+            return Case(case.image_path, result.to_dict())
     raise AssertionError("the tiny bundle's segmenter found no ICH in the three largest cohort lesions")
 
 
@@ -85,7 +85,7 @@ def lesion_case(reader_predictor, tiny_bundle) -> Case:
 def no_lesion_case(reader_predictor, tmp_path_factory) -> Case:
     """A simulated head without blood; the predictor finds no ICH in it."""
     path = _healthy_head(tmp_path_factory.mktemp("reader_cases") / "healthy_head.nii.gz")
-    return Case(path, reader_predictor.predict(path))
+    return Case(path, reader_predictor.predict(path).to_dict())
 
 
 @pytest.fixture(scope="session")
@@ -130,4 +130,4 @@ def showcase_case(reader_predictor, ge_series, tmp_path_factory) -> Case:
     image, _ = case.images()
     path = tmp_path_factory.mktemp("reader_showcase") / "synthetic-ich-real-head.nii.gz"
     write_nifti(image, path)
-    return Case(path, reader_predictor.predict(path))
+    return Case(path, reader_predictor.predict(path).to_dict())

@@ -23,6 +23,7 @@ from client.reader.app import ReaderSettings, create_app
 from client.reader.upload import receive
 from client.reader.workdir import MARKER, PREFIX, new_case_folder, remove_leftovers
 from shared.plumbing.errors import IchfedError
+from shared.prediction import BundleRef, PredictionResult
 
 from .conftest import serve_in_thread
 
@@ -49,11 +50,9 @@ class GatedAnalyse:
         progress("segmentation")
         mask = sitk.Cast(image > 60, sitk.sitkUInt8)
         ich_ml = float(sitk.GetArrayViewFromImage(mask).sum())
-        # The keys the page reads, in the shape of Predictor.predict's result (no classifier here).
-        result = {"lesion_found": False, "n_components": 0, "ich_ml": ich_ml, "phe_ml": 0.0, "ich_mean_hu": None,
-                  "phe_mean_hu": None, "p_neoplastic": None, "threshold": 0.5, "threshold_source": "bundle",
-                  "label": None, "quality_flags": [], "extracranial_ml_removed": 0.0, "timings": {},
-                  "bundle": INFO["bundle"]}
+        # A Predictor's result without a classifier: no lesion classified, the volume measured.
+        result = PredictionResult(source=str(path), lesion_found=False, ich_ml=ich_ml, phe_ml=0.0, threshold=0.5,
+                                  extracranial_ml_removed=0.0, bundle=BundleRef(**INFO["bundle"]))
         return result, image, mask
 
 

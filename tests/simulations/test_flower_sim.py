@@ -224,6 +224,24 @@ def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, ti
 
 
 
+def test_the_demo_reads_its_case_through_the_site_overlay(federation, tiny_bundle):
+    """Issue 23: `ichfed demo` step 3 opens its predictor like `ichfed predict --site-config`
+    (``open_predictor``): the site overlay's threshold, calibration and BatchNorm statistics all
+    apply, where the demo used to take the threshold alone."""
+    from client.overlay import load_overlay
+    from client.site_config import load_site_config
+    from simulations.demo import read_one_case
+
+    out, report = federation
+    reading = read_one_case(out, tiny_bundle.path)
+    assert reading.bundle_dir == Path(report["final_bundle"]["path"])
+    overlay = load_overlay(load_site_config(reading.site_config).state_dir, reading.result.bundle.hash)
+    r = reading.result
+    assert (r.threshold, r.threshold_source) == (pytest.approx(overlay.threshold), "site")
+    assert r.calibration_source == "site" and overlay.calibration is not None
+    assert r.norm_stats_source == ("site" if overlay.norm_stats else "bundle")
+
+
 def test_federated_threshold_comes_from_the_fold_heads_out_of_fold_scores(federation, tiny_bundle):
     """Cross-fitted federation: the site trained fold head k without its fold-k cases, and the
     federated arm's threshold is the midpoint rule on the aggregated fold heads' out-of-fold scores."""
