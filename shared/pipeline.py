@@ -105,12 +105,14 @@ class Predictor:
         from shared.models.classifier import backbone_and_head
         from shared.models.head import Head
         from shared.models.segment import Segmenter
+        from shared.plumbing import rules
         from shared.plumbing.device import pick_device
 
         self.bundle = bundle
         self.device = pick_device(device)
         self.crop_spec = bundle.crop_spec
-        self.threshold = float(threshold) if threshold is not None else float(bundle.threshold.p)
+        # A given (site) threshold meets the one threshold rule, as the bundle's did when it was read.
+        self.threshold = rules.threshold(threshold, "threshold") if threshold is not None else float(bundle.threshold.p)
         self.threshold_source = "site" if threshold is not None else "bundle"
         self.segmenter = Segmenter(bundle.nnunet_dir, device=str(self.device.type), use_mirroring=use_mirroring,
                                    tile_step_size=tile_step_size, file_hashes=bundle.nnunet_file_hashes)
