@@ -6,8 +6,9 @@
 2. ``federate``: three external simulated hospitals fine-tune the last layer with Flower's
    simulation engine (``ichfed simulate``); the report holds the four arms and their differences.
 3. ``read_one_case``: one case of a simulated site read as ``ichfed predict --site-config`` reads
-   it: the federated bundle through ``client.site_predictor.open_predictor``, so the site overlay's
-   threshold, calibration and BatchNorm statistics all apply.
+   it, through ``client.site_predictor.open_predictor``: the site's active model (the federated
+   bundle if the site adopted it) with the site overlay's threshold, calibration and BatchNorm
+   statistics.
 
 This module computes; the CLI (``ichfed/commands/demo.py``) prints, so the simulations do not
 depend on the command line.
@@ -42,11 +43,13 @@ class Reference:
 
 @dataclasses.dataclass(frozen=True)
 class CaseReading:
-    """One case read by a site: the result, and the bundle and site config it was read with."""
+    """One case read by a site: the result, the bundle and site config it was read with, and the
+    site's active-model record (``client.adoption.ActiveModel``; None if the site has none)."""
 
     result: PredictionResult
     bundle_dir: Path
     site_config: Path
+    active: Any
 
 
 def reference_bundle(out: Path, profile: str, seed: int) -> Reference:
@@ -87,12 +90,14 @@ def federation_dir(out: Path) -> Path:
 def read_one_case(sim_out: Path, fallback_bundle: Path) -> CaseReading:
     """The last case of a simulated site of ``sim_out``, read as that site reads it.
 
-    ``open_predictor(bundle, site_config=...)`` is the path of ``ichfed predict --site-config`` and
-    the reader: the site's key verifies the federated bundle (``fallback_bundle`` if the run wrote
-    none), and the site's overlay for that bundle supplies threshold, calibration and statistics.
-    The site is the first (by config name) that kept an overlay for the bundle.
+    ``open_predictor(None, site_config=...)`` is ``ichfed predict --site-config`` without
+    ``--bundle``: the site's active model (``client.adoption``: the federated bundle if the site
+    adopted it, else the model it was given), verified with the site's key, with the site's overlay
+    for it (threshold, calibration, BatchNorm statistics). The site is the first (by config name)
+    that adopted the federated bundle, else the first. A site without an active model (a run that
+    ended early) reads the federated bundle, or ``fallback_bundle`` when the run wrote none.
     """
-    from client.overlay import overlay_path
+    from client.adoption import active_model
     from client.site_config import load_site_config
     from client.site_predictor import open_predictor
     from shared.bundle import bundle_hash
@@ -102,15 +107,18 @@ def read_one_case(sim_out: Path, fallback_bundle: Path) -> CaseReading:
     configs = sorted(sim_out.glob("site_configs/*.toml"))
     if not configs:
         raise IchfedError(f"{sim_out}: no site configs; run the federation step first")
-    bundle_dir = _final_bundle(sim_out) or Path(fallback_bundle)
-    digest = bundle_hash(bundle_dir)
+    federated = _final_bundle(sim_out)
+    federated_hash = bundle_hash(federated) if federated is not None else None
     sites = [(path, load_site_config(path)) for path in configs]
-    path, site = next(((p, s) for p, s in sites if overlay_path(s.state_dir, digest).is_file()), sites[0])
+    actives = {path: active_model(site.state_dir) for path, site in sites}
+    path, site = next(((p, s) for p, s in sites
+                       if actives[p] is not None and actives[p].bundle_hash == federated_hash), sites[0])
     cases = sorted(read_site(site.data_dir, allow_unlabelled=True).cases, key=lambda c: c.case_id)
     if not cases:
         raise IchfedError(f"{site.data_dir}: no cases to read")
-    predictor = open_predictor(bundle_dir, site_config=path)
-    return CaseReading(predictor.predict(cases[-1].image_path), bundle_dir, path)
+    bundle = None if actives[path] is not None else (federated or Path(fallback_bundle))
+    predictor = open_predictor(bundle, site_config=path)
+    return CaseReading(predictor.predict(cases[-1].image_path), Path(predictor.bundle.path), path, actives[path])
 
 
 def _final_bundle(sim_out: Path) -> Path | None:

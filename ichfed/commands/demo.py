@@ -13,8 +13,8 @@ def register(sub) -> None:
         help="the whole job on synthetic data: reference bundle, 3 federated sites, one case read",
         description="1. bootstrap a reference bundle on the synthetic development site (cached in OUT); "
         "2. federate three simulated hospitals (last layer, Flower simulation) and print the four arms; "
-        "3. read one case of a site with the federated bundle and that site's overlay, as "
-        "`ichfed predict --site-config` does. The log goes to OUT/ichfed.log.",
+        "3. read one case of a site with its active model (the federated bundle if the site adopted it) and "
+        "the site's overlay, as `ichfed predict --site-config` does. The log goes to OUT/ichfed.log.",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out); rerun to reuse its caches")
     p.add_argument("--profile", default="demo", choices=["ci", "demo"], help="bootstrap profile (default demo)")
@@ -53,8 +53,10 @@ def run(args) -> int:
     print(verdict(sim))
     print(f"full report: {demo.federation_dir(out) / 'report' / 'report.md'}")
 
-    _banner("3/3 reading a case as a site does: the federated model with the site's overlay")
+    _banner("3/3 reading a case as a site does: its active model with its overlay")
     reading = demo.read_one_case(demo.federation_dir(out), ref.bundle_dir)
-    print(f"site config {reading.site_config}, bundle {reading.bundle_dir}")
+    how = f"its active model since {reading.active.since_utc} ({reading.active.source})" if reading.active \
+        else "no active model; the run's bundle"
+    print(f"site {reading.site_config.stem}: {how}, {reading.bundle_dir}")
     print(format_result(reading.result))
     return 0
