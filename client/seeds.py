@@ -1,11 +1,11 @@
 """Every seed a site derives from its config's ``seed``, in one place.
 
 Each stage gets its own stream so that changing one (say, the number of cross-fit folds) leaves
-the others (the fine-tune / held-out split, the round's training order) as they were. The streams
-are ``numpy.random.SeedSequence`` children: the site seed is the entropy and the spawn key names
-the stream and its indices (round, fold), so two streams never share a seed by arithmetic
-coincidence, as the earlier ``seed * 100_003 + round`` formulas did (``fold_head_seed(0, 1, 0)``
-equalled ``round_seed(0, 32)``).
+the others (the fine-tune / held-out split, the round's training order) as they were. The split
+uses the site's seed itself; the other streams are ``numpy.random.SeedSequence`` children: the
+site seed is the entropy and the spawn key names the stream and its indices (round, fold), so
+two streams never share a seed by arithmetic coincidence, as the earlier ``seed * 100_003 +
+round`` formulas did (``fold_head_seed(0, 1, 0)`` equalled ``round_seed(0, 32)``).
 
 Each seed is one 32-bit word of the child's state: valid for ``numpy.random.default_rng``,
 ``torch.Generator.manual_seed`` and scikit-learn's ``random_state`` alike. Changing a stream's
@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 # Stream names in the spawn key; fixed forever (changing one changes that stage's results).
-_SPLIT, _ROUND, _FOLD_HEAD, _CROSS_FIT, _OUT_OF_FOLD = range(5)
+# 0 was reserved for the split, which keeps the site's seed itself (see split_seed).
+_ROUND, _FOLD_HEAD, _CROSS_FIT, _OUT_OF_FOLD = range(1, 5)
 
 
 def _derive(entropy: int, *key: int) -> int:
@@ -28,8 +29,15 @@ def _derive(entropy: int, *key: int) -> int:
 
 
 def split_seed(site_seed: int) -> int:
-    """The fine-tune / held-out split (``client.split.stratified_split``)."""
-    return _derive(site_seed, _SPLIT)
+    """The fine-tune / held-out split (``client.split.stratified_split``): the site's seed itself.
+
+    The split decides which cases a site never trains on; it stays what it was before the streams
+    below became ``SeedSequence`` children (and what ``split.json`` records), so an upgrade never moves
+    a held-out case into fine-tuning. The derived streams are hashes, so they do not meet it by formula.
+    """
+    if int(site_seed) < 0:
+        raise ValueError(f"seeds are non-negative, got {site_seed}")
+    return int(site_seed)
 
 
 def round_seed(site_seed: int, server_round: int = 0) -> int:

@@ -49,9 +49,13 @@ def test_seeds_are_fixed_32_bit_and_accepted_by_every_consumer():
         seeds.round_seed(-1, 0)
 
 
-@pytest.mark.parametrize("stream", ["split_seed", "cross_fit_seed"])
+@pytest.mark.parametrize("stream", ["cross_fit_seed", "round_seed"])
 def test_neighbouring_site_seeds_give_unrelated_seeds(stream):
     f = getattr(seeds, stream)
     values = [f(s) for s in range(200)]
     assert len(set(values)) == 200
     assert not any(b - a == 1 for a, b in itertools.pairwise(values))  # not the identity or a shift
+
+
+def test_the_split_keeps_the_sites_seed_so_an_upgrade_moves_no_held_out_case():
+    assert [seeds.split_seed(s) for s in (0, 7, 2**31 - 1)] == [0, 7, 2**31 - 1]
