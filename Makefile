@@ -22,7 +22,7 @@ browser:
 	  (apt-get update -q && apt-get install -y -q chromium) >/dev/null; }
 
 demo: $(STAMP)
-	$(BIN)/python -m simulations.demo --out $(DEMO_OUT)
+	$(BIN)/ichfed demo --out $(DEMO_OUT)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q --timeout=1500

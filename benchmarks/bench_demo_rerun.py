@@ -1,6 +1,6 @@
 """How long a repeated `make demo` takes once every cache is warm (issue 15: ≤ 3 minutes on 2 cores).
 
-``make demo`` runs ``python -m simulations.demo --out demo_out``. A second run finds the signed
+``make demo`` runs ``ichfed demo --out demo_out``. A second run finds the signed
 bundle (verified, not retrained), the sites' cohorts, their preprocessing cache (nnU-Net, crops,
 embeddings) and their site-statistics cache, so what is left is Ray's start, the federated rounds
 (head training and messages), the report and reading one case. This script runs that command
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                "sd": round(statistics.stdev(walls), 1) if len(walls) > 1 else None, "n": len(walls)}
     result = {
         "benchmark": "demo_rerun",
-        "command": f"python -m simulations.demo --out {args.out_dir} --profile {args.profile}",
+        "command": f"ichfed demo --out {args.out_dir} --profile {args.profile}",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(out_dir: Path, profile: str) -> dict:
     """One demo run; its wall time, exit code, console lines and load."""
-    cmd = [sys.executable, "-m", "simulations.demo", "--out", str(out_dir), "--profile", profile]
+    cmd = [sys.executable, "-m", "ichfed", "demo", "--out", str(out_dir), "--profile", profile]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, encoding="utf-8")

@@ -8,8 +8,8 @@ without pickle and checked against the backbone before use). None of it leaves t
 
 ``load_overlay`` is the one reader: ``ichfed predict --site-config``, ``ichfed reader
 --threshold-from`` and the ClientApp all go through it, so a broken file (NaN, ``null``, a
-string, a threshold outside (0, 1), bad JSON) is the same one-line ``IchfedError`` naming the
-file and field everywhere, never a server error or a silent "all non-neoplastic". Files from
+string, a threshold outside (0, 1) or off the 0.01 grid, a calibration whose slope is not positive
+or not bounded, bad JSON) is the same one-line ``IchfedError`` naming the file and field everywhere, never a server error or a silent "all non-neoplastic". Files from
 before the overlay (``<state_dir>/thresholds/<hash>.json``) are read as overlay version 0.
 """
 
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from shared.federation import protocol as P
+from shared.plumbing import rules
 from shared.plumbing.errors import IchfedError
 
 OVERLAY_VERSION = 1
@@ -109,7 +109,9 @@ def parse_overlay(data: Any, path: str | os.PathLike, bundle_hash: str | None = 
     version = data.get("version", 0)
     if version not in (0, OVERLAY_VERSION) or isinstance(version, bool):
         raise IchfedError(f"{path}: version: unsupported site overlay version {version!r}")
-    threshold = validate_threshold(data.get("threshold"), f"{path}: threshold")
+    # A site threshold lies strictly inside (0, 1) and on the grid the site rule puts it on
+    # (shared.plumbing.rules.threshold): 1e-300 or 0.9999999999 was never chosen by this site.
+    threshold = rules.threshold(data.get("threshold"), f"{path}: threshold", grid=P.THRESHOLD_GRID)
     stored_hash = data.get("bundle_hash", bundle_hash)
     if not isinstance(stored_hash, str) or not P.HASH_RE.match(stored_hash):
         raise IchfedError(f"{path}: bundle_hash: must be a 64-character hex bundle hash")
@@ -120,7 +122,7 @@ def parse_overlay(data: Any, path: str | os.PathLike, bundle_hash: str | None = 
         raise IchfedError(f"{path}: threshold_source: must be a string")
     calibration = data.get("calibration")
     if calibration is not None:
-        _validate_calibration(calibration, f"{path}: calibration")
+        _validate_calibration(calibration, path)
     site = data.get("site")
     if site is not None and not isinstance(site, str):
         raise IchfedError(f"{path}: site: must be a string")
@@ -156,35 +158,19 @@ def _validate_norm_stats(value: Any, bundle_hash: str, where: str) -> None:
         raise IchfedError(f"{where}: n_cases: must be a non-negative integer")
 
 
-def validate_threshold(value: Any, where: str) -> float:
-    """``value`` as a probability threshold strictly inside (0, 1), or ``IchfedError("<where>: ...")``.
-
-    0 would call every case neoplastic and 1 none; a NaN compares false with every score and so
-    would silently call every case non-neoplastic.
-    """
-    if value is None:
-        raise IchfedError(f"{where}: missing or null (a probability in (0, 1) is required)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise IchfedError(f"{where}: must be a number, got {type(value).__name__} {value!r}"[:200])
-    v = float(value)
-    if not math.isfinite(v) or not 0.0 < v < 1.0:
-        raise IchfedError(f"{where}: must lie strictly between 0 and 1, got {value!r}")
-    return v
-
-
-def _validate_calibration(value: Any, where: str) -> None:
+def _validate_calibration(value: Any, path: str | os.PathLike) -> None:
     if not isinstance(value, dict) or not isinstance(value.get("kind"), str):
-        raise IchfedError(f"{where}: must be an object with a 'kind'")
+        raise IchfedError(f"{path}: calibration: must be an object with a 'kind'")
     try:
         from shared.evaluation.calibration import Calibration
     except ImportError:  # the calibration module is optional for reading a threshold
         return
     try:
-        Calibration.from_dict(value)
-    except IchfedError:
-        raise
+        Calibration.from_dict(value)  # the slope and intercept rules of shared.plumbing.rules
+    except IchfedError as e:  # "calibration.slope: must be positive ..."
+        raise IchfedError(f"{path}: {_first_line(e)}") from None
     except Exception as e:  # a malformed calibration is the file's fault, said in one line
-        raise IchfedError(f"{where}: not a valid calibration ({_first_line(e)})") from None
+        raise IchfedError(f"{path}: calibration: not a valid calibration ({_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -35,6 +35,7 @@ import numpy as np
 from shared.federation import protocol as P
 from shared.federation import stats_protocol as S
 from shared.models.head import HeadSet
+from shared.plumbing import rules
 from shared.plumbing.errors import IchfedError
 
 log = logging.getLogger(__name__)
@@ -282,8 +283,7 @@ def _check_histogram(key: str, value: Any) -> None:
 
 
 def _check_on_grid(key: str, value: float) -> None:
-    steps = value / P.THRESHOLD_GRID
-    if abs(steps - round(steps)) > 1e-6:
+    if rules.grid_steps(value, P.THRESHOLD_GRID) is None:  # the one grid rule (shared.plumbing.rules)
         raise PrivacyViolation(f"metric '{key}' = {value!r} is not on the {P.THRESHOLD_GRID} threshold grid")
 
 

@@ -78,25 +78,11 @@ def load_site_config(path: str | os.PathLike) -> SiteConfig:
 
 
 def write_site_config(cfg: SiteConfig, path: str | os.PathLike) -> Path:
-    """Write ``cfg`` as TOML (absolute paths), atomically."""
+    """Write ``cfg`` as TOML (absolute paths; unset optional keys left out), atomically."""
+    import tomli_w
+
     from shared.plumbing.atomic import write_text
+    from shared.plumbing.config import to_dict
 
-    lines = []
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if v is None:
-            continue
-        if isinstance(v, Path):
-            v = str(v)
-        if isinstance(v, str):
-            lines.append(f"{f.name} = {_toml_str(v)}")
-        elif isinstance(v, bool):
-            lines.append(f"{f.name} = {'true' if v else 'false'}")
-        else:
-            lines.append(f"{f.name} = {v!r}")
-    write_text(path, "\n".join(lines) + "\n")
+    write_text(path, tomli_w.dumps({k: v for k, v in to_dict(cfg).items() if v is not None}))
     return Path(path)
-
-
-def _toml_str(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -22,10 +22,11 @@ from shared.plumbing.logs import flush_tallies
 from . import __version__
 
 # Order here is the order in `ichfed --help`.
-COMMANDS = ["ingest", "cohort", "bootstrap", "predict", "bundle", "site", "federate", "simulate", "stats", "pki", "reader"]
+COMMANDS = ["ingest", "cohort", "bootstrap", "predict", "bundle", "site", "federate", "simulate", "stats", "pki", "reader",
+            "demo"]
 # Commands that can work for minutes: off a terminal they print a progress line at least every 30 s
 # (shared.plumbing.progress.heartbeat). The reader serves until stopped: no heartbeat there.
-LONG_COMMANDS = {"ingest", "cohort", "bootstrap", "predict", "site", "simulate", "stats"}
+LONG_COMMANDS = {"ingest", "cohort", "bootstrap", "predict", "site", "simulate", "stats", "demo"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +95,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _log_dir(args) -> Path | None:
-    """The run folder of commands that have one (simulate, stats: --out; bootstrap: its work folder)."""
-    if args.command in ("simulate", "stats"):
+    """The run folder of commands that have one (simulate, stats, demo: --out; bootstrap: its work folder)."""
+    if args.command in ("simulate", "stats", "demo"):
         return Path(args.out)
     if args.command == "bootstrap":
         return Path(args.work) if args.work else Path(args.out).parent / f"{Path(args.out).name}-work"

@@ -1,7 +1,8 @@
 """The end-to-end case pipeline: ingest -> segment -> crop + volumetrics -> embed -> head.
 
 ``ichfed predict``, the reader page and the site runtime all go through ``Predictor`` so that
-a case gives the same numbers everywhere. The model is loaded once per ``Predictor``.
+a case gives the same numbers everywhere. The model is loaded once per ``Predictor``. A case's
+result is a ``shared.prediction.PredictionResult``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from shared.imaging.crop import Crop, make_crop
 from shared.imaging.ingest import Ingested, IngestOptions, read_image
 from shared.imaging.quality import quality_flags
 from shared.imaging.volumetrics import Volumetrics, measure
+from shared.prediction import BundleRef, PredictionResult
 
 if TYPE_CHECKING:  # shared.models.segment imports nnU-Net's stack; loaded when a Predictor is built
     from shared.models.segment import Segmentation
@@ -103,12 +105,14 @@ class Predictor:
         from shared.models.classifier import backbone_and_head
         from shared.models.head import Head
         from shared.models.segment import Segmenter
+        from shared.plumbing import rules
         from shared.plumbing.device import pick_device
 
         self.bundle = bundle
         self.device = pick_device(device)
         self.crop_spec = bundle.crop_spec
-        self.threshold = float(threshold) if threshold is not None else float(bundle.threshold.p)
+        # A given (site) threshold meets the one threshold rule, as the bundle's did when it was read.
+        self.threshold = rules.threshold(threshold, "threshold") if threshold is not None else float(bundle.threshold.p)
         self.threshold_source = "site" if threshold is not None else "bundle"
         self.segmenter = Segmenter(bundle.nnunet_dir, device=str(self.device.type), use_mirroring=use_mirroring,
                                    tile_step_size=tile_step_size, file_hashes=bundle.nnunet_file_hashes)
@@ -158,8 +162,8 @@ class Predictor:
     # -- whole cases ----------------------------------------------------------------------
     def predict_image(
         self, ingested: Ingested, progress: Callable[[str], None] | None = None
-    ) -> tuple[dict[str, Any], sitk.Image, sitk.Image]:
-        """Run the pipeline on an ingested image; returns the result dict, the HU image and the label map.
+    ) -> tuple[PredictionResult, sitk.Image, sitk.Image]:
+        """Run the pipeline on an ingested image; returns the result, the HU image and the label map.
 
         ``progress(stage)`` is told when "segmentation" and then "classification" start (the reader page).
         """
@@ -176,65 +180,70 @@ class Predictor:
         result = self._result(ingested, prepared, timer)
         return result, image, prepared.mask
 
-    def predict(self, path: str | os.PathLike, save_masks_dir: str | os.PathLike | None = None,
-                ingest_options: IngestOptions | None = None) -> dict[str, Any]:
-        """Read, segment and classify one image (NIfTI, DICOM folder or zip); the JSON of ``ichfed predict``.
+    def read_case(
+        self, path: str | os.PathLike, progress: Callable[[str], None] | None = None,
+        ingest_options: IngestOptions | None = None,
+    ) -> tuple[PredictionResult, sitk.Image, sitk.Image]:
+        """Read one image (NIfTI, DICOM folder or zip) and run ``predict_image`` on it, ingest timed.
 
+        The one reading path of ``predict`` and the reader page, so both give the same result.
         ``ingest_options`` accepts what ingestion refuses by default (``--allow-missing-slices``,
         ``--nifti-geometry``); the result's ``ingest_notes`` then say so.
         """
         t0 = time.perf_counter()
         ingested = read_image(path, ingest_options)
         ingest_s = time.perf_counter() - t0
-        result, _, mask = self.predict_image(ingested)
-        result["timings"] = {"ingest": round(ingest_s, 4), **result["timings"]}
+        result, image, mask = self.predict_image(ingested, progress=progress)
+        timings = {"ingest": round(ingest_s, 4), **result.timings}
+        return dataclasses.replace(result, timings=timings), image, mask
+
+    def predict(self, path: str | os.PathLike, save_masks_dir: str | os.PathLike | None = None,
+                ingest_options: IngestOptions | None = None) -> PredictionResult:
+        """Read, segment and classify one image; ``.to_dict()`` is the JSON of ``ichfed predict``."""
+        result, _, mask = self.read_case(path, ingest_options=ingest_options)
         if save_masks_dir is not None:
             from shared.plumbing.atomic import atomic_path
 
             out = Path(save_masks_dir) / mask_file_name(Path(path))
             with atomic_path(out) as tmp:
                 sitk.WriteImage(mask, str(tmp), useCompression=True)
-            result["mask_path"] = str(out)
+            result = dataclasses.replace(result, mask_path=str(out))
         return result
 
-    def _result(self, ingested: Ingested, prepared: Prepared, timer: _Timer) -> dict[str, Any]:
+    def _result(self, ingested: Ingested, prepared: Prepared, timer: _Timer) -> PredictionResult:
         vol = prepared.volumetrics
         crop = prepared.crop
-        result: dict[str, Any] = {
-            "source": ingested.source,
-            "lesion_found": bool(crop.lesion_found),
-            "n_components": int(crop.n_components),
-            "ich_ml": _round(vol.ich_ml, 3),
-            "phe_ml": _round(vol.phe_ml, 3),
-            "ich_mean_hu": _round(vol.ich_mean_hu, 1),
-            "phe_mean_hu": _round(vol.phe_mean_hu, 1),
-            "p_neoplastic": None,
-            "log_p_neoplastic": None,
-            "threshold": round(self.threshold, 6),
-            "threshold_source": self.threshold_source,
-            "p_calibrated": None,
-            "calibration_source": self.calibration_source,
-            "norm_stats_source": self.norm_stats_source,
-            "label": None,
-            "quality_flags": list(prepared.quality_flags),
-            "extracranial_ml_removed": _round(prepared.extracranial_ml_removed, 3),
-            "postprocessing": self.segmenter.postprocessing.name,
-            "ingest_notes": list(ingested.notes),  # what ingestion accepted or changed (e.g. a missing slice)
-        }
+        scores: dict[str, Any] = {}
         if crop.lesion_found:
             with timer.stage("classification"):
                 p = float(self.p_neoplastic(self.embed(crop.array[None]))[0])
-            result["p_neoplastic"] = round(p, 6)
-            result["log_p_neoplastic"] = round(math.log(max(p, 1e-300)), 6)
-            result["p_calibrated"] = round(float(self.calibration(p)[()]), 6)
-            result["label"] = "neoplastic" if p >= self.threshold else "non-neoplastic"
-        result["timings"] = dict(timer.timings)
-        result["bundle"] = {
-            "name": self.bundle.manifest.name,
-            "version": self.bundle.manifest.version,
-            "hash": self.bundle.hash,
-        }
-        return result
+            scores = {
+                "p_neoplastic": round(p, 6),
+                "log_p_neoplastic": round(math.log(max(p, 1e-300)), 6),
+                "p_calibrated": round(float(self.calibration(p)[()]), 6),
+                "label": "neoplastic" if p >= self.threshold else "non-neoplastic",
+            }
+        manifest = self.bundle.manifest
+        return PredictionResult(
+            source=ingested.source,
+            lesion_found=bool(crop.lesion_found),
+            n_components=int(crop.n_components),
+            ich_ml=_round(vol.ich_ml, 3),
+            phe_ml=_round(vol.phe_ml, 3),
+            ich_mean_hu=_round(vol.ich_mean_hu, 1),
+            phe_mean_hu=_round(vol.phe_mean_hu, 1),
+            threshold=round(self.threshold, 6),
+            threshold_source=self.threshold_source,
+            calibration_source=self.calibration_source,
+            norm_stats_source=self.norm_stats_source,
+            quality_flags=tuple(prepared.quality_flags),
+            extracranial_ml_removed=_round(prepared.extracranial_ml_removed, 3),
+            postprocessing=self.segmenter.postprocessing.name,
+            ingest_notes=tuple(ingested.notes),  # what ingestion accepted or changed (e.g. a missing slice)
+            timings=dict(timer.timings),
+            bundle=BundleRef(name=manifest.name, version=manifest.version, hash=self.bundle.hash),
+            **scores,
+        )
 
 
 def _round(v: float | None, nd: int) -> float | None:

@@ -1,126 +1,127 @@
-"""`make demo`: the main job end to end on the built-in synthetic default.
+"""The three steps of ``ichfed demo`` (``make demo``) on the built-in synthetic default.
 
-1. ``ichfed bootstrap --profile demo``: reference nnU-Net + ResNet-34 on the synthetic development
-   site (charite-like), signed bundle and Table-2-style report. Cached: a second run reuses it.
-2. ``ichfed simulate``: three external simulated hospitals fine-tune the last layer with Flower's
-   simulation engine; prints the four arms (reference, reference at the site threshold, local-only,
-   federated) with pooled and meta-analytic AUC and 95 % CIs, and the paired differences.
-3. ``ichfed predict``: one held-out case read with the federated bundle and the site's own threshold.
+1. ``reference_bundle``: reference nnU-Net + ResNet-34 on the synthetic development site
+   (charite-like), signed bundle and Table-2-style report (``ichfed bootstrap --profile``). Cached:
+   a second run reuses it once it still verifies.
+2. ``federate``: three external simulated hospitals fine-tune the last layer with Flower's
+   simulation engine (``ichfed simulate``); the report holds the four arms and their differences.
+3. ``read_one_case``: one case of a simulated site read as ``ichfed predict --site-config`` reads
+   it, through ``client.site_predictor.open_predictor``: the site's active model (the federated
+   bundle if the site adopted it) with the site overlay's threshold, calibration and BatchNorm
+   statistics.
+
+This module computes; the CLI (``ichfed/commands/demo.py``) prints, so the simulations do not
+depend on the command line.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import json
 import logging
-import sys
 from pathlib import Path
+from typing import Any
 
 from shared.plumbing.errors import IchfedError
+from shared.prediction import PredictionResult
 
-log = logging.getLogger("ichfed.demo")
+log = logging.getLogger(__name__)
 
 SITE_PROFILES = ("hamburg-like", "community-hospital", "lowdose-mobile")
 
 
-def _banner(text: str) -> None:
-    print(f"\n=== {text} ===", flush=True)
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The signed reference bundle, its development keys and its bootstrap report."""
+
+    bundle_dir: Path
+    public_key: Path
+    signing_key: Path
+    report: dict[str, Any]
+    reused: bool  # found in the output folder and verified, not trained now
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    parser.add_argument("--profile", default="demo", choices=["ci", "demo"], help="bootstrap profile (default demo)")
-    parser.add_argument("--cases-per-site", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the whole log on the console too")
-    args = parser.parse_args(argv)
-    # Console: banners, progress and results; Flower, Ray and per-case lines go to OUT/ichfed.log.
-    from shared.plumbing.logs import setup
+@dataclasses.dataclass(frozen=True)
+class CaseReading:
+    """One case read by a site: the result, the bundle and site config it was read with, and the
+    site's active-model record (``client.adoption.ActiveModel``; None if the site has none)."""
 
-    log_file = setup(Path(args.out), verbose=args.verbose)
-    try:
-        run(Path(args.out), args.profile, args.cases_per_site, args.rounds, args.seed)
-    except IchfedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not sys.stderr.isatty():
-        print(f"log: {log_file}", file=sys.stderr)  # on a terminal it was named at the start
-    return 0
+    result: PredictionResult
+    bundle_dir: Path
+    site_config: Path
+    active: Any
 
 
-def run(out: Path, profile: str, cases_per_site: int, rounds: int, seed: int) -> None:
-    """Bootstrap (cached), federate three simulated sites, then read one case."""
-    import json
-
-    from server.bootstrap import get_recipe, render_report
-    from server.report_arms import (
-        arms_table_markdown,
-        comparisons_table_markdown,
-        verdict,
-    )
+def reference_bundle(out: Path, profile: str, seed: int) -> Reference:
+    """Bootstrap the reference bundle into ``out/bundle``, or reuse a cached one that still verifies."""
+    from server.bootstrap import get_recipe
     from shared.bundle import load_bundle
-    from shared.pipeline import Predictor
     from shared.plumbing.logs import flush_tallies
-    from shared.result_text import format_result
     from shared.security.keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME
-    from simulations.flower_sim import run as simulate
     from simulations.reference import bootstrap_development
 
-    out = out.resolve()
-    bundle_dir = out / "bundle"
-    key_dir = out / "bundle-keys"
-    report_path = out / "bundle-report.json"
-
-    _banner(f"1/3 reference models (bootstrap --profile {profile})")
-    if report_path.is_file() and bundle_dir.is_dir():
+    out = Path(out).resolve()
+    bundle_dir, key_dir, report_path = out / "bundle", out / "bundle-keys", out / "bundle-report.json"
+    reused = report_path.is_file() and bundle_dir.is_dir()
+    if reused:
         load_bundle(bundle_dir, key_dir / PUBLIC_KEY_NAME)  # a cached bundle must still verify
         report = json.loads(report_path.read_text(encoding="utf-8"))
-        print(f"reusing the bundle in {bundle_dir} (delete {out} to retrain)")
     else:
         report = bootstrap_development(get_recipe(profile), out=bundle_dir, work_dir=out / "bundle-work", seed=seed)
         flush_tallies()  # repeated case-level conditions of the development site, once each
-    print(render_report(report))
+    return Reference(bundle_dir, key_dir / PUBLIC_KEY_NAME, key_dir / PRIVATE_KEY_NAME, report, reused)
 
-    _banner(f"2/3 federated last-layer fine-tuning: {len(SITE_PROFILES)} simulated sites, {rounds} rounds")
-    sim_out = out / "federation"
-    sim = simulate(
-        sim_out,
-        bundle_dir,
-        key_dir / PUBLIC_KEY_NAME,
-        rounds,
-        profiles=list(SITE_PROFILES),
-        n_sites=len(SITE_PROFILES),
-        cases_per_site=cases_per_site,
-        scale=profile,
-        seed=seed,
-        signing_key=key_dir / PRIVATE_KEY_NAME,
-    )
-    # The four arms with CIs and the paired differences: whether fine-tuning helped, at a glance.
-    print(arms_table_markdown(sim))
-    print(comparisons_table_markdown(sim))
-    print(verdict(sim))
-    print(f"full report: {sim_out / 'report' / 'report.md'}")
 
-    _banner("3/3 reading a case with the federated model and the site's own threshold")
-    site_dir = sorted((sim_out / "sites").iterdir())[0]
-    case = sorted((site_dir / "data" / "images").iterdir())[-1]
-    final = _final_bundle(sim_out)
-    bundle = load_bundle(final or bundle_dir, key_dir / PUBLIC_KEY_NAME)
-    from client.overlay import load_overlay
+def federate(out: Path, ref: Reference, *, rounds: int, cases_per_site: int, profile: str,
+             seed: int) -> dict[str, Any]:
+    """Federate ``SITE_PROFILES`` in ``out/federation``; returns the simulation report."""
+    from simulations.flower_sim import run as simulate
 
-    overlay = load_overlay(site_dir / "state", bundle.hash)  # the site's threshold for this exact bundle
-    threshold = None if overlay is None else overlay.threshold
-    result = Predictor(bundle, threshold=threshold).predict(case)
-    print(format_result(result))
+    return simulate(federation_dir(out), ref.bundle_dir, ref.public_key, rounds, profiles=list(SITE_PROFILES),
+                    n_sites=len(SITE_PROFILES), cases_per_site=cases_per_site, scale=profile, seed=seed,
+                    signing_key=ref.signing_key)
+
+
+def federation_dir(out: Path) -> Path:
+    """Where ``federate`` runs: sites, server state, report."""
+    return Path(out).resolve() / "federation"
+
+
+def read_one_case(sim_out: Path, fallback_bundle: Path) -> CaseReading:
+    """The last case of a simulated site of ``sim_out``, read as that site reads it.
+
+    ``open_predictor(None, site_config=...)`` is ``ichfed predict --site-config`` without
+    ``--bundle``: the site's active model (``client.adoption``: the federated bundle if the site
+    adopted it, else the model it was given), verified with the site's key, with the site's overlay
+    for it (threshold, calibration, BatchNorm statistics). The site is the first (by config name)
+    that adopted the federated bundle, else the first. A site without an active model (a run that
+    ended early) reads the federated bundle, or ``fallback_bundle`` when the run wrote none.
+    """
+    from client.adoption import active_model
+    from client.site_config import load_site_config
+    from client.site_predictor import open_predictor
+    from shared.bundle import bundle_hash
+    from shared.imaging.sitedata import read_site
+
+    sim_out = Path(sim_out)
+    configs = sorted(sim_out.glob("site_configs/*.toml"))
+    if not configs:
+        raise IchfedError(f"{sim_out}: no site configs; run the federation step first")
+    federated = _final_bundle(sim_out)
+    federated_hash = bundle_hash(federated) if federated is not None else None
+    sites = [(path, load_site_config(path)) for path in configs]
+    actives = {path: active_model(site.state_dir) for path, site in sites}
+    path, site = next(((p, s) for p, s in sites
+                       if actives[p] is not None and actives[p].bundle_hash == federated_hash), sites[0])
+    cases = sorted(read_site(site.data_dir, allow_unlabelled=True).cases, key=lambda c: c.case_id)
+    if not cases:
+        raise IchfedError(f"{site.data_dir}: no cases to read")
+    bundle = None if actives[path] is not None else (federated or Path(fallback_bundle))
+    predictor = open_predictor(bundle, site_config=path)
+    return CaseReading(predictor.predict(cases[-1].image_path), Path(predictor.bundle.path), path, actives[path])
 
 
 def _final_bundle(sim_out: Path) -> Path | None:
     """The federated bundle the server wrote, if the run produced one."""
     candidates = sorted((sim_out / "server").glob("**/manifest.json"))
     return candidates[-1].parent if candidates else None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

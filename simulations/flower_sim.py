@@ -181,8 +181,8 @@ def run(
     mods = [site_mod(lambda context: sites[int(context.node_config["partition-id"])]), *extra_client_mods]
     log.info("progress of the run: %s; of each site: %s", settings.state_dir / "runs" / "<run id>" / "events.jsonl",
              out / "sites" / "site-N" / "state" / "events.jsonl")
-    _run_simulation(build_server_app(settings), build_client_app(config_paths, extra_mods=mods),
-                    len(specs), cpus_per_site, device, ray_address)
+    run_apps(build_server_app(settings), build_client_app(config_paths, extra_mods=mods),
+             len(specs), cpus_per_site, device, ray_address)
     if not report_path.is_file():
         raise IchfedError(f"simulation ended without a report in {settings.reports} (see the log above)")
     report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -321,29 +321,46 @@ def backend_config(n_nodes: int, cpus_per_site: float, device: str,
     return {"client_resources": {"num_cpus": num_cpus, "num_gpus": gpus}, "init_args": init_args}
 
 
-def _run_simulation(server_app, client_app, n_nodes: int, cpus_per_site: float, device: str,
-                    ray_address: str | None = None) -> None:
-    # Flower 1.42 deprecates the ``run_simulation`` Python entry point (in favour of ``flwr
-    # run``) but not its engine: ``_run_simulation`` is what both ``run_simulation`` and the
-    # ``flwr-simulation`` process call. Calling it keeps the apps in this process (no FAB to
-    # build) without the deprecation banner.
-    from flwr.simulation.run_simulation import _run_simulation as run_engine
-    from flwr.supercore.telemetry import EventType
+def run_apps(server_app, client_app, n_nodes: int, cpus_per_site: float, device: str,
+             ray_address: str | None = None) -> None:
+    """Run ``server_app`` and ``client_app`` on Flower's simulation engine, in this process.
+
+    Flower's public Python API (``flwr.simulation.run_simulation``) keeps the apps in this process:
+    no FAB to build, and the ServerApp's report is on disk when it returns. Flower 1.42 marks that
+    entry point deprecated in favour of ``flwr run``; the notice is about the entry point, not the
+    engine, so it is dropped from the console and log (``_FlowerEntryPointNotice``) and noted once
+    at DEBUG. An ``IchfedError`` raised inside an app comes out as itself.
+    """
+    from flwr.simulation import run_simulation
 
     from shared.plumbing.logs import quiet_flower
 
     quiet_flower()  # Flower's records reach the console once (and by default only the log file)
+    notice = _FlowerEntryPointNotice()
+    flower_log = logging.getLogger("flwr")
+    flower_log.addFilter(notice)
     try:
-        run_engine(num_supernodes=n_nodes, client_app=client_app, server_app=server_app, backend_name="ray",
-                   backend_config=backend_config(n_nodes, cpus_per_site, device, ray_address),
-                   exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_nodes, backend_name="ray",
+                       backend_config=backend_config(n_nodes, cpus_per_site, device, ray_address))
     except RuntimeError as e:
         cause = e.__cause__
         if isinstance(cause, IchfedError):
             raise cause from None
         raise
     finally:
+        flower_log.removeFilter(notice)
         _shutdown_ray(ray_address)
+
+
+class _FlowerEntryPointNotice(logging.Filter):
+    """Drops Flower's "`run_simulation` is deprecated, use `flwr run`" banner (logged once at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "DEPRECATED FEATURE" in text and "`run_simulation`" in text:
+            log.debug("Flower notes that its Python simulation entry point is deprecated in favour of `flwr run`")
+            return False
+        return True
 
 
 def _shutdown_ray(ray_address: str | None) -> None:

@@ -37,7 +37,7 @@ def run_stats(out: str | os.PathLike, bundle: str | os.PathLike, public_key: str
     from server.app import build_server_app
     from server.settings import ServerSettings
 
-    from .flower_sim import _run_simulation, make_cohorts, plan_sites
+    from .flower_sim import make_cohorts, plan_sites, run_apps
 
     out = Path(out).resolve()
     for what, p in (("--bundle", bundle), ("--pubkey", public_key)):
@@ -62,7 +62,7 @@ def run_stats(out: str | os.PathLike, bundle: str | os.PathLike, public_key: str
     result = settings.reports / "table1.json"
     if result.exists():
         result.unlink()  # a stale table must not pass for this run's
-    _run_simulation(build_server_app(settings), build_client_app(paths), len(paths), 1.0, device)
+    run_apps(build_server_app(settings), build_client_app(paths), len(paths), 1.0, device)
     if not result.is_file():
         raise IchfedError(f"statistics run ended without a Table 1 in {settings.reports} (see the log above)")
     return json.loads(result.read_text(encoding="utf-8"))

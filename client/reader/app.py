@@ -14,6 +14,9 @@ Endpoints (all JSON unless noted):
 - ``GET /api/cases/{token}/overlays/{ich|phe}/{z}.png`` a transparent label overlay (PNG).
 - ``GET /api/cases/{token}/voxels/{z}/{y}/{x}`` HU and label of one voxel (the density read-out).
 - ``DELETE /api/cases/{token}`` forget a case now rather than at expiry.
+
+Errors are ``{"error": "<one line>"}``: 404 for an unknown, expired or unfinished case, 400 for a
+slice, voxel, window or label outside the case and for a malformed request, 413 and 429 as above.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +31,7 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
 from shared.imaging.quality import FLAGS as QUALITY_FLAGS
@@ -71,17 +74,10 @@ class ReaderSettings:
 
 
 def make_analyse(predictor: Any) -> Callable:
-    """The worker's job for one case: read, segment, classify, as ``Predictor.predict`` does."""
-    from shared.imaging.ingest import read_image
+    """The worker's job for one case: ``Predictor.read_case``, the reading path of ``Predictor.predict``."""
 
     def analyse(path: Path, progress: Callable[[str], None]):
-        t0 = time.perf_counter()
-        ingested = read_image(path)
-        ingest_s = time.perf_counter() - t0
-        result, image, mask = predictor.predict_image(ingested, progress=progress)
-        # Same key order and content as Predictor.predict, i.e. `ichfed predict --json`.
-        result["timings"] = {"ingest": round(ingest_s, 4), **result["timings"]}
-        return result, image, mask
+        return predictor.read_case(path, progress=progress)
 
     return analyse
 
@@ -99,16 +95,28 @@ def model_info(predictor: Any) -> dict[str, Any]:
     }
 
 
+class NotFound(IchfedError):
+    """An unknown, expired or unfinished case (404)."""
+
+
+# The one exception handler's answer to each user error a route raises (most specific first).
+_STATUS: tuple[tuple[type[IchfedError], int], ...] = (
+    (UploadTooLarge, 413), (StoreFull, 429), (NotFound, 404), (IchfedError, 400),
+)
+
+
 def create_app(
     analyse: Callable,
     info: dict[str, Any],
     settings: ReaderSettings = ReaderSettings(),
     allowed_hosts: list[str] | None = None,
 ):
-    """Build the FastAPI app around ``analyse(path, progress) -> (result, image, mask)``.
+    """Build the FastAPI app around ``analyse(path, progress) -> (PredictionResult, image, mask)``.
 
-    ``allowed_hosts`` guards against DNS rebinding (a web page elsewhere reaching this
-    loopback server under its own host name); ``None`` allows any host.
+    ``allowed_hosts`` (Starlette's ``TrustedHostMiddleware``) guards against DNS rebinding (a web
+    page elsewhere reaching this loopback server under its own host name); ``None`` allows any host.
+    Routes raise ``IchfedError`` subclasses; one handler turns them into ``{"error": ...}`` with the
+    status in ``_STATUS`` (``Retry-After`` for a full store).
     """
     store = CaseStore(
         analyse, ttl_s=settings.case_ttl_min * 60.0, max_cases=settings.max_cases, max_queued=settings.max_queued
@@ -123,13 +131,11 @@ def create_app(
 
     app = FastAPI(title="ichfed reader", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.store = store
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if allowed_hosts is not None:
-            host = _host_name(request.headers.get("host", ""))
-            if host not in allowed_hosts:
-                return JSONResponse({"error": f"host: {host!r} is not served here"}, status_code=400)
+    @app.middleware("http")  # added last, so outermost: a refused host's answer carries the headers too
+    async def security_headers(request: Request, call_next):
         response = await call_next(request)
         for k, v in _SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)
@@ -137,17 +143,31 @@ def create_app(
             response.headers["Cache-Control"] = "no-store"
         return response
 
-    def error(message: str, code: int = 400) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=code)
+    @app.exception_handler(IchfedError)
+    async def user_error(request: Request, e: IchfedError) -> JSONResponse:
+        code = next(status_code for cls, status_code in _STATUS if isinstance(e, cls))
+        headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, StoreFull) else None
+        return JSONResponse({"error": str(e)}, status_code=code, headers=headers)
 
-    def busy(e: StoreFull) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=429, headers={"Retry-After": str(e.retry_after_s)})
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: ClientDisconnect) -> JSONResponse:
+        # A closed tab or a dropped connection: nothing to answer, nothing kept, no traceback.
+        log.info("reader: upload abandoned by the client")
+        return JSONResponse({"error": "upload: the client disconnected"}, status_code=400)
 
-    def get_case(token: str):
-        try:
-            return store.get(token)
-        except KeyError:
-            return None
+    _add_routes(app, store, info, settings)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _add_routes(app: FastAPI, store: CaseStore, info: dict[str, Any], settings: ReaderSettings) -> None:
+    """The page, the model's info and the case routes (errors go to ``create_app``'s handler)."""
+
+    def finished(token: str):
+        case = _case(store, token, "case: unknown, expired or not finished")
+        if case.view is None:
+            raise NotFound("case: unknown, expired or not finished")
+        return case
 
     @app.get("/")
     async def index():
@@ -164,106 +184,90 @@ def create_app(
 
     @app.post("/api/cases", status_code=202)
     async def upload(request: Request):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes:
-            return error(
-                f"upload: {int(length) / 2**20:.1f} MB is larger than the limit of {settings.max_upload_mb:g} MB",
-                413,
-            )
-        try:
-            store.admit()  # before reading the body: a refused upload costs no disk or bandwidth
-        except StoreFull as e:
-            return busy(e)
+        _check_declared_length(request.headers.get("content-length"), settings)
+        store.admit()  # before reading the body: a refused upload costs no disk or bandwidth
         folder = new_case_folder(settings.work_dir)
         try:
             received = await receive(
                 request.stream(), request.headers.get("content-type", ""), folder, settings.max_upload_bytes
             )
-        except UploadTooLarge as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            return error(str(e), 413)
-        except IchfedError as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            return error(str(e))
-        except ClientDisconnect:
-            # A closed tab or a dropped connection: nothing to answer, nothing to keep, no traceback.
-            shutil.rmtree(folder, ignore_errors=True)
-            log.info("reader: upload abandoned by the client")
-            return error("upload: the client disconnected", 400)
+            case = store.submit(folder, received.input_path, received.display_name)  # may fill up meanwhile
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)  # nothing of a refused or broken upload stays on disk
             raise
         log.info("reader: received %d file(s), %.1f MB", received.n_files, received.n_bytes / 2**20)
-        try:
-            case = store.submit(folder, received.input_path, received.display_name)
-        except StoreFull as e:  # filled up while this body was being received
-            shutil.rmtree(folder, ignore_errors=True)
-            return busy(e)
         return JSONResponse(status(store, case), status_code=202)
 
     @app.get("/api/cases/{token}")
     async def case_status(token: str):
-        case = get_case(token)
-        if case is None:
-            return error("case: unknown or expired; drop the image again", 404)
-        return status(store, case)
+        return status(store, _case(store, token, "case: unknown or expired; drop the image again"))
 
     @app.delete("/api/cases/{token}")
     async def case_delete(token: str):
         if not store.drop(token):
-            return error("case: unknown, expired or still running", 404)
+            raise NotFound("case: unknown, expired or still running")
         return {"deleted": token}
-
-    def png(token: str, render: Callable[[Any], bytes]):
-        case = get_case(token)
-        if case is None or case.view is None:
-            return error("case: unknown, expired or not finished", 404)
-        try:
-            data = render(case.view)
-        except IchfedError as e:
-            return error(str(e), 404)
-        # The token is random per upload, so a slice URL never changes meaning; cache in the tab only.
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     # Plain `def`: FastAPI runs these in its thread pool, so encoding a PNG never stalls polling.
     @app.get("/api/cases/{token}/slices/{z}.png")
     def slice_png(token: str, z: int, window: str = "brain"):
-        return png(token, lambda v: v.slice_png(z, window))
+        return _png(finished(token).view.slice_png(z, window))
 
     @app.get("/api/cases/{token}/overlays/{label}/{z}.png")
     def overlay_png(token: str, label: str, z: int):
-        return png(token, lambda v: v.overlay_png(z, label))
+        return _png(finished(token).view.overlay_png(z, label))
 
     @app.get("/api/cases/{token}/voxels/{z}/{y}/{x}")
     def voxel(token: str, z: int, y: int, x: int):
-        case = get_case(token)
-        if case is None or case.view is None:
-            return error("case: unknown, expired or not finished", 404)
-        try:
-            return case.view.probe(z, y, x)
-        except IchfedError as e:
-            return error(str(e), 404)
-
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app
+        return finished(token).view.probe(z, y, x)
 
 
-def _host_name(header: str) -> str:
-    if header.startswith("["):
-        return header.split("]")[0] + "]"
-    return header.rsplit(":", 1)[0]
+def _png(data: bytes) -> Response:
+    # The token is random per upload, so a slice URL never changes meaning; cache in the tab only.
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _case(store: CaseStore, token: str, message: str):
+    try:
+        return store.get(token)
+    except KeyError:
+        raise NotFound(message) from None
+
+
+def _check_declared_length(header: str | None, settings: ReaderSettings) -> None:
+    """``UploadTooLarge`` (413) when the declared ``Content-Length`` is over the limit, before any body is read.
+
+    The HTTP parser (h11, see ``UVICORN_OPTIONS``) has already refused a value that is not 1-20 digits.
+    """
+    if header is not None and header.strip().isdigit() and int(header) > settings.max_upload_bytes:
+        raise UploadTooLarge(
+            f"upload: {int(header) / 2**20:.1f} MB is larger than the limit of {settings.max_upload_mb:g} MB")
 
 
 def loopback_hosts(host: str) -> list[str] | None:
-    """Host names a browser may use to reach a server bound to ``host`` (None: any)."""
+    """Host names a browser may use to reach a server bound to ``host`` (None: any).
+
+    For an IPv6 bind the list also holds "[": Starlette 1.3's ``TrustedHostMiddleware`` cuts a
+    ``Host`` of ``[::1]:8000`` at its first colon (Kludex/starlette#3357). That admits IPv6
+    literals only, which DNS rebinding cannot produce (it needs a host name); "[::1]" stays
+    listed for a Starlette that reads brackets.
+    """
     if host in ("0.0.0.0", "::", ""):
         return None
-    return sorted({host, "127.0.0.1", "localhost", "[::1]", f"[{host}]"})
+    hosts = {host, "127.0.0.1", "localhost", "[::1]", f"[{host}]"}
+    if ":" in host:
+        hosts.add("[")
+    return sorted(hosts)
+
+
+# How the reader is served (``serve`` and the tests). h11 parses Content-Length without a 64-bit
+# limit (up to 20 digits), so any over-limit declaration reaches the app and gets its 413; httptools
+# answered 400 from 2**64 on. No websockets: the page polls.
+UVICORN_OPTIONS: dict[str, Any] = {"http": "h11", "ws": "none"}
 
 
 def serve(app, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    # No websockets: the page polls; this also skips importing the websockets package.
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, ws="none")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, **UVICORN_OPTIONS)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.plumbing.errors import IchfedError
+from shared.prediction import PredictionResult
 
 from .render import CaseView, make_view
 
@@ -52,7 +53,7 @@ class Case:
     display_name: str
     state: str = "queued"
     message: str | None = None
-    result: dict | None = None
+    result: PredictionResult | None = None
     view: CaseView | None = None
     queued_at: float = dataclasses.field(default_factory=time.time)
     started_at: float | None = None
@@ -64,7 +65,7 @@ class Case:
 class CaseStore:
     """Holds cases by token and runs them through ``analyse`` on one worker thread.
 
-    ``analyse(input_path, progress)`` returns ``(result, image, mask)``; ``progress(stage)``
+    ``analyse(input_path, progress)`` returns ``(PredictionResult, image, mask)``; ``progress(stage)``
     reports the stage it is in. One worker means concurrent uploads queue rather than compete
     for the one GPU or the CPU.
     """
@@ -176,7 +177,7 @@ class CaseStore:
         try:
             progress("reading")
             result, image, mask = self._analyse(input_path, progress)
-            result["source"] = case.display_name
+            result = dataclasses.replace(result, source=case.display_name)  # the name dropped, not the temp path
             progress("rendering")
             case.view = make_view(image, mask)
             case.result = result
@@ -225,6 +226,6 @@ def status(store: CaseStore, case: Case) -> dict[str, Any]:
         "finished_at": case.finished_at,
     }
     if case.state == "done":
-        out["result"] = case.result
+        out["result"] = case.result.to_dict()
         out["view"] = case.view.describe()
     return out

@@ -1,19 +1,21 @@
 """Streaming multipart upload straight into a case's temporary folder, with a size limit.
 
-Starlette's own form parser spools every file to the system temp folder first; parsing the
-stream ourselves writes patient data once, into the folder that is deleted after the case, and
-stops reading as soon as the limit is passed.
+python-multipart's ``FormParser`` parses the stream and its ``File`` objects write each part
+straight to disk in the case's folder (``UPLOAD_DIR``, nothing kept in memory): Starlette's own
+form parser would spool every file to the system temp folder first. Patient data is written once,
+into the folder that is deleted after the case, and reading stops as soon as the limit is passed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import AsyncIterator
 
-from python_multipart.exceptions import ParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import File, FormParser, parse_options_header
 
 from shared.plumbing.errors import IchfedError
 
@@ -49,6 +51,7 @@ async def receive(
 
     One ``.nii``/``.nii.gz``/``.zip`` file is passed on as that file; several files (a DICOM
     folder) or a single other file go into ``folder/series`` and that folder is passed on.
+    Raises ``UploadTooLarge`` past ``max_bytes`` and ``IchfedError`` for a malformed or cut body.
     """
     ctype, params = parse_options_header(content_type or "")
     if ctype != b"multipart/form-data" or b"boundary" not in params:
@@ -56,79 +59,41 @@ async def receive(
     raw = folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     saved: list[tuple[Path, str]] = []
-    state: dict = {"headers": {}, "field": b"", "value": b"", "fh": None, "error": None, "ended": False}
+    ended: list[bool] = []
 
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        state["headers"][state["field"].lower()] = state["value"]
-        state["field"], state["value"] = b"", b""
-
-    def on_headers_finished() -> None:
-        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
-        if disp.get(b"name") != b"file" or b"filename" not in disp:
-            state["fh"] = None  # other form fields are ignored
+    def on_file(part: File) -> None:
+        if part.in_memory:
+            part.flush_to_disk()  # an empty part never reached the disk; give it its (empty) file
+        part.close()
+        path = Path(os.fsdecode(part.actual_file_name))
+        if part.field_name != b"file":
+            path.unlink()  # other form parts are not ours to keep
             return
         if len(saved) >= MAX_FILES:
-            state["error"] = IchfedError(f"upload: more than {MAX_FILES} files")
-            state["fh"] = None
-            return
-        original = disp[b"filename"].decode("utf-8", "replace")
-        path = raw / f"{len(saved):05d}_{_safe_name(original)}"
-        saved.append((path, original))
-        state["fh"] = open(path, "wb")
+            raise IchfedError(f"upload: more than {MAX_FILES} files")
+        saved.append((path, (part.file_name or b"").decode("utf-8", "replace")))
 
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        if state["fh"] is not None:
-            state["fh"].write(data[start:end])
-
-    def on_part_end() -> None:
-        if state["fh"] is not None:
-            state["fh"].close()
-            state["fh"] = None
-        state["headers"] = {}
-
-    def on_end() -> None:
-        state["ended"] = True
-
-    parser = MultipartParser(
-        params[b"boundary"],
-        {
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_end": on_end,
-        },
-    )
+    config = {"UPLOAD_DIR": str(raw), "UPLOAD_DELETE_TMP": False, "MAX_MEMORY_FILE_SIZE": 0,
+              "UPLOAD_ERROR_ON_BAD_CTE": True}
     n_bytes = 0
     try:
+        parser = FormParser("multipart/form-data", None, on_file, on_end=lambda: ended.append(True),
+                            boundary=params[b"boundary"], config=config)
         async for chunk in chunks:
             n_bytes += len(chunk)
             if n_bytes > max_bytes:
                 raise UploadTooLarge(f"upload: larger than the limit of {_mb(max_bytes)}")
             parser.write(chunk)
-            if state["error"] is not None:
-                raise state["error"]
         parser.finalize()
-    except ParseError as e:
+    except FormParserError as e:  # ParseError (a broken body) is one of these
         # A broken body is the client's fault: a 400 with the reason, not a 500 with a traceback.
         raise IchfedError(f"upload: malformed multipart body ({_first_line(e)})") from None
-    finally:
-        if state["fh"] is not None:
-            state["fh"].close()
+    if not ended:
+        # Without the closing boundary the last file may be cut short (and python-multipart hands
+        # over no unfinished part); reading it would give a confusing error, or a result from part of a scan.
+        raise IchfedError("upload: the body ended before its closing boundary (interrupted upload?)")
     if not saved:
         raise IchfedError("upload: no file received")
-    if not state["ended"]:
-        # Without the closing boundary the last file may be cut short; reading it would give a
-        # confusing error later, or worse, a result from part of a scan.
-        raise IchfedError("upload: the body ended before its closing boundary (interrupted upload?)")
     return _arrange(saved, folder, n_bytes)
 
 
@@ -144,8 +109,9 @@ def _arrange(saved: list[tuple[Path, str]], folder: Path, n_bytes: int) -> Uploa
                 return Upload(target, _safe_name(original), 1, n_bytes)
     series = folder / "series"
     series.mkdir()
-    for path, _ in saved:
-        path.rename(series / path.name)
+    for i, (path, original) in enumerate(saved):
+        # Upload order and a name that cannot escape the folder (browsers send relative paths).
+        path.rename(series / f"{i:05d}_{_safe_name(original)}")
     first = saved[0][1].replace("\\", "/")
     # A dropped folder shows as its name; loose files as the first file and a count.
     name = first.split("/")[0] if "/" in first else _safe_name(first)

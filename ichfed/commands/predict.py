@@ -7,10 +7,10 @@ import logging
 import sys
 
 from shared.plumbing.errors import IchfedError
-from shared.result_text import format_result
 
 from ..bundle_args import add_bundle_args, load_predictor
 from ..ingest_args import add_ingest_args, ingest_options
+from ..result_text import format_result
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def run(args) -> int:
             failed += 1
             continue
         if args.json:
-            print(json.dumps(result), flush=True)
+            print(json.dumps(result.to_dict()), flush=True)
         else:
             print(format_result(result), flush=True)
     return 2 if failed else 0

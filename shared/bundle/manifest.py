@@ -20,13 +20,13 @@ import hashlib
 import json
 import logging
 import math
-import numbers
 import os
 import sys
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from shared.plumbing import rules
 from shared.plumbing.config import CropSpec, from_dict
 from shared.plumbing.errors import BundleVerificationError, IchfedError
 from shared.plumbing.files import read_json, sha256_file
@@ -51,7 +51,7 @@ _PACKAGES = ("ichfed", "torch", "monai", "nnunetv2", "SimpleITK", "numpy", "safe
 class ThresholdSpec:
     """Decision threshold on the neoplastic class: probability ``p`` and its natural log ``log_p``."""
 
-    p: float = dataclasses.field(metadata={"range": (0.0, 1.0)})
+    p: float = dataclasses.field(metadata={"rule": rules.threshold})  # strictly inside (0, 1)
     log_p: float
 
 
@@ -200,12 +200,8 @@ def check_threshold(t: ThresholdSpec, where: Path) -> None:
 
 def threshold_spec(threshold: Any) -> ThresholdSpec:
     """A ``ThresholdSpec`` from a probability or anything with ``.p`` (``shared.evaluation.metrics.Threshold``)."""
-    raw = getattr(threshold, "p", threshold)
-    if raw is None or isinstance(raw, bool) or not isinstance(raw, numbers.Real) or not (0.0 <= float(raw) <= 1.0):
-        raise IchfedError(f"threshold: must be a probability in [0, 1], got {raw!r}")
-    p = float(raw)
-    # A threshold of exactly 0 stays finite (and JSON-safe) on the log scale.
-    return ThresholdSpec(p=p, log_p=math.log(max(p, sys.float_info.min)))
+    p = rules.threshold(getattr(threshold, "p", threshold), "threshold")
+    return ThresholdSpec(p=p, log_p=math.log(p))
 
 
 def check_plans_code_free(root: Path, manifest: Manifest, unsigned: bool) -> None:

@@ -19,8 +19,10 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 
+from shared.plumbing import rules
 from shared.plumbing.errors import IchfedError
 
 KINDS = ("platt", "identity")
@@ -54,8 +56,9 @@ class Calibration:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise IchfedError(f"calibration.kind: must be one of {KINDS}, got {self.kind!r}")
-        if not (math.isfinite(self.slope) and math.isfinite(self.intercept)):
-            raise IchfedError("calibration: slope and intercept must be finite")
+        # The rules (shared.plumbing.rules): positive, bounded slope; bounded intercept.
+        rules.calibration_slope(self.slope, "calibration.slope")
+        rules.calibration_intercept(self.intercept, "calibration.intercept")
 
     @classmethod
     def fit(cls, y_true: Sequence[int], p: Sequence[float]) -> "Calibration":
@@ -79,15 +82,20 @@ class Calibration:
         weights = np.r_[target, 1.0 - target]
         model = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000)  # unpenalised
         model.fit(x, labels, sample_weight=weights)
-        return cls("platt", float(model.coef_[0, 0]), float(model.intercept_[0]), n_pos, n_neg)
+        slope, intercept = float(model.coef_[0, 0]), float(model.intercept_[0])
+        try:
+            return cls("platt", slope, intercept, n_pos, n_neg)
+        except IchfedError as e:
+            # Scores that rank the classes the wrong way round (slope <= 0) or that a step would
+            # separate (slope > the bound) are not calibrated by a logistic curve: p stays as it is.
+            return cls(n_pos=n_pos, n_neg=n_neg, reason=f"Platt fit refused: {e}")
 
     def __call__(self, p: Any) -> np.ndarray:
         """Calibrated probabilities for ``p`` (array-like or scalar; returns an array)."""
         s = np.asarray(p, dtype=np.float64)
         if self.kind == "identity":
             return s.copy()
-        z = self.slope * _logit(s) + self.intercept
-        return 1.0 / (1.0 + np.exp(-z))
+        return expit(self.slope * _logit(s) + self.intercept)
 
     def to_dict(self) -> dict:
         """JSON-ready dict, the bundle manifest's ``calibration`` entry."""
@@ -104,8 +112,9 @@ class Calibration:
         try:
             return cls(
                 kind=str(d.get("kind", "identity")),
-                slope=float(d.get("slope", 1.0)),
-                intercept=float(d.get("intercept", 0.0)),
+                # Numbers as stored: a string "0.5" is as malformed as a slope of -50.
+                slope=rules.calibration_slope(d.get("slope", 1.0), "calibration.slope"),
+                intercept=rules.calibration_intercept(d.get("intercept", 0.0), "calibration.intercept"),
                 n_pos=int(d.get("n_pos", 0)),
                 n_neg=int(d.get("n_neg", 0)),
                 reason=None if d.get("reason") is None else str(d["reason"]),

@@ -30,6 +30,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from shared.plumbing import rules
 from shared.plumbing.errors import IchfedError
 
 # Smallest positive float: ln(threshold) stays finite (and JSON-safe) for a threshold of 0.
@@ -131,8 +132,7 @@ def snap_threshold(p: float, grid: float = 0.01) -> float:
     """
     if not 0.0 < grid < 0.5:
         raise IchfedError(f"grid: must lie in (0, 0.5), got {grid!r}")
-    if not (math.isfinite(p) and 0.0 <= p <= 1.0):
-        raise IchfedError(f"threshold: must be a probability in [0, 1], got {p!r}")
+    p = rules.probability(p, "threshold")
     steps = round(p / grid)
     n_max = int(round(1.0 / grid))
     steps = min(max(steps, 1), n_max - 1)
@@ -156,8 +156,8 @@ def classification_metrics(
     y, s = _validate(y_true, p)
     if n_boot < 0:
         raise IchfedError(f"n_boot: must be >= 0, got {n_boot}")
-    if threshold is not None and not (0.0 <= threshold <= 1.0):
-        raise IchfedError(f"threshold: must be a probability in [0, 1], got {threshold!r}")
+    if threshold is not None:
+        threshold = rules.probability(threshold, "threshold")
     reasons: dict[str, str] = {}
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     out: dict[str, Any] = {

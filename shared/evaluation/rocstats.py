@@ -27,6 +27,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.special import expit
 from scipy.stats import norm, rankdata
 from scipy.stats import t as t_dist
 
@@ -358,11 +359,8 @@ def meta_analysis_auc(aucs: Sequence[float], variances: Sequence[float], alpha: 
 
 
 def _expit_estimate(e: Estimate) -> Estimate:
-    def expit(x: float) -> float:
-        return float(1.0 / (1.0 + math.exp(-x)))
-
-    p = expit(e.estimate)
-    return Estimate(p, p * (1.0 - p) * e.se, expit(e.ci_low), expit(e.ci_high))
+    p = float(expit(e.estimate))
+    return Estimate(p, p * (1.0 - p) * e.se, float(expit(e.ci_low)), float(expit(e.ci_high)))
 
 
 def _estimate(value: float, se: float, z: float) -> Estimate:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 
 from shared.imaging.quality import FLAGS as QUALITY_FLAGS
+from shared.plumbing import rules
 
 # -- message types ("<category>.<action>" as Flower's ClientApp dispatches them) ------------
 ACTION_BUNDLE = "bundle"
@@ -188,8 +189,9 @@ HIST_POS = "hist-pos"
 LIST_METRICS = {ROC_TPR: len(ROC_FPR_GRID), HIST_NEG: SCORE_BINS, HIST_POS: SCORE_BINS}
 # A site config cannot set min_cases_for_metrics below this floor.
 MIN_CASES_FLOOR = 5
-# Thresholds leave a site only rounded to this grid (and never on an observed score).
-THRESHOLD_GRID = 0.01
+# Thresholds leave a site only rounded to this grid (and never on an observed score); the rule
+# that a site threshold lies on it is shared.plumbing.rules.threshold(..., grid=THRESHOLD_GRID).
+THRESHOLD_GRID = rules.THRESHOLD_GRID
 
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")

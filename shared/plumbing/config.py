@@ -5,7 +5,9 @@ ranges and raises ``IchfedError`` naming the file and the dotted field, so a typ
 site's TOML is one clear line rather than a stack trace deep in training.
 
 Field constraints live in ``dataclasses.field(metadata=...)``:
-``range=(lo, hi)`` (inclusive), ``choices=(...)``, ``length=n`` for tuples.
+``range=(lo, hi)`` (inclusive), ``choices=(...)``, ``length=n`` for tuples, and ``rule=f`` for a value
+rule of ``shared.plumbing.rules`` (``f(value, where) -> value``: thresholds, probabilities), which
+states each such rule once for every validator.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def _check(tp: Any, value: Any, meta: Any, source: str, where: str) -> Any:
             return None
         non_none = [a for a in args if a is not type(None)]
         return _check(non_none[0], value, meta, source, where)
+    if meta and "rule" in meta:  # the rule checks type and range itself, in its own words
+        return meta["rule"](value, f"{source}: '{where}'")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source, where)
     if origin is Literal:

@@ -160,7 +160,10 @@ def test_predict_keeps_going_after_any_exception(tmp_path, monkeypatch, capsys):
         def predict(self, path, save_masks_dir=None, ingest_options=None):
             if "img2" in str(path):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return {"source": str(path), "lesion_found": False}
+            from shared.prediction import BundleRef, PredictionResult
+
+            return PredictionResult(source=str(path), lesion_found=False, threshold=0.5,
+                                    bundle=BundleRef("b", "1", "0" * 64))
 
     monkeypatch.setattr(cmd, "load_predictor", lambda args: FaultyPredictor())
     imgs = [str(tmp_path / f"img{i}.nii.gz") for i in (1, 2, 3)]

@@ -239,7 +239,7 @@ def test_site_config_threshold_is_used(tiny_bundle, case_files, tmp_path):
 
     state = tmp_path / "state"
     (state / "thresholds").mkdir(parents=True)
-    site_threshold = 0.0123  # below any plausible p: the case must be called neoplastic
+    site_threshold = 0.01  # the lowest grid point, below any plausible p: the case must be called neoplastic
     (state / "thresholds" / f"{bundle_hash(tiny_bundle.path)}.json").write_text(
         json.dumps({"threshold": site_threshold}), encoding="utf-8")
     (tmp_path / "site.toml").write_text(

@@ -24,7 +24,11 @@ def serve_in_thread(app) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", ws="none"))
+    from client.reader.app import UVICORN_OPTIONS
+
+    # Served as `ichfed reader` serves it (HTTP parser and all), so limits behave the same.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           **UVICORN_OPTIONS))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -76,8 +80,8 @@ def lesion_case(reader_predictor, tiny_bundle) -> Case:
     ranked = sorted((c for c in site.cases if c.mask_path), key=ich_voxels, reverse=True)
     for case in ranked[:3]:
         result = reader_predictor.predict(case.image_path)
-        if result["lesion_found"]:
-            return Case(case.image_path, result)
+        if result.lesion_found:
+            return Case(case.image_path, result.to_dict())
     raise AssertionError("the tiny bundle's segmenter found no ICH in the three largest cohort lesions")
 
 
@@ -85,7 +89,7 @@ def lesion_case(reader_predictor, tiny_bundle) -> Case:
 def no_lesion_case(reader_predictor, tmp_path_factory) -> Case:
     """A simulated head without blood; the predictor finds no ICH in it."""
     path = _healthy_head(tmp_path_factory.mktemp("reader_cases") / "healthy_head.nii.gz")
-    return Case(path, reader_predictor.predict(path))
+    return Case(path, reader_predictor.predict(path).to_dict())
 
 
 @pytest.fixture(scope="session")
@@ -130,4 +134,4 @@ def showcase_case(reader_predictor, ge_series, tmp_path_factory) -> Case:
     image, _ = case.images()
     path = tmp_path_factory.mktemp("reader_showcase") / "synthetic-ich-real-head.nii.gz"
     write_nifti(image, path)
-    return Case(path, reader_predictor.predict(path))
+    return Case(path, reader_predictor.predict(path).to_dict())

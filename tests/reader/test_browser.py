@@ -198,7 +198,7 @@ def test_dicom_folder_from_the_folder_picker(page, no_lesion_case, reader_predic
     ox, oy, oz = img.GetOrigin()
     folder = tmp_path / "export" / "SERIES1"
     write_series(folder, list(arr), [(ox, oy, oz + k * sz) for k in range(arr.shape[0])], spacing=(sx, sy))
-    expected = reader_predictor.predict(folder)
+    expected = reader_predictor.predict(folder).to_dict()
     page.set_input_files("#folder-input", str(folder))
     _wait_done(page)
     assert page.inner_text("#case-name") == "SERIES1"

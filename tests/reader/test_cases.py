@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from client.reader.cases import CaseStore, StoreFull, status
 from shared.plumbing.errors import IchfedError
+from shared.prediction import BundleRef, PredictionResult
 
 
 def _threshold_analyse(path, progress):
@@ -20,7 +21,9 @@ def _threshold_analyse(path, progress):
     progress("classification")
     if "bad" in path.name:
         raise IchfedError(f"{path}: not a CT")
-    return {"source": str(path), "ich_ml": float(sitk.GetArrayViewFromImage(mask).sum())}, image, mask
+    result = PredictionResult(source=str(path), lesion_found=False, ich_ml=float(sitk.GetArrayViewFromImage(mask).sum()),
+                              threshold=0.5, bundle=BundleRef("test", "0", "0" * 64))
+    return result, image, mask
 
 
 def _case_folder(tmp_path, name="case.nii.gz"):
@@ -46,7 +49,7 @@ def test_done_and_failed_cases_leave_no_folder_and_report_the_dropped_name(tmp_p
     try:
         folder, path = _case_folder(tmp_path)
         case = _wait(store, store.submit(folder, path, "head.nii.gz").token)
-        assert case.state == "done" and case.result["source"] == "head.nii.gz" and case.result["ich_ml"] == 4
+        assert case.state == "done" and case.result.source == "head.nii.gz" and case.result.ich_ml == 4
         assert status(store, case)["view"]["best_slice"] == 1
         assert not folder.exists()
 

@@ -51,7 +51,7 @@ def test_reader_serves_with_the_sites_locally_calibrated_threshold(tiny_bundle, 
     state = tmp_path / "state"
     (state / "thresholds").mkdir(parents=True)
     (state / "thresholds" / f"{bundle_hash(tiny_bundle.path)}.json").write_text(
-        json.dumps({"bundle_hash": bundle_hash(tiny_bundle.path), "threshold": 0.123, "source": "test"}), encoding="utf-8")
+        json.dumps({"bundle_hash": bundle_hash(tiny_bundle.path), "threshold": 0.12, "source": "test"}), encoding="utf-8")
     (tmp_path / "data").mkdir()
     site = tmp_path / "site.toml"
     site.write_text(
@@ -75,7 +75,7 @@ def test_reader_serves_with_the_sites_locally_calibrated_threshold(tiny_bundle, 
             except httpx.HTTPError:
                 time.sleep(0.3)
         assert info is not None, proc.stderr.read() if proc.poll() is not None else "reader did not start"
-        assert info["threshold"] == pytest.approx(0.123) and info["threshold_source"] == "site"
+        assert info["threshold"] == pytest.approx(0.12) and info["threshold_source"] == "site"
         assert info["bundle"]["hash"] == bundle_hash(tiny_bundle.path)
         page = httpx.get(f"{url}/")
         assert page.status_code == 200 and "ichfed reader" in page.text

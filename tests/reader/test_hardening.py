@@ -23,6 +23,7 @@ from client.reader.app import ReaderSettings, create_app
 from client.reader.upload import receive
 from client.reader.workdir import MARKER, PREFIX, new_case_folder, remove_leftovers
 from shared.plumbing.errors import IchfedError
+from shared.prediction import BundleRef, PredictionResult
 
 from .conftest import serve_in_thread
 
@@ -49,11 +50,9 @@ class GatedAnalyse:
         progress("segmentation")
         mask = sitk.Cast(image > 60, sitk.sitkUInt8)
         ich_ml = float(sitk.GetArrayViewFromImage(mask).sum())
-        # The keys the page reads, in the shape of Predictor.predict's result (no classifier here).
-        result = {"lesion_found": False, "n_components": 0, "ich_ml": ich_ml, "phe_ml": 0.0, "ich_mean_hu": None,
-                  "phe_mean_hu": None, "p_neoplastic": None, "threshold": 0.5, "threshold_source": "bundle",
-                  "label": None, "quality_flags": [], "extracranial_ml_removed": 0.0, "timings": {},
-                  "bundle": INFO["bundle"]}
+        # A Predictor's result without a classifier: no lesion classified, the volume measured.
+        result = PredictionResult(source=str(path), lesion_found=False, ich_ml=ich_ml, phe_ml=0.0, threshold=0.5,
+                                  extracranial_ml_removed=0.0, bundle=BundleRef(**INFO["bundle"]))
         return result, image, mask
 
 
@@ -267,3 +266,65 @@ def _abandon_upload(url, work):
         time.sleep(0.02)
     assert list(work.iterdir()) == []
     assert httpx.get(f"{url}/api/info").status_code == 200
+
+
+def _raw_post(url: str, content_length: str) -> tuple[int, str]:
+    """A POST declaring ``content_length`` with a few bytes of body; (status, body) of the answer."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(10)
+        s.sendall(b"POST /api/cases HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                  b"Content-Length: " + content_length.encode() + b"\r\n\r\n--b\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < 2:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode("utf-8", "replace")
+
+
+def test_an_oversized_content_length_is_413_however_large_it_is(tmp_path):
+    """Issue 21 item 14: docs/reader.md says 413; the HTTP parser used to answer 400 from 2**64 on."""
+    work = tmp_path / "work"
+    work.mkdir()
+    settings = ReaderSettings(max_upload_mb=1, work_dir=work)
+    with serve_in_thread(create_app(GatedAnalyse(), INFO, settings, allowed_hosts=["127.0.0.1"])) as url:
+        for declared in (str(settings.max_upload_bytes + 1), str(10**12), str(2**64), "9" * 20):
+            code, body = _raw_post(url, declared)
+            assert code == 413, (declared, code, body)
+            assert "larger than the limit of 1 MB" in json.loads(body)["error"]
+        # Past 20 digits the value is not a length any parser represents: a malformed request.
+        assert _raw_post(url, "1" + "0" * 20)[0] == 400
+        assert httpx.get(f"{url}/api/info").status_code == 200
+    assert list(work.iterdir()) == []
+
+
+def test_one_handler_answers_every_route_error_as_one_json_line(tmp_path):
+    analyse = GatedAnalyse()
+    analyse.gate.set()
+    with serve_in_thread(create_app(analyse, INFO, ReaderSettings(work_dir=tmp_path))) as url:
+        for method, path in (("GET", "/api/cases/nope"), ("DELETE", "/api/cases/nope"),
+                             ("GET", "/api/cases/nope/slices/0.png"), ("GET", "/api/cases/nope/voxels/0/0/0")):
+            r = httpx.request(method, url + path)
+            assert r.status_code == 404 and r.json()["error"].startswith("case: unknown"), (path, r.text)
+            assert r.headers["x-content-type-options"] == "nosniff"
+        token = _wait_done(url, _post(url, _nifti_bytes(tmp_path)).json()["token"])["token"]
+        assert httpx.get(f"{url}/api/cases/{token}/slices/0.png").status_code == 200
+        for path, reason in (("slices/99.png", "slice: must be between 0 and 2"),
+                             ("slices/0.png?window=neon", "window: must be one of"),
+                             ("overlays/bone/0.png", "label: must be one of"), ("voxels/0/99/99", "voxel:")):
+            r = httpx.get(f"{url}/api/cases/{token}/{path}")
+            assert r.status_code == 400 and reason in r.json()["error"], (path, r.text)
+
+
+def test_host_guard_is_starlettes_and_admits_an_ipv6_loopback_reader():
+    from client.reader.app import loopback_hosts
+
+    with serve_in_thread(create_app(GatedAnalyse(), INFO, allowed_hosts=loopback_hosts("::1"))) as url:
+        for host in ("[::1]:8000", "[::1]", "localhost:8000", "127.0.0.1"):
+            assert httpx.get(f"{url}/api/info", headers={"host": host}).status_code == 200, host
+        r = httpx.get(f"{url}/api/info", headers={"host": "rebound.example:8000"})
+        assert r.status_code == 400 and r.headers["x-content-type-options"] == "nosniff"
+    assert "[" not in loopback_hosts("127.0.0.1") and loopback_hosts("0.0.0.0") is None

@@ -67,3 +67,21 @@ def test_not_multipart_or_no_file_is_a_user_error(tmp_path):
     req = httpx.Request("POST", "http://x/", data={"note": "no file"}, files=[("other", ("a.nii", b"1"))])
     with pytest.raises(IchfedError, match="no file"):
         _receive(req.read(), req.headers["content-type"], tmp_path / "b")
+
+
+def test_parts_are_written_only_into_the_case_folder_never_the_temp_folder(tmp_path, monkeypatch):
+    """python-multipart's FormParser writes each part straight into the case folder (UPLOAD_DIR):
+    nothing is spooled to the system temp folder, and other form parts are not kept."""
+    import tempfile
+
+    spool = tmp_path / "system-tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    req = httpx.Request("POST", "http://x/", data={"note": "x"},
+                        files=[("file", ("a.dcm", b"a" * 3_000_000)), ("other", ("b.txt", b"b")),
+                               ("file", ("empty.dcm", b""))])
+    up = _receive(req.read(), req.headers["content-type"], tmp_path / "case", chunk=65536)
+    assert list(spool.iterdir()) == []
+    assert sorted(p.name for p in up.input_path.iterdir()) == ["00000_a.dcm", "00001_empty.dcm"]
+    assert (up.input_path / "00001_empty.dcm").read_bytes() == b"" and up.n_files == 2
+    assert not list((tmp_path / "case" / "raw").iterdir())  # the other part was dropped

@@ -10,10 +10,18 @@ import zipfile
 import httpx
 
 from client.reader.app import ReaderSettings, create_app, make_analyse
+from shared.pipeline import Predictor
 
 from .conftest import serve_in_thread
 
 INFO = {"bundle": {"name": "test", "version": "0", "hash": "0" * 64}, "threshold": 0.5, "threshold_source": "bundle"}
+
+
+class _NoModel:
+    """The reader's real reading path (``Predictor.read_case``) with no model behind it: ingestion
+    refuses the bomb before anything would reach a model."""
+
+    read_case = Predictor.read_case
 
 
 def test_a_zip_bomb_upload_is_refused_before_extraction(tmp_path, monkeypatch):
@@ -25,7 +33,7 @@ def test_a_zip_bomb_upload_is_refused_before_extraction(tmp_path, monkeypatch):
     monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, *a, **k: opened.append(a) or real_open(self, *a, **k))
     work = tmp_path / "work"
     work.mkdir()
-    with serve_in_thread(create_app(make_analyse(None), INFO, ReaderSettings(work_dir=work))) as url:
+    with serve_in_thread(create_app(make_analyse(_NoModel()), INFO, ReaderSettings(work_dir=work))) as url:
         r = httpx.post(f"{url}/api/cases", files=[("file", ("bomb.zip", bomb.read_bytes()))], timeout=30)
         assert r.status_code == 202, r.text
         token = r.json()["token"]

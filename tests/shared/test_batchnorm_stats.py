@@ -105,7 +105,7 @@ def test_predictor_applies_site_statistics_and_calibration(tiny_bundle, tmp_path
     assert not np.allclose(plain.embed(crops), site.embed(crops))
     case = make_case("charite-like", 103, 0, scale="ci")
     write_nifti(case.images()[0], tmp_path / "case.nii.gz")
-    a, b = plain.predict(tmp_path / "case.nii.gz"), site.predict(tmp_path / "case.nii.gz")
+    a, b = plain.predict(tmp_path / "case.nii.gz").to_dict(), site.predict(tmp_path / "case.nii.gz").to_dict()
     assert (a["norm_stats_source"], b["norm_stats_source"]) == ("bundle", "site")
     assert b["calibration_source"] == "site"
     assert b["lesion_found"]  # a large unseen bleed (tests/shared/test_pipeline.py)

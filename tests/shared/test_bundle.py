@@ -139,7 +139,7 @@ def test_create_refuses_bad_inputs(parts, tmp_path):
         (bad / "fold_0").mkdir(parents=True)
         (bad / "dataset.json").write_text("{}", encoding="utf-8")
         B.create_bundle(tmp_path / "b1", parts["weights"], bad, 0.5, **args)
-    with pytest.raises(IchfedError, match=r"threshold: must be a probability in \[0, 1\]"):
+    with pytest.raises(IchfedError, match="threshold: must lie strictly between 0 and 1"):
         B.create_bundle(tmp_path / "b2", parts["weights"], parts["nnunet"], 1.5, **args)
     with pytest.raises(IchfedError, match="weights do not fit the 3D ResNet-34"):
         B.create_bundle(tmp_path / "b3", {"fc.weight": torch.zeros(2, 512)}, parts["nnunet"], 0.5, **args)

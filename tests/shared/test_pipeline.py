@@ -14,6 +14,7 @@ paper's 10 % end-to-end target is checked on the demo bundle by ``benchmarks/ben
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 import SimpleITK as sitk
 
 from shared.plumbing.errors import IchfedError
+from shared.prediction import PredictionResult
 
 RESULT_KEYS = {
     "source", "lesion_found", "n_components", "ich_ml", "phe_ml", "ich_mean_hu", "phe_mean_hu", "p_neoplastic",
@@ -86,8 +88,10 @@ def test_truth_mask_reproduces_recorded_volumes(predictor, tiny_bundle):
 def test_predict_unseen_synthetic_case_finds_the_bleed(predictor, tmp_path):
     record = write_synthetic_case(UNSEEN_CASE, tmp_path / "case.nii.gz")
     assert record.ich_ml > 50 and record.ich_ml > record.phe_ml  # large, hemorrhage-dominated
-    result = predictor.predict(tmp_path / "case.nii.gz")
-    assert set(result) == RESULT_KEYS
+    typed = predictor.predict(tmp_path / "case.nii.gz")
+    result = typed.to_dict()  # the JSON of `ichfed predict --json`: its keys are a contract
+    assert isinstance(typed, PredictionResult) and set(result) == RESULT_KEYS
+    assert list(result) == [f.name for f in dataclasses.fields(PredictionResult) if f.name != "mask_path"]
     assert result["lesion_found"] is True and result["n_components"] >= 1
     # The ci segmenter is trained for seconds and mixes up blood and edema from run to run, so
     # only the whole lesion (ICH + PHE) is held to a tolerance here; the 10% per-label target is
@@ -112,7 +116,7 @@ def test_predict_equals_the_stages_run_by_hand(predictor, tmp_path):
 
     path = tmp_path / "case.nii.gz"
     write_synthetic_case(UNSEEN_CASE, path)
-    result = predictor.predict(path)
+    result = predictor.predict(path).to_dict()
     image = read_image(path).image
     prepared = predictor.preprocess(image)
     p = float(predictor.p_neoplastic(predictor.embed(prepared.crop.array[None]))[0])
@@ -122,7 +126,7 @@ def test_predict_equals_the_stages_run_by_hand(predictor, tmp_path):
 
 
 def test_predict_healthy_head_is_not_classified(predictor, tmp_path):
-    result = predictor.predict(write_healthy_head(tmp_path / "healthy.nii.gz"))
+    result = predictor.predict(write_healthy_head(tmp_path / "healthy.nii.gz")).to_dict()
     assert result["lesion_found"] is False
     assert result["n_components"] == 0
     assert result["label"] is None and result["p_neoplastic"] is None and result["log_p_neoplastic"] is None
@@ -133,7 +137,7 @@ def test_predict_healthy_head_is_not_classified(predictor, tmp_path):
 def test_predict_saves_the_mask_on_the_image_grid(predictor, tmp_path):
     path = tmp_path / "case.nii.gz"
     write_synthetic_case(UNSEEN_CASE, path)
-    result = predictor.predict(path, save_masks_dir=tmp_path / "masks")
+    result = predictor.predict(path, save_masks_dir=tmp_path / "masks").to_dict()
     saved = Path(result["mask_path"])
     assert saved == tmp_path / "masks" / "case_mask.nii.gz"
     mask, image = sitk.ReadImage(str(saved)), sitk.ReadImage(str(path))

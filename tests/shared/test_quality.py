@@ -108,7 +108,8 @@ def test_the_plain_ge_head_is_not_a_confident_bleed(tiny_bundle, ge_series):
     from shared.imaging.ingest import read_image
 
     ingested = read_image(ge_series)
-    result, image, mask = predictor.predict_image(ingested)
+    typed, image, mask = predictor.predict_image(ingested)
+    result = typed.to_dict()
     assert isinstance(result["quality_flags"], list)
     assert result["extracranial_ml_removed"] is not None and result["extracranial_ml_removed"] >= 0
     assert (not result["lesion_found"]) or result["quality_flags"], result

@@ -236,6 +236,34 @@ def test_sites_keep_the_federated_bundle_with_their_own_threshold(federation, ti
 
 
 
+def test_the_demo_reads_its_case_through_the_site_overlay(federation, tiny_bundle):
+    """Issue 23: `ichfed demo` step 3 opens its predictor like `ichfed predict --site-config`
+    (``open_predictor``): the site's active model, with the site overlay's threshold, calibration
+    and BatchNorm statistics for it, where the demo used to take the threshold alone."""
+    from client.adoption import active_model
+    from client.overlay import load_overlay
+    from client.site_config import load_site_config
+    from shared.bundle import load_bundle
+    from simulations.demo import read_one_case
+
+    out, report = federation
+    reading = read_one_case(out, tiny_bundle.path)
+    state = load_site_config(reading.site_config).state_dir
+    active = active_model(state)
+    r = reading.result
+    assert reading.active == active and r.bundle.hash == active.bundle_hash
+    assert reading.bundle_dir == Path(active.bundle_path)
+    overlay = load_overlay(state, r.bundle.hash)
+    if overlay is None:  # the site kept the federated bundle without activating it and reads its reference
+        assert (r.threshold_source, r.calibration_source, r.norm_stats_source) == ("bundle",) * 3
+        assert r.threshold == pytest.approx(load_bundle(active.bundle_path, tiny_bundle.public_key).threshold.p)
+    else:
+        assert (r.threshold, r.threshold_source) == (pytest.approx(overlay.threshold), "site")
+        assert r.calibration_source == ("site" if overlay.calibration else "bundle")
+        assert r.norm_stats_source == ("site" if overlay.norm_stats else "bundle")
+    print(f"demo read: {active.source}, threshold {r.threshold_source}, calibration {r.calibration_source}")
+
+
 def test_federated_threshold_comes_from_the_fold_heads_out_of_fold_scores(federation, tiny_bundle):
     """Cross-fitted federation: the site trained fold head k without its fold-k cases, and the
     federated arm's threshold is the midpoint rule on the aggregated fold heads' out-of-fold scores."""
