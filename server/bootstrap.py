@@ -8,8 +8,9 @@ training split from crops of *predicted* masks, and evaluates the end-to-end pip
 held-out 10% with predicted masks — as the paper did. Predicted masks become crops through
 ``shared.pipeline.prepare`` and are scored by ``shared.models.head.Head``, as in ``ichfed predict``.
 
-Stages: ``_read_split`` -> ``_train_segmenter`` -> ``_make_crops`` -> ``_train_classifier`` ->
-``_evaluate`` -> ``_write_bundle``; ``bootstrap`` runs them in order and times each.
+Stages: ``_read_split`` -> ``bootstrap_crops.train_segmenter`` -> ``bootstrap_crops.make_crops`` ->
+``bootstrap_evaluation.train_classifier`` -> ``bootstrap_evaluation.evaluate`` (the CNN and the volume
+baseline on the same cases) -> ``_write_bundle``; ``bootstrap`` runs them in order and times each.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-from tqdm import tqdm
-
 from shared.plumbing.atomic import write_json, write_text
 from shared.plumbing.config import CropSpec, to_dict
 from shared.plumbing.errors import IchfedError
 
+from .bootstrap_crops import make_crops, train_segmenter
+from .bootstrap_evaluation import evaluate, train_classifier
 from .bootstrap_report import render_report
 
 log = logging.getLogger(__name__)
@@ -115,26 +115,6 @@ def split_cases(cases: list[Any], test_fraction: float, validation_fraction: flo
     return BootstrapSplit(train=train, validation=val, test=test)
 
 
-@dataclasses.dataclass(frozen=True)
-class SegmentedCase:
-    """One validation or test case after segmentation: the image, ``Segmenter.segment_case``'s
-    result (labels, intracranial mask, what was removed) and the ground-truth mask."""
-
-    case: Any
-    image: Any
-    segmentation: Any  # shared.models.segment.Segmentation
-    truth: Any
-
-
-@dataclasses.dataclass
-class _CropSets:
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val: dict[str, Any]
-    test: dict[str, Any]
-    postprocessing: dict[str, Any]
-
-
 @contextmanager
 def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -168,12 +148,13 @@ def bootstrap(
     cohort_desc = {**(cohort if cohort is not None else {"site_dir": str(site_dir)}), "split": split.describe()}
     work_dir.mkdir(parents=True, exist_ok=True)
     with _timed(timings, "segmentation_training_s"):
-        model_dir, cohort_desc["segmentation_training_cases"] = _train_segmenter(site, split, recipe, work_dir, seed)
+        model_dir, cohort_desc["segmentation_training_cases"] = train_segmenter(
+            site, split.train, recipe.segmentation_max_cases, recipe.segmenter_recipe, work_dir, seed)
     with _timed(timings, "crops_s"):
-        crops = _make_crops(split, model_dir, recipe.crop, device)
+        crops = make_crops(split, model_dir, recipe.crop, device)
     with _timed(timings, "classifier_training_s"):
-        result = _train_classifier(crops, recipe, work_dir, device, seed)
-    evaluation = _evaluate(result, crops, out, device, seed)
+        result = train_classifier(crops, recipe.classifier_recipe, work_dir, device, seed)
+    evaluation = evaluate(result, crops, out, device, seed)
     bundle_path, key_path = _write_bundle(result.model, evaluation, model_dir, recipe, cohort_desc, out, work_dir,
                                           key_path)
     timings["total_s"] = time.perf_counter() - t_start
@@ -191,6 +172,7 @@ def bootstrap(
             "n_no_lesion": len(crops.test["no_lesion_labels"]),
             "quality": crops.test["quality"],
             "dice": {name: evaluation["dice"][name] for name in ("ich", "phe")},
+            "comparison": evaluation["comparison"],
         },
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "bundle": str(bundle_path),
@@ -225,129 +207,6 @@ def _read_split(site_dir: Path, recipe: BootstrapRecipe, seed: int) -> tuple[Any
     return site, split
 
 
-def _train_segmenter(site: Any, split: BootstrapSplit, recipe: BootstrapRecipe, work_dir: Path,
-                     seed: int) -> tuple[Path, int]:
-    """nnU-Net's own planner and trainer on (at most ``segmentation_max_cases`` of) the training
-    cases; the model folder and how many cases it saw."""
-    from shared.training.segment_dataset import export_dataset
-    from shared.training.segment_train import train
-
-    raw_root = work_dir / "nnunet_raw"
-    seg_cases = split.train[: recipe.segmentation_max_cases] if recipe.segmentation_max_cases else split.train
-    export_dataset(_subset(site, seg_cases), raw_root, dataset_id=501, name="ICH")
-    return train(raw_root, 501, recipe.segmenter_recipe, work_dir / "nnunet", seed=seed), len(seg_cases)
-
-
-def _make_crops(split: BootstrapSplit, model_dir: Path, crop_spec: CropSpec, device: str) -> _CropSets:
-    """Ground-truth crops for training; predicted-mask crops for validation and test, after the
-    postprocessing rule is chosen on the validation predictions (and stored with the model)."""
-    from shared.models.segment import Segmenter
-
-    train_x, train_y = _truth_crops(split.train, crop_spec)
-    segmenter = Segmenter(model_dir, device=device)
-    val_segmented, postprocessing = _choose_postprocessing(_segment(split.validation, segmenter), segmenter, model_dir)
-    return _CropSets(train_x=train_x, train_y=train_y, val=_predicted_crops(val_segmented, crop_spec),
-                     test=_predicted_crops(_segment(split.test, segmenter), crop_spec), postprocessing=postprocessing)
-
-
-def _truth_crops(cases: list[Any], crop_spec: CropSpec) -> tuple[np.ndarray, np.ndarray]:
-    from shared.imaging.ingest import read_image
-    from shared.imaging.sitedata import read_mask
-    from shared.pipeline import prepare
-
-    arrays, labels = [], []
-    for c in tqdm(cases, desc="crops (ground truth)", disable=None):
-        image = read_image(c.image_path).image
-        crop = prepare(image, crop_spec, mask=read_mask(c.mask_path, image)).crop
-        if crop.lesion_found:
-            arrays.append(crop.array)
-            labels.append(c.label)
-    return np.stack(arrays), np.asarray(labels)
-
-
-def _segment(cases: list[Any], segmenter: Any) -> list[SegmentedCase]:
-    from shared.imaging.ingest import read_image
-    from shared.imaging.sitedata import read_mask
-
-    out = []
-    for c in tqdm(cases, desc="segment", disable=None):
-        image = read_image(c.image_path).image
-        out.append(SegmentedCase(c, image, segmenter.segment_case(image), read_mask(c.mask_path, image)))
-    return out
-
-
-def _predicted_crops(segmented: list[SegmentedCase], crop_spec: CropSpec) -> dict[str, Any]:
-    """Crops of the predicted masks (``shared.pipeline.prepare``, as at inference), Dice against the
-    truth, the labels of cases with no segmented lesion, and the quality flags' counts."""
-    from shared.evaluation.metrics import dice
-    from shared.pipeline import prepare
-
-    arrays, labels, dices, no_lesion, flags = [], [], {1: [], 2: []}, [], []
-    for s in segmented:
-        prepared = prepare(s.image, crop_spec, segmentation=s.segmentation)
-        flags.append(prepared.quality_flags)
-        for label in (1, 2):
-            dices[label].append(dice(s.segmentation.labels, s.truth, label))
-        if prepared.crop.lesion_found:
-            arrays.append(prepared.crop.array)
-            labels.append(s.case.label)
-        else:
-            no_lesion.append(s.case.label)
-    return {
-        "crops": np.stack(arrays) if arrays else np.zeros((0, *crop_spec.size_xyz[::-1]), np.float32),
-        "labels": np.asarray(labels),
-        "dice": dices,
-        "no_lesion_labels": no_lesion,
-        "quality": {"n_flagged": sum(bool(f) for f in flags),
-                    "counts": {name: sum(name in f for f in flags) for name in sorted({n for f in flags for n in f})}},
-    }
-
-
-def _train_classifier(crops: _CropSets, recipe: BootstrapRecipe, work_dir: Path, device: str, seed: int):
-    """The ResNet-34 from scratch on ground-truth crops, validated on predicted-mask crops; curves to work_dir/report."""
-    from server.training.classifier_history import plot_history
-    from server.training.classifier_training import (
-        ClassifierTrainConfig,
-        train_classifier,
-    )
-
-    result = train_classifier(crops.train_x, crops.train_y, crops.val["crops"], crops.val["labels"],
-                              ClassifierTrainConfig.named(recipe.classifier_recipe), device=device, seed=seed)
-    reports_dir = work_dir / "report"
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    plot_history(result.history, reports_dir / "classifier_curves.png")
-    write_json(reports_dir / "classifier_curves.json", result.history)
-    return result
-
-
-def _evaluate(result: Any, crops: _CropSets, out: Path, device: str, seed: int) -> dict[str, Any]:
-    """Threshold and calibration from validation scores (the threshold midway between neighbours),
-    then the end-to-end metrics and Dice on the held-out test split."""
-    from shared.evaluation.metrics import classification_metrics, dice_summary
-
-    from .bootstrap_calibration import calibrate_reference, reference_threshold
-
-    p_val = _p_neoplastic(result.model, crops.val["crops"], device)
-    p_test = _p_neoplastic(result.model, crops.test["crops"], device)
-    threshold = reference_threshold(crops.val["labels"], p_val, result.threshold)
-    calibration, calibration_report = calibrate_reference(
-        crops.val["labels"], p_val, crops.test["labels"], p_test, threshold.p, out.parent / f"{out.name}-reliability.png")
-    return {
-        "threshold": threshold,
-        "calibration": calibration,
-        "calibration_report": calibration_report,
-        "classification": classification_metrics(crops.test["labels"], p_test, threshold=threshold.p, seed=seed),
-        "dice": {name: dice_summary(crops.test["dice"][label]) for label, name in ((1, "ich"), (2, "phe"))},
-    }
-
-
-def _p_neoplastic(model: Any, crops: np.ndarray, device: str) -> np.ndarray:
-    """p(neoplastic) of crops: the backbone's features scored by ``shared.models.head.Head``."""
-    from shared.models.classifier import predict_log_probs
-
-    return np.exp(predict_log_probs(model, crops, device)[:, 1]) if len(crops) else np.zeros(0)
-
-
 def _write_bundle(model: Any, evaluation: dict[str, Any], model_dir: Path, recipe: BootstrapRecipe,
                   cohort_desc: dict[str, Any], out: Path, work_dir: Path, key_path: Path | None) -> tuple[Path, Path]:
     """Create and sign the bundle (a development key beside it when none is given); its path and the key's."""
@@ -378,32 +237,3 @@ def _write_bundle(model: Any, evaluation: dict[str, Any], model_dir: Path, recip
     return bundle_path, Path(key_path)
 
 
-def _choose_postprocessing(segmented: list[SegmentedCase], segmenter: Any,
-                           model_dir: Path) -> tuple[list[SegmentedCase], dict[str, Any]]:
-    """Pick the component rule with the best validation Dice, store it in ``model_dir``, apply it.
-
-    Returns the validation predictions with the rule applied and what goes into the report.
-    ``segmenter`` uses the rule from then on (the test split is segmented with it).
-    """
-    import SimpleITK as sitk
-
-    from shared.imaging.intracranial import voxel_ml
-    from shared.models.postprocess import apply_rule, choose_rule, write_rule
-
-    arrays = [(sitk.GetArrayFromImage(s.segmentation.labels), sitk.GetArrayFromImage(s.truth), voxel_ml(s.image))
-              for s in segmented]
-    rule, scores = choose_rule(arrays)
-    write_rule(model_dir, rule, scores)
-    segmenter.postprocessing = rule
-    log.info("postprocessing chosen on %d validation cases: %s (mean Dice %s)", len(arrays), rule.name, scores)
-    out = []
-    for s, (p, _, v) in zip(segmented, arrays):
-        new = sitk.GetImageFromArray(apply_rule(p, rule, v))
-        new.CopyInformation(s.segmentation.labels)
-        seg = dataclasses.replace(s.segmentation, labels=new, postprocessing=rule.name)
-        out.append(dataclasses.replace(s, segmentation=seg))
-    return out, {"rule": rule.name, "validation_scores": scores}
-
-
-def _subset(site: Any, cases: list[Any]) -> Any:
-    return dataclasses.replace(site, cases=list(cases), problems=[])

@@ -22,6 +22,7 @@ def render_report(report: dict[str, Any]) -> str:
         "",
         _table(paper_table([{"name": "Test set", **cls}]), n_test),
         "",
+        *_comparison(cls, report["test"].get("comparison")),
         f"Cases with no segmented lesion (not classified): {report['test']['n_no_lesion']}",
         "",
         f"Postprocessing (chosen on validation): {report.get('postprocessing', {}).get('rule', 'none')}; "
@@ -63,6 +64,38 @@ def _table(table: str, n: int) -> str:
 def too_few(n: int) -> str:
     """How a figure computed on too few cases is shown."""
     return f"too few cases (n = {n})"
+
+
+def _comparison(cnn: dict[str, Any], c: dict[str, Any] | None) -> list[str]:
+    """The CNN beside the volume baseline on the same test cases, their paired difference, and the ceilings."""
+    from shared.evaluation.metrics import paper_table
+
+    if not c:
+        return []
+    from .bootstrap_calibration import MIN_REPORT_CASES
+
+    d = c["cnn_minus_baseline"]
+    diff = (too_few(d["n"]) if d["n"] < MIN_REPORT_CASES else "not defined: " + d.get("reason", "")
+            if d.get("estimate") is None else
+            f"{d['estimate']:+.3f} (95 % CI {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}; {d['method']}; n = {d['n']})")
+    ceiling = c["ceiling_true_masks"]
+    return [
+        "### Compared with the volume baseline (same test cases)",
+        "",
+        "The baseline is a logistic regression on log ICH ml, log PHE ml and log(PHE/ICH) of the same training "
+        "cases, its threshold chosen the same way on the validation part.",
+        "",
+        _table(paper_table([{"name": f"{c.get('model', 'cnn').upper()} (the bundle's model)", **cnn},
+                            {"name": "Volume baseline", **c["volume_baseline"]}]), int(cnn.get("n") or 0)),
+        "",
+        f"AUC, CNN minus volume baseline: {diff}",
+        "",
+        f"Ceilings with true masks (a perfect segmenter; not results), n = {ceiling['n']}:",
+        "",
+        _table(paper_table([{"name": "CNN, true masks", **ceiling["cnn"]},
+                            {"name": "Volume baseline, true masks", **ceiling["volume_baseline"]}]), ceiling["n"]),
+        "",
+    ]
 
 
 def _f(v: Any) -> str:

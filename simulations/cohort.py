@@ -117,7 +117,7 @@ def case_id(profile_name: str, index: int) -> str:
     return f"{profile_name}-{index:05d}"
 
 
-STREAMS = ("plan", "anatomy", "lesions", "scanner")
+STREAMS = ("plan", "anatomy", "lesions", "scanner", "fleet")  # append only: indices key the streams
 
 
 def case_rng(seed: int, profile_name: str, index: int, stream: str = "plan") -> np.random.Generator:
@@ -141,19 +141,21 @@ def make_case(profile: str | Profile, index: int, seed: int, scale: str = "demo"
         raise IchfedError(f"background: must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
     get_scale(scale)
     plan = sample_plan(prof, case_rng(seed, prof.name, index, "plan"))
-    grid = Grid.for_profile(scale, prof.scanner)
-    anatomy_rng, lesion_rng, scanner_rng = (case_rng(seed, prof.name, index, s) for s in STREAMS[1:])
+    scanner = (prof.scanner_fleet.draw(case_rng(seed, prof.name, index, "fleet")) if prof.scanner_fleet is not None
+               else prof.scanner)
+    grid = Grid.for_profile(scale, scanner)
+    anatomy_rng, lesion_rng, scanner_rng = (case_rng(seed, prof.name, index, s) for s in STREAMS[1:4])
     if background == "real":
         from .real_head import make_real_head
 
         head = make_real_head(grid, anatomy_rng, age=plan.age)
     else:
         head = make_phantom(grid, anatomy_rng, age=plan.age, atrophy_scale=prof.population.atrophy_scale,
-                            tilt_deg=prof.scanner.gantry_tilt_deg)
+                            tilt_deg=scanner.gantry_tilt_deg)
     les = insert_lesions(head, plan, lesion_rng, mask_only=mask_only)
     image = None
     if not mask_only:
-        image = quantise(les.hu) if head.kind == "real" else acquire(les.hu, grid, prof.scanner, scanner_rng)
+        image = quantise(les.hu) if head.kind == "real" else acquire(les.hu, grid, scanner, scanner_rng)
     n_ich = int(np.count_nonzero(les.mask == ICH))
     n_phe = int(np.count_nonzero(les.mask == PHE))
     record = CaseRecord(

@@ -40,6 +40,35 @@ class ScannerProfile:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScannerFleet:
+    """A site with several scanners: each case is acquired on a scanner drawn from these ranges.
+
+    A hospital's development data rarely come from one scanner; a fleet spanning kernels, noise levels,
+    calibration offsets, tilts and fields of view makes the reference models meet that variety in training
+    (issue 19, docs/simulations.md). Each case's scanner is drawn from its own seeded stream.
+    """
+
+    hu_offset: tuple[float, float] = dataclasses.field(default=(-10.0, 10.0), metadata={"length": 2})
+    noise_sd: tuple[float, float] = dataclasses.field(default=(3.0, 15.0), metadata={"length": 2})
+    kernels: tuple[str, ...] = ("smooth", "standard", "sharp")
+    slice_thickness_mm: tuple[float, ...] = (2.5, 5.0)
+    inplane_spacing_mm: tuple[float, float] = dataclasses.field(default=(0.4, 0.56), metadata={"length": 2})
+    gantry_tilt_deg: tuple[float, float] = dataclasses.field(default=(-20.0, 20.0), metadata={"length": 2})
+    fov_mm: tuple[float, float] = dataclasses.field(default=(205.0, 280.0), metadata={"length": 2})
+
+    def draw(self, rng) -> ScannerProfile:
+        """One scanner of the fleet."""
+        def u(lo_hi):
+            return float(rng.uniform(*lo_hi))
+
+        return ScannerProfile(hu_offset=u(self.hu_offset), noise_sd=u(self.noise_sd),
+                              kernel=str(rng.choice(list(self.kernels))),
+                              slice_thickness_mm=float(rng.choice(list(self.slice_thickness_mm))),
+                              inplane_spacing_mm=u(self.inplane_spacing_mm), gantry_tilt_deg=u(self.gantry_tilt_deg),
+                              fov_mm=u(self.fov_mm))
+
+
+@dataclasses.dataclass(frozen=True)
 class NeoplasticMix:
     """Relative frequencies of neoplastic etiologies (normalised on load)."""
 
@@ -82,6 +111,8 @@ class Profile:
     description: str = ""
     scanner: ScannerProfile = dataclasses.field(default_factory=ScannerProfile)
     population: PopulationProfile = dataclasses.field(default_factory=PopulationProfile)
+    # Several scanners: each case's scanner is drawn from the fleet (``scanner`` is then only the default).
+    scanner_fleet: ScannerFleet | None = None
 
 
 def list_profiles() -> list[str]:

@@ -22,6 +22,19 @@ GE_SERIES = PROVIDED / "data" / "ct" / "ge-hispeed-head-tilt"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+# Tiers: `make test-fast` runs ``-m "not slow"`` for the edit loop; `make test` (CI) runs everything.
+# A test is slow when it needs a trained model (any fixture built on ``tiny_bundle``: one real bootstrap
+# with nnU-Net and ResNet-34 training) or real deployment processes; marking it by hand is not needed.
+_SLOW_FIXTURES = {"tiny_bundle"}
+_SLOW_FOLDERS = ("tests/deploy/",)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid.startswith(_SLOW_FOLDERS):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ge_series() -> Path:
     """The real GE HiSpeed head CT series (28 tilted DICOM slices)."""
@@ -71,50 +84,31 @@ def tiny_bundle(tmp_path_factory) -> TinyBundle:
 
 @dataclasses.dataclass(frozen=True)
 class TinyNnunetModel:
-    """A real nnU-Net v2 model trained with the `ci` profile on a tiny synthetic site."""
+    """The real nnU-Net v2 model inside ``tiny_bundle``: planned, preprocessed and trained by nnU-Net with the
+    `ci` trainer on the bootstrap's training split (one nnU-Net training serves the whole suite)."""
 
-    model_dir: Path  # what shared.training.segment_train.train returns (slim checkpoints; goes into bundles)
+    model_dir: Path  # what shared.training.segment_train.train returned (slim checkpoints; went into the bundle)
     results_dir: Path  # nnU-Net's own nnUNet_results/Dataset501_ICH (checkpoints as nnU-Net writes them)
-    site_dir: Path  # write_cohort("charite-like", 10, seed=0, scale="ci")
-    train_ids: tuple[str, ...]
-    test_ids: tuple[str, ...]  # held out from nnU-Net training
-    train_seconds: float
+    site_dir: Path  # the bootstrap's development cohort (charite-like, ci scale)
+    train_ids: tuple[str, ...]  # the cases nnU-Net trained on
+    test_ids: tuple[str, ...]  # the bootstrap's validation and test cases: never seen by nnU-Net
 
 
 @pytest.fixture(scope="session")
-def tiny_nnunet_model(tmp_path_factory) -> TinyNnunetModel:
-    """Real nnU-Net planning, preprocessing and `ci` training (96 iterations) on 7 synthetic cases.
-
-    Set ICHFED_TEST_NNUNET_DIR to reuse one trained model across local runs; CI trains afresh.
-    """
-    import time
-
+def tiny_nnunet_model(tiny_bundle) -> TinyNnunetModel:
+    """The segmenter of ``tiny_bundle``, with the cases it did and did not train on."""
     from shared.imaging.sitedata import read_site
-    from shared.training.segment_dataset import export_dataset
-    from shared.training.segment_train import train
-    from simulations.cohort import write_cohort
 
-    cached = os.environ.get("ICHFED_TEST_NNUNET_DIR")
-    root = Path(cached) if cached else tmp_path_factory.mktemp("tiny_nnunet")
-    site_dir = root / "site"
-    if not (site_dir / "cases.csv").exists():
-        write_cohort("charite-like", 10, 0, site_dir, scale="ci")
-    site = read_site(site_dir)
-    train_cases, test_cases = site.cases[:7], site.cases[7:]
-    model_dir = root / "work" / "model"
-    seconds = float("nan")
-    if not (cached and model_dir.is_dir()):
-        export_dataset(dataclasses.replace(site, cases=train_cases), root / "raw", dataset_id=501, name="ICH")
-        t0 = time.perf_counter()
-        model_dir = train(root / "raw", 501, "ci", root / "work", seed=0)
-        seconds = time.perf_counter() - t0
+    work = tiny_bundle.cohort_dir.parent
+    raw_labels = work / "nnunet_raw" / "Dataset501_ICH" / "labelsTr"
+    train_ids = tuple(sorted(p.name.removesuffix(".nii.gz") for p in raw_labels.glob("*.nii.gz")))
+    site = read_site(tiny_bundle.cohort_dir)
     return TinyNnunetModel(
-        model_dir=model_dir,
-        results_dir=root / "work" / "nnUNet_results" / "Dataset501_ICH",
-        site_dir=site_dir,
-        train_ids=tuple(c.case_id for c in train_cases),
-        test_ids=tuple(c.case_id for c in test_cases),
-        train_seconds=seconds,
+        model_dir=work / "nnunet" / "model",
+        results_dir=work / "nnunet" / "nnUNet_results" / "Dataset501_ICH",
+        site_dir=tiny_bundle.cohort_dir,
+        train_ids=train_ids,
+        test_ids=tuple(c.case_id for c in site.cases if c.case_id not in train_ids),
     )
 
 

@@ -52,6 +52,19 @@ def test_report_has_dice_threshold_seed_and_split(tiny_bundle):
     assert set(r["timings"]) >= {"segmentation_training_s", "classifier_training_s", "total_s"}
 
 
+def test_report_compares_the_cnn_with_the_volume_baseline_on_the_same_cases(tiny_bundle):
+    """Issue 19: every bootstrap fits the volume baseline beside the CNN and reports both, and the true-mask
+    figures as ceilings; figures on too few cases say so instead of a number."""
+    c = tiny_bundle.report["test"]["comparison"]
+    cls = tiny_bundle.report["test"]["classification"]
+    assert c["model"] == "cnn" and c["baseline"]["features"] == ["log_ich_ml", "log_phe_ml", "log_phe_ich_ratio"]
+    assert c["volume_baseline"]["n"] == cls["n"] == c["cnn_minus_baseline"]["n"]  # the same test cases
+    assert 0.0 < c["baseline_threshold"] < 1.0
+    assert set(c["ceiling_true_masks"]) == {"n", "cnn", "volume_baseline"}
+    md = (tiny_bundle.path.parent / f"{tiny_bundle.path.name}-report.md").read_text(encoding="utf-8")
+    assert "Compared with the volume baseline" in md and "Ceilings with true masks" in md
+
+
 def test_report_split_is_reproducible_from_its_seed(tiny_bundle):
     """The recorded split counts are what ``split_cases`` gives for the cohort and the recorded seed."""
     from shared.imaging.sitedata import read_site

@@ -73,7 +73,7 @@ def test_rule_file_round_trip_and_validation(tmp_path):
 
 def test_bootstrap_choice_is_stored_with_the_model_and_used_by_the_segmenter(tiny_nnunet_model, tmp_path):
     """Bootstrap's step: choose on validation, write into the model folder, the Segmenter applies it."""
-    from server.bootstrap import SegmentedCase, _choose_postprocessing
+    from server.bootstrap_crops import SegmentedCase, _choose_postprocessing
     from shared.models.segment import Segmentation, Segmenter
     from shared.models.segment_model import copy_model_folder
     from simulations.cohort import make_case

@@ -1,8 +1,8 @@
 """nnU-Net v2 segmentation: raw-dataset export, real training, real inference, model-folder import.
 
-The slow tests share the session fixture ``tiny_nnunet_model`` (tests/conftest.py): real nnU-Net
-planning/preprocessing and 96 iterations of the ``ci`` trainer on 7 synthetic ``charite-like``
-cases at ``ci`` scale (64 x 64 x 16 voxels, 3.6 mm in-plane). The fast tests need no training.
+The slow tests share the session fixture ``tiny_nnunet_model`` (tests/conftest.py): the nnU-Net inside
+``tiny_bundle``, planned, preprocessed and trained by nnU-Net (96 iterations of the ``ci`` trainer) on the
+bootstrap's 11 training cases at ``ci`` scale (3.6 mm in-plane). The fast tests need no training.
 """
 
 from __future__ import annotations
@@ -176,17 +176,24 @@ def test_prediction_keeps_geometry_and_label_set(tiny_nnunet_model, segmenter):
 
 @pytest.mark.slow
 def test_trained_model_finds_the_hemorrhage_on_held_out_cases(tiny_nnunet_model, segmenter):
-    dices = []
+    """A bound that tests the pipeline, not the luck of a 96-iteration training (issue 25).
+
+    The fixture's nnU-Net (the ``ci`` trainer: 96 iterations on the bootstrap's 11 training cases) is not
+    trained to a plateau, and its weights differ between machines (docs/segmentation.md, "Reproducibility"):
+    held-out ICH Dice per case has ranged from 0.20 to 0.65 across machines and thread counts. A pipeline
+    that loses the axis order, the geometry or the label values scores about 0, and so does the same
+    prediction scored against the lesion moved to the other hemisphere, which this test checks too.
+    """
+    dices, controls = [], []
     for case in _held_out(tiny_nnunet_model):
         image = read_image(case.image_path).image
         truth = sitk.GetArrayFromImage(read_mask(case.mask_path, image))
         pred = sitk.GetArrayFromImage(segmenter.predict(image))
         dices.append(_dice(pred, truth, 1))
-    # 96 iterations on 7 cases: measured ICH Dice on these 3 held-out cases (4.0, 1.4 and 9.4 ml)
-    # was 0.63, 0.59 and 0.65 (training cases 0.73-0.86). An untrained network, or a pipeline that
-    # loses the axis order, geometry or label values, scores ~0. PHE (10 HU below brain with 6 HU
-    # noise) needs the longer demo training and is not asserted here.
-    assert np.mean(dices) > 0.4, dices
+        controls.append(_dice(pred, truth[:, :, ::-1], 1))  # what a lost left-right axis would score
+    assert len(dices) >= 5
+    assert np.median(dices) > 0.25, dices
+    assert np.median(dices) > np.median(controls) + 0.2, (dices, controls)
 
 
 @pytest.mark.slow

@@ -16,10 +16,11 @@ def test_at_least_six_builtin_profiles_load_and_differ():
     assert len(names) >= 6
     profiles = [load_profile(n) for n in names]
     assert [p.name for p in profiles] == names
-    # Every profile differs from the development site in scanner and in population.
+    # Every profile differs from the development site in scanner and in population (but the development
+    # site's own scanner fleet, which shares its patients).
     dev = load_profile("charite-like")
     for p in profiles:
-        if p.name != dev.name:
+        if p.name != dev.name and p.scanner_fleet is None:
             assert p.scanner != dev.scanner, p.name
             assert p.population != dev.population, p.name
     for p in profiles:
@@ -85,3 +86,18 @@ def test_profiles_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.scanner.noise_sd = 3.0  # type: ignore[misc]
     assert isinstance(p, Profile)
+
+
+def test_a_scanner_fleet_draws_each_cases_scanner_within_its_ranges_and_reproducibly():
+    from simulations.cohort import case_rng, make_case
+
+    fleet = load_profile("charite-fleet")
+    assert fleet.population == load_profile("charite-like").population  # the same patients, several scanners
+    drawn = [fleet.scanner_fleet.draw(case_rng(0, fleet.name, k, "fleet")) for k in range(60)]
+    assert {d.kernel for d in drawn} == {"smooth", "standard", "sharp"}
+    assert all(-10 <= d.hu_offset <= 10 and 3 <= d.noise_sd <= 15 and -20 <= d.gantry_tilt_deg <= 20 for d in drawn)
+    assert len({round(d.noise_sd, 3) for d in drawn}) == 60  # a scanner per case, not one per site
+    a, b = make_case("charite-fleet", 3, 0, scale="ci"), make_case("charite-fleet", 3, 0, scale="ci")
+    assert a.grid == b.grid and (a.image == b.image).all()
+    # a profile without a fleet is unchanged by the fleet's stream
+    assert make_case("charite-like", 3, 0, scale="ci").grid == make_case("charite-like", 3, 0, scale="ci").grid

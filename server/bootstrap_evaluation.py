@@ -1,0 +1,113 @@
+"""Bootstrap stages 4 and 5: train the CNN and the volume baseline on the same training cases, choose each
+one's threshold on the validation part, and report both on the same held-out test cases.
+
+Both thresholds come from validation scores of predicted-mask crops, which neither model trained on. The
+paired difference CNN - baseline (DeLong for correlated ROC curves) is on the test cases where segmentation
+found a lesion (both models need one). The true-mask test figures are ceilings: what each model would do
+with a perfect segmenter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.plumbing.atomic import write_json
+
+from .bootstrap_crops import CropSets
+
+log = logging.getLogger(__name__)
+Z95 = 1.959963984540054
+
+
+def train_classifier(crops: CropSets, classifier_recipe: str, work_dir: Path, device: str, seed: int):
+    """The ResNet-34 from scratch on ground-truth crops, validated on predicted-mask crops; curves to work_dir/report."""
+    from server.training.classifier_history import plot_history
+    from server.training.classifier_training import ClassifierTrainConfig
+    from server.training.classifier_training import train_classifier as train
+
+    result = train(crops.train["crops"], crops.train["labels"], crops.val["crops"], crops.val["labels"],
+                   ClassifierTrainConfig.named(classifier_recipe), device=device, seed=seed)
+    reports_dir = work_dir / "report"
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    plot_history(result.history, reports_dir / "classifier_curves.png")
+    write_json(reports_dir / "classifier_curves.json", result.history)
+    return result
+
+
+def evaluate(result: Any, crops: CropSets, out: Path, device: str, seed: int) -> dict[str, Any]:
+    """Threshold and calibration from validation scores (the threshold midway between neighbours), the
+    end-to-end metrics and Dice on the held-out test split, and the volume baseline beside the CNN."""
+    from shared.evaluation.metrics import classification_metrics, dice_summary
+
+    from .bootstrap_calibration import calibrate_reference, reference_threshold
+
+    p_val = p_neoplastic(result.model, crops.val["crops"], device)
+    p_test = p_neoplastic(result.model, crops.test["crops"], device)
+    threshold = reference_threshold(crops.val["labels"], p_val, result.threshold)
+    calibration, calibration_report = calibrate_reference(
+        crops.val["labels"], p_val, crops.test["labels"], p_test, threshold.p, out.parent / f"{out.name}-reliability.png")
+    return {
+        "threshold": threshold,
+        "calibration": calibration,
+        "calibration_report": calibration_report,
+        "classification": classification_metrics(crops.test["labels"], p_test, threshold=threshold.p, seed=seed),
+        "dice": {name: dice_summary(crops.test["dice"][label]) for label, name in ((1, "ich"), (2, "phe"))},
+        "comparison": compare_with_volume_baseline(result, crops, p_test, threshold.p, device, seed),
+    }
+
+
+def compare_with_volume_baseline(result: Any, crops: CropSets, p_test: np.ndarray, cnn_threshold: float,
+                                 device: str, seed: int) -> dict[str, Any]:
+    """The volume baseline fitted on the CNN's training cases; both models on the same test cases, their
+    paired AUC difference, and both again on true-mask test crops (ceilings)."""
+    from shared.evaluation.metrics import classification_metrics
+    from shared.models.volume_baseline import VolumeBaseline
+
+    from .bootstrap_calibration import reference_threshold
+
+    train, val, test, truth = crops.train, crops.val, crops.test, crops.test_truth
+    baseline = VolumeBaseline.fit(train["volumes"][:, 0], train["volumes"][:, 1], train["labels"])
+    pb_val = baseline.p_neoplastic(val["volumes"][:, 0], val["volumes"][:, 1])
+    pb_test = baseline.p_neoplastic(test["volumes"][:, 0], test["volumes"][:, 1])
+    b_threshold = reference_threshold(val["labels"], pb_val, result.threshold)
+    out: dict[str, Any] = {
+        "model": "cnn",
+        "baseline": baseline.to_dict(),
+        "baseline_threshold": b_threshold.p,
+        "volume_baseline": classification_metrics(test["labels"], pb_test, threshold=b_threshold.p, seed=seed),
+        "cnn_minus_baseline": _paired(test["labels"], p_test, pb_test),
+        "ceiling_true_masks": {
+            "n": int(len(truth["labels"])),
+            "cnn": classification_metrics(truth["labels"], p_neoplastic(result.model, truth["crops"], device),
+                                          threshold=cnn_threshold, seed=seed),
+            "volume_baseline": classification_metrics(
+                truth["labels"], baseline.p_neoplastic(truth["volumes"][:, 0], truth["volumes"][:, 1]),
+                threshold=b_threshold.p, seed=seed),
+        },
+    }
+    return out
+
+
+def _paired(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> dict[str, Any]:
+    """AUC(a) - AUC(b) on the same cases with its DeLong 95 % CI (None where one class is missing)."""
+    from shared.evaluation.rocstats import delong_paired
+
+    y = np.asarray(y)
+    if min(int((y == 1).sum()), int((y == 0).sum())) < 2:  # DeLong's variance needs two cases per class
+        return {"n": int(len(y)), "estimate": None, "ci": None, "reason": "fewer than 2 test cases of a class"}
+    d = delong_paired(y, p_a, p_b)
+    se = math.sqrt(d.variance)
+    return {"n": int(len(y)), "estimate": d.estimate, "ci": [d.estimate - Z95 * se, d.estimate + Z95 * se],
+            "method": "DeLong paired, normal 95 % CI"}
+
+
+def p_neoplastic(model: Any, crops: np.ndarray, device: str) -> np.ndarray:
+    """p(neoplastic) of crops: the backbone's features scored by ``shared.models.head.Head``."""
+    from shared.models.classifier import predict_log_probs
+
+    return np.exp(predict_log_probs(model, crops, device)[:, 1]) if len(crops) else np.zeros(0)
