@@ -26,6 +26,13 @@ Fewer than two fine-tune cases of a class leave no AUC evidence: the bundle is k
 site's cache with its overlay, and its evidence (aggregates only) in ``<state_dir>/adoption/<hash>.json``;
 ``ichfed site approve`` activates one (a clearly worse one only with ``--force``). The reply to the
 coordinator carries the code alone.
+
+**The segmenter** (issue 24, ``compare_segmenters``) is held to the same rule on its own evidence: the
+per-case ICH Dice of the federated and the reference segmenter on the site's held-out cases with a
+reference mask (the masked fine-tune cases trained it). It is clearly worse when the mean paired
+difference is below ``-margin`` and its one-sided 95 % upper bound below 0; fewer than ``min_cases``
+masked held-out cases is insufficient evidence. Either way the site keeps the reference segmenter
+(``client.segmenter_site``).
 """
 
 from __future__ import annotations
@@ -90,6 +97,33 @@ def compare(labels: np.ndarray, candidate: np.ndarray, current: np.ndarray, cand
         return Comparison(P.ADOPTION_CLEARLY_WORSE, facts)
     if _degenerate(cand) and not _degenerate(cur):
         return Comparison(P.ADOPTION_ZERO_OPERATING_POINT, facts)
+    return Comparison(P.ADOPTION_ACTIVATED, facts)
+
+
+def compare_segmenters(candidate: dict[str, Any], current: dict[str, Any], *, margin: float,
+                       min_cases: int) -> Comparison:
+    """The code of a candidate segmenter against the current one on the same masked cases.
+
+    ``candidate`` / ``current``: ``shared.evaluation.segmentation.SegmentationScore`` by case ID (a
+    ``client.features.Part.seg_scores``); the cases scored by both with a defined ICH Dice are paired.
+    """
+    ids = sorted(c for c in set(candidate) & set(current)
+                 if candidate[c].ich_dice is not None and current[c].ich_dice is not None)
+    cand = np.array([candidate[c].ich_dice for c in ids], np.float64)
+    cur = np.array([current[c].ich_dice for c in ids], np.float64)
+    facts: dict[str, Any] = {"n": len(ids), "margin": float(margin), "measure": "ICH Dice, held-out masked cases",
+                             "candidate_mean": float(cand.mean()) if ids else None,
+                             "current_mean": float(cur.mean()) if ids else None,
+                             "candidate_median": float(np.median(cand)) if ids else None,
+                             "current_median": float(np.median(cur)) if ids else None}
+    if len(ids) < max(int(min_cases), 2):
+        return Comparison(P.ADOPTION_INSUFFICIENT, facts)
+    d = cand - cur
+    se = float(d.std(ddof=1) / np.sqrt(d.size))
+    upper = float(d.mean()) + Z_ONE_SIDED_95 * se
+    facts.update(dice_difference=float(d.mean()), dice_difference_se=se, dice_difference_upper_95=upper)
+    if d.mean() < -margin and upper < 0.0:
+        return Comparison(P.ADOPTION_CLEARLY_WORSE, facts)
     return Comparison(P.ADOPTION_ACTIVATED, facts)
 
 

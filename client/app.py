@@ -152,6 +152,14 @@ def build_client_app(site_configs: Sequence[str | os.PathLike] | None = None,
     def final(message: Message, context: Context) -> Message:
         return handle(message, context, SiteSession.final_comparison)
 
+    @app.train(P.ACTION_SEGMENTER)  # segmenter rounds (issue 24, client/segmenter_site.py)
+    def train_segmenter(message: Message, context: Context) -> Message:
+        return handle(message, context, SiteSession.train_segmenter)
+
+    @app.query(P.ACTION_SEGMENTER)
+    def segmenter(message: Message, context: Context) -> Message:
+        return handle(message, context, SiteSession.segmenter_arms)
+
     @app.query(ACTION_STATS)  # ichfed stats: the site's Table 1 (client/stats.py)
     def stats(message: Message, context: Context) -> Message:
         return handle(message, context, SiteSession.stats)

@@ -1,9 +1,12 @@
 """The site's content-addressed preprocessing cache.
 
 One entry per case: the crop, its frozen-backbone embedding, and what evaluation needs
-(whether a lesion was segmented, Dice against a reference mask). The key is the sha256 of the
-case's bytes, the bundle hash and the crop spec, so a changed image, bundle or crop spec gets a
-new entry and an unchanged case is never recomputed, across rounds and across restarts.
+(whether a lesion was segmented, the segmentation scored against a reference mask). The key is the
+sha256 of the case's bytes (and its mask's), the bundle hash and the crop spec, so a changed image,
+mask, bundle or crop spec gets a new entry and an unchanged case is never recomputed, across rounds
+and across restarts. The bundle hash is the sha256 of a manifest that lists the sha256 of every model
+file, the segmenter's checkpoint among them: a bundle carrying a fine-tuned segmenter (issue 24)
+keys every case afresh, so a case is re-segmented and re-embedded, never read from a stale entry.
 
 Beside it, :class:`AdaptedCache` keeps the site's own BatchNorm statistics and the embeddings
 under them (``client.adaptation``), keyed by the cases the statistics were estimated on, so a
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.evaluation.segmentation import SegmentationScore
 from shared.plumbing.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,8 @@ def content_hash(path: str | os.PathLike) -> str:
 
 
 def cache_key(case_hash: str, bundle_hash: str, crop_spec_key: str, mask_hash: str | None = None) -> str:
-    """The entry key: change the case, its reference mask, the bundle or the crop spec and it changes."""
+    """The entry key: change the case, its reference mask, the bundle (its segmenter or classifier files)
+    or the crop spec and it changes."""
     parts = [case_hash, mask_hash or "-", bundle_hash, crop_spec_key]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
@@ -64,6 +69,8 @@ class CachedCase:
     phe_ml: float | None = None
     # Names of the segmentation's failed plausibility checks (shared.imaging.quality.FLAGS).
     quality_flags: tuple[str, ...] = ()
+    # The segmentation against the reference mask (shared.evaluation.segmentation); None without a mask.
+    seg_score: SegmentationScore | None = None
 
 
 class CaseCache:
@@ -77,8 +84,9 @@ class CaseCache:
     def _dir(self, key: str) -> Path:
         return self.root / key[:2] / key
 
-    def get(self, key: str, with_crop: bool = False) -> CachedCase | None:
-        """The entry for ``key``, or None when absent or incomplete."""
+    def get(self, key: str, with_crop: bool = False, with_mask: bool = False) -> CachedCase | None:
+        """The entry for ``key``, or None when absent or incomplete (``with_mask``: the case has a
+        reference mask, so an entry from before segmentation scores is recomputed)."""
         d = self._dir(key)
         meta_path = d / "case.json"
         if not meta_path.is_file():
@@ -89,7 +97,9 @@ class CaseCache:
             features = np.load(d / "features.npy") if meta["lesion_found"] else None
             crop = np.load(d / "crop.npy") if with_crop and meta["lesion_found"] else None
             flags = tuple(meta["quality_flags"])  # an entry from before quality flags is recomputed
-        except (OSError, ValueError, KeyError) as e:
+            seg = meta["seg_score"] if with_mask else meta.get("seg_score")
+            seg = SegmentationScore(**seg) if seg is not None else None
+        except (OSError, ValueError, KeyError, TypeError) as e:
             # A damaged entry is recomputed rather than trusted.
             log.warning("cache entry %s unreadable (%s); recomputing", key[:12], e)
             self.misses += 1
@@ -104,6 +114,7 @@ class CaseCache:
             ich_ml=meta.get("ich_ml"),
             phe_ml=meta.get("phe_ml"),
             quality_flags=flags,
+            seg_score=seg,
         )
 
     def put(self, key: str, case: CachedCase) -> None:
@@ -126,6 +137,7 @@ class CaseCache:
                 "ich_ml": case.ich_ml,
                 "phe_ml": case.phe_ml,
                 "quality_flags": list(case.quality_flags),
+                "seg_score": dataclasses.asdict(case.seg_score) if case.seg_score is not None else None,
             },
         )
 

@@ -183,3 +183,25 @@ def _histograms(model: str, y: np.ndarray, p: np.ndarray, min_cases: int, metric
         return
     neg, pos = score_histogram(y, p, bins=P.SCORE_BINS)
     metrics[keys[0]], metrics[keys[1]] = [int(v) for v in neg], [int(v) for v in pos]
+
+
+def segmenter_arm_metrics(model: str, part, p: np.ndarray, threshold: float, *, min_cases: int,
+                          seed: int = 0) -> tuple[dict[str, Any], dict[str, str]]:
+    """A segmenter arm (``protocol.SEGMENTER_ARMS``) on ``part``, the held-out cases segmented by it:
+    ``arm_metrics`` with the bundle's head (the end-to-end AUC this segmenter gives, Dice, no-lesion and
+    flag counts), plus over the masked cases (``part.seg_scores``) their number, the mean number of ICH
+    components and the share whose largest ICH component lies on the lesion, each floored like Dice.
+    """
+    from client.privacy import floor_counts
+
+    metrics, reasons = arm_metrics(model, part, p, threshold, min_cases=min_cases, seed=seed)
+    scores = list(getattr(part, "seg_scores", {}).values())
+    floor_counts({P.metric_key(model, "n-masked"): len(scores)}, min_cases, metrics, reasons)
+    for m, values in (("ich-components", [s.ich_components for s in scores]),
+                      ("largest-on-lesion", [bool(s.largest_on_lesion) for s in scores])):
+        key = P.metric_key(model, m)
+        if len(values) >= min_cases:
+            metrics[key] = float(np.mean(values))
+        else:
+            reasons[key] = P.REASON_TOO_FEW if values else P.REASON_NO_MASKS
+    return metrics, reasons

@@ -39,6 +39,9 @@ class Part:
     # Cases of the split (with or without a lesion) per quality flag, and with any flag.
     flag_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     n_flagged: int = 0
+    # Every case of the part with a reference mask (lesion found or not): its segmentation scored
+    # against the mask (shared.evaluation.segmentation), by case ID; stays at the site.
+    seg_scores: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -168,7 +171,7 @@ class FeatureStore:
         case_hash = content_hash(case.image_path)
         mask_hash = content_hash(case.mask_path) if case.mask_path is not None else None
         key = cache_key(case_hash, bundle.hash, bundle.crop_spec.key(), mask_hash)
-        cached = self.cache.get(key, with_crop=with_crop)
+        cached = self.cache.get(key, with_crop=with_crop, with_mask=case.mask_path is not None)
         if cached is not None:
             return key, cached
         from shared.imaging.ingest import read_image
@@ -179,22 +182,27 @@ class FeatureStore:
         features = None
         if crop.lesion_found and crop.array is not None:
             features = predictor.get().embed(crop.array[None])[0].astype(np.float32)
-        dice_ich = dice_phe = None
+        seg = None
         if case.mask_path is not None:
-            from shared.evaluation.metrics import dice
+            import SimpleITK as sitk
+
+            from shared.evaluation.segmentation import score_labels
+            from shared.imaging.intracranial import voxel_ml
             from shared.imaging.sitedata import read_mask
 
             truth = read_mask(case.mask_path, like=ingested.image)
-            dice_ich, dice_phe = dice(prepared.mask, truth, 1), dice(prepared.mask, truth, 2)
+            seg = score_labels(sitk.GetArrayViewFromImage(prepared.mask), sitk.GetArrayViewFromImage(truth),
+                               voxel_ml(ingested.image))
         entry = CachedCase(
             lesion_found=features is not None,
             features=features,
             crop=crop.array if features is not None else None,
-            dice_ich=dice_ich,
-            dice_phe=dice_phe,
+            dice_ich=seg.ich_dice if seg is not None else None,
+            dice_phe=seg.phe_dice if seg is not None else None,
             ich_ml=prepared.volumetrics.ich_ml,
             phe_ml=prepared.volumetrics.phe_ml,
             quality_flags=tuple(prepared.quality_flags),
+            seg_score=seg,
         )
         self.cache.put(key, entry)
         return key, entry
@@ -215,6 +223,7 @@ def _part(rows: list[CachedCase], cases: list) -> Part:
         case_ids=tuple(c.case_id for _, c in with_lesion),
         flag_counts={name: sum(name in r.quality_flags for r in rows) for name in QUALITY_FLAGS},
         n_flagged=sum(bool(r.quality_flags) for r in rows),
+        seg_scores={c.case_id: r.seg_score for r, c in zip(rows, cases) if r.seg_score is not None},
     )
 
 

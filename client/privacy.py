@@ -3,6 +3,10 @@
 A reply may carry only
 - the head (``weight`` (2, 512) and ``bias`` (2,), finite float32), and in a cross-fitted run
   its K fold heads (``fold<k>.weight`` / ``fold<k>.bias``, ``protocol.head_keys``),
+- in a segmenter round (issue 24), the segmenter's trainable tensors (``protocol.SEGMENTER``: network
+  parameter names, finite float32 within ``segment_weights.MAX_WEIGHT_ABS``, bounded in number and size;
+  ``SegmenterWeights.problem``), fine-tuned on at least ``min_cases`` masked cases, with the masked
+  case count and nnU-Net's pseudo Dice of the fine-tune as aggregates,
 - named aggregate metrics (counts, AUC and its DeLong variance, paired AUC differences and their
   variances, accuracy, sensitivity, specificity, confusion counts (also intention-to-treat),
   mean Dice, a ROC curve sampled at fixed false-positive rates, and per-class score histograms
@@ -14,7 +18,7 @@ A reply may carry only
 - thresholds only on the fixed grid ``protocol.THRESHOLD_GRID`` (the reference arm's is the
   bundle's own, public value),
 - a few short fields from a fixed vocabulary (site name, status, reason codes, bundle hash,
-  the adoption code of a delivered federated bundle),
+  the adoption code of a delivered federated bundle, the site's segmenter decision),
 - a Table 1 (``query.stats``, ``shared/federation/stats_protocol.py``): counts and fixed-bin histograms by
   class, each count and bin 0 or at least ``protocol.MIN_CASES_FLOOR``, and scanner categories
   (short printable labels) with such counts.
@@ -42,17 +46,17 @@ log = logging.getLogger(__name__)
 
 _MAX_ABS = 1e6  # no honest metric or head entry is this large; a larger one is a bug or a leak
 _COUNT_METRICS = {"n", "n-pos", "n-neg", "n-no-lesion", "tp", "fp", "tn", "fn", "withheld",
-                  "itt-tp", "itt-fp", "itt-tn", "itt-fn", *P.QUALITY_METRICS}
+                  "itt-tp", "itt-fp", "itt-tn", "itt-fn", "n-masked", *P.QUALITY_METRICS}
 _UNIT_METRICS = {"auc", "accuracy", "sensitivity", "specificity", "threshold", "dice-ich", "dice-phe",
-                 "auc-var", "auc-minus-reference-var", "auc-minus-local-var"}
+                 "auc-var", "auc-minus-reference-var", "auc-minus-local-var", "largest-on-lesion"}
 _DIFF_METRICS = {"auc-minus-reference", "auc-minus-local"}  # paired differences lie in [-1, 1]
 _HIST_METRICS = {P.HIST_NEG, P.HIST_POS}
 
 
 #: case counts that are 0 or at least the floor wherever they appear (model-scoped metrics)
-_FLOORED_COUNTS = {"n", "n-pos", "n-neg", "n-no-lesion", *P.QUALITY_METRICS}
+_FLOORED_COUNTS = {"n", "n-pos", "n-neg", "n-no-lesion", "n-masked", *P.QUALITY_METRICS}
 #: site counts the allow-list floors (the FedAvg weight keys are floored where they are made)
-_FLOORED_SITE_COUNTS = {P.N_HELD_OUT, P.N_UNUSABLE}
+_FLOORED_SITE_COUNTS = {P.N_HELD_OUT, P.N_UNUSABLE, P.N_MASKED_FINE_TUNE}
 
 
 def floor_counts(counts: Mapping[str, int], k: int, metrics: dict[str, Any], reasons: dict[str, str]) -> None:
@@ -82,12 +86,16 @@ def build_reply(
     bundle_hash: str | None = None,
     scanner: Mapping[str, Mapping[str, int]] | None = None,
     adoption: str | None = None,
+    segmenter=None,
+    segmenter_adoption: str | None = None,
 ):
     """Build the content (a Flower ``RecordDict``) of a site's reply and check it.
 
     ``metrics`` values that are ``None`` are left out (a MetricRecord has no null); say why
     in ``reasons`` under the same key. ``scanner`` maps a scanner field to its category counts
-    (a stats reply). Raises ``PrivacyViolation`` for anything not allowed.
+    (a stats reply). ``segmenter``: a ``shared.models.segment_weights.SegmenterWeights`` (a segmenter
+    round's update); ``segmenter_adoption``: the site's segmenter decision (``protocol.ADOPTIONS``).
+    Raises ``PrivacyViolation`` for anything not allowed.
     """
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
@@ -99,10 +107,14 @@ def build_reply(
         info[P.INFO_BUNDLE_HASH] = bundle_hash
     if adoption is not None:
         info[P.INFO_ADOPTION] = adoption
+    if segmenter_adoption is not None:
+        info[P.INFO_SEG_ADOPTION] = segmenter_adoption
     for key, code in (reasons or {}).items():
         info[f"{key}{P.REASON_SUFFIX}"] = code
     if head is not None:
         content[P.HEAD] = head.to_record()
+    if segmenter is not None:
+        content[P.SEGMENTER] = segmenter.to_record()
     if metrics is not None:
         clean = {}
         for k, v in metrics.items():
@@ -135,6 +147,8 @@ def check_content(content) -> None:
     for name, record in content.items():
         if name == P.HEAD and isinstance(record, ArrayRecord):
             _check_head(record)
+        elif name == P.SEGMENTER and isinstance(record, ArrayRecord):
+            _check_segmenter(record)
         elif name == P.METRICS and isinstance(record, MetricRecord):
             for key, value in record.items():
                 _check_metric(key, value)
@@ -228,13 +242,28 @@ def _check_head(record) -> None:
         raise PrivacyViolation(why)
 
 
+def _check_segmenter(record) -> None:
+    """Network tensors only: parameter names, float32, finite, bounded (``SegmenterWeights.problem``)."""
+    from shared.models.segment_weights import SegmenterWeights
+
+    try:
+        why = SegmenterWeights.from_record(record).problem()
+    except IchfedError as e:
+        why = str(e)
+    if why:
+        raise PrivacyViolation(why)
+
+
 def _check_metric(key: str, value: Any) -> None:
     stats = S.split_key(key)
     if stats is not None:
         _check_stats_metric(key, stats[1], value)
         return
     model = None
-    if key in P.SITE_COUNTS:
+    if key == P.TRAIN_DICE:
+        _check_number(key, value, 0.0, 1.0)
+        return
+    if key in P.SITE_COUNTS or key == P.N_MASKED_FINE_TUNE:
         metric = "n" if key != P.TRAIN_LOSS else "train-loss"
     else:
         parts = P.split_metric_key(key)
@@ -305,11 +334,11 @@ def _check_info(key: str, value: Any) -> None:
         ok = value in P.REASONS
     elif key == P.INFO_BUNDLE_HASH:
         ok = bool(P.HASH_RE.match(value))
-    elif key == P.INFO_ADOPTION:
+    elif key in (P.INFO_ADOPTION, P.INFO_SEG_ADOPTION):
         ok = value in P.ADOPTIONS
     elif key.endswith(P.REASON_SUFFIX):
         target = key[: -len(P.REASON_SUFFIX)]
-        ok = (target in P.SITE_COUNTS or P.split_metric_key(target) is not None
+        ok = (target in P.SITE_COUNTS or target in P.SEGMENTER_COUNTS or P.split_metric_key(target) is not None
               or S.split_key(target) is not None) and value in P.REASONS
     else:
         raise PrivacyViolation(f"info '{key}' is not on the allow-list")

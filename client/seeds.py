@@ -18,7 +18,7 @@ import numpy as np
 
 # Stream names in the spawn key; fixed forever (changing one changes that stage's results).
 # 0 was reserved for the split, which keeps the site's seed itself (see split_seed).
-_ROUND, _FOLD_HEAD, _CROSS_FIT, _OUT_OF_FOLD = range(1, 5)
+_ROUND, _FOLD_HEAD, _CROSS_FIT, _OUT_OF_FOLD, _SEGMENTER = range(1, 6)
 
 
 def _derive(entropy: int, *key: int) -> int:
@@ -58,3 +58,9 @@ def cross_fit_seed(site_seed: int) -> int:
 def out_of_fold_seed(seed: int, fold: int) -> int:
     """Fold ``fold`` of the site-local out-of-fold scores (``client.calibrate.out_of_fold_scores``)."""
     return _derive(seed, _OUT_OF_FOLD, fold)
+
+
+def segmenter_seed(site_seed: int, server_round: int) -> int:
+    """nnU-Net's seed for the site's segmenter fine-tune in ``server_round`` (issue 24). The local-only
+    segmenter uses round 1's: with one round it is exactly the site's round-1 update."""
+    return _derive(site_seed, _SEGMENTER, server_round)

@@ -14,7 +14,12 @@ message                  method                reply
 ``evaluate``             ``evaluate``          the global head's held-out metrics
 ``query.final``          ``final_comparison``  the four arms (``client.final``); keeps the bundle
 ``query.stats``          ``stats``             the site's Table 1 (``client.stats``)
+``train.segmenter``      ``train_segmenter``   the fine-tuned segmenter's tensors + aggregates
+``query.segmenter``      ``segmenter_arms``    the segmenter arms' held-out metrics + decision
 =======================  ====================  =================================================
+
+The segmenter messages (issue 24) are ``client.segmenter_site``'s; every other message runs the
+segmenter the site chose there (``_run_bundle``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .cross_fit import case_folds, cross_fit_scores, train_head_set
 from .features import FeatureStore, Part, SiteFeatures
 from .privacy import build_reply
 from .seeds import cross_fit_seed, fold_head_seed, round_seed
+from .segmenter_site import SegmenterSite
 from .site_bundles import Refusal, SiteBundles
 from .site_config import SiteConfig
 
@@ -52,6 +58,7 @@ class SiteSession:
         self.config = config
         self.bundles = SiteBundles(config)
         self.store = store if store is not None else FeatureStore(config)
+        self.segmenter = SegmenterSite(config, self.bundles, self.store)
 
     @property
     def name(self) -> str:
@@ -92,7 +99,7 @@ class SiteSession:
                       "fine_tune_fraction or add labelled cases (`ichfed site check` shows the split)",
                       self.name, planned, self.config.min_cases)
             raise Refusal(P.REASON_TOO_FEW)
-        return {P.N_FINE_TUNE: planned}
+        return {P.N_FINE_TUNE: planned, **self.segmenter.planned()}
 
     # -- train -----------------------------------------------------------------------------
     def train_round(self, content):
@@ -144,7 +151,7 @@ class SiteSession:
         from .evaluate import arm_metrics
 
         cfg = content[P.CONFIG]
-        bundle = self.bundles.get(str(cfg[P.CFG_BUNDLE_HASH]))
+        bundle = self._run_bundle(cfg)
         feats = self.store.features(bundle)
         heads = _head_set(content)
         t = self.threshold(heads, feats.fine_tune, float(bundle.threshold.p))
@@ -176,7 +183,7 @@ class SiteSession:
         from .final import final_arms
 
         cfg = content[P.CONFIG]
-        bundle = self.bundles.get(str(cfg[P.CFG_BUNDLE_HASH]))
+        bundle = self._run_bundle(cfg)
         feats = self.store.features(bundle)
         rounds = int(cfg.get(P.CFG_NUM_ROUNDS, 1))
         heads = _head_set(content)
@@ -300,9 +307,23 @@ class SiteSession:
             raise Refusal(P.REASON_TOO_FEW)
         return build_reply(self.name, metrics=t1.metrics, reasons=t1.reasons, scanner=t1.scanner)
 
+    # -- train.segmenter, query.segmenter (client.segmenter_site) ---------------------------------
+    def train_segmenter(self, content):
+        """Fine-tune the received segmenter on the masked fine-tune cases; reply with its tensors."""
+        return self.segmenter.train_round(content)
+
+    def segmenter_arms(self, content):
+        """Score the reference, federated and local-only segmenters on the held-out cases; decide."""
+        return self.segmenter.evaluate(content)
+
     # -- helpers ---------------------------------------------------------------------------------
+    def _run_bundle(self, cfg):
+        """The bundle whose pipeline the site runs in this run: the run's bundle, or the federated
+        segmenter's bundle named beside it where the site adopted that segmenter."""
+        return self.segmenter.pipeline(self.bundles.get(str(cfg[P.CFG_BUNDLE_HASH])), cfg.get(P.CFG_SEG_BUNDLE_HASH))
+
     def _features(self, cfg) -> SiteFeatures:
-        return self.store.features(self.bundles.get(str(cfg[P.CFG_BUNDLE_HASH])))
+        return self.store.features(self._run_bundle(cfg))
 
     def _folds(self, part: Part, n_folds: int) -> np.ndarray:
         return case_folds(part, n_folds, cross_fit_seed(self.config.seed)) if n_folds else np.zeros(part.n, np.int64)

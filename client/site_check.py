@@ -39,7 +39,7 @@ def check_site(config_path: Path, open_images: bool = True, cross_fit_folds: int
         not_ready.append("usable cases of only one class (fine-tuning needs both)")
     folds = DEFAULT_CROSS_FIT_FOLDS if cross_fit_folds is None else cross_fit_folds
     plan = plan_split({c.case_id: int(c.label) for c in usable if c.label is not None}, cfg.fine_tune_fraction,
-                      cfg.min_cases, cfg.seed, folds)
+                      cfg.min_cases, cfg.seed, folds, masked=[c.case_id for c in usable if c.mask_path is not None])
     if n_pos and n_neg and plan.problems:  # one class only is said above, and no fraction fixes it
         not_ready.append("; ".join(plan.problems) + f"; fix: {plan.fix}")
     device = _device_report(cfg.device)
@@ -56,12 +56,32 @@ def check_site(config_path: Path, open_images: bool = True, cross_fit_folds: int
         "unusable": unusable,
         "skipped": skipped,
         "split": plan.to_dict(),
+        "segmenter": segmenter_report(cfg, plan, usable),
         "device": device,
         "public_key": str(cfg.public_key) if cfg.public_key else None,
         "bundles": bundles,
         "ready": not not_ready,
         "not_ready": not_ready,
     }
+
+
+def segmenter_report(cfg, plan, usable: list) -> dict[str, Any]:
+    """The site's masks for segmenter rounds (issue 24): how many masked cases it would fine-tune on (masked
+    fine-tune cases and masked unlabelled ones) and be judged on (masked held-out cases), and what it lacks."""
+    unlabelled = sum(1 for c in usable if c.label is None and c.mask_path is not None)
+    n_fine = plan.masked_fine_tune + unlabelled
+    warnings = []
+    if cfg.segmenter_fine_tune and n_fine < cfg.min_cases:
+        warnings.append(f"segmenter_fine_tune is on, but {n_fine} masked fine-tune case(s) are fewer than the minimum "
+                        f"of {cfg.min_cases}: this site will not fine-tune the segmenter (add masks of fine-tune or "
+                        "unlabelled cases in masks/, or raise fine_tune_fraction)")
+    if plan.masked_held_out < cfg.min_cases:
+        warnings.append(f"{plan.masked_held_out} masked held-out case(s), fewer than {cfg.min_cases}: this site cannot "
+                        "check a federated segmenter and keeps the reference one")
+    return {"opted_in": cfg.segmenter_fine_tune, "masked_fine_tune": plan.masked_fine_tune,
+            "masked_unlabelled": unlabelled, "masked_for_fine_tuning": n_fine,
+            "masked_held_out": plan.masked_held_out, "min_cases": cfg.min_cases,
+            "would_fine_tune": cfg.segmenter_fine_tune and n_fine >= cfg.min_cases, "warnings": warnings}
 
 
 def _case_counts(site, usable: list, unusable: list[dict[str, Any]], n_pos: int, n_neg: int,

@@ -46,6 +46,9 @@ class SiteConfig:
     adoption: Literal["auto", "manual"] = "auto"
     # "Clearly worse": paired AUC (candidate - current) below -adoption_margin and below 0 at one-sided 5 %.
     adoption_margin: float = dataclasses.field(default=0.05, metadata={"range": (0.0, 1.0)})
+    # Segmenter rounds (issue 24, docs/federation.md): fine-tune the received nnU-Net on this site's
+    # masked fine-tune cases (and masked unlabelled cases) when the run has segmenter rounds.
+    segmenter_fine_tune: bool = False
 
     @property
     def min_cases(self) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from .seeds import cross_fit_seed, split_seed
 from .split import assign_folds, stratified_split
@@ -49,6 +49,9 @@ class SplitPlan:
     problems: tuple[str, ...]  # the site cannot send a head update
     warnings: tuple[str, ...]  # the run goes on, with less from this site
     fix: str | None  # what to change, when there are problems
+    # cases with a reference mask in each part (segmenter rounds, issue 24: fine-tune on the first, judged on the second)
+    masked_fine_tune: int = 0
+    masked_held_out: int = 0
 
     @property
     def n_fine_tune(self) -> int:
@@ -68,11 +71,12 @@ class SplitPlan:
                 "fine_tune": dict(self.fine_tune), "held_out": dict(self.held_out),
                 "n_fine_tune": self.n_fine_tune, "n_held_out": self.n_held_out,
                 "fold_sizes": list(self.fold_sizes), "problems": list(self.problems),
-                "warnings": list(self.warnings), "fix": self.fix}
+                "warnings": list(self.warnings), "fix": self.fix,
+                "masked_fine_tune": self.masked_fine_tune, "masked_held_out": self.masked_held_out}
 
 
 def plan_split(labels: Mapping[str, int], fraction: float, min_cases: int, seed: int,
-               n_folds: int = DEFAULT_CROSS_FIT_FOLDS) -> SplitPlan:
+               n_folds: int = DEFAULT_CROSS_FIT_FOLDS, masked: Collection[str] = ()) -> SplitPlan:
     """The split of ``labels`` (case ID -> 0/1) a run will use, and whether it is big enough.
 
     Parameters
@@ -82,6 +86,7 @@ def plan_split(labels: Mapping[str, int], fraction: float, min_cases: int, seed:
     min_cases : the site config's ``min_cases`` (``min_cases_for_metrics``, at least the protocol floor)
     seed : the site config's ``seed`` (the split and fold seeds are derived as in a run)
     n_folds : the run's ``cross-fit-folds`` (0: off)
+    masked : the IDs of the cases with a reference mask (counted per part)
     """
     split = stratified_split(labels, fraction, split_seed(seed))
     fine = _by_class(split.fine_tune, labels)
@@ -93,8 +98,10 @@ def plan_split(labels: Mapping[str, int], fraction: float, min_cases: int, seed:
         folds = tuple(int((assigned == k).sum()) for k in range(n_folds))
     problems, warnings = _judge(fine, held, folds, min_cases)
     fix = _fix(labels, fraction, min_cases) if problems else None
+    masked = set(masked)
     return SplitPlan(fraction=fraction, min_cases=min_cases, n_folds=n_folds, fine_tune=fine, held_out=held,
-                     fold_sizes=folds, problems=tuple(problems), warnings=tuple(warnings), fix=fix)
+                     fold_sizes=folds, problems=tuple(problems), warnings=tuple(warnings), fix=fix,
+                     masked_fine_tune=len(masked & set(split.fine_tune)), masked_held_out=len(masked & set(split.held_out)))
 
 
 def _by_class(ids, labels: Mapping[str, int]) -> dict[str, int]:

@@ -25,12 +25,17 @@ from typing import Any, Mapping
 from shared.federation import protocol as P
 
 # The models (arms) whose metrics each reply may carry.
-STAGE_MODELS = {P.TRAIN: (), P.EVALUATE: (P.MODEL_GLOBAL,), P.QUERY_FINAL: P.FINAL_ARMS, P.QUERY_BUNDLE: ()}
+STAGE_MODELS = {P.TRAIN: (), P.EVALUATE: (P.MODEL_GLOBAL,), P.QUERY_FINAL: P.FINAL_ARMS, P.QUERY_BUNDLE: (),
+                P.TRAIN_SEGMENTER: (), P.QUERY_SEGMENTER: P.SEGMENTER_ARMS}
 # The records each reply may carry (a refusal carries only INFO).
 STAGE_RECORDS = {P.TRAIN: {P.HEAD, P.METRICS, P.INFO}, P.EVALUATE: {P.METRICS, P.INFO},
-                 P.QUERY_FINAL: {P.METRICS, P.INFO}, P.QUERY_BUNDLE: {P.METRICS, P.INFO}}
+                 P.QUERY_FINAL: {P.METRICS, P.INFO}, P.QUERY_BUNDLE: {P.METRICS, P.INFO},
+                 P.TRAIN_SEGMENTER: {P.SEGMENTER, P.METRICS, P.INFO}, P.QUERY_SEGMENTER: {P.METRICS, P.INFO}}
 _INFO_KEYS = {P.INFO_SITE, P.INFO_STATUS, P.INFO_REASON, P.INFO_BUNDLE_HASH}
-STAGE_INFO = {P.QUERY_FINAL: {P.INFO_ADOPTION}}  # INFO keys only one reply may carry
+# INFO keys only one reply may carry
+STAGE_INFO = {P.QUERY_FINAL: {P.INFO_ADOPTION}, P.QUERY_SEGMENTER: {P.INFO_SEG_ADOPTION}}
+# Site-level metric keys each reply may carry besides the protocol's site counts
+STAGE_COUNTS = {P.QUERY_BUNDLE: (P.N_MASKED_FINE_TUNE,), P.TRAIN_SEGMENTER: P.SEGMENTER_COUNTS}
 
 # No site fine-tunes on a million ICH cases; a claim above this is a lie or a bug, and a float
 # this size can no longer overflow a weighted sum.
@@ -47,7 +52,7 @@ _COUNT_LIST = "count-list"  # a list of non-negative integers
 # Rules for the "<model>.<metric>" keys (the metric part); unknown metrics fall back to finite.
 MODEL_METRIC_RULES: dict[str, str] = {
     "auc": _UNIT, "accuracy": _UNIT, "sensitivity": _UNIT, "specificity": _UNIT, "threshold": _UNIT,
-    "dice-ich": _UNIT, "dice-phe": _UNIT,
+    "dice-ich": _UNIT, "dice-phe": _UNIT, "largest-on-lesion": _UNIT, "n-masked": _COUNT,
     "n": _COUNT, "n-pos": _COUNT, "n-neg": _COUNT, "n-no-lesion": _COUNT,
     "tp": _COUNT, "fp": _COUNT, "tn": _COUNT, "fn": _COUNT,
     "itt-tp": _COUNT, "itt-fp": _COUNT, "itt-tn": _COUNT, "itt-fn": _COUNT,
@@ -60,6 +65,7 @@ MODEL_METRIC_RULES: dict[str, str] = {
 # Rules for the site-level keys (not model-scoped).
 SITE_METRIC_RULES: dict[str, str] = {
     P.NUM_EXAMPLES: _COUNT, P.N_FINE_TUNE: _COUNT, P.N_HELD_OUT: _COUNT, P.N_UNUSABLE: _COUNT,
+    P.N_MASKED_FINE_TUNE: _COUNT, P.TRAIN_DICE: _UNIT,
 }
 
 
@@ -109,7 +115,8 @@ def _check_value(key: str, value: Any, rule: str | None) -> str | None:
     return None
 
 
-def check_reply_metrics(metrics: Mapping[str, Any], models: tuple[str, ...] = P.MODELS) -> str | None:
+def check_reply_metrics(metrics: Mapping[str, Any], models: tuple[str, ...] = P.MODELS,
+                        counts: tuple[str, ...] = ()) -> str | None:
     """Why an evaluate or final reply's metrics are impossible (None: they pass).
 
     Every key is the protocol's (a site count, or ``<model>.<metric>`` of one of ``models``) and
@@ -123,7 +130,7 @@ def check_reply_metrics(metrics: Mapping[str, Any], models: tuple[str, ...] = P.
         if parts is not None and parts[0] in models:
             rule = MODEL_METRIC_RULES.get(parts[1])
             by_model.setdefault(parts[0], {})[parts[1]] = value
-        elif key in P.SITE_COUNTS:
+        elif key in P.SITE_COUNTS or key in counts:
             rule = SITE_METRIC_RULES.get(key)
         else:
             return f"'{key}' is not a metric of this reply in the protocol"
@@ -153,6 +160,25 @@ def _counts_add_up(model: str, m: dict[str, Any], held_out: Any) -> str | None:
         if isinstance(m.get(hist), list) and total is not None and sum(m[hist]) > total:
             return f"'{model}': {hist} holds {sum(m[hist])} cases, more than the {total} of its class"
     return None
+
+
+def check_segmenter_claims(metrics: Mapping[str, Any]) -> tuple[int | None, str | None]:
+    """The masked case count a segmenter train reply claims (its weight), or why the reply is unacceptable:
+    ``num-examples`` and ``n-masked-fine-tune`` positive counts (the weight is the smaller), a finite
+    loss, a pseudo Dice in [0, 1], and no other key."""
+    for key, value in metrics.items():
+        if key not in (P.NUM_EXAMPLES, P.N_MASKED_FINE_TUNE, P.TRAIN_LOSS, P.TRAIN_DICE):
+            return None, f"'{key}' is not a metric of a segmenter train reply in the protocol"
+        if key != P.TRAIN_LOSS:
+            why = _check_value(key, value, SITE_METRIC_RULES[key])
+            if why:
+                return None, why
+    counts = [as_count(metrics.get(k)) for k in (P.NUM_EXAMPLES, P.N_MASKED_FINE_TUNE)]
+    if not all(counts):
+        return None, f"'{P.NUM_EXAMPLES}' / '{P.N_MASKED_FINE_TUNE}' must be positive integer case counts"
+    if not _finite(metrics.get(P.TRAIN_LOSS)):
+        return None, f"'{P.TRAIN_LOSS}' is {metrics.get(P.TRAIN_LOSS)!r}, not a finite number"
+    return min(counts), None
 
 
 def check_train_claims(metrics: Mapping[str, Any]) -> tuple[int | None, str | None]:
@@ -197,8 +223,8 @@ def check_reply_records(msg, stage: str) -> str | None:
         return f"record(s) {sorted(extra)} are not part of a {stage} reply"
     if P.INFO not in content.config_records:
         return "reply has no INFO record"
-    for name, kind in ((P.HEAD, content.array_records), (P.METRICS, content.metric_records),
-                       (P.INFO, content.config_records)):
+    for name, kind in ((P.HEAD, content.array_records), (P.SEGMENTER, content.array_records),
+                       (P.METRICS, content.metric_records), (P.INFO, content.config_records)):
         if name in names and name not in kind:
             return f"record '{name}' is of the wrong kind"
     for key, value in content[P.INFO].items():
@@ -221,14 +247,15 @@ def _info_value_ok(key: str, value: Any) -> bool:
         return value in P.STATUSES
     if key == P.INFO_BUNDLE_HASH:
         return bool(P.HASH_RE.match(value))
-    if key == P.INFO_ADOPTION:
+    if key in (P.INFO_ADOPTION, P.INFO_SEG_ADOPTION):
         return value in P.ADOPTIONS
     return value in P.REASONS  # INFO_REASON and every "<key>.reason"
 
 
 def _known_target(key: str, stage: str) -> bool:
     parts = P.split_metric_key(key)
-    return key in P.SITE_COUNTS or (parts is not None and parts[0] in STAGE_MODELS[stage])
+    return key in P.SITE_COUNTS or key in STAGE_COUNTS.get(stage, ()) or (
+        parts is not None and parts[0] in STAGE_MODELS[stage])
 
 
 class SiteLedger:
@@ -300,7 +327,7 @@ def admit_metrics_reply(ledger: SiteLedger, msg, stage: str = P.EVALUATE) -> str
     if why or P.METRICS not in msg.content.metric_records:
         return why
     metrics = dict(msg.content[P.METRICS])
-    why = check_reply_metrics(metrics, STAGE_MODELS[stage])
+    why = check_reply_metrics(metrics, STAGE_MODELS[stage], STAGE_COUNTS.get(stage, ()))
     if why is None and P.N_FINE_TUNE in metrics:
         why = ledger.check_count(msg.metadata.src_node_id, metrics[P.N_FINE_TUNE])
     return why

@@ -4,7 +4,8 @@ before a round starts. ``server.stats_run`` uses the same helpers.
 
 The bundle offer is the run's first message. Each site answers with its status (have / need /
 refused) and the number of fine-tune cases its split will give (``n-fine-tune``, planned from its
-labelled cases before any preprocessing). A site that plans fewer than the protocol's minimum, or
+labelled cases before any preprocessing), and, when it opted in to segmenter rounds (issue 24), its
+masked fine-tune cases (``n-masked-fine-tune``). A site that plans fewer than the protocol's minimum, or
 refuses itself for that reason, is left out *before* the bundle (hundreds of MB) is sent, with a
 log line that names the fix.
 """
@@ -107,6 +108,9 @@ def _offer_refusal(ledger: SiteLedger, msg, summary: Distribution) -> str | None
             why = f"{P.REASON_TOO_FEW}: plans {n} fine-tune cases, fewer than {P.MIN_CASES_FLOOR}; {TOO_FEW_FIX}"
         else:
             summary.planned_fine_tune[R.site_name(msg)] = n
+    masked = as_count(R.metrics(msg).get(P.N_MASKED_FINE_TUNE))
+    if why is None and masked is not None and masked >= P.MIN_CASES_FLOOR:  # opted in to segmenter rounds
+        summary.planned_masked[msg.metadata.src_node_id] = masked
     if why:
         log.warning("bundle check: site %s refused for this run: %s", label, why)
     return why

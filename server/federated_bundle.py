@@ -76,9 +76,11 @@ def federated_threshold(last: RoundRecord | None, ledger: SiteLedger, max_share:
 
 
 def write_federated_bundle(bundle, head: Head, last: RoundRecord | None, ledger: SiteLedger,
-                           settings: ServerSettings) -> tuple[object | None, FederatedBundleInfo | None]:
+                           settings: ServerSettings, tag: str = "federated") -> tuple[object | None, FederatedBundleInfo | None]:
     """Derive and sign the bundle carrying the federated ``head`` (the main head; fold heads serve only
-    the sites' thresholds); ``(None, None)`` without a signing key.
+    the sites' thresholds); ``(None, None)`` without a signing key. ``tag`` names its folder
+    (``<state_dir>/bundles/<name>-<tag>-<head digest>``): a run with a federated segmenter derives one
+    from each segmenter's bundle.
 
     Returns the loaded bundle (sent to the sites in the final message) and its report record.
     """
@@ -89,7 +91,7 @@ def write_federated_bundle(bundle, head: Head, last: RoundRecord | None, ledger:
 
     choice = federated_threshold(last, ledger, settings.max_site_share, float(bundle.threshold.p))
     digest = head.digest()
-    out = Path(settings.state_dir) / "bundles" / f"{bundle.manifest.name}-federated-{digest[:12]}"
+    out = Path(settings.state_dir) / "bundles" / f"{bundle.manifest.name}-{tag}-{digest[:12]}"
     admitted = [r for r in (last.evaluate if last else []) if r.status == OK]
     lineage = {"federated": {
         "rounds": settings.num_rounds, "n_sites": len(admitted), "sites": sorted(r.site for r in admitted),

@@ -1,5 +1,6 @@
-"""One federated run, start to end: bundle distribution, the rounds (Flower's ``Strategy.start``),
-the federated bundle, the final evaluation and the report, all in the run's own folder.
+"""One federated run, start to end: bundle distribution, the segmenter rounds when asked for
+(``server.segmenter_phase``, issue 24), the rounds (Flower's ``Strategy.start``), the federated
+bundle(s), the final evaluation and the report, all in the run's own folder.
 
 The rounds run inside Flower's ``start()``; its ``evaluate_fn`` hook, called after each round,
 writes the checkpoint and the ``round_finished`` event, and its ``Result.arrays`` is the final
@@ -83,10 +84,12 @@ class FederatedRun:
         self.progress.event("bundle_distributed", sites=len(ready), **self.report.distribution.counts(),
                             ready=[{"site": name, "node_id": node} for node, name in sorted(ready.items())])
         self.rule.check_sites(len(ready))
-        heads = self._rounds(grid, bundle, heads, ready)
-        fed_bundle, self.report.final_bundle = write_federated_bundle(
-            bundle, heads.main, self.book.rounds[-1] if self.book.rounds else None, self.ledger, s)
-        final = final_evaluation(grid, ready, heads, bundle, fed_bundle, s, self.ledger)
+        seg = self._segmenter(grid, bundle, ready)
+        seg_hash = seg.bundle.hash if seg is not None and seg.bundle is not None else None
+        heads = self._rounds(grid, bundle, heads, ready, seg_hash)
+        fed_bundle, groups = self._federated_bundles(bundle, heads.main, ready, seg)
+        final = final_evaluation(grid, ready, heads, bundle, fed_bundle, s, self.ledger, groups=groups,
+                                 segmenter_hash=seg_hash)
         self.report.final = final
         self.progress.event("final_evaluation", pooled_auc={m: p.pooled_auc for m, p in final.pooled.items()},
                             **reply_counts(final.sites))
@@ -114,8 +117,52 @@ class FederatedRun:
         log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
         return ckpt.heads
 
-    def _rounds(self, grid, bundle, heads: HeadSet, ready: dict[int, str]) -> HeadSet:
-        """Flower's ``start()`` over the remaining rounds; returns the final heads."""
+    def _segmenter(self, grid, bundle, ready: dict[int, str]):
+        """The segmenter rounds (``server.segmenter_phase``), or None when the run config asks for none.
+        A resumed run reuses the phase its first run recorded (``<state_dir>/segmenter_phase.json``)."""
+        from shared.plumbing.atomic import write_json
+
+        from .segmenter_phase import resume_segmenter_phase, run_segmenter_phase
+
+        s = self.settings
+        if not s.segmenter_rounds:
+            return None
+        saved = s.state_dir / "segmenter_phase.json"
+        if self.book.offset and saved.is_file():
+            outcome = resume_segmenter_phase(saved, bundle, ready, s)
+        else:
+            outcome = run_segmenter_phase(grid, bundle, ready, self.report.distribution.planned_masked, s,
+                                          self.ledger, self.rule, self.progress)
+            write_json(saved, outcome.record.to_dict())
+        self.report.segmenter = outcome.record
+        return outcome
+
+    def _federated_bundles(self, bundle, head: Head, ready: dict[int, str], seg):
+        """The federated bundle(s) and who gets which: with a federated segmenter, the sites that adopted it
+        get its bundle with the federated head, the others the run's bundle with it. Returns the report's
+        bundle and the final evaluation's groups (None: every site gets the one bundle)."""
+        s, last = self.settings, (self.book.rounds[-1] if self.book.rounds else None)
+        if seg is None or seg.bundle is None:
+            fed, self.report.final_bundle = write_federated_bundle(bundle, head, last, self.ledger, s)
+            return fed, None
+        groups, primary = [], None
+        adopted = {n for n in ready if n in seg.adopted}
+        for nodes, parent, tag in ((adopted, seg.bundle, "federated segmenter"),
+                                   (set(ready) - adopted, bundle, "reference segmenter")):
+            if not nodes:
+                continue
+            fed, info = write_federated_bundle(parent, head, last, self.ledger, s,
+                                               tag="segmenter-federated" if parent is seg.bundle else "federated")
+            if info is not None:
+                seg.record.final_bundles[tag] = info
+            groups.append((nodes, parent, fed))
+            primary = primary or (fed, info)
+        self.report.final_bundle = primary[1]
+        return primary[0], groups
+
+    def _rounds(self, grid, bundle, heads: HeadSet, ready: dict[int, str], segmenter_hash: str | None = None) -> HeadSet:
+        """Flower's ``start()`` over the remaining rounds; returns the final heads. ``segmenter_hash``: the
+        federated segmenter's bundle, named beside the run's bundle (each site runs the segmenter it chose)."""
         from flwr.app import ConfigRecord
 
         s = self.settings
@@ -125,7 +172,8 @@ class FederatedRun:
         strategy = HeadStrategy(rule=self.rule, min_sites=s.min_sites, max_update_norm=s.max_update_norm,
                                 max_site_share=s.max_site_share, ledger=self.ledger, book=self.book,
                                 ready_nodes=ready.keys())
-        cfg = ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_NUM_ROUNDS: s.num_rounds, P.CFG_SEED: s.seed})
+        cfg = ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_NUM_ROUNDS: s.num_rounds, P.CFG_SEED: s.seed,
+                            **({P.CFG_SEG_BUNDLE_HASH: segmenter_hash} if segmenter_hash else {})})
         result = strategy.start(grid=grid, initial_arrays=heads.to_record(), num_rounds=remaining,
                                 timeout=s.round_timeout_s, train_config=cfg, evaluate_config=ConfigRecord(dict(cfg)),
                                 evaluate_fn=self._after_round)

@@ -15,7 +15,6 @@ from shared.models.head import HeadSet
 
 from . import replies as R
 from .admission import SiteLedger, admit_metrics_reply
-from .distribution import send
 from .records import (
     FAILED,
     MISSING,
@@ -30,13 +29,24 @@ log = logging.getLogger(__name__)
 
 
 def final_evaluation(grid, ready: dict[int, str], heads: HeadSet, bundle, final_bundle,
-                     settings: ServerSettings, ledger: SiteLedger | None = None) -> FinalEvaluation:
+                     settings: ServerSettings, ledger: SiteLedger | None = None, *, groups=None,
+                     segmenter_hash: str | None = None) -> FinalEvaluation:
     """Ask every ready site for the four arms with ``heads`` (each at the site's own threshold);
     ``final_bundle`` (a loaded bundle, or None) travels in the same message, as its difference
-    from ``bundle``, which every site holds."""
+    from ``bundle``, which every site holds.
+
+    With a federated segmenter (issue 24), ``groups`` lists ``(nodes, parent, final bundle)``: each site
+    gets the federated bundle derived from the segmenter it runs, against that segmenter's bundle (which
+    it holds); ``segmenter_hash`` names the segmenter bundle beside the run's ``bundle``.
+    """
+    from flwr.app import Message
+
     ledger = ledger if ledger is not None else SiteLedger()
-    replies = [m for m in send(grid, sorted(ready), P.QUERY_FINAL, _content(heads, bundle, final_bundle, settings),
-                               settings.round_timeout_s)
+    groups = groups or [(set(ready), bundle, final_bundle)]
+    messages = [Message(content=_content(heads, bundle, parent, fed, settings, segmenter_hash), dst_node_id=n,
+                        message_type=P.QUERY_FINAL)
+                for nodes, parent, fed in groups for n in sorted(nodes)]
+    replies = [m for m in (grid.send_and_receive(messages, timeout=settings.round_timeout_s) if messages else [])
                if m.metadata.src_node_id in ready]  # an offline site's answer comes from the SuperLink (node 0)
     sites = [_row(msg, ready, ledger) for msg in replies]
     answered = {m.metadata.src_node_id for m in replies}
@@ -47,7 +57,7 @@ def final_evaluation(grid, ready: dict[int, str], heads: HeadSet, bundle, final_
     return FinalEvaluation(sites=sites, pooled={m: PooledMetrics.pool(sites, m) for m in P.FINAL_ARMS})
 
 
-def _content(heads: HeadSet, bundle, final_bundle, settings: ServerSettings):
+def _content(heads: HeadSet, bundle, parent, final_bundle, settings: ServerSettings, segmenter_hash: str | None):
     from flwr.app import ConfigRecord, RecordDict
 
     from shared.bundle.transport import bundle_to_records
@@ -55,11 +65,12 @@ def _content(heads: HeadSet, bundle, final_bundle, settings: ServerSettings):
     content = RecordDict({
         P.HEAD: heads.to_record(),
         P.CONFIG: ConfigRecord({P.CFG_BUNDLE_HASH: bundle.hash, P.CFG_NUM_ROUNDS: settings.num_rounds,
-                                P.CFG_DELIVER: final_bundle is not None}),
+                                P.CFG_DELIVER: final_bundle is not None,
+                                **({P.CFG_SEG_BUNDLE_HASH: segmenter_hash} if segmenter_hash else {})}),
     })
     if final_bundle is not None:
-        # Every site here trained on ``bundle``: send only what differs from it (the new head).
-        content[P.BUNDLE_ARRAYS], content[P.BUNDLE_CONFIG] = bundle_to_records(final_bundle.path, parent=bundle)
+        # Every site here trained on ``parent``'s pipeline: send only what differs from it (the new head).
+        content[P.BUNDLE_ARRAYS], content[P.BUNDLE_CONFIG] = bundle_to_records(final_bundle.path, parent=parent)
     return content
 
 

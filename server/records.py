@@ -67,10 +67,12 @@ class TrainRow(SiteRow):
     update_norm_max: float | None = None  # the largest distance over all its heads (fold heads included)
     weight: float | None = None  # the weight it went into the aggregate with (capped)
     flags: tuple[str, ...] = ()  # FLAG_* notes, each "<flag>: <detail>"
+    train_dice: float | None = None  # a segmenter round's nnU-Net pseudo Dice (issue 24)
 
     def to_dict(self) -> dict[str, Any]:
         out = self._head()
-        for key in ("n_fine_tune", "n_claimed", "train_loss", "update_norm", "update_norm_max", "weight"):
+        for key in ("n_fine_tune", "n_claimed", "train_loss", "update_norm", "update_norm_max", "weight",
+                    "train_dice"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.flags:
@@ -190,6 +192,8 @@ class Distribution:
     received: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # sent and verified
     refused: list[SiteRow] = dataclasses.field(default_factory=list)  # refused by the site or by the server
     planned_fine_tune: dict[str, int] = dataclasses.field(default_factory=dict)  # site -> its planned count
+    # node -> planned masked fine-tune cases of a site that opted in to segmenter rounds (issue 24)
+    planned_masked: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"had": sorted(s for s, _ in self.had), "received": sorted(s for s, _ in self.received),
@@ -224,6 +228,61 @@ class FederatedBundleInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class SegmenterRound:
+    """One segmenter round (issue 24): its train rows (``n_fine_tune`` is the masked case count) and the
+    aggregate's metrics."""
+
+    round: int
+    train: list[TrainRow] = dataclasses.field(default_factory=list)
+    aggregated: dict[str, Any] = dataclasses.field(default_factory=dict)
+    trimmed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "train": {"sites": [r.to_dict() for r in self.train],
+                                               "aggregated": dict(self.aggregated), "trimmed": self.trimmed}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SegmenterRound:
+        train = d.get("train") or {}
+        return cls(round=int(d["round"]), train=[TrainRow.from_dict(r) for r in train.get("sites", [])],
+                   aggregated=dict(train.get("aggregated") or {}), trimmed=train.get("trimmed"))
+
+
+@dataclasses.dataclass
+class SegmenterPhase:
+    """The segmenter rounds of a run (issue 24): settings, rounds, the segmenter bundle, each site's
+    segmenter arms and decision, the bytes a round costs; ``stopped`` says why it ended early or never ran."""
+
+    settings: dict[str, Any]
+    opted_in: dict[str, int] = dataclasses.field(default_factory=dict)  # site -> planned masked fine-tune cases
+    rounds: list[SegmenterRound] = dataclasses.field(default_factory=list)
+    bundle: FederatedBundleInfo | None = None  # the run's bundle with the federated segmenter
+    sites: list[MetricsRow] = dataclasses.field(default_factory=list)  # query.segmenter replies (segmenter arms)
+    decisions: dict[str, str] = dataclasses.field(default_factory=dict)  # site label -> protocol.ADOPTIONS code
+    bytes: dict[str, int] = dataclasses.field(default_factory=dict)  # per site and round, and the head's
+    final_bundles: dict[str, FederatedBundleInfo] = dataclasses.field(default_factory=dict)  # by segmenter
+    stopped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": dict(self.settings), "opted_in": dict(sorted(self.opted_in.items())),
+                "rounds": [r.to_dict() for r in self.rounds], "bundle": self.bundle.to_dict() if self.bundle else None,
+                "sites": [r.to_dict() for r in self.sites], "decisions": dict(sorted(self.decisions.items())),
+                "bytes": dict(self.bytes), "final_bundles": {k: v.to_dict() for k, v in self.final_bundles.items()},
+                "stopped": self.stopped}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SegmenterPhase:
+        """What ``to_dict`` wrote (a resumed run reads its segmenter phase back)."""
+        return cls(settings=dict(d.get("settings") or {}), opted_in=dict(d.get("opted_in") or {}),
+                   rounds=[SegmenterRound.from_dict(r) for r in d.get("rounds") or []],
+                   bundle=FederatedBundleInfo(**d["bundle"]) if d.get("bundle") else None,
+                   sites=[MetricsRow.from_dict(r) for r in d.get("sites") or []],
+                   decisions=dict(d.get("decisions") or {}), bytes=dict(d.get("bytes") or {}),
+                   final_bundles={k: FederatedBundleInfo(**v) for k, v in (d.get("final_bundles") or {}).items()},
+                   stopped=d.get("stopped"))
 
 
 @dataclasses.dataclass
@@ -270,10 +329,14 @@ class RunReport:
     rounds: list[RoundRecord] = dataclasses.field(default_factory=list)
     final: FinalEvaluation | None = None
     final_bundle: FederatedBundleInfo | None = None
+    segmenter: SegmenterPhase | None = None  # segmenter rounds (issue 24), when the run config asks for them
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run": self.run.to_dict(),
-                "distribution": self.distribution.to_dict() if self.distribution else None,
-                "rounds": [r.to_dict() for r in self.rounds],
-                "final": self.final.to_dict() if self.final else None,
-                "final_bundle": self.final_bundle.to_dict() if self.final_bundle else None}
+        out = {"run": self.run.to_dict(),
+               "distribution": self.distribution.to_dict() if self.distribution else None,
+               "rounds": [r.to_dict() for r in self.rounds],
+               "final": self.final.to_dict() if self.final else None,
+               "final_bundle": self.final_bundle.to_dict() if self.final_bundle else None}
+        if self.segmenter is not None:
+            out["segmenter"] = self.segmenter.to_dict()
+        return out

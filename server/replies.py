@@ -48,11 +48,11 @@ def metrics(msg) -> dict[str, Any]:
     return dict(msg.content[P.METRICS])
 
 
-def metrics_row(msg, site: str, *, final: bool = False) -> MetricsRow:
-    """An admitted evaluate or final reply as a row: ``<model>.<metric>`` keys per model (every model
-    of the stage present, if empty), the site counts, and each ``<key>.reason`` (an undefined or
-    withheld metric is None beside its reason)."""
-    models = P.FINAL_ARMS if final else (P.MODEL_GLOBAL,)
+def metrics_row(msg, site: str, *, final: bool = False, models: tuple[str, ...] | None = None) -> MetricsRow:
+    """An admitted evaluate, final or segmenter reply as a row: ``<model>.<metric>`` keys per model (every
+    model of the stage present, if empty; ``models`` names them for a segmenter reply), the site counts,
+    and each ``<key>.reason`` (an undefined or withheld metric is None beside its reason)."""
+    models = models or (P.FINAL_ARMS if final else (P.MODEL_GLOBAL,))
     row = MetricsRow(site=site, node_id=msg.metadata.src_node_id, status=OK, final=final,
                      arms={m: {} for m in models})
     for key, value in metrics(msg).items():

@@ -28,6 +28,7 @@ from shared.plumbing.atomic import atomic_path, write_json, write_text
 
 from . import records
 from . import report_arms as arms
+from .report_segmenter import segmenter_lines
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ def markdown(report: dict[str, Any], with_figures: bool = True) -> str:
     flagged = flagged_lines(report)
     if flagged:
         parts += ["\n### Flagged updates\n"] + flagged + [""]
+    parts += segmenter_lines(report)
     parts += ["\n## Rounds: global head on each site's held-out split\n", rounds_table_markdown(report)]
     if report.get("rounds"):  # written whenever there are rounds (write_report, plot_rounds)
         parts += ["\n![Per-round AUC, training loss, update norm and head bytes](rounds.png)\n"]
@@ -251,11 +253,22 @@ def to_html(report: dict[str, Any], with_figures: bool = True) -> str:
         + (f"<h3>Withheld or undefined metrics</h3><ul>{reasons}</ul>" if reasons else "")
         + ("<h3>Flagged updates</h3><ul>" + "".join(f"<li>{html.escape(x[2:])}</li>" for x in flagged_lines(report))
            + "</ul>" if flagged_lines(report) else "")
+        + "".join(_html_part(x, table) for x in segmenter_lines(report))
         + "<h2>Rounds</h2>" + table(rounds_table_markdown(report))
         + ('<img src="rounds.png" alt="Per-round AUC, training loss, update norm and head bytes">'
            if report.get("rounds") else "")
         + "</body></html>\n"
     )
+
+
+def _html_part(md: str, table) -> str:
+    """One item of a Markdown section as HTML: a table, a heading or a line."""
+    text = md.strip()
+    if text.startswith("|"):
+        return table(text)
+    if text.startswith("#"):
+        return f"<h2>{html.escape(text.lstrip('#').strip())}</h2>"
+    return f"<p>{html.escape(text.lstrip('- '))}</p>" if text else ""
 
 
 def plot_roc(report: dict[str, Any], path: str | os.PathLike) -> None:

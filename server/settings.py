@@ -17,6 +17,10 @@ from shared.plumbing.errors import IchfedError
 from .robust import AggregationRule
 from .strategy import DEFAULT_MAX_SITE_SHARE, DEFAULT_MAX_UPDATE_NORM
 
+# L2 over every tensor sent. Measured honest updates: ~1-2 after 3 iterations at lr 1e-3 (ci scale);
+# docs/federation.md ("Segmenter rounds") has the demo-scale figures the limit leaves room for.
+DEFAULT_MAX_SEGMENTER_UPDATE_NORM = 300.0
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
@@ -43,6 +47,14 @@ class ServerSettings:
     mode: str = "federate"  # or "stats": the sites' Table 1 only (server/stats_run.py), no training
     # K fold heads trained beside the main head, for the sites' out-of-fold federated threshold (0: off)
     cross_fit_folds: int = 5
+    # Segmenter rounds before the head rounds (issue 24, server/segmenter_phase.py); 0: off. What the
+    # opted-in sites fine-tune (decoder or all) and for how long (epochs x iterations of nnU-Net, AdamW).
+    segmenter_rounds: int = 0
+    segmenter_trainable: str = "all"
+    segmenter_epochs: int = 10
+    segmenter_iterations: int = 15
+    segmenter_learning_rate: float = 1e-3
+    segmenter_max_update_norm: float = DEFAULT_MAX_SEGMENTER_UPDATE_NORM
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -59,6 +71,26 @@ class ServerSettings:
             raise IchfedError(f"run config: 'mode' must be 'federate' or 'stats', got {self.mode!r}")
         if not 0.0 < self.max_site_share <= 1.0:
             raise IchfedError(f"run config: 'max-site-share' must be in (0, 1], got {self.max_site_share}")
+        self._check_segmenter()
+
+    def _check_segmenter(self) -> None:
+        if not 0 <= self.segmenter_rounds <= 100:
+            raise IchfedError(f"run config: 'segmenter-rounds' must be 0 (off) to 100, got {self.segmenter_rounds}")
+        self.segmenter_spec(seed=0)  # trainable part, epochs, iterations, learning rate: one line each
+        if not self.segmenter_max_update_norm > 0:
+            raise IchfedError(f"run config: 'segmenter-max-update-norm' must be positive, "
+                              f"got {self.segmenter_max_update_norm}")
+        if self.segmenter_rounds and self.signing_key is None and self.mode == "federate":
+            raise IchfedError("run config: 'segmenter-rounds' needs 'signing-key': the federated segmenter reaches "
+                              "the sites as a signed bundle")
+
+    def segmenter_spec(self, seed: int):
+        """The sites' fine-tune (``shared.training.segment_finetune.FineTuneSpec``) of a segmenter round."""
+        from shared.training.segment_finetune import FineTuneSpec
+
+        return FineTuneSpec(trainable=self.segmenter_trainable, epochs=self.segmenter_epochs,
+                            iterations=self.segmenter_iterations, learning_rate=self.segmenter_learning_rate,
+                            seed=seed)
 
     @property
     def reports(self) -> Path:
@@ -85,6 +117,12 @@ _RUN_CONFIG_KEYS = {
     "max-site-share": ("max_site_share", float),
     "mode": ("mode", str),
     "cross-fit-folds": ("cross_fit_folds", int),
+    "segmenter-rounds": ("segmenter_rounds", int),
+    "segmenter-trainable": ("segmenter_trainable", str),
+    "segmenter-epochs": ("segmenter_epochs", int),
+    "segmenter-iterations": ("segmenter_iterations", int),
+    "segmenter-learning-rate": ("segmenter_learning_rate", float),
+    "segmenter-max-update-norm": ("segmenter_max_update_norm", float),
 }
 
 

@@ -18,6 +18,10 @@ sent each round and every update received. An update equal to
 
 Equality is bitwise (sha256 of the float32 arrays): a replay with noise added is not caught here,
 only bounded by the norm limit, the share cap and the robust rules.
+
+Segmenter rounds (issue 24) are held to the same: :func:`check_segmenter_update` (exactly the tensors
+sent, their shapes, finite, bounded, an update-norm limit of their own) and an ``UpdateRegistry`` of
+their own (it needs only ``digest()`` of what it sees).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 
 from shared.models.head import HeadSet
+from shared.models.segment_weights import SegmenterWeights
 from shared.plumbing.errors import IchfedError
 
 from .records import FLAG_DUPLICATE, FLAG_REPLAY, FLAG_ZERO_CHANGE, site_label
@@ -80,7 +85,8 @@ class _Seen:
 
 
 class UpdateRegistry:
-    """Digests of every head record of one run (global and received), for zero-change and replays."""
+    """Digests of every head record of one run (global and received), for zero-change and replays;
+    anything with ``digest()`` (a segmenter's tensors) works the same way."""
 
     def __init__(self) -> None:
         self._seen: dict[str, _Seen] = {}
@@ -111,3 +117,32 @@ class UpdateRegistry:
         digest, label = heads.digest(), site_label(site, node_id)
         self._seen.setdefault(digest, _Seen(self._round, label))
         self._this_round.setdefault(digest, label)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedSegmenterUpdate:
+    """A segmenter round reply's tensors after the checks, and their distance from those sent,
+    or the reason they are refused (issue 24)."""
+
+    weights: SegmenterWeights | None
+    norm: float | None
+    reason: str | None = None
+
+
+def check_segmenter_update(record, sent: SegmenterWeights, max_norm: float) -> CheckedSegmenterUpdate:
+    """Read a segmenter reply's tensors and check them against those ``sent`` this round.
+
+    Exactly the tensors sent, each of the shape sent, float32, finite and bounded
+    (``SegmenterWeights.problem``), and within ``max_norm`` (L2 over every tensor) of what was sent.
+    """
+    try:
+        weights = SegmenterWeights.from_record(record)
+    except IchfedError as e:
+        return CheckedSegmenterUpdate(None, None, str(e))
+    why = weights.problem(like=sent)
+    if why:
+        return CheckedSegmenterUpdate(None, None, why)
+    norm = weights.distance(sent)
+    if not norm <= max_norm:
+        return CheckedSegmenterUpdate(None, norm, f"segmenter update norm {norm:.3g} exceeds the limit {max_norm:g}")
+    return CheckedSegmenterUpdate(weights, norm)

@@ -122,6 +122,8 @@ def run(
     site_overrides: dict[str, dict[str, Any]] | None = None,
     extra_client_mods: Sequence[Callable] = (),
     ray_address: str | None = None,
+    segmenter_fine_tune: bool = False,
+    server_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a whole simulated federation and return the report (also written to ``out/report``).
 
@@ -131,6 +133,8 @@ def run(
     ``ray_address`` runs the virtual sites on an existing Ray cluster (``ray start --head``'s
     address, e.g. ``10.0.0.5:6379``) instead of a Ray instance started for this run; every
     node of that cluster must see ``out`` and the bundle at the same paths.
+    ``segmenter_fine_tune`` opts every site in to segmenter rounds (a site override can opt one out);
+    ``server_overrides`` sets further ``ServerSettings`` fields (e.g. ``segmenter_rounds``).
     Raises ``IchfedError`` for bad arguments and when the run fails (e.g. too few usable sites).
     """
     from client.app import build_client_app
@@ -149,14 +153,15 @@ def run(
     config_paths = write_site_configs(
         out, specs, public_key, device=device, fine_tune_fraction=fine_tune_fraction, local_epochs=local_epochs,
         learning_rate=learning_rate, min_cases_for_metrics=min_cases_for_metrics,
-        first_seed=seed if split_seed is None else split_seed, site_overrides=site_overrides)
+        first_seed=seed if split_seed is None else split_seed, site_overrides=site_overrides,
+        segmenter_fine_tune=segmenter_fine_tune)
     check_splits(config_paths, min_sites or len(specs))
 
     settings = ServerSettings(
         bundle_path=Path(bundle).resolve(), public_key=Path(public_key).resolve(), state_dir=out / "server",
         num_rounds=rounds, min_sites=min_sites or len(specs), resume=resume, seed=seed,
         signing_key=Path(signing_key).resolve() if signing_key else None, report_dir=out / "report",
-        wait_for_sites_s=120.0,
+        wait_for_sites_s=120.0, **(server_overrides or {}),
     )
     report_path = settings.reports / "report.json"
     if report_path.exists():

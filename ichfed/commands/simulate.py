@@ -45,6 +45,15 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=1, metavar="K",
                    help="run the federation K times with split seeds seed..seed+K-1 on the same cohorts and "
                    "cached features; report mean ± SD of every headline figure (default 1)")
+    p.add_argument("--segmenter-rounds", type=int, default=0, metavar="R",
+                   help="federated nnU-Net fine-tuning rounds before the head rounds, every site opted in "
+                   "(needs --signing-key; docs/federation.md, 'Segmenter rounds'; default 0: off)")
+    p.add_argument("--segmenter-trainable", default="all", choices=["decoder", "all"],
+                   help="what the sites fine-tune in segmenter rounds (default all)")
+    p.add_argument("--segmenter-epochs", type=int, default=10,
+                   help="nnU-Net epochs per segmenter round (default 10)")
+    p.add_argument("--segmenter-iterations", type=int, default=15,
+                   help="nnU-Net iterations per epoch in segmenter rounds (default 15)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="site compute device (default cpu)")
     p.add_argument("--resume", action="store_true", help="continue after the last checkpoint in OUT/server")
     p.add_argument("--ray-address", metavar="ADDRESS",
@@ -77,6 +86,9 @@ def run(args) -> int:
         local_epochs=args.local_epochs, learning_rate=args.learning_rate,
         fine_tune_fraction=args.fine_tune_fraction, min_cases_for_metrics=args.min_cases,
         min_sites=args.min_sites, device=args.device, ray_address=args.ray_address,
+        segmenter_fine_tune=args.segmenter_rounds > 0,
+        server_overrides={"segmenter_rounds": args.segmenter_rounds, "segmenter_trainable": args.segmenter_trainable,
+                          "segmenter_epochs": args.segmenter_epochs, "segmenter_iterations": args.segmenter_iterations},
     )
     if args.repeats > 1:
         from simulations.repeats import run_repeats, summary_markdown

@@ -235,6 +235,7 @@ def render_check(report: dict) -> str:
     for u in report["unusable"]:
         lines.append(f"  unusable  {u['case_id'] or '(site)'}: {u['message']}")
     lines += _split_lines(report.get("split"))
+    lines += _segmenter_lines(report.get("segmenter"))
     if report.get("skipped"):
         lines.append(f"skipped     {report['skipped']}")
     dev = report["device"]
@@ -247,6 +248,17 @@ def render_check(report: dict) -> str:
         lines.append("bundle      none cached yet (the server sends it on the first run)")
     lines.append("ready" if report["ready"] else "NOT READY: " + "; ".join(report["not_ready"]))
     return "\n".join(lines)
+
+
+def _segmenter_lines(seg: dict | None) -> list[str]:
+    """The masks a site has for segmenter rounds (issue 24), as ``site check`` prints them."""
+    if not seg:
+        return []
+    state = "on" if seg["opted_in"] else "off"
+    lines = [f"segmenter   {seg['masked_fine_tune']} masked fine-tune case(s) + {seg['masked_unlabelled']} masked "
+             f"unlabelled = {seg['masked_for_fine_tuning']} to fine-tune on, {seg['masked_held_out']} masked held-out "
+             f"to judge a segmenter on; segmenter_fine_tune {state} (needs {seg['min_cases']})"]
+    return lines + [f"warning     {w}" for w in seg["warnings"]]
 
 
 def _split_lines(split: dict | None) -> list[str]:

@@ -1,5 +1,5 @@
-"""Making bundles: ``create_bundle`` (from trained models), ``derive_bundle`` (a parent with a new head)
-and ``upgrade_bundle`` (layout v1 to v2).
+"""Making bundles: ``create_bundle`` (from trained models), ``derive_bundle`` (a parent with a new head,
+and optionally a new segmenter checkpoint) and ``upgrade_bundle`` (layout v1 to v2).
 
 Every bundle is assembled in a temporary folder beside its target and renamed into place
 (``shared.plumbing.files.staged_dir``), so a reader never sees half a bundle. A derived or upgraded bundle
@@ -197,6 +197,7 @@ def derive_bundle(
     name: str | None = None,
     cohort: dict[str, Any] | None = None,
     private_key: str | Path | None = None,
+    segmenter=None,
 ) -> Path:
     """A layout-v2 bundle with the parent's models but a new ``head`` and ``threshold``.
 
@@ -204,6 +205,11 @@ def derive_bundle(
     is hard-linked from ``parent`` (a v2 parent) or, for a v1 parent, the backbone is written from its
     verified classifier; only ``head.safetensors``, the manifest and the signature are new. ``lineage``
     gets ``parent_hash``, ``parent_name`` and ``parent_version``, so a bundle says where it came from.
+
+    ``segmenter`` (``shared.models.segment_weights.SegmenterWeights``, any part of the parent's nnU-Net
+    network; finite, the parent's names and shapes) replaces the weights of the parent's first fold
+    (``SegmenterNetwork``'s choice): the bundle carries that one fold's new slim checkpoint and no other
+    fold; ``plans.json``, ``dataset.json`` and the postprocessing rule stay the parent's (issue 24).
     """
     out = Path(out_dir)
     if out.exists():
@@ -213,9 +219,14 @@ def derive_bundle(
     key = keys.load_private_key(private_key) if private_key is not None else None
     m = parent.manifest
     lin = {"parent_hash": parent.hash, "parent_name": m.name, "parent_version": m.version, **(lineage or {})}
+    checkpoint = _segmenter_checkpoint(parent, segmenter) if segmenter is not None else None
     with staged_dir(out) as tmp:
         v2 = m.head_file is not None
         keep = [rel for rel in m.files if rel not in (m.classifier_file, m.head_file)] + ([m.classifier_file] if v2 else [])
+        if checkpoint is not None:  # the parent's fold checkpoints give way to the one new one
+            keep = [rel for rel in keep if not rel.startswith(f"{NNUNET_DIR}/fold_")]
+            (tmp / checkpoint[0]).parent.mkdir(parents=True)
+            (tmp / checkpoint[0]).write_bytes(checkpoint[1])
         _link_verified(parent, tmp, sorted(keep))
         if not v2:  # a v1 parent holds no backbone file: write it from the verified classifier
             _write_split({**parent.classifier_weights(), **new_head}, tmp)
@@ -225,6 +236,8 @@ def derive_bundle(
             save_weights(new_head, tmp / HEAD_FILE)
         files = {rel: parent.manifest.files[rel] for rel in keep}
         files.update({rel: sha256_file(tmp / rel) for rel in (CLASSIFIER_FILE, HEAD_FILE) if rel not in files})
+        if checkpoint is not None:
+            files[checkpoint[0]] = sha256_file(tmp / checkpoint[0])
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": name or m.name, "version": version,
             "created_utc": _now(), "packages": package_versions(), "cohort": m.cohort if cohort is None else cohort,
@@ -234,6 +247,15 @@ def derive_bundle(
         raw = _finish(tmp, manifest, key)
     log.info("derived bundle %s from %s at %s", hashlib.sha256(raw).hexdigest()[:16], parent.hash[:16], out)
     return out
+
+
+def _segmenter_checkpoint(parent: Bundle, weights) -> tuple[str, bytes]:
+    """(relative path, bytes) of the parent's first nnU-Net fold with ``weights`` set (checked first)."""
+    from shared.models.segment_weights import SegmenterNetwork
+
+    network = SegmenterNetwork(parent.nnunet_dir, parent.nnunet_file_hashes)
+    network.load(weights)  # names, shapes, finite, bounded: or a one-line IchfedError
+    return f"{NNUNET_DIR}/fold_{network.fold}/checkpoint_final.pth", network.checkpoint_bytes()
 
 
 def upgrade_bundle(src: str | Path, out_dir: str | Path, public_key: str | Path | None,

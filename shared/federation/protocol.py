@@ -13,6 +13,13 @@ Message flow of one run::
     evaluate      server -> site: global head              site -> server: held-out metrics
     query.final   server -> site: final head (+ new bundle) site -> server: reference / local-only /
                                                                             federated metrics
+
+With segmenter rounds (issue 24; run config ``segmenter-rounds`` > 0) the head rounds are preceded by::
+
+    train.segmenter  server -> opted-in sites: the global     site -> server: its fine-tuned weights +
+                     segmenter's trainable tensors            masked-case count, loss, pseudo Dice
+    query.segmenter  server -> site: the segmenter bundle     site -> server: the three segmenter arms'
+                     (sent against the run's bundle)          held-out metrics + its segmenter decision
 """
 
 from __future__ import annotations
@@ -29,12 +36,18 @@ QUERY_BUNDLE = f"query.{ACTION_BUNDLE}"
 QUERY_FINAL = f"query.{ACTION_FINAL}"
 TRAIN = "train"
 EVALUATE = "evaluate"
+# Segmenter rounds (issue 24): a train action and a query of their own
+ACTION_SEGMENTER = "segmenter"
+TRAIN_SEGMENTER = f"{TRAIN}.{ACTION_SEGMENTER}"
+QUERY_SEGMENTER = f"query.{ACTION_SEGMENTER}"
 
 # -- records in server -> site messages --------------------------------------------------
 HEAD = "arrays"  # ArrayRecord: the head, keys HEAD_WEIGHT / HEAD_BIAS
 CONFIG = "config"  # ConfigRecord: round, bundle hash, ...
 BUNDLE_ARRAYS = "bundle-arrays"  # ArrayRecord from shared.bundle.transport.bundle_to_records
 BUNDLE_CONFIG = "bundle-config"  # ConfigRecord from shared.bundle.transport.bundle_to_records
+# ArrayRecord: a segmenter's trainable tensors by canonical name (shared.models.segment_weights), both ways
+SEGMENTER = "segmenter"
 
 HEAD_WEIGHT = "weight"
 HEAD_BIAS = "bias"
@@ -76,6 +89,13 @@ CFG_DELIVER = "deliver"  # bool: this query.bundle carries the bundle records
 # the site's planned N_FINE_TUNE, or the site refuses with REASON_TOO_FEW before any bundle is sent.
 CFG_TRAINS = "trains"
 CFG_SEED = "seed"
+# train.segmenter: what the site fine-tunes and for how long (shared.training.segment_finetune.FineTuneSpec)
+CFG_SEG_TRAINABLE = "segmenter-trainable"
+CFG_SEG_EPOCHS = "segmenter-epochs"
+CFG_SEG_ITERATIONS = "segmenter-iterations"
+CFG_SEG_LEARNING_RATE = "segmenter-learning-rate"
+# query.segmenter: the bundle carrying the federated segmenter (sent against CFG_BUNDLE_HASH's bundle)
+CFG_SEG_BUNDLE_HASH = "segmenter-bundle-hash"
 
 # -- records in site -> server replies ---------------------------------------------------
 METRICS = "metrics"  # MetricRecord
@@ -87,6 +107,8 @@ INFO_STATUS = "status"
 INFO_REASON = "reason"
 INFO_BUNDLE_HASH = "bundle-hash"
 INFO_ADOPTION = "adoption"  # final reply: what the site did with the federated bundle (ADOPTIONS)
+# query.segmenter reply: which segmenter the site goes on with (ADOPTIONS: "activated" = the federated one)
+INFO_SEG_ADOPTION = "segmenter-adoption"
 REASON_SUFFIX = ".reason"  # "<metric key>.reason" -> one of REASONS
 
 STATUS_OK = "ok"
@@ -105,6 +127,7 @@ REASON_NO_LESION = "no-segmented-lesion"
 REASON_NO_MASKS = "no-reference-masks"
 REASON_THRESHOLD_FROM_BUNDLE = "threshold-from-bundle"
 REASON_SITE_ERROR = "site-error"
+REASON_SEGMENTER_OFF = "segmenter-fine-tune-off"  # a segmenter round asked of a site that did not opt in
 REASONS = (
     REASON_BUNDLE_VERIFICATION,
     REASON_BUNDLE_MISSING,
@@ -115,6 +138,7 @@ REASONS = (
     REASON_NO_MASKS,
     REASON_THRESHOLD_FROM_BUNDLE,
     REASON_SITE_ERROR,
+    REASON_SEGMENTER_OFF,
 )
 
 # What a site did with the delivered federated bundle (client/adoption.py): an aggregate code,
@@ -135,6 +159,11 @@ N_FINE_TUNE = "n-fine-tune"
 N_HELD_OUT = "n-held-out"
 N_UNUSABLE = "n-unusable"
 SITE_COUNTS = (NUM_EXAMPLES, TRAIN_LOSS, N_FINE_TUNE, N_HELD_OUT, N_UNUSABLE)
+# Segmenter rounds: a site's masked fine-tune cases (its FedAvg weight there; also in the bundle offer's
+# reply of a site that opted in) and nnU-Net's pseudo Dice of its fine-tune (mean over ICH and PHE)
+N_MASKED_FINE_TUNE = "n-masked-fine-tune"
+TRAIN_DICE = "train-dice"
+SEGMENTER_COUNTS = (N_MASKED_FINE_TUNE, TRAIN_DICE)
 
 MODEL_GLOBAL = "global"  # the head the server sent this round
 MODEL_REFERENCE = "reference"  # the bundle's head, no fine-tuning (paper: before fine-tuning)
@@ -142,7 +171,12 @@ MODEL_LOCAL = "local"  # last-layer fine-tuning on this site alone (paper: after
 MODEL_FEDERATED = "federated"  # the final federated head
 # The bundle's head at the site's own out-of-sample threshold: separates re-thresholding from training.
 MODEL_REFERENCE_SITE = "reference-site"
-MODELS = (MODEL_GLOBAL, MODEL_REFERENCE, MODEL_REFERENCE_SITE, MODEL_LOCAL, MODEL_FEDERATED)
+# The segmenter arms of query.segmenter: each segmenter with the bundle's own head, on the held-out cases
+SEG_REFERENCE = "segmenter-reference"  # the run's bundle as shipped
+SEG_FEDERATED = "segmenter-federated"  # the federated segmenter
+SEG_LOCAL = "segmenter-local"  # fine-tuned on this site's masked cases alone, as long as the federation trained
+SEGMENTER_ARMS = (SEG_REFERENCE, SEG_FEDERATED, SEG_LOCAL)
+MODELS = (MODEL_GLOBAL, MODEL_REFERENCE, MODEL_REFERENCE_SITE, MODEL_LOCAL, MODEL_FEDERATED, *SEGMENTER_ARMS)
 # The four arms of the final reply, all scored on the same held-out cases.
 FINAL_ARMS = (MODEL_REFERENCE, MODEL_REFERENCE_SITE, MODEL_LOCAL, MODEL_FEDERATED)
 
@@ -176,6 +210,10 @@ SCALAR_METRICS = (
     "itt-fp",
     "itt-tn",
     "itt-fn",
+    # segmenter arms, over the held-out cases with a reference mask (shared.evaluation.segmentation)
+    "n-masked",  # how many
+    "ich-components",  # mean number of predicted ICH components
+    "largest-on-lesion",  # share whose largest predicted ICH component lies on the true lesion
 ) + QUALITY_METRICS
 # The ROC curve leaves a site only as TPR sampled at these fixed FPRs: a fixed-length
 # aggregate, never the per-case scores the full curve is made of.

@@ -239,3 +239,66 @@ def run_stage(spec: dict) -> None:
 def main() -> None:
     """``python -c 'from shared.training.nnunet_trainers import main; main()' SPEC_JSON``."""
     run_stage(json.loads(sys.argv[1]))
+
+
+class nnUNetTrainer_ichfedFineTune(_ShortTrainer):  # noqa: N801
+    """A site's short fine-tune of a received segmenter (issue 24), on its own masked fine-tune cases.
+
+    nnU-Net's data loading, augmentation, loss (Dice + CE with deep supervision) and poly schedule;
+    AdamW as in the short recipes. ``shared.training.segment_finetune`` configures it through the
+    environment variable ``ICHFED_FINETUNE`` (JSON: ``start`` safetensors of every canonical tensor,
+    ``trainable`` part, ``epochs``, ``iterations``, ``learning_rate``, ``summary`` path), because
+    nnU-Net builds the trainer itself from its class name. The start weights are loaded in full,
+    segmentation layers included (nnU-Net's ``load_pretrained_weights`` skips those, reads with
+    pickle, and is meant for transfer to another label set), and from safetensors, never pickle.
+    Only the trainable part (``decoder`` or ``all``) gets gradients and an optimizer.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        import os
+
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ichfed = json.loads(os.environ["ICHFED_FINETUNE"])
+        self.num_epochs = int(self.ichfed["epochs"])
+        self.num_iterations_per_epoch = int(self.ichfed["iterations"])
+        self.num_val_iterations_per_epoch = 1
+        self.initial_lr = float(self.ichfed["learning_rate"])
+        self.save_every = self.num_epochs + 1
+
+    def initialize(self):
+        super().initialize()
+        from safetensors.torch import load_file
+
+        start = load_file(self.ichfed["start"])
+        tensors = dict(self.network.named_parameters())
+        tensors.update({k: b for k, b in self.network.named_buffers() if b.is_floating_point()})
+        if set(start) != set(tensors):
+            raise RuntimeError(f"ichfed fine-tune: start weights do not name the network's tensors "
+                               f"(missing {sorted(set(tensors) - set(start))[:3]}, extra {sorted(set(start) - set(tensors))[:3]})")
+        trainable = self.ichfed["trainable"]
+        with torch.no_grad():
+            for name, t in tensors.items():
+                t.copy_(start[name].to(t.device))
+        for name, p in self.network.named_parameters():
+            p.requires_grad_(trainable == "all" or name.startswith("decoder."))
+        # the optimizer sees only the trainable part (nnU-Net built one over every parameter)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+
+    def configure_optimizers(self):
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def save_checkpoint(self, filename: str) -> None:
+        # Only the final weights are used; nnU-Net's per-epoch "best" checkpoint would cost a write per epoch.
+        if filename.endswith("checkpoint_final.pth"):
+            super().save_checkpoint(filename)
+
+    def on_train_end(self):
+        super().on_train_end()
+        get = self.logger.get_value
+        dice = [float(d) for d in get("dice_per_class_or_region", step=-1)]
+        summary = {"train_loss": float(get("train_losses", step=-1)), "pseudo_dice": dice,
+                   "iterations": int(self.num_epochs * self.num_iterations_per_epoch)}
+        Path(self.ichfed["summary"]).write_text(json.dumps(summary), encoding="utf-8")
