@@ -188,13 +188,20 @@ def _histograms(model: str, y: np.ndarray, p: np.ndarray, min_cases: int, metric
 def segmenter_arm_metrics(model: str, part, p: np.ndarray, threshold: float, *, min_cases: int,
                           seed: int = 0) -> tuple[dict[str, Any], dict[str, str]]:
     """A segmenter arm (``protocol.SEGMENTER_ARMS``) on ``part``, the held-out cases segmented by it:
-    ``arm_metrics`` with the bundle's head (the end-to-end AUC this segmenter gives, Dice, no-lesion and
-    flag counts), plus over the masked cases (``part.seg_scores``) their number, the mean number of ICH
-    components and the share whose largest ICH component lies on the lesion, each floored like Dice.
+    ``arm_metrics`` with the bundle's head (the end-to-end AUC this segmenter gives, no-lesion and flag
+    counts), and over the masked cases (``part.seg_scores``, lesion found or not) their number, mean Dice,
+    the mean number of ICH components and the share whose largest ICH component lies on the lesion, each
+    over at least ``min_cases`` masked cases.
     """
     from client.privacy import floor_counts
 
     metrics, reasons = arm_metrics(model, part, p, threshold, min_cases=min_cases, seed=seed)
+    # Dice is over the masked cases, lesion found or not: a segmenter that finds too few lesions for the
+    # head's metrics still has its Dice reported
+    for m in ("dice-ich", "dice-phe"):
+        reasons.pop(P.metric_key(model, m), None)
+    metrics.pop(P.metric_key(model, "threshold"), None)  # the bundle's own, which the server holds
+    _dice(model, part, min_cases, metrics, reasons)
     scores = list(getattr(part, "seg_scores", {}).values())
     floor_counts({P.metric_key(model, "n-masked"): len(scores)}, min_cases, metrics, reasons)
     for m, values in (("ich-components", [s.ich_components for s in scores]),

@@ -296,7 +296,8 @@ def _check_metric(key: str, value: Any) -> None:
     if metric in _DIFF_METRICS:
         _check_number(key, value, -1.0, 1.0)
         return
-    _check_number(key, value, 0.0, _MAX_ABS)
+    # nnU-Net's training loss is cross-entropy minus soft Dice, so it goes down to -1 (segmenter rounds)
+    _check_number(key, value, -1.0 if key == P.TRAIN_LOSS else 0.0, _MAX_ABS)
 
 
 def _check_histogram(key: str, value: Any) -> None:

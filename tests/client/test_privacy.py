@@ -137,3 +137,82 @@ def test_stats_reply_is_allowed_and_a_small_count_in_it_is_stopped_on_the_way_ou
                        reply_to=message)
 
     assert privacy_mod(incoming, None, leaky).has_error()
+
+
+# -- segmenter rounds (issue 24) -----------------------------------------------------------------------
+
+def _segmenter(rng=np.random.default_rng(1)):
+    from shared.models.segment_weights import SegmenterWeights
+
+    return SegmenterWeights({"decoder.seg_layers.4.weight": rng.normal(size=(3, 8, 1, 1, 1)).astype(np.float32),
+                             "decoder.seg_layers.4.bias": np.zeros(3, np.float32),
+                             "encoder.stages.0.0.convs.0.conv.weight": rng.normal(size=(8, 1, 3, 3, 3)).astype(np.float32)})
+
+
+def _segmenter_content(arrays):
+    """A reply whose segmenter record holds ``arrays`` as they are (built some other way than ``build_reply``)."""
+    content = build_reply("site-a")
+    content[P.SEGMENTER] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return content
+
+
+def test_segmenter_messages_are_allowed():
+    """A segmenter round's update: network tensors, the masked case count, loss and pseudo Dice; the
+    segmenter evaluation: the three arms' aggregates and the site's decision."""
+    content = build_reply("site-a", segmenter=_segmenter(), metrics={
+        P.NUM_EXAMPLES: 12, P.N_MASKED_FINE_TUNE: 12, P.TRAIN_LOSS: -0.4, P.TRAIN_DICE: 0.71})
+    assert set(content.keys()) == {P.SEGMENTER, P.METRICS, P.INFO}
+    metrics = {}
+    for arm in P.SEGMENTER_ARMS:
+        k = lambda m: P.metric_key(arm, m)  # noqa: E731
+        metrics.update({k("n"): 30, k("n-no-lesion"): 0, k("withheld"): 0, k("dice-ich"): 0.8, k("dice-phe"): 0.5,
+                        k("n-masked"): 30, k("ich-components"): 2.5, k("largest-on-lesion"): 0.9, k("auc"): 0.7,
+                        k(P.N_FLAGGED): 6})
+    content = build_reply("site-a", metrics=metrics, bundle_hash="b" * 64, segmenter_adoption=P.ADOPTION_CLEARLY_WORSE,
+                          reasons={P.metric_key(P.SEG_LOCAL, "auc-var"): P.REASON_TOO_FEW})
+    assert content[P.INFO][P.INFO_SEG_ADOPTION] == P.ADOPTION_CLEARLY_WORSE
+    check_content(content)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("nan", "NaN or infinite"),
+    ("float64", "float32"),
+    ("huge", "beyond"),
+    ("case-name", "not a network parameter name"),
+    ("empty", "holds no tensors"),
+])
+def test_segmenter_tensors_off_the_allow_list_are_refused(damage, fragment):
+    arrays = dict(_segmenter().arrays)
+    key = "decoder.seg_layers.4.weight"
+    if damage == "nan":
+        arrays[key] = arrays[key].copy()
+        arrays[key].flat[3] = np.nan
+    elif damage == "float64":
+        arrays[key] = arrays[key].astype(np.float64)
+    elif damage == "huge":
+        arrays[key] = arrays[key] * np.float32(1e6)
+    elif damage == "case-name":  # a case's crop smuggled under its own name
+        arrays["charite-like-00007"] = np.zeros((20, 24, 24), np.float32)
+    else:
+        arrays = {}
+    with pytest.raises(PrivacyViolation, match=fragment):
+        check_content(_segmenter_content(arrays))
+
+
+@pytest.mark.parametrize("metrics, fragment", [
+    ({P.N_MASKED_FINE_TUNE: 3}, "below the floor"),  # a fine-tune on three cases
+    ({P.TRAIN_DICE: 1.7}, "outside"),
+    ({P.TRAIN_DICE: [0.8, 0.1, 0.9]}, "must be a number"),  # per-case Dice as a list
+    ({P.metric_key(P.SEG_FEDERATED, "n-masked"): 2}, "below the floor"),
+    ({P.metric_key(P.SEG_FEDERATED, "largest-on-lesion"): 1.5}, "outside"),
+    ({P.metric_key(P.SEG_FEDERATED, "dice-ich"): [0.9, 0.2]}, "single number"),
+    ({"segmenter-federated.case-0007-dice": 0.9}, "not on the allow-list"),
+])
+def test_segmenter_metrics_off_the_allow_list_are_refused(metrics, fragment):
+    with pytest.raises(PrivacyViolation, match=fragment):
+        build_reply("site-a", metrics=metrics)
+
+
+def test_segmenter_decision_is_a_code():
+    with pytest.raises(PrivacyViolation, match="fixed vocabulary"):
+        build_reply("site-a", segmenter_adoption="kept: Dice 0.31 on case charite-like-00007")
