@@ -27,7 +27,8 @@ from shared.federation.stats_protocol import ACTION_STATS
 from shared.plumbing.errors import IchfedError
 from shared.plumbing.progress import site_mod
 
-from .privacy import AuditMod, build_reply, privacy_mod
+from .audit import AuditMod
+from .privacy import build_reply, privacy_mod
 from .session import SiteSession
 from .site_bundles import Refusal
 from .site_config import load_site_config

@@ -26,6 +26,7 @@ A reply may carry only
 Case IDs, per-case values, images and file paths have no key to travel under, so they cannot
 leave. ``build_reply`` constructs every reply and checks it; ``privacy_mod`` checks every
 message again on its way out of the ClientApp, so a reply built some other way is stopped too.
+``client.audit`` keeps a copy of every reply that left.
 """
 
 from __future__ import annotations
@@ -116,19 +117,7 @@ def build_reply(
     if segmenter is not None:
         content[P.SEGMENTER] = segmenter.to_record()
     if metrics is not None:
-        clean = {}
-        for k, v in metrics.items():
-            if v is None:
-                continue
-            if isinstance(v, (list, tuple, np.ndarray)):
-                clean[k] = [float(x) for x in v]
-            elif isinstance(v, (bool, np.bool_)):
-                clean[k] = int(v)
-            elif isinstance(v, (int, np.integer)):
-                clean[k] = int(v)
-            else:
-                clean[k] = float(v)
-        content[P.METRICS] = MetricRecord(clean)
+        content[P.METRICS] = MetricRecord(_plain_metrics(metrics))
     if scanner:
         record: dict[str, Any] = {}
         for field, counts in scanner.items():
@@ -138,6 +127,21 @@ def build_reply(
     content[P.INFO] = ConfigRecord(info)
     check_content(content)
     return content
+
+
+def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metric values as a MetricRecord holds them: lists of floats, ints, floats; None left out."""
+    clean: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if v is None:
+            continue
+        if isinstance(v, (list, tuple, np.ndarray)):
+            clean[k] = [float(x) for x in v]
+        elif isinstance(v, (bool, np.bool_, int, np.integer)):
+            clean[k] = int(v)
+        else:
+            clean[k] = float(v)
+    return clean
 
 
 def check_content(content) -> None:
@@ -173,57 +177,6 @@ def privacy_mod(message, context, call_next):
             log.error("reply to %s withheld: %s", message.metadata.message_type, e)
             return Message(Error(code=0, reason="reply withheld by the privacy allow-list"), reply_to=message)
     return reply
-
-
-def describe_content(content) -> dict[str, Any]:
-    """Every record, key and value of a reply as plain JSON (arrays as nested lists)."""
-    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-
-    out: dict[str, Any] = {}
-    for name, record in content.items():
-        if isinstance(record, ArrayRecord):
-            out[name] = {"type": "ArrayRecord", "items": {
-                k: {"dtype": str(a.numpy().dtype), "shape": list(a.numpy().shape), "values": a.numpy().tolist()}
-                for k, a in record.items()}}
-        elif isinstance(record, MetricRecord):
-            out[name] = {"type": "MetricRecord", "items": dict(record)}
-        elif isinstance(record, ConfigRecord):
-            out[name] = {"type": "ConfigRecord", "items": {
-                k: (v.hex() if isinstance(v, bytes) else v) for k, v in record.items()}}
-        else:
-            out[name] = {"type": type(record).__name__, "items": repr(record)}
-    return out
-
-
-class AuditMod:
-    """ClientApp mod keeping a copy of every reply that leaves the site in ``<folder>/<time_ns>-<type>.json``.
-
-    It sits outside ``privacy_mod`` and so records exactly what was sent; a hospital can read
-    what its site told the coordinator.
-    """
-
-    def __init__(self, folder_for: Any) -> None:
-        # ``folder_for(context) -> Path | None``: the site's audit folder (it depends on the node).
-        self.folder_for = folder_for
-
-    def __call__(self, message, context, call_next):
-        import json
-        import time
-        from pathlib import Path
-
-        from shared.plumbing.atomic import write_text
-
-        reply = call_next(message, context)
-        folder = self.folder_for(context)
-        if folder is None:
-            return reply
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        entry = {"message_type": message.metadata.message_type, "time": time.time(),
-                 "error": reply.error.reason if reply.has_error() else None,
-                 "content": describe_content(reply.content) if reply.has_content() else None}
-        write_text(folder / f"{time.time_ns()}-{message.metadata.message_type}.json", json.dumps(entry, indent=1))
-        return reply
 
 
 def _check_head(record) -> None:

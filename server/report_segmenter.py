@@ -96,7 +96,9 @@ def bytes_line(seg: dict[str, Any]) -> str:
         return ""
 
     def mb(key: str) -> str:
-        return "n/a" if b.get(key) is None else f"{b[key] / 1e6:.2f} MB"
+        if b.get(key) is None:
+            return "n/a"
+        return f"{b[key] / 1e6:.2f} MB" if b[key] >= 100_000 else f"{b[key] / 1e3:.1f} kB"
 
     return (f"- bytes per site and round: segmenter {mb('segmenter_round_sent')} sent, "
             f"{mb('segmenter_reply_tensors')} returned; head record {mb('head_round_sent')} sent, "

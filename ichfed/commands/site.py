@@ -23,7 +23,8 @@ def register(sub) -> None:
                     "fine-tune / held-out split and the cross-fit folds a run will use (fine_tune_fraction of the "
                     "labelled cases of each class): fewer fine-tune cases than min_cases_for_metrics (at least "
                     "5) is NOT READY, with the fine_tune_fraction or the number of added cases that fixes it. "
-                    "Exit 0 when the site is ready, 1 when it is not, 2 for a bad config.",
+                    "Also counts the cases with a reference mask in each part (segmenter rounds, "
+                    "segmenter_fine_tune). Exit 0 when the site is ready, 1 when it is not, 2 for a bad config.",
     )
     _check_options(check)
     check.set_defaults(func=run_check)

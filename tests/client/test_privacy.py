@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from client.audit import AuditMod, describe_content
 from client.privacy import (
-    AuditMod,
     PrivacyViolation,
     build_reply,
     check_content,
-    describe_content,
     privacy_mod,
 )
 from shared.federation import protocol as P
@@ -216,3 +215,33 @@ def test_segmenter_metrics_off_the_allow_list_are_refused(metrics, fragment):
 def test_segmenter_decision_is_a_code():
     with pytest.raises(PrivacyViolation, match="fixed vocabulary"):
         build_reply("site-a", segmenter_adoption="kept: Dice 0.31 on case charite-like-00007")
+
+
+def test_the_audit_keeps_a_segmenter_update_with_its_values_beside_it(tmp_path, flwr_task):
+    """A million-value segmenter update is kept exactly, as an .npz named in the JSON with each tensor's
+    sha256, instead of tens of MB of JSON; small arrays stay inline."""
+    import hashlib
+    import json
+
+    from shared.models.segment_weights import SegmenterWeights
+
+    big = SegmenterWeights({**_segmenter().arrays,
+                            "decoder.stages.0.convs.0.conv.weight": np.ones((64, 64, 3, 3, 3), np.float32)})
+    incoming = Message(RecordDict(), dst_node_id=7, message_type=P.TRAIN_SEGMENTER)
+
+    def handler(message, context):
+        return Message(build_reply("site-a", segmenter=big, metrics={P.NUM_EXAMPLES: 12, P.N_MASKED_FINE_TUNE: 12,
+                                                                     P.TRAIN_LOSS: -0.2}), reply_to=message)
+
+    AuditMod(lambda context: tmp_path)(incoming, None, lambda m, c: privacy_mod(m, c, handler))
+    [entry_path] = tmp_path.glob("*-train.segmenter.json")
+    entry = json.loads(entry_path.read_text(encoding="utf-8"))
+    items = entry["content"][P.SEGMENTER]["items"]
+    key = "decoder.stages.0.convs.0.conv.weight"
+    assert "values" not in items[key] and items[key]["shape"] == [64, 64, 3, 3, 3]
+    assert items["decoder.seg_layers.4.bias"]["values"] == [0.0, 0.0, 0.0]
+    with np.load(tmp_path / entry["values_file"]) as z:
+        kept = z[f"{P.SEGMENTER}/{key}"]
+    np.testing.assert_array_equal(kept, big.arrays[key])
+    assert hashlib.sha256(kept.tobytes()).hexdigest() == items[key]["sha256"]
+    assert entry_path.stat().st_size < 20_000

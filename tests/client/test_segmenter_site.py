@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, RecordDict
 
-from client.privacy import check_content, describe_content
+from client.audit import describe_content
+from client.privacy import check_content
 from shared.federation import protocol as P
 
 

@@ -126,3 +126,41 @@ def test_too_few_usable_updates_stop_the_round(flwr_task):
     with pytest.raises(IchfedError, match="only 1 of 2 site updates were usable"):
         _round(strategy, 1, sent, {1: lambda m, n: _reply(m, n, _moved(sent, 1)),
                                    2: lambda m, n: _reply(m, n, sent, raw=bad)})
+
+
+def test_settings_and_the_phase_record(flwr_task, tmp_path):
+    """Run config keys of segmenter rounds, checked one line each; the phase record reads back as written
+    (a resumed run) and renders the segmentation table."""
+    from server.records import MetricsRow, SegmenterPhase
+    from server.report_segmenter import segmenter_lines
+    from server.settings import ServerSettings, settings_from_run_config
+    from shared.plumbing.errors import IchfedError
+
+    base = {"bundle-path": "b", "public-key": "k", "state-dir": str(tmp_path)}
+    with pytest.raises(IchfedError, match="'segmenter-rounds' needs 'signing-key'"):
+        settings_from_run_config({**base, "segmenter-rounds": 2})
+    with pytest.raises(IchfedError, match="segmenter-trainable"):
+        settings_from_run_config({**base, "signing-key": "s", "segmenter-rounds": 1, "segmenter-trainable": "head"})
+    with pytest.raises(IchfedError, match="segmenter-learning-rate"):
+        settings_from_run_config({**base, "signing-key": "s", "segmenter-rounds": 1, "segmenter-learning-rate": 3})
+    s = settings_from_run_config({**base, "signing-key": "s", "segmenter-rounds": 2, "segmenter-trainable": "decoder"})
+    assert isinstance(s, ServerSettings) and s.segmenter_spec(seed=3).trainable == "decoder"
+
+    strategy = _strategy(nodes={1: "site-a", 2: "site-b"})
+    sent = _sent()
+    _round(strategy, 1, sent, {1: lambda m, n: _reply(m, n, _moved(sent, 1)), 2: lambda m, n: _reply(m, n, _moved(sent, 2))})
+    arms = {}
+    for arm, dice in ((P.SEG_REFERENCE, 0.31), (P.SEG_FEDERATED, 0.74), (P.SEG_LOCAL, 0.66)):
+        arms[arm] = {"n": 20, "n-no-lesion": 0, P.N_FLAGGED: 5, "n-masked": 20, "dice-ich": dice, "dice-phe": 0.4,
+                     "ich-components": 3.0, "largest-on-lesion": 0.9, "auc": 0.7}
+    row = MetricsRow(site="site-a", node_id=1, status="ok", arms=arms)
+    phase = SegmenterPhase(settings={"rounds": 1, "trainable": "decoder"}, opted_in={"site-a": 12, "site-b": 12},
+                           rounds=strategy.rounds, sites=[row], decisions={"site-a (node 1)": P.ADOPTION_ACTIVATED},
+                           bytes={"segmenter_round_sent": 4_000_000, "segmenter_reply_tensors": 4_000_000,
+                                  "head_round_sent": 6000, "head_reply_tensors": 5800})
+    d = phase.to_dict()
+    assert SegmenterPhase.from_dict(d).to_dict() == d
+    md = "\n".join(segmenter_lines({"segmenter": d}))
+    assert "| site-a (node 1) | federated | 20 | 0.740 |" in md and "**in use**" in md
+    assert "federated − reference, ICH Dice: mean +0.430" in md and "flagged" not in md.split("|")[0]
+    assert "segmenter 4.00 MB sent, 4.00 MB returned; head record 6.0 kB sent, 5.8 kB returned" in md
