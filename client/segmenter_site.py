@@ -91,20 +91,28 @@ class SegmenterSite:
         if not self.config.segmenter_fine_tune:
             log.error("site %s: asked for a segmenter round, but segmenter_fine_tune is off", self.config.name)
             raise Refusal(P.REASON_SEGMENTER_OFF)
+        server_round = int(cfg.get(P.CFG_ROUND, 1))
+        spec = self._within_budget(finetune_spec(cfg, segmenter_seed(self.config.seed, max(server_round, 1))))
         bundle = self.bundles.get(str(cfg[P.CFG_BUNDLE_HASH]))
         cases = self.masked_cases()[0]
         if len(cases) < self.config.min_cases:
             log.error("site %s: %d masked fine-tune cases, fewer than the minimum %d; no segmenter update",
                       self.config.name, len(cases), self.config.min_cases)
             raise Refusal(P.REASON_TOO_FEW)
-        server_round = int(cfg.get(P.CFG_ROUND, 1))
-        spec = finetune_spec(cfg, segmenter_seed(self.config.seed, 1 if server_round < 1 else server_round))
         start = _received(content, bundle)
         result = self._fine_tune(bundle, cases, spec, start)
         self._keep_update(server_round, start, spec, result)
         return build_reply(self.config.name, segmenter=result.weights, metrics={
             P.NUM_EXAMPLES: result.n_cases, P.N_MASKED_FINE_TUNE: result.n_cases, P.TRAIN_LOSS: result.train_loss,
             **({P.TRAIN_DICE: min(max(result.train_dice, 0.0), 1.0)} if result.train_dice is not None else {})})
+
+    def _within_budget(self, spec):
+        """``spec``, unless it asks for more nnU-Net iterations than the site allows (``Refusal``)."""
+        if spec.epochs * spec.iterations > self.config.segmenter_max_iterations:
+            log.error("site %s: a segmenter fine-tune of %d x %d iterations exceeds segmenter_max_iterations %d",
+                      self.config.name, spec.epochs, spec.iterations, self.config.segmenter_max_iterations)
+            raise Refusal(P.REASON_SEGMENTER_BUDGET)
+        return spec
 
     def _fine_tune(self, bundle, cases: list, spec, start):
         from shared.plumbing.device import pick_device
@@ -192,7 +200,7 @@ class SegmenterSite:
 
         rounds = int(cfg.get(P.CFG_NUM_ROUNDS, 1))
         spec = finetune_spec(cfg, segmenter_seed(self.config.seed, 1))
-        spec = dataclasses.replace(spec, epochs=spec.epochs * rounds)
+        spec = self._within_budget(dataclasses.replace(spec, epochs=spec.epochs * rounds))
         weights = self._reused_update(parent, spec)
         if weights is None:
             weights = self._fine_tune(parent, self.masked_cases()[0], spec, None).weights

@@ -49,6 +49,9 @@ class SiteConfig:
     # Segmenter rounds (issue 24, docs/federation.md): fine-tune the received nnU-Net on this site's
     # masked fine-tune cases (and masked unlabelled cases) when the run has segmenter rounds.
     segmenter_fine_tune: bool = False
+    # The most nnU-Net iterations (epochs x iterations per epoch) one fine-tune may take here; a round or a
+    # local-only fine-tune asking for more is refused (segmenter-budget-exceeded). The default round is 150.
+    segmenter_max_iterations: int = dataclasses.field(default=2000, metadata={"range": (1, 1_000_000)})
 
     @property
     def min_cases(self) -> int:

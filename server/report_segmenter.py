@@ -81,7 +81,7 @@ def rounds_table_markdown(seg: dict[str, Any]) -> str:
     lines = ["| Round | Site | Update | Masked cases | Loss | Pseudo Dice | Update norm | Weight |",
              "|---:|---|---|---:|---:|---:|---:|---:|"]
     for rnd in seg.get("rounds") or []:
-        for row in (rnd.get("train") or {}).get("sites", []):
+        for row in sorted((rnd.get("train") or {}).get("sites", []), key=lambda r: (r["site"], r.get("node_id") or 0)):
             status = row.get("status", "-") + (f" ({row['reason']})" if row.get("reason") else "")
             lines.append(f"| {rnd['round']} | {records.site_label(row['site'], row.get('node_id'))} | {status} | "
                          f"{_f(row.get('n_fine_tune'))} | {_f(row.get('train_loss'), 4)} | {_f(row.get('train_dice'))} | "

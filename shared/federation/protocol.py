@@ -128,6 +128,7 @@ REASON_NO_MASKS = "no-reference-masks"
 REASON_THRESHOLD_FROM_BUNDLE = "threshold-from-bundle"
 REASON_SITE_ERROR = "site-error"
 REASON_SEGMENTER_OFF = "segmenter-fine-tune-off"  # a segmenter round asked of a site that did not opt in
+REASON_SEGMENTER_BUDGET = "segmenter-budget-exceeded"  # more nnU-Net iterations asked than the site allows
 REASONS = (
     REASON_BUNDLE_VERIFICATION,
     REASON_BUNDLE_MISSING,
@@ -139,6 +140,7 @@ REASONS = (
     REASON_THRESHOLD_FROM_BUNDLE,
     REASON_SITE_ERROR,
     REASON_SEGMENTER_OFF,
+    REASON_SEGMENTER_BUDGET,
 )
 
 # What a site did with the delivered federated bundle (client/adoption.py): an aggregate code,
