@@ -10,7 +10,8 @@ their true masks (``shared.pipeline.prepare``: no nnU-Net in the loop) or, with 
 Per site and seed the cache holds (``<work>/features/<key>/<site>-seed<s>.npz``):
 
 - ``labels``, ``lesion`` (a lesion was found), ``ich_ml`` / ``phe_ml`` of the mask used;
-- ``feats``: the bundle backbone's embeddings (the bundle's BatchNorm statistics);
+- ``feats``: the bundle head's inputs: the backbone's embeddings (the bundle's BatchNorm statistics),
+  followed, for a hybrid head, by the standardised log volumes (``shared.models.head_inputs``);
 - ``feats_site``: the same cases embedded with the site's own statistics (AdaBN), estimated by
   ``client.adaptation.site_norm_stats`` on ``n_unlabelled`` further scans of the same site whose
   labels are never read (the site's unlabelled cases), the same for every replicate;
@@ -42,7 +43,7 @@ STRONG = tuple(str(HERE / "profiles" / f"{n}.toml") for n in ("strong-sharp-hot"
                                                                "strong-thin-sharp"))
 PROFILES = SHIFTED + STRONG
 DEVELOPMENT = "charite-like"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: head inputs (hybrid heads read the volumes too), not bare embeddings
 BATCH = 8
 
 
@@ -144,6 +145,7 @@ class Models:
         from shared.models.classifier import backbone_and_head
 
         self.bundle, self.device = bundle, device
+        self.head_inputs = bundle.head_inputs
         self.backbone = backbone_and_head(bundle.build_classifier("cpu").eval())[0]
         self.predictor = None
         if masks == "predicted":
@@ -201,7 +203,7 @@ def build_site(spec: SiteSpec, bundle, *, n_cases: int, n_unlabelled: int, scale
 
 
 def _embed_cases(models: Models, profile, spec: SiteSpec, indices, scale: str, backbones: list) -> dict[str, Any]:
-    """Labels, lesion flags, volumes and, per backbone, (n, 512) features (zeros without a lesion)."""
+    """Labels, lesion flags, volumes and, per backbone, the head's (n, width) inputs (zeros without a lesion)."""
     from shared.models.classifier import embed
 
     n = len(indices)
@@ -226,4 +228,10 @@ def _embed_cases(models: Models, profile, spec: SiteSpec, indices, scale: str, b
         if len(batch) >= BATCH:
             flush()
     flush()
+    les = out["lesion"]
+    for f_i, f in enumerate(out["feats"]):
+        head = np.zeros((n, models.head_inputs.n_features), np.float32)
+        if les.any():
+            head[les] = models.head_inputs.features(f[les], out["ich_ml"][les], out["phe_ml"][les])
+        out["feats"][f_i] = head
     return out

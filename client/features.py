@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class Part:
     """One split part's cases as arrays: features of the cases with a segmented lesion, and counts."""
 
-    features: np.ndarray  # (n, 512) float32
+    features: np.ndarray  # (n, F) float32: what the head reads (512-d embedding [+ 3 volume features, hybrid])
     labels: np.ndarray  # (n,) int64
     n_no_lesion: int
     dice_ich: list[float]
@@ -139,7 +139,7 @@ class FeatureStore:
 
         def part(ids: tuple[str, ...], table: dict[str, CachedCase]) -> Part:
             kept = [c for c in ids if c in table]
-            return _part([table[c] for c in kept], [by_id[c] for c in kept])
+            return _part([table[c] for c in kept], [by_id[c] for c in kept], bundle.head_inputs)
 
         feats = SiteFeatures(fine_tune=part(split.fine_tune, adapted), held_out=part(split.held_out, adapted),
                              n_unusable=unusable, norm_stats=stats,
@@ -208,10 +208,13 @@ class FeatureStore:
         return key, entry
 
 
-def _part(rows: list[CachedCase], cases: list) -> Part:
+def _part(rows: list[CachedCase], cases: list, inputs) -> Part:
+    """The cases' head features (``inputs``: the bundle's ``HeadInputs``; the volumes are the cached ones, measured
+    on the predicted mask the crop came from) and their counts."""
     with_lesion = [(r, c) for r, c in zip(rows, cases) if r.lesion_found]
-    feats = (np.stack([r.features for r, _ in with_lesion]).astype(np.float32)
-             if with_lesion else np.zeros((0, P.HEAD_FEATURES), np.float32))
+    feats = (inputs.features(np.stack([r.features for r, _ in with_lesion]), [r.ich_ml for r, _ in with_lesion],
+                             [r.phe_ml for r, _ in with_lesion])
+             if with_lesion else np.zeros((0, inputs.n_features), np.float32))
     return Part(
         features=feats,
         labels=np.array([int(c.label) for _, c in with_lesion], dtype=np.int64),

@@ -188,7 +188,10 @@ def _check_head(record) -> None:
         if record[key].dtype != "float32":
             raise PrivacyViolation(f"head '{key}' must be float32, got {record[key].dtype}")
     try:
-        why = HeadSet.from_record(record).problem()
+        heads = HeadSet.from_record(record)
+        width = heads.main.n_features
+        why = (heads.problem(width) if width in P.HEAD_WIDTHS else
+               f"main head reads {width} features; a head reads one of {list(P.HEAD_WIDTHS)}")
     except IchfedError as e:
         why = str(e)
     if why:

@@ -104,12 +104,15 @@ def _log_dir(args) -> Path | None:
 
 
 def _setup_logging(args) -> Path | None:
-    """Console: progress, results, warnings; everything else in the run folder's log file (returned),
-    named at the start (``logs.setup`` names it on a terminal; here off one, for a job's log)."""
+    """Console: progress, results, warnings; everything else in the run folder's log file (returned).
+
+    The file is named first, on stdout: a job's log shows where to look before anything else, and
+    stderr keeps its contract of one ``error:`` line for bad input.
+    """
     progress.set_quiet(args.quiet)
     log_file = logs.setup(_log_dir(args), verbose=args.verbose, debug=args.debug, quiet=args.quiet)
-    if log_file is not None and not args.quiet and not sys.stderr.isatty():
-        print(f"log: {log_file}", file=sys.stderr, flush=True)
+    if log_file is not None and not args.quiet:
+        print(f"log: {log_file}", flush=True)
     return log_file
 
 

@@ -28,7 +28,7 @@ def format_result(r: PredictionResult) -> str:
     if r.extracranial_ml_removed:
         lines.append(f"  removed outside the skull: {r.extracranial_ml_removed:.1f} ml")
     t = ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items())
-    lines.append(f"  bundle {r.bundle.name} {r.bundle.version}   timings: {t}")
+    lines.append(f"  bundle {r.bundle.name} {r.bundle.version} ({r.bundle.model})   timings: {t}")
     return "\n".join(lines)
 
 

@@ -23,12 +23,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from shared.plumbing.atomic import write_json, write_text
 from shared.plumbing.config import CropSpec, to_dict
 from shared.plumbing.errors import IchfedError
 
 from .bootstrap_crops import make_crops, train_segmenter
-from .bootstrap_evaluation import evaluate, train_classifier
+from .bootstrap_evaluation import evaluate, subset, train_classifier
+from .bootstrap_head import reference_model, stacking_split
 from .bootstrap_report import render_report
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,13 @@ class BootstrapRecipe:
     # nnU-Net's cost is set by its iterations, not its case count, but planning and preprocessing
     # grow with the cases; past a hundred or so, more cases help the classifier far more.
     segmentation_max_cases: int | None = None
+    # The last layer: "embedding" (the paper's Linear(512, 2) as trained) or "hybrid" (refitted on the
+    # embedding plus the lesion volumes, server/bootstrap_head.py; issue 19).
+    head: str = "embedding"
+    # Share of the training cases kept from the CNN to stack the hybrid head on.
+    stacking_fraction: float = 0.2
+    # The synthetic development site ``simulations.reference`` writes when no site folder is given.
+    development_profile: str = "charite-like"
 
 
 # Demo and ci keep the paper's physical field of view (about 90 x 90 x 100 mm) at a coarser
@@ -70,10 +80,11 @@ RECIPES: dict[str, BootstrapRecipe] = {
     "paper": BootstrapRecipe("paper", "paper", 291, "paper", "paper", CropSpec()),
     "demo": BootstrapRecipe(
         "demo", "demo", 480, "demo", "demo", CropSpec(size_xyz=(32, 32, 20), spacing_mm=(2.8, 2.8, 5.0)),
-        validation_fraction=0.08, segmentation_max_cases=150,
+        validation_fraction=0.08, segmentation_max_cases=150, head="hybrid",
     ),
+    # ci builds what demo ships (a hybrid head), at the size of a test fixture.
     "ci": BootstrapRecipe(
-        "ci", "ci", 16, "ci", "ci", CropSpec(size_xyz=(24, 24, 20), spacing_mm=(3.6, 3.6, 5.0))
+        "ci", "ci", 16, "ci", "ci", CropSpec(size_xyz=(24, 24, 20), spacing_mm=(3.6, 3.6, 5.0)), head="hybrid",
     ),
 }
 
@@ -153,10 +164,16 @@ def bootstrap(
     with _timed(timings, "crops_s"):
         crops = make_crops(split, model_dir, recipe.crop, device)
     with _timed(timings, "classifier_training_s"):
-        result = train_classifier(crops, recipe.classifier_recipe, work_dir, device, seed)
-    evaluation = evaluate(result, crops, out, device, seed)
-    bundle_path, key_path = _write_bundle(result.model, evaluation, model_dir, recipe, cohort_desc, out, work_dir,
-                                          key_path)
+        # A hybrid head is stacked on training cases the CNN did not see (server/bootstrap_head.py).
+        cnn_idx, stack_idx = (stacking_split(crops.train["labels"], recipe.stacking_fraction, seed)
+                              if recipe.head == "hybrid" else (np.arange(len(crops.train["labels"])), None))
+        result = train_classifier(subset(crops.train, cnn_idx), crops.val, recipe.classifier_recipe, work_dir,
+                                  device, seed)
+        ref = reference_model(result.model, recipe.head, crops.train,
+                              None if stack_idx is None else subset(crops.train, stack_idx), crops.val, device)
+    cohort_desc["head"] = ref.fit or {"head": "embedding"}
+    evaluation = evaluate(result, ref, crops, out, device, seed)
+    bundle_path, key_path = _write_bundle(ref, evaluation, model_dir, recipe, cohort_desc, out, work_dir, key_path)
     timings["total_s"] = time.perf_counter() - t_start
     report = {
         "profile": recipe.name,
@@ -207,15 +224,18 @@ def _read_split(site_dir: Path, recipe: BootstrapRecipe, seed: int) -> tuple[Any
     return site, split
 
 
-def _write_bundle(model: Any, evaluation: dict[str, Any], model_dir: Path, recipe: BootstrapRecipe,
+def _write_bundle(ref: Any, evaluation: dict[str, Any], model_dir: Path, recipe: BootstrapRecipe,
                   cohort_desc: dict[str, Any], out: Path, work_dir: Path, key_path: Path | None) -> tuple[Path, Path]:
-    """Create and sign the bundle (a development key beside it when none is given); its path and the key's."""
+    """Create and sign the bundle (a development key beside it when none is given); its path and the key's.
+
+    The manifest names the model (``classifier.head_inputs`` for a hybrid head) and, under ``evaluation``,
+    the baseline it was compared with on the same test cases (aggregate figures only)."""
     from shared.bundle import create_bundle, sign_bundle
     from shared.models.classifier import save_weights
     from shared.security.keys import PRIVATE_KEY_NAME, generate_keypair
 
     weights = work_dir / "classifier.safetensors"
-    save_weights(model, weights)
+    save_weights(ref.model, weights)
     if key_path is None:
         key_dir = out.parent / f"{out.name}-keys"
         key_path = key_dir / PRIVATE_KEY_NAME
@@ -232,8 +252,22 @@ def _write_bundle(model: Any, evaluation: dict[str, Any], model_dir: Path, recip
         name=f"ichfed-reference-{recipe.name}",
         version="1.0.0",
         calibration=evaluation["calibration"].to_dict(),
+        head_inputs=ref.inputs,
+        evaluation=_manifest_evaluation(evaluation),
     )
     sign_bundle(bundle_path, key_path)
     return bundle_path, Path(key_path)
 
 
+
+
+def _manifest_evaluation(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest says about how the model was chosen: its kind, its test AUC and the volume
+    baseline's on the same cases, and their paired difference (no per-case value)."""
+    c = evaluation["comparison"]
+    d = c["model_minus_baseline"]
+    return {"model": c["model"], "head_fit": c["head_fit"].get("head"), "compared_with": "volume baseline "
+            "(logistic regression on log ICH ml, log PHE ml, log PHE/ICH)",
+            "test_n": evaluation["classification"]["n"], "test_auc": evaluation["classification"]["auc"],
+            "baseline_test_auc": c["volume_baseline"]["auc"], "auc_difference": d.get("estimate"),
+            "auc_difference_ci": d.get("ci")}

@@ -19,19 +19,22 @@ import numpy as np
 from shared.plumbing.atomic import write_json
 
 from .bootstrap_crops import CropSets
+from .bootstrap_head import ReferenceModel
 
 log = logging.getLogger(__name__)
 Z95 = 1.959963984540054
 
 
-def train_classifier(crops: CropSets, classifier_recipe: str, work_dir: Path, device: str, seed: int):
-    """The ResNet-34 from scratch on ground-truth crops, validated on predicted-mask crops; curves to work_dir/report."""
+def train_classifier(train: dict[str, Any], val: dict[str, Any], classifier_recipe: str, work_dir: Path, device: str,
+                     seed: int):
+    """The ResNet-34 from scratch on ground-truth crops (``train``), its epoch kept by the validation
+    part's predicted-mask crops (``val``); curves to work_dir/report."""
     from server.training.classifier_history import plot_history
     from server.training.classifier_training import ClassifierTrainConfig
-    from server.training.classifier_training import train_classifier as train
+    from server.training.classifier_training import train_classifier as train_cnn
 
-    result = train(crops.train["crops"], crops.train["labels"], crops.val["crops"], crops.val["labels"],
-                   ClassifierTrainConfig.named(classifier_recipe), device=device, seed=seed)
+    result = train_cnn(train["crops"], train["labels"], val["crops"], val["labels"],
+                       ClassifierTrainConfig.named(classifier_recipe), device=device, seed=seed)
     reports_dir = work_dir / "report"
     reports_dir.mkdir(parents=True, exist_ok=True)
     plot_history(result.history, reports_dir / "classifier_curves.png")
@@ -39,15 +42,20 @@ def train_classifier(crops: CropSets, classifier_recipe: str, work_dir: Path, de
     return result
 
 
-def evaluate(result: Any, crops: CropSets, out: Path, device: str, seed: int) -> dict[str, Any]:
+def subset(part: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
+    """The cases ``idx`` of a part (its per-case arrays)."""
+    return {k: v[idx] for k, v in part.items() if k in ("crops", "labels", "volumes")}
+
+
+def evaluate(result: Any, ref: ReferenceModel, crops: CropSets, out: Path, device: str, seed: int) -> dict[str, Any]:
     """Threshold and calibration from validation scores (the threshold midway between neighbours), the
-    end-to-end metrics and Dice on the held-out test split, and the volume baseline beside the CNN."""
+    end-to-end metrics and Dice on the held-out test split, and the volume baseline beside the model."""
     from shared.evaluation.metrics import classification_metrics, dice_summary
 
     from .bootstrap_calibration import calibrate_reference, reference_threshold
 
-    p_val = p_neoplastic(result.model, crops.val["crops"], device)
-    p_test = p_neoplastic(result.model, crops.test["crops"], device)
+    p_val = ref.p_neoplastic(crops.val, device)
+    p_test = ref.p_neoplastic(crops.test, device)
     threshold = reference_threshold(crops.val["labels"], p_val, result.threshold)
     calibration, calibration_report = calibrate_reference(
         crops.val["labels"], p_val, crops.test["labels"], p_test, threshold.p, out.parent / f"{out.name}-reliability.png")
@@ -57,13 +65,13 @@ def evaluate(result: Any, crops: CropSets, out: Path, device: str, seed: int) ->
         "calibration_report": calibration_report,
         "classification": classification_metrics(crops.test["labels"], p_test, threshold=threshold.p, seed=seed),
         "dice": {name: dice_summary(crops.test["dice"][label]) for label, name in ((1, "ich"), (2, "phe"))},
-        "comparison": compare_with_volume_baseline(result, crops, p_test, threshold.p, device, seed),
+        "comparison": compare_with_volume_baseline(result, ref, crops, p_test, threshold.p, device, seed),
     }
 
 
-def compare_with_volume_baseline(result: Any, crops: CropSets, p_test: np.ndarray, cnn_threshold: float,
-                                 device: str, seed: int) -> dict[str, Any]:
-    """The volume baseline fitted on the CNN's training cases; both models on the same test cases, their
+def compare_with_volume_baseline(result: Any, ref: ReferenceModel, crops: CropSets, p_test: np.ndarray,
+                                 model_threshold: float, device: str, seed: int) -> dict[str, Any]:
+    """The volume baseline fitted on the model's training cases; both models on the same test cases, their
     paired AUC difference, and both again on true-mask test crops (ceilings)."""
     from shared.evaluation.metrics import classification_metrics
     from shared.models.volume_baseline import VolumeBaseline
@@ -76,15 +84,16 @@ def compare_with_volume_baseline(result: Any, crops: CropSets, p_test: np.ndarra
     pb_test = baseline.p_neoplastic(test["volumes"][:, 0], test["volumes"][:, 1])
     b_threshold = reference_threshold(val["labels"], pb_val, result.threshold)
     out: dict[str, Any] = {
-        "model": "cnn",
+        "model": "resnet34" if ref.inputs.kind == "embedding" else "resnet34+volumes",
+        "head_fit": ref.fit or {"head": "embedding"},
         "baseline": baseline.to_dict(),
         "baseline_threshold": b_threshold.p,
         "volume_baseline": classification_metrics(test["labels"], pb_test, threshold=b_threshold.p, seed=seed),
-        "cnn_minus_baseline": _paired(test["labels"], p_test, pb_test),
+        "model_minus_baseline": _paired(test["labels"], p_test, pb_test),
         "ceiling_true_masks": {
             "n": int(len(truth["labels"])),
-            "cnn": classification_metrics(truth["labels"], p_neoplastic(result.model, truth["crops"], device),
-                                          threshold=cnn_threshold, seed=seed),
+            "model": classification_metrics(truth["labels"], ref.p_neoplastic(truth, device),
+                                            threshold=model_threshold, seed=seed),
             "volume_baseline": classification_metrics(
                 truth["labels"], baseline.p_neoplastic(truth["volumes"][:, 0], truth["volumes"][:, 1]),
                 threshold=b_threshold.p, seed=seed),
@@ -106,8 +115,3 @@ def _paired(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> dict[str, Any]:
             "method": "DeLong paired, normal 95 % CI"}
 
 
-def p_neoplastic(model: Any, crops: np.ndarray, device: str) -> np.ndarray:
-    """p(neoplastic) of crops: the backbone's features scored by ``shared.models.head.Head``."""
-    from shared.models.classifier import predict_log_probs
-
-    return np.exp(predict_log_probs(model, crops, device)[:, 1]) if len(crops) else np.zeros(0)

@@ -67,14 +67,15 @@ def too_few(n: int) -> str:
 
 
 def _comparison(cnn: dict[str, Any], c: dict[str, Any] | None) -> list[str]:
-    """The CNN beside the volume baseline on the same test cases, their paired difference, and the ceilings."""
+    """The bundle's model beside the volume baseline on the same test cases, their paired difference, and the
+    ceilings."""
     from shared.evaluation.metrics import paper_table
 
     if not c:
         return []
     from .bootstrap_calibration import MIN_REPORT_CASES
 
-    d = c["cnn_minus_baseline"]
+    d = c["model_minus_baseline"]
     diff = (too_few(d["n"]) if d["n"] < MIN_REPORT_CASES else "not defined: " + d.get("reason", "")
             if d.get("estimate") is None else
             f"{d['estimate']:+.3f} (95 % CI {d['ci'][0]:+.3f} to {d['ci'][1]:+.3f}; {d['method']}; n = {d['n']})")
@@ -85,14 +86,14 @@ def _comparison(cnn: dict[str, Any], c: dict[str, Any] | None) -> list[str]:
         "The baseline is a logistic regression on log ICH ml, log PHE ml and log(PHE/ICH) of the same training "
         "cases, its threshold chosen the same way on the validation part.",
         "",
-        _table(paper_table([{"name": f"{c.get('model', 'cnn').upper()} (the bundle's model)", **cnn},
+        _table(paper_table([{"name": f"{c.get('model', 'resnet34')} (the bundle's model)", **cnn},
                             {"name": "Volume baseline", **c["volume_baseline"]}]), int(cnn.get("n") or 0)),
         "",
-        f"AUC, CNN minus volume baseline: {diff}",
+        f"AUC, {c.get('model', 'resnet34')} minus volume baseline: {diff}",
         "",
         f"Ceilings with true masks (a perfect segmenter; not results), n = {ceiling['n']}:",
         "",
-        _table(paper_table([{"name": "CNN, true masks", **ceiling["cnn"]},
+        _table(paper_table([{"name": f"{c.get('model', 'resnet34')}, true masks", **ceiling["model"]},
                             {"name": "Volume baseline, true masks", **ceiling["volume_baseline"]}]), ceiling["n"]),
         "",
     ]

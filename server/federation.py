@@ -77,6 +77,7 @@ class FederatedRun:
         bundle = load_bundle(s.bundle_path, s.public_key)
         info.bundle_hash, info.bundle_name, info.bundle_version = bundle.hash, bundle.manifest.name, bundle.manifest.version
         heads = self._resume(bundle)
+        self.progress.head_features = bundle.head_inputs.n_features
         self.progress.start(first_round=self.book.offset + 1, run_id=info.run_id, bundle_hash=bundle.hash,
                             resumed_from_round=info.resumed_from_round)
         ready, self.report.distribution = distribute_bundle(grid, bundle, s, self.ledger)

@@ -14,7 +14,6 @@ time remaining.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ class RunProgress:
     def __init__(self, folder: str | os.PathLike, total_rounds: int, *, desc: str = "federation") -> None:
         self.events = EventLog(Path(folder) / EVENTS_NAME)
         self.total_rounds = total_rounds
+        self.head_features = P.HEAD_FEATURES  # set from the bundle once it is loaded (a hybrid head reads 515)
         self.desc = desc
         self.bar = None
 
@@ -60,7 +60,7 @@ class RunProgress:
 
     def round_finished(self, record: RoundRecord) -> dict[str, Any]:
         """The round is over: write its metrics (see :func:`round_metrics`) and advance the bar."""
-        metrics = round_metrics(record)
+        metrics = round_metrics(record, self.head_features)
         self.events.write("round_finished", round=record.round, **metrics)
         auc = metrics.get("global_pooled_auc")
         if self.bar is not None:
@@ -106,19 +106,19 @@ def reply_counts(rows: Sequence[SiteRow]) -> dict[str, int]:
     return {"expected": len(rows), "answered": len(rows) - missing, "refused": refused, "missing": missing}
 
 
-def head_payload_bytes() -> int:
-    """Bytes of one head (weight and bias, float32) as the arrays carry them."""
-    return 4 * sum(math.prod(s) for s in P.HEAD_SHAPES.values())
+def head_payload_bytes(n_features: int = P.HEAD_FEATURES) -> int:
+    """Bytes of one head reading ``n_features`` (weight and bias, float32) as the arrays carry them."""
+    return 4 * P.HEAD_CLASSES * (n_features + 1)
 
 
-def round_metrics(record: RoundRecord) -> dict[str, Any]:
+def round_metrics(record: RoundRecord, n_features: int = P.HEAD_FEATURES) -> dict[str, Any]:
     """One round's figures: reply counts, the global head's pooled and mean-site AUC, the training
     losses and update norms, and the head payload bytes sent to and received from the sites
     (arrays only, not message framing). Per-site figures are keyed "name (node id)"."""
     accepted = record.accepted()
     norms = [r.update_norm for r in accepted if r.update_norm is not None]
     pooled = record.pooled
-    head = head_payload_bytes()
+    head = head_payload_bytes(n_features)
     return {
         "train": reply_counts(record.train),
         "evaluate": reply_counts(record.evaluate),

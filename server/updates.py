@@ -67,7 +67,7 @@ def check_update(record, sent: HeadSet, max_norm: float) -> CheckedUpdate:
         return CheckedUpdate(None, {}, str(e))
     if heads.n_folds != sent.n_folds:
         return CheckedUpdate(None, {}, f"head record holds {heads.n_folds} fold heads, {sent.n_folds} were sent")
-    why = heads.problem()
+    why = heads.problem(sent.main.n_features)  # the bundle's layout: 512, or 515 for a hybrid head
     if why:
         return CheckedUpdate(None, {}, why)
     norms = heads.distances(sent)

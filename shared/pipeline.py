@@ -120,6 +120,7 @@ class Predictor:
         model.eval()
         self.backbone, fc = backbone_and_head(model)
         self.head = Head.from_linear(fc)
+        self.head_inputs = bundle.head_inputs  # the embedding, or the embedding + the lesion volumes (hybrid)
         self.norm_stats_source = "bundle"
         if norm_stats is not None:
             from shared.models.batchnorm_stats import apply
@@ -154,6 +155,12 @@ class Predictor:
         from shared.models.classifier import embed
 
         return embed(self.backbone, crops, self.device)
+
+    def head_features(self, crops: np.ndarray, volumetrics: list[Volumetrics]) -> np.ndarray:
+        """What the head reads for crops (N, z, y, x) and their cases' volumes: the embedding, followed by the
+        standardised log volumes for a hybrid bundle (``shared.models.head_inputs``)."""
+        return self.head_inputs.features(self.embed(crops), [v.ich_ml for v in volumetrics],
+                                         [v.phe_ml for v in volumetrics])
 
     def p_neoplastic(self, features: np.ndarray) -> np.ndarray:
         """Probability of the neoplastic class for each feature row (``Head.p_neoplastic``)."""
@@ -216,7 +223,7 @@ class Predictor:
         scores: dict[str, Any] = {}
         if crop.lesion_found:
             with timer.stage("classification"):
-                p = float(self.p_neoplastic(self.embed(crop.array[None]))[0])
+                p = float(self.p_neoplastic(self.head_features(crop.array[None], [vol]))[0])
             scores = {
                 "p_neoplastic": round(p, 6),
                 "log_p_neoplastic": round(math.log(max(p, 1e-300)), 6),
@@ -241,7 +248,8 @@ class Predictor:
             postprocessing=self.segmenter.postprocessing.name,
             ingest_notes=tuple(ingested.notes),  # what ingestion accepted or changed (e.g. a missing slice)
             timings=dict(timer.timings),
-            bundle=BundleRef(name=manifest.name, version=manifest.version, hash=self.bundle.hash),
+            bundle=BundleRef(name=manifest.name, version=manifest.version, hash=self.bundle.hash,
+                             model=self.bundle.model_kind),
             **scores,
         )
 

@@ -15,11 +15,14 @@ Label = Literal["neoplastic", "non-neoplastic"]
 
 @dataclasses.dataclass(frozen=True)
 class BundleRef:
-    """The bundle a prediction came from (manifest name and version, bundle hash)."""
+    """The bundle a prediction came from (manifest name and version, bundle hash) and the model it carries:
+    ``resnet34`` (the paper's head on the embedding) or ``resnet34+volumes`` (a hybrid head that also reads
+    the lesion volumes, ``shared.models.head_inputs``)."""
 
     name: str
     version: str
     hash: str
+    model: str = "resnet34"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

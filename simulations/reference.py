@@ -14,7 +14,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEVELOPMENT_PROFILE = "charite-like"  # the cohort scanner/site profile of the development site
+DEVELOPMENT_PROFILE = "charite-like"  # the development site's patients (a recipe may add its scanner fleet)
 
 
 def development_cohort(recipe: Any, work_dir: Path, seed: int) -> tuple[Path, dict[str, Any]]:
@@ -25,11 +25,11 @@ def development_cohort(recipe: Any, work_dir: Path, seed: int) -> tuple[Path, di
     from .cohort import write_cohort
 
     site_dir = Path(work_dir) / "cohort"
+    profile = getattr(recipe, "development_profile", DEVELOPMENT_PROFILE)
     if not (site_dir / "cases.csv").exists():
-        log.info("generating the development cohort (%s, %d cases, %s scale)", DEVELOPMENT_PROFILE, recipe.n_cases,
-                 recipe.scale)
-        write_cohort(DEVELOPMENT_PROFILE, recipe.n_cases, seed, site_dir, scale=recipe.scale)
-    return site_dir, {"profile": DEVELOPMENT_PROFILE, "scale": recipe.scale, "n_cases": recipe.n_cases, "seed": seed}
+        log.info("generating the development cohort (%s, %d cases, %s scale)", profile, recipe.n_cases, recipe.scale)
+        write_cohort(profile, recipe.n_cases, seed, site_dir, scale=recipe.scale)
+    return site_dir, {"profile": profile, "scale": recipe.scale, "n_cases": recipe.n_cases, "seed": seed}
 
 
 def bootstrap_development(recipe: Any, *, out: Path, work_dir: Path, seed: int = 0, **kwargs: Any) -> dict[str, Any]:

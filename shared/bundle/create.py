@@ -37,6 +37,7 @@ from shared.bundle.manifest import (
 from shared.bundle.signature import signature_blob
 from shared.bundle.weights import check_bundle_weights, check_state
 from shared.models.head import Head
+from shared.models.head_inputs import HeadInputs
 from shared.plumbing.config import CropSpec, to_dict
 from shared.plumbing.errors import BundleVerificationError, IchfedError
 from shared.plumbing.files import link_or_copy, read_json, sha256_file, staged_dir
@@ -54,8 +55,9 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _full_state(classifier_state: Any) -> dict[str, Any]:
-    """A module, state dict or safetensors path, checked to load strictly into the ResNet-34."""
+def _full_state(classifier_state: Any, n_features: int = 512) -> dict[str, Any]:
+    """A module, state dict or safetensors path, checked to load strictly into the ResNet-34 (its head reading
+    ``n_features``: 512, or 515 for a hybrid head)."""
     from shared.models.classifier import build_model, load_weights
 
     if isinstance(classifier_state, str | os.PathLike):
@@ -65,10 +67,10 @@ def _full_state(classifier_state: Any) -> dict[str, Any]:
         state = classifier_state.state_dict() if hasattr(classifier_state, "state_dict") else classifier_state
         where = "classifier"
     try:
-        build_model().load_state_dict(state, strict=True)
+        build_model(n_features).load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise IchfedError(f"{where}: weights do not fit the 3D ResNet-34 classifier ({str(e).splitlines()[0]})") from None
-    check_state(state, where)  # every weight finite, the head bounded
+    check_state(state, where, n_features)  # every weight finite, the head bounded
     return state
 
 
@@ -124,13 +126,17 @@ def create_bundle(
     lineage: dict[str, Any] | None = None,
     private_key: str | Path | None = None,
     calibration: dict[str, Any] | None = None,
+    head_inputs: Any = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> Path:
     """Build a layout-v2 bundle at ``out_dir`` (which must not exist) and return its path.
 
     ``classifier_state`` is a module, a state dict or a safetensors path; it must load strictly
     into the ResNet-34 (it is stored as backbone and head files). ``threshold`` is a probability or
     anything with ``.p`` (e.g. ``shared.evaluation.metrics.Threshold``). With ``private_key`` the bundle is
-    signed before it appears at ``out_dir``.
+    signed before it appears at ``out_dir``. ``head_inputs`` (``shared.models.head_inputs.HeadInputs``) says
+    what the head reads (default: the embedding only, the paper's head); ``evaluation`` how the model was
+    chosen (bootstrap's comparison with the volume baseline, aggregate figures only).
     """
     out = Path(out_dir)
     if out.exists():
@@ -142,7 +148,8 @@ def create_bundle(
     src = Path(nnunet_dir)
     _check_nnunet_dir(src)
     spec = threshold_spec(threshold)
-    state = _full_state(classifier_state)
+    inputs = head_inputs if head_inputs is not None else HeadInputs()
+    state = _full_state(classifier_state, inputs.n_features)
     key = keys.load_private_key(private_key) if private_key is not None else None
     with staged_dir(out) as tmp:
         _write_split(state, tmp)
@@ -151,11 +158,12 @@ def create_bundle(
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "version": version,
             "created_utc": _now(), "packages": package_versions(), "cohort": cohort,
             "crop": to_dict(crop_spec), "threshold": dataclasses.asdict(spec),
-            "classifier": dict(_CLASSIFIER_ENTRY),
+            "classifier": _classifier_entry(inputs),
             "files": {rel: sha256_file(p) for rel, p in sorted(scan_files(tmp).items())},
             "lineage": dict(lineage or {}),
-            # Only when given, so manifests without calibration keep their bytes (and hashes).
+            # Only when given, so manifests without them keep their bytes (and hashes).
             **({"calibration": dict(calibration)} if calibration else {}),
+            **({"evaluation": dict(evaluation)} if evaluation else {}),
         }
         raw = _finish(tmp, manifest, key)
     log.info("created bundle %s %s at %s (hash %s)", name, version, out, hashlib.sha256(raw).hexdigest()[:16])
@@ -173,17 +181,23 @@ def _link_verified(parent: Bundle, tmp: Path, rels: list[str]) -> None:
                                           "nothing derived from it was kept")
 
 
-def _head_state(head: Head) -> dict[str, Any]:
+def _classifier_entry(inputs: HeadInputs) -> dict[str, Any]:
+    """The manifest's ``classifier``: the weight files, and (hybrid only) what the head reads."""
+    extra = inputs.to_dict()
+    return {**_CLASSIFIER_ENTRY, **({"head_inputs": extra} if extra else {})}
+
+
+def _head_state(head: Head, n_features: int) -> dict[str, Any]:
     """The new head as float32 tensors ``fc.weight`` / ``fc.bias``: it must fit the parent's ResNet-34."""
     import torch
 
     if not isinstance(head, Head):
         raise IchfedError(f"head: expected a shared.models.head.Head, got {type(head).__name__}")
-    why = head.problem()  # every bundle's classifier is the ResNet-34 of shared.models.classifier
+    why = head.problem(n_features=n_features)  # every bundle's classifier is the ResNet-34 of shared.models.classifier
     if why:
         raise IchfedError(why)
     out = {k: torch.from_numpy(v) for k, v in head.to_state_dict().items()}
-    check_state(out, "head")  # within the bound a trained head stays in
+    check_state(out, "head", n_features)  # within the bound a trained head stays in
     return out
 
 
@@ -214,7 +228,7 @@ def derive_bundle(
     out = Path(out_dir)
     if out.exists():
         raise IchfedError(f"{out}: already exists; choose a new bundle folder")
-    new_head = _head_state(head)
+    new_head = _head_state(head, parent.head_inputs.n_features)
     spec = threshold_spec(threshold)
     key = keys.load_private_key(private_key) if private_key is not None else None
     m = parent.manifest
@@ -241,7 +255,7 @@ def derive_bundle(
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "name": name or m.name, "version": version,
             "created_utc": _now(), "packages": package_versions(), "cohort": m.cohort if cohort is None else cohort,
-            "crop": to_dict(m.crop), "threshold": dataclasses.asdict(spec), "classifier": dict(_CLASSIFIER_ENTRY),
+            "crop": to_dict(m.crop), "threshold": dataclasses.asdict(spec), "classifier": _classifier_entry(parent.head_inputs),
             "files": dict(sorted(files.items())), "lineage": lin,
         }
         raw = _finish(tmp, manifest, key)

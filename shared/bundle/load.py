@@ -66,6 +66,16 @@ class Bundle:
         return self.manifest.threshold
 
     @property
+    def head_inputs(self):
+        """What the head reads (``shared.models.head_inputs.HeadInputs``): the embedding, or embedding + volumes."""
+        return self.manifest.head_inputs
+
+    @property
+    def model_kind(self) -> str:
+        """The classifier a prediction reports: ``resnet34`` (the paper's head) or ``resnet34+volumes`` (hybrid)."""
+        return "resnet34" if self.head_inputs.kind == "embedding" else "resnet34+volumes"
+
+    @property
     def nnunet_dir(self) -> Path:
         """The nnU-Net v2 model folder (dataset.json, plans.json, fold_*)."""
         return self.path / NNUNET_DIR
@@ -105,7 +115,7 @@ class Bundle:
         state = load_weights(self.path / head, data=self.read_verified(head))
         if sorted(state) != sorted(HEAD_KEYS):
             raise BundleVerificationError(f"{self.path / head}: holds {sorted(state)}, expected exactly {list(HEAD_KEYS)}")
-        check_head_state(state, str(self.path / head))  # finite, (2, 512), bounded: a head that is numbers
+        check_head_state(state, str(self.path / head), self.head_inputs.n_features)  # finite, shaped, bounded
         return state
 
     def classifier_weights(self) -> dict[str, Any]:
@@ -115,7 +125,7 @@ class Bundle:
         rel = self.manifest.classifier_file
         state = load_weights(self.classifier_path, data=self.read_verified(rel))
         if self.manifest.head_file is None:
-            check_state(state, str(self.classifier_path))  # every weight finite, the head (2, 512) and bounded
+            check_state(state, str(self.classifier_path), self.head_inputs.n_features)  # finite, shaped, bounded
             return state
         clash = sorted(k for k in HEAD_KEYS if k in state)
         if clash:
@@ -127,7 +137,7 @@ class Bundle:
         """The ResNet-34 with this bundle's weights (as verified at this call), on ``device``, in eval mode."""
         from shared.models.classifier import build_model
 
-        model = build_model()
+        model = build_model(self.head_inputs.n_features)
         try:
             model.load_state_dict(self.classifier_weights(), strict=True)
         except RuntimeError as e:
@@ -144,6 +154,7 @@ class Bundle:
             "signed_by": self.signed_by,
             "created_utc": self.manifest.created_utc,
             "threshold": dataclasses.asdict(self.manifest.threshold),
+            "model": self.model_kind,
         }
 
 
@@ -191,7 +202,7 @@ def open_bundle(path: str | Path, public_key: str | Path | None, allow_unsigned:
 def check_weights(bundle: Bundle) -> None:
     """Every weight of ``bundle`` finite, its head (2, 512) and bounded, the state a ResNet-34's (``bundle verify``)."""
     m = bundle.manifest
-    check_bundle_weights(bundle.path, m.files, m.classifier_file, m.head_file)
+    check_bundle_weights(bundle.path, m.files, m.classifier_file, m.head_file, m.head_inputs.n_features)
 
 
 def verify_bundle(path: str | Path, public_key_path: str | Path) -> Manifest:

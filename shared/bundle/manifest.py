@@ -79,11 +79,21 @@ class Manifest:
     files: dict[str, Any]
     lineage: dict[str, Any] = dataclasses.field(default_factory=dict)
     calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # How the bundle's model was chosen: its kind and the baseline it was compared with on the same test
+    # cases (bootstrap's comparison, aggregate figures only). Empty for bundles made elsewhere.
+    evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def classifier_file(self) -> str:
         """Relative path of the classifier weights (v1) or of the backbone weights (v2)."""
         return self.classifier.get("file", CLASSIFIER_FILE)
+
+    @property
+    def head_inputs(self):
+        """What the head reads (``shared.models.head_inputs.HeadInputs``): the embedding, or embedding + volumes."""
+        from shared.models.head_inputs import HeadInputs
+
+        return HeadInputs.from_dict(self.classifier.get("head_inputs"), "manifest classifier")
 
     @property
     def head_file(self) -> str | None:
@@ -187,6 +197,10 @@ def parse_manifest(raw: bytes, where: Path) -> Manifest:
     if head is not None and (head not in manifest.files or head == manifest.classifier_file):
         raise BundleVerificationError(f"{where}: the head file {head!r} is not listed in 'files' apart from the backbone")
     check_threshold(manifest.threshold, where)
+    try:
+        manifest.head_inputs  # noqa: B018 - parsed here so a malformed layout is refused at load, not at use
+    except IchfedError as e:
+        raise BundleVerificationError(f"{where}: {e}") from None
     return manifest
 
 

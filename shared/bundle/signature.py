@@ -63,7 +63,8 @@ def sign_bundle(path: str | Path, private_key_path: str | Path) -> str:
     # Never put a signature on files that no longer match what the manifest says,
     # nor on weights that are not numbers (NaN, a 1e30 head, a (5, 512) head).
     check_files(root, manifest.files)
-    check_bundle_weights(root, manifest.files, manifest.classifier_file, manifest.head_file)
+    check_bundle_weights(root, manifest.files, manifest.classifier_file, manifest.head_file,
+                         manifest.head_inputs.n_features)
     write_bytes(root / SIGNATURE, signature_blob(raw, key))
     digest = hashlib.sha256(raw).hexdigest()
     log.info("signed bundle %s (%s) with key %s", root, digest[:16], keys.fingerprint(key.public_key())[:16])

@@ -6,8 +6,9 @@ A signed bundle whose head held NaN passed ``bundle verify`` and then answered p
 (5, 512) one, and crashed with a ``KeyError`` traceback on a v1 bundle without a head. Now:
 
 * every floating tensor of the classifier (backbone and head) must be finite;
-* the head must be ``fc.weight`` (2, 512) and ``fc.bias`` (2,), every value within
-  ``shared.models.head.MAX_HEAD_ABS``.
+* the head must be ``fc.weight`` (2, F) and ``fc.bias`` (2,), every value within
+  ``shared.models.head.MAX_HEAD_ABS``; F is 512, or 515 for a hybrid head (the manifest's
+  ``classifier.head_inputs``, ``shared.models.head_inputs``).
 
 (That the backbone fits the 3D ResNet-34 exactly is checked where it is built, ``Bundle.build_classifier``.)
 
@@ -37,14 +38,14 @@ def check_finite(state: Mapping[str, Any], where: str) -> None:
             raise BundleVerificationError(f"{where}: tensor {name!r} holds {bad} NaN or infinite value(s)")
 
 
-def check_head_state(state: Mapping[str, Any], where: str) -> None:
-    """The head in ``state`` (``fc.weight`` / ``fc.bias``): present, (2, 512) / (2,), finite, bounded."""
+def check_head_state(state: Mapping[str, Any], where: str, n_features: int = 512) -> None:
+    """The head in ``state`` (``fc.weight`` / ``fc.bias``): present, (2, n_features) / (2,), finite, bounded."""
     missing = [k for k in HEAD_KEYS if k not in state]
     if missing:
         raise BundleVerificationError(f"{where}: no head ({', '.join(missing)} missing)")
     weight, bias = (state[k] for k in HEAD_KEYS)
     try:
-        check_head_shapes(weight, bias, where)
+        check_head_shapes(weight, bias, where, n_features)
         check_head_values(weight, bias, where)
     except BundleVerificationError:
         raise
@@ -52,14 +53,14 @@ def check_head_state(state: Mapping[str, Any], where: str) -> None:
         raise BundleVerificationError(str(e)) from None
 
 
-def check_state(state: Mapping[str, Any], where: str) -> None:
+def check_state(state: Mapping[str, Any], where: str, n_features: int = 512) -> None:
     """What every use of a bundle's classifier checks: the head as ``check_head_state``, then all finite."""
-    check_head_state(state, where)
+    check_head_state(state, where, n_features)
     check_finite(state, where)
 
 
 def check_bundle_weights(root: str | Path, files: Mapping[str, str], classifier_file: str,
-                         head_file: str | None) -> None:
+                         head_file: str | None, n_features: int = 512) -> None:
     """The full weight check of a bundle folder (``bundle sign``, ``bundle verify``, ``bundle upgrade``).
 
     ``files`` is the manifest's sha256 listing: the weights are read from bytes checked against it.
@@ -78,7 +79,7 @@ def check_bundle_weights(root: str | Path, files: Mapping[str, str], classifier_
         where = str(root / head_file)
         if sorted(head) != sorted(HEAD_KEYS):
             raise BundleVerificationError(f"{where}: holds {sorted(head)}, expected exactly {list(HEAD_KEYS)}")
-        check_state(head, where)
+        check_state(head, where, n_features)
         state.update(head)
     else:
-        check_state(state, where)
+        check_state(state, where, n_features)

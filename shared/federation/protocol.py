@@ -54,6 +54,9 @@ HEAD_BIAS = "bias"
 HEAD_FEATURES = 512
 HEAD_CLASSES = 2
 HEAD_SHAPES = {HEAD_WEIGHT: (HEAD_CLASSES, HEAD_FEATURES), HEAD_BIAS: (HEAD_CLASSES,)}
+# The only head widths a message may carry: the paper's head on the embedding, and the hybrid head that also
+# reads the three standardised log volumes (shared.models.head_inputs). The bundle says which one a run uses.
+HEAD_WIDTHS = (HEAD_FEATURES, HEAD_FEATURES + 3)
 # Cross-fitted federation: the HEAD record also holds K fold heads, fold k under
 # "fold<k>.weight" / "fold<k>.bias". Every site trains fold head k on its fine-tune cases outside
 # its own fold k, so the average of fold head k never saw any site's fold-k cases, and a site

@@ -45,13 +45,20 @@ def _resnet34(**kwargs):
     return resnet34(spatial_dims=3, n_input_channels=1, **kwargs)
 
 
-def build_model():
+def build_model(head_features: int = N_FEATURES):
     """A freshly initialised MONAI 3D ResNet-34 with one input channel and two outputs.
 
     The network ends in adaptive average pooling, so any crop size of at least ~16 voxels
-    per axis works; the paper's crop is (z, y, x) = (20, 200, 200).
+    per axis works; the paper's crop is (z, y, x) = (20, 200, 200). ``head_features`` > 512 gives a
+    hybrid bundle's ``fc`` (``shared.models.head_inputs``): it then reads more than the backbone's
+    output, so only ``backbone_and_head`` with the head inputs scores it, never ``model(x)``.
     """
-    return _resnet34(num_classes=N_CLASSES)
+    model = _resnet34(num_classes=N_CLASSES)
+    if head_features != N_FEATURES:
+        from torch import nn
+
+        model.fc = nn.Linear(int(head_features), N_CLASSES)
+    return model
 
 
 def backbone_and_head(model) -> tuple[nn.Module, nn.Linear]:
@@ -65,8 +72,8 @@ def backbone_and_head(model) -> tuple[nn.Module, nn.Linear]:
     from torch import nn
 
     fc = getattr(model, "fc", None)
-    if not isinstance(fc, nn.Linear) or fc.in_features != N_FEATURES or fc.out_features != N_CLASSES:
-        raise IchfedError("classifier: model must be a MONAI ResNet with fc = Linear(512, 2)")
+    if not isinstance(fc, nn.Linear) or fc.in_features < N_FEATURES or fc.out_features != N_CLASSES:
+        raise IchfedError("classifier: model must be a MONAI ResNet with fc = Linear(512 [+ volumes], 2)")
     # Built on the meta device: no memory, no random draws; every submodule is then replaced.
     with torch.device("meta"):
         backbone = _resnet34(feed_forward=False)

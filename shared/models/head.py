@@ -182,15 +182,17 @@ class Head:
         return hashlib.sha256(np.ascontiguousarray(self.weight).tobytes()
                               + np.ascontiguousarray(self.bias).tobytes()).hexdigest()
 
-    def problem(self, prefix: str = "") -> str | None:
+    def problem(self, prefix: str = "", n_features: int = P.HEAD_FEATURES) -> str | None:
         """Why this head cannot be the bundle ResNet-34's last layer, or None.
 
         The fit check of a head that moves (site replies, the server's admission of updates, a
         derived bundle): the shapes by :func:`check_head_shapes` (the one shape check, also of
-        every bundle's head file) and every value finite. ``prefix`` names the head (``"fold2."``).
+        every bundle's head file) and every value finite. ``prefix`` names the head (``"fold2."``);
+        ``n_features`` is what the bundle's head reads (512, or 515 for a hybrid head).
         """
         try:
-            check_head_shapes(self.weight, self.bias, f"{prefix.rstrip('.')} head" if prefix else "main head")
+            check_head_shapes(self.weight, self.bias, f"{prefix.rstrip('.')} head" if prefix else "main head",
+                              n_features)
         except IchfedError as e:
             return str(e)
         for key, arr in ((P.HEAD_WEIGHT, self.weight), (P.HEAD_BIAS, self.bias)):
@@ -299,9 +301,9 @@ class HeadSet:
         return cls.from_arrays(arrays)
 
     # -- checks ------------------------------------------------------------------------------
-    def problem(self) -> str | None:
+    def problem(self, n_features: int = P.HEAD_FEATURES) -> str | None:
         """Why some head of the set cannot be the ResNet-34's last layer (:meth:`Head.problem`), or None."""
-        return next((why for prefix, head in self.items() if (why := head.problem(prefix))), None)
+        return next((why for prefix, head in self.items() if (why := head.problem(prefix, n_features))), None)
 
     def distances(self, other: HeadSet) -> dict[str, float]:
         """``{prefix: L2 distance}`` of each head from the same head of ``other`` (same K)."""

@@ -69,7 +69,7 @@ def quiet_flower() -> None:
 
 
 def setup(log_dir: str | Path | None = None, *, verbose: bool = False, debug: bool = False,
-          quiet: bool = False, announce: bool = True, name: str = LOG_NAME) -> Path | None:
+          quiet: bool = False, name: str = LOG_NAME) -> Path | None:
     """Configure the root logger for this process; returns the log file's path (or None).
 
     Parameters
@@ -78,8 +78,6 @@ def setup(log_dir: str | Path | None = None, *, verbose: bool = False, debug: bo
     verbose : INFO of every logger on the console too (``-v``).
     debug : DEBUG on the console and in the file (``--debug``).
     quiet : only errors on the console.
-    announce : print "log: PATH" on stderr now when it is a terminal (a script's stderr keeps its
-        one-line ``error:`` contract; ``ichfed`` names the file after a successful command instead).
     """
     root = logging.getLogger()
     _remove_ours(root)
@@ -101,8 +99,6 @@ def setup(log_dir: str | Path | None = None, *, verbose: bool = False, debug: bo
         setattr(fh, _MARK, True)
         fh.setFormatter(logging.Formatter(_FILE_FORMAT))
         root.addHandler(fh)
-        if announce and sys.stderr.isatty():  # else the CLI names it once at the end (one-line errors)
-            print(f"log: {path}", file=sys.stderr, flush=True)
         logging.getLogger("ichfed").info("=== %s", " ".join(sys.argv))  # where one run's lines begin
     # Library warnings (Ray's FutureWarning, ...) into the file. Off then on: a second set-up in
     # one process (tests, a notebook) must re-install the hook if someone replaced showwarning since.

@@ -15,6 +15,7 @@ from server.pooling import pool_model
 from server.report_arms import no_lesion_lines
 from shared.federation import protocol as P
 from shared.imaging.quality import FLAGS
+from shared.models.head_inputs import HeadInputs
 
 
 class _Case:
@@ -32,14 +33,14 @@ FLAGGED = [("many_components", "ich_hu_not_blood"), ("many_components",), (), ()
 
 
 def test_held_out_part_counts_cases_per_flag_and_with_any_flag():
-    part = _part(_rows(FLAGGED), [_Case(i % 2, f"c{i}") for i in range(len(FLAGGED))])
+    part = _part(_rows(FLAGGED), [_Case(i % 2, f"c{i}") for i in range(len(FLAGGED))], HeadInputs())
     assert part.n_flagged == 3
     assert part.flag_counts["many_components"] == 2 and part.flag_counts["touches_skull"] == 1
     assert set(part.flag_counts) == set(FLAGS) and part.flag_counts["small_lesion"] == 0
 
 
 def test_flag_counts_leave_the_site_only_above_the_count_floor():
-    part = _part(_rows(FLAGGED * 3), [_Case(i % 2, f"c{i}") for i in range(3 * len(FLAGGED))])
+    part = _part(_rows(FLAGGED * 3), [_Case(i % 2, f"c{i}") for i in range(3 * len(FLAGGED))], HeadInputs())
     p = np.linspace(0.1, 0.9, part.n)
     k = lambda m: P.metric_key(P.MODEL_REFERENCE, m)  # noqa: E731
     metrics, reasons = arm_metrics(P.MODEL_REFERENCE, part, p, 0.5, min_cases=5)

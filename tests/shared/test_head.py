@@ -139,6 +139,10 @@ def test_bundle_head_scores_as_the_bundle_model(tiny_bundle):
     _same(head, Head.from_linear(fc))
     crops = np.zeros((3, 20, 24, 24), np.float32)
     crops[:, 5:15, 6:18, 6:18] = np.random.default_rng(2).uniform(0.2, 0.9, size=(3, 10, 12, 12))
+    feats = bundle.head_inputs.features(embed(backbone, crops, "cpu"), [4.0, 8.0, 16.0], [2.0, 20.0, 30.0])
     with torch.no_grad():
-        full = model_log_probs(model, as_batch_tensor(crops, "cpu")).double().numpy()
-    np.testing.assert_allclose(head.log_probs(embed(backbone, crops, "cpu")), full, atol=1e-6)
+        if bundle.head_inputs.kind == "embedding":  # the whole network end to end
+            full = model_log_probs(model, as_batch_tensor(crops, "cpu")).double().numpy()
+        else:  # a hybrid head reads the volumes beside the embedding: the network's own fc on those rows
+            full = torch.log_softmax(fc(torch.from_numpy(feats)), dim=1).double().numpy()
+    np.testing.assert_allclose(head.log_probs(feats), full, atol=1e-6)

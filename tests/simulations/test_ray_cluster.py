@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -93,8 +94,12 @@ def test_simulate_on_a_ray_cluster_with_a_readable_console(tiny_bundle, ray_head
                             for s in sessions for p in s.glob("worker-*.out")), "no ClientApp actor on the head"
 
     console = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(console) <= 6, "\n".join(console)
-    assert console.count(f"log: {out / 'ichfed.log'}") == 1  # named once (at the end: stderr is no terminal)
+    # Timestamped progress lines come every 30 s (how many depends on the machine's speed); the
+    # rest of the console must stay a handful of lines.
+    other = [line for line in console if not re.search(r"\[\d\d:\d\d:\d\d\] ", line)]
+    assert len(other) <= 3, "\n".join(console)
+    assert proc.stdout.splitlines()[0] == f"log: {out / 'ichfed.log'}"  # named once, first
+    assert proc.stdout.count("log: ") == 1
     assert not any("DEPRECATED" in line or "deprecated feature" in line for line in console)
     assert not any("alembic" in line or "FutureWarning" in line for line in console)
     assert "Federated" in proc.stdout  # the four-arm table is the result

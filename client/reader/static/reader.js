@@ -342,7 +342,7 @@
     $("phe-hu").textContent = fmtHu(r.phe_mean_hu);
     $("n-lesions").textContent = String(r.n_components);
     $("extracranial-ml").textContent = fmtMl(r.extracranial_ml_removed);
-    $("model-line").textContent = `model ${r.bundle.name} v${r.bundle.version} · ${String(r.bundle.hash).slice(0, 12)}`;
+    $("model-line").textContent = `model ${r.bundle.name} v${r.bundle.version} (${r.bundle.model || "resnet34"}) · ${String(r.bundle.hash).slice(0, 12)}`;
     $("timings").textContent = Object.entries(r.timings || {})
       .map(([k, v]) => `${k} ${v.toFixed(1)} s`)
       .join(" · ");
