@@ -9,8 +9,9 @@ end-to-end pipeline, which ``bench_reference.py`` measures with predicted masks)
 Candidates, each over ``--seeds`` (mean ± SD of the AUCs, each AUC with its DeLong 95 % CI):
 - ``volume``: the volume baseline (``shared.models.volume_baseline``), the bar to clear;
 - ``cnn``: the demo recipe (ResNet-34 from scratch, ``ClassifierTrainConfig.demo``);
-- ``hybrid``: the same CNN, then its last layer refitted on the 512-d embedding plus the standardised log
-  volumes (L2 logistic regression, C chosen on the validation part), the head ``--head hybrid`` ships;
+- ``hybrid``: what the demo recipe ships (``server/bootstrap_head.py``): the CNN trained without a 20 %
+  stacking part, then a logistic regression on [the CNN's logit, the three standardised log volumes] fitted
+  on that part (C by validation log-loss) and folded into a ``Linear(515, 2)``;
 - ``cnn-long``: the CNN trained 3x longer (more epochs), keeping the best validation epoch.
 
     python benchmarks/bench_reference_sweep.py --make-data
@@ -92,41 +93,15 @@ def _auc_ci(y: np.ndarray, p: np.ndarray) -> dict:
     return {"auc": est.estimate, "ci": [est.estimate - Z95 * se, est.estimate + Z95 * se], "n": int(len(y))}
 
 
-def _embed(model, crops: np.ndarray) -> np.ndarray:
-    from shared.models.classifier import backbone_and_head, embed
-
-    backbone, _ = backbone_and_head(model)
-    return embed(backbone, crops, "cpu", 32)
-
-
-def _hybrid(model, data: dict, sets: list[str]) -> dict[str, np.ndarray]:
-    """Refit the last layer on [embedding, standardised log volumes]; C by validation log-loss."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
-    from sklearn.preprocessing import StandardScaler
-
-    from shared.models.volume_baseline import volume_features
-
-    def feats(name):
-        v = data[f"{name}_volumes"]
-        return np.hstack([_embed(model, data[f"{name}_crops"]), volume_features(v[:, 0], v[:, 1])])
-
-    x_tr, x_va = feats("train"), feats("val")
-    scaler = StandardScaler().fit(x_tr)
-    best = None
-    for c in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0):
-        lr = LogisticRegression(C=c, max_iter=2000).fit(scaler.transform(x_tr), data["train_labels"])
-        loss = log_loss(data["val_labels"], lr.predict_proba(scaler.transform(x_va))[:, 1])
-        if best is None or loss < best[0]:
-            best = (loss, c, lr)
-    _, c, lr = best
-    out = {name: lr.predict_proba(scaler.transform(feats(name)))[:, 1] for name in sets}
-    out["_C"] = c
-    return out
+def _part(data: dict, name: str, idx: np.ndarray | None = None) -> dict:
+    """A set as bootstrap's parts are dicts (crops, labels, volumes), optionally a subset of its rows."""
+    part = {key: data[f"{name}_{key}"] for key in ("crops", "labels", "volumes")}
+    return part if idx is None else {k: v[idx] for k, v in part.items()}
 
 
 def run_candidate(name: str, data: dict, seed: int, sets: list[str]) -> dict:
     """Scores of one candidate on every evaluation set."""
+    from server.bootstrap_head import reference_model, stacking_split
     from server.training.classifier_training import (
         ClassifierTrainConfig,
         train_classifier,
@@ -144,11 +119,16 @@ def run_candidate(name: str, data: dict, seed: int, sets: list[str]) -> dict:
         cfg = ClassifierTrainConfig.demo()
         if name == "cnn-long":
             cfg = dataclasses.replace(cfg, epochs=cfg.epochs * 3)
-        result = train_classifier(data["train_crops"], data["train_labels"], data["val_crops"], data["val_labels"],
-                                  cfg, device="cpu", seed=seed)
+        # The hybrid CNN trains without the stacking part its head is then fitted on, exactly as bootstrap does.
+        cnn_idx, stack_idx = (stacking_split(data["train_labels"], 0.2, seed) if name == "hybrid"
+                              else (np.arange(len(data["train_labels"])), None))
+        result = train_classifier(data["train_crops"][cnn_idx], data["train_labels"][cnn_idx], data["val_crops"],
+                                  data["val_labels"], cfg, device="cpu", seed=seed)
         if name == "hybrid":
-            scores = _hybrid(result.model, data, sets)
-            extra["C"] = scores.pop("_C")
+            ref = reference_model(result.model, "hybrid", _part(data, "train"), _part(data, "train", stack_idx),
+                                  _part(data, "val"), "cpu")
+            scores = {s: ref.p_neoplastic(_part(data, s), "cpu") for s in sets}
+            extra["head_fit"] = ref.fit
         else:
             scores = {s: np.exp(predict_log_probs(result.model, data[f"{s}_crops"], "cpu")[:, 1]) for s in sets}
         extra["history"] = result.history

@@ -183,6 +183,7 @@ def bootstrap(
         "threshold": {"p": evaluation["threshold"].p, "log_p": evaluation["threshold"].log_p,
                       "rule": "midpoint on validation scores"},
         "calibration": evaluation["calibration_report"],
+        "validation": evaluation["validation"],
         "postprocessing": crops.postprocessing,
         "test": {
             "classification": evaluation["classification"],

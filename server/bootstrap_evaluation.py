@@ -66,7 +66,21 @@ def evaluate(result: Any, ref: ReferenceModel, crops: CropSets, out: Path, devic
         "classification": classification_metrics(crops.test["labels"], p_test, threshold=threshold.p, seed=seed),
         "dice": {name: dice_summary(crops.test["dice"][label]) for label, name in ((1, "ich"), (2, "phe"))},
         "comparison": compare_with_volume_baseline(result, ref, crops, p_test, threshold.p, device, seed),
+        "validation": validation_summary(crops.val, p_val),
     }
+
+
+def validation_summary(val: dict[str, Any], p_val: np.ndarray) -> dict[str, Any]:
+    """How the reference did on its validation part (predicted masks): AUC of the cases with a lesion, and the
+    share of cases the plausibility checks flagged. ``ichfed demo`` warns from these (near chance, many flags)."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(val["labels"], int)
+    n_cases = len(labels) + len(val.get("no_lesion_labels", []))
+    n_flagged = int(val.get("quality", {}).get("n_flagged", 0))
+    auc = float(roc_auc_score(labels, p_val)) if len(set(labels.tolist())) == 2 else None
+    return {"n_cases": n_cases, "n_scored": int(len(labels)), "auc": auc, "n_flagged": n_flagged,
+            "flagged_share": n_flagged / n_cases if n_cases else None}
 
 
 def compare_with_volume_baseline(result: Any, ref: ReferenceModel, crops: CropSets, p_test: np.ndarray,

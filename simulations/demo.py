@@ -28,6 +28,9 @@ from shared.prediction import PredictionResult
 log = logging.getLogger(__name__)
 
 SITE_PROFILES = ("hamburg-like", "community-hospital", "lowdose-mobile")
+NEAR_CHANCE_AUC = 0.6  # a validation AUC below this is a reference that has learnt next to nothing
+MANY_FLAGS_SHARE = 0.25  # a segmenter that flags more than this share of validation cases is off its scanner
+EXAMPLE_TRIES = 5  # cases read while looking for an unflagged example (each is a full prediction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,7 @@ class CaseReading:
     bundle_dir: Path
     site_config: Path
     active: Any
+    n_read: int = 1  # cases read to find an unflagged example (the others were flagged)
 
 
 def reference_bundle(out: Path, profile: str, seed: int) -> Reference:
@@ -72,6 +76,31 @@ def reference_bundle(out: Path, profile: str, seed: int) -> Reference:
     return Reference(bundle_dir, key_dir / PUBLIC_KEY_NAME, key_dir / PRIVATE_KEY_NAME, report, reused)
 
 
+def reference_warnings(report: dict[str, Any]) -> list[str]:
+    """One line per reason not to trust the reference bundle, from its bootstrap report's validation part.
+
+    Examples
+    --------
+    >>> reference_warnings({"validation": {"auc": 0.55, "n_scored": 40, "flagged_share": 0.1, "n_cases": 40}})[0][:48]
+    'the reference classifier is near chance: validat'
+    >>> reference_warnings({"validation": {"auc": 0.9, "n_scored": 40, "flagged_share": 0.0, "n_cases": 40}})
+    []
+    """
+    val = report.get("validation") or {}
+    lines = []
+    auc = val.get("auc")
+    if auc is None:
+        lines.append("the reference classifier could not be judged: its validation part lacks one of the classes")
+    elif auc < NEAR_CHANCE_AUC:
+        lines.append(f"the reference classifier is near chance: validation AUC {auc:.2f} on {val.get('n_scored')} "
+                     f"cases (< {NEAR_CHANCE_AUC}); its readings below are not evidence of anything")
+    share = val.get("flagged_share")
+    if share is not None and share > MANY_FLAGS_SHARE:
+        lines.append(f"the reference segmenter flags {share:.0%} of its {val.get('n_cases')} validation cases "
+                     f"(> {MANY_FLAGS_SHARE:.0%}): many readings will say 'not reliable, review'")
+    return lines
+
+
 def federate(out: Path, ref: Reference, *, rounds: int, cases_per_site: int, profile: str,
              seed: int) -> dict[str, Any]:
     """Federate ``SITE_PROFILES`` in ``out/federation``; returns the simulation report."""
@@ -88,7 +117,8 @@ def federation_dir(out: Path) -> Path:
 
 
 def read_one_case(sim_out: Path, fallback_bundle: Path) -> CaseReading:
-    """The last case of a simulated site of ``sim_out``, read as that site reads it.
+    """A typical case of a simulated site of ``sim_out``, read as that site reads it: the first of the site's
+    last ``EXAMPLE_TRIES`` cases that no plausibility check flags (else the last case, flagged as it is).
 
     ``open_predictor(None, site_config=...)`` is ``ichfed predict --site-config`` without
     ``--bundle``: the site's active model (``client.adoption``: the federated bundle if the site
@@ -118,7 +148,13 @@ def read_one_case(sim_out: Path, fallback_bundle: Path) -> CaseReading:
         raise IchfedError(f"{site.data_dir}: no cases to read")
     bundle = None if actives[path] is not None else (federated or Path(fallback_bundle))
     predictor = open_predictor(bundle, site_config=path)
-    return CaseReading(predictor.predict(cases[-1].image_path), Path(predictor.bundle.path), path, actives[path])
+    result, n_read = None, 0
+    for case in reversed(cases[-EXAMPLE_TRIES:]):
+        result, n_read = predictor.predict(case.image_path), n_read + 1
+        if not result.flagged:
+            break
+        log.info("example case %s is flagged (%s); trying another", case.case_id, ", ".join(result.quality_flags))
+    return CaseReading(result, Path(predictor.bundle.path), path, actives[path], n_read)
 
 
 def _final_bundle(sim_out: Path) -> Path | None:

@@ -43,6 +43,8 @@ def run(args) -> int:
     if ref.reused:
         print(f"reusing the bundle in {ref.bundle_dir} (delete {out} to retrain)")
     print(render_report(ref.report))
+    for line in demo.reference_warnings(ref.report):
+        print(f"warning: {line}", flush=True)
 
     _banner(f"2/3 federated last-layer fine-tuning: {len(demo.SITE_PROFILES)} simulated sites, {args.rounds} rounds")
     sim = demo.federate(out, ref, rounds=args.rounds, cases_per_site=args.cases_per_site, profile=args.profile,
@@ -58,5 +60,9 @@ def run(args) -> int:
     how = f"its active model since {reading.active.since_utc} ({reading.active.source})" if reading.active \
         else "no active model; the run's bundle"
     print(f"site {reading.site_config.stem}: {how}, {reading.bundle_dir}")
+    if reading.n_read > 1:
+        print(f"({reading.n_read - 1} case(s) read before this one were flagged for review; the first unflagged "
+              "one is shown)" if not reading.result.flagged else
+              f"(all {reading.n_read} cases read were flagged for review; the last is shown)")
     print(format_result(reading.result))
     return 0

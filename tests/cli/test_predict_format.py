@@ -39,5 +39,5 @@ def test_json_keeps_the_keys_the_reader_reads_in_their_order():
     d = BASE.to_dict()
     assert list(d)[:4] == ["source", "lesion_found", "n_components", "ich_ml"]
     assert list(d)[-2:] == ["timings", "bundle"] and "mask_path" not in d
-    assert d["bundle"] == {"name": "b", "version": "1", "hash": "0" * 64} and d["quality_flags"] == []
+    assert d["bundle"] == {"name": "b", "version": "1", "hash": "0" * 64, "model": "resnet34"} and d["quality_flags"] == []
     assert dataclasses.replace(BASE, mask_path="m.nii.gz").to_dict()["mask_path"] == "m.nii.gz"

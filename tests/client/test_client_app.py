@@ -70,7 +70,8 @@ def test_site_receives_verifies_caches_and_trains(tiny_bundle, site_dir, tmp_pat
     reply = _call(app, cfg, P.TRAIN, train)
     assert reply.content[P.INFO][P.INFO_STATUS] == P.STATUS_OK, reply.content[P.INFO]
     new = reply.content[P.HEAD]["weight"].numpy()
-    assert new.shape == (2, 512) and not np.array_equal(new, head["weight"])
+    assert new.shape == head["weight"].shape == (2, bundle.head_inputs.n_features)
+    assert not np.array_equal(new, head["weight"])
     n = reply.content[P.METRICS][P.NUM_EXAMPLES]
     assert n == reply.content[P.METRICS][P.N_FINE_TUNE] >= P.MIN_CASES_FLOOR
     size = message_size(reply)

@@ -22,14 +22,15 @@ from shared.models.head import Head
 
 @pytest.fixture(scope="module")
 def real(tiny_bundle):
-    """(reference head, features (n, 512), labels) of 32 hamburg-like cases, ci scale, true masks."""
+    """(reference head, head inputs (n, 512 or 515 for a hybrid head), labels) of 32 hamburg-like cases, ci
+    scale, true masks."""
     from shared.bundle import load_bundle
     from shared.models.classifier import backbone_and_head, embed
     from shared.pipeline import prepare
     from simulations.cohort import make_case
 
     bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
-    crops, labels = [], []
+    crops, labels, ich, phe = [], [], [], []
     for k in range(32):
         case = make_case("hamburg-like", k, seed=5, scale="ci")
         image, mask = case.images()
@@ -37,8 +38,10 @@ def real(tiny_bundle):
         if prepared.crop.array is not None:
             crops.append(prepared.crop.array)
             labels.append(case.record.label)
+            ich.append(prepared.volumetrics.ich_ml)
+            phe.append(prepared.volumetrics.phe_ml)
     backbone, _ = backbone_and_head(bundle.build_classifier("cpu").eval())
-    x = embed(backbone, np.stack(crops), "cpu")
+    x = bundle.head_inputs.features(embed(backbone, np.stack(crops), "cpu"), ich, phe)
     y = np.asarray(labels, np.int64)
     assert min(np.bincount(y, minlength=2)) >= 6
     return Head.from_bundle(bundle), x.astype(np.float32), y
@@ -64,11 +67,14 @@ def test_converged_fit_reaches_the_optimum_and_beats_the_paper_recipe_on_its_obj
     j_start, _, _ = objective(ref, ref, x[idx], y[idx], fit.lam)
     assert fit.objective < j_paper and fit.objective < j_start
     assert g_paper > 100 * fit.grad_norm  # the paper's head is far from any stationary point
-    # An independent optimiser on all 1,026 parameters lands on the same objective value.
+    # An independent optimiser on all the head's parameters (1,026, or 1,032 for a hybrid head) lands on the
+    # same objective value.
     from scipy.optimize import minimize
 
+    n_w = ref.weight.size
+
     def f(theta):
-        h = Head(theta[:1024].reshape(2, 512).astype(np.float32), theta[1024:].astype(np.float32))
+        h = Head(theta[:n_w].reshape(ref.weight.shape).astype(np.float32), theta[n_w:].astype(np.float32))
         return objective(h, ref, x[idx], y[idx], fit.lam)[0]
 
     theta0 = np.r_[ref.weight.ravel(), ref.bias].astype(np.float64)

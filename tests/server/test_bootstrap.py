@@ -57,10 +57,12 @@ def test_report_compares_the_cnn_with_the_volume_baseline_on_the_same_cases(tiny
     figures as ceilings; figures on too few cases say so instead of a number."""
     c = tiny_bundle.report["test"]["comparison"]
     cls = tiny_bundle.report["test"]["classification"]
-    assert c["model"] == "cnn" and c["baseline"]["features"] == ["log_ich_ml", "log_phe_ml", "log_phe_ich_ratio"]
-    assert c["volume_baseline"]["n"] == cls["n"] == c["cnn_minus_baseline"]["n"]  # the same test cases
+    # The ci recipe ships the hybrid head (embedding + volumes); the report names the model it compares.
+    assert c["model"] == "resnet34+volumes" and tiny_bundle.report["cohort"]["head"]["head"] == "hybrid"
+    assert c["baseline"]["features"] == ["log_ich_ml", "log_phe_ml", "log_phe_ich_ratio"]
+    assert c["volume_baseline"]["n"] == cls["n"] == c["model_minus_baseline"]["n"]  # the same test cases
     assert 0.0 < c["baseline_threshold"] < 1.0
-    assert set(c["ceiling_true_masks"]) == {"n", "cnn", "volume_baseline"}
+    assert set(c["ceiling_true_masks"]) == {"n", "model", "volume_baseline"}
     md = (tiny_bundle.path.parent / f"{tiny_bundle.path.name}-report.md").read_text(encoding="utf-8")
     assert "Compared with the volume baseline" in md and "Ceilings with true masks" in md
 

@@ -220,8 +220,9 @@ def test_predict_with_a_signed_nan_head_is_an_error_not_p_nan(tiny_bundle, tmp_p
     from shared.models.classifier import save_weights
     from tests.shared.test_pipeline import UNSEEN_CASE, write_synthetic_case
 
+    width = B.load_bundle(tiny_bundle.path, tiny_bundle.public_key).head_inputs.n_features  # 515: hybrid
     root = _copy(tiny_bundle.path, tmp_path / "nan")
-    save_weights(_head(np.full((2, 512), np.nan)), root / "head.safetensors")
+    save_weights(_head(np.full((2, width), np.nan)), root / "head.safetensors")
     _rehash(root)
     _force_sign(root, tiny_bundle.private_key)
     case = tmp_path / "case.nii.gz"
@@ -232,5 +233,5 @@ def test_predict_with_a_signed_nan_head_is_an_error_not_p_nan(tiny_bundle, tmp_p
                        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "head weight holds 1024 NaN or infinite value(s)" in errors[0], r.stderr
+    assert len(errors) == 1 and f"head weight holds {2 * width} NaN or infinite value(s)" in errors[0], r.stderr
     assert "Traceback" not in r.stderr

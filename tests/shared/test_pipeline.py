@@ -111,7 +111,8 @@ def test_predict_unseen_synthetic_case_finds_the_bleed(predictor, tmp_path):
 
 
 def test_predict_equals_the_stages_run_by_hand(predictor, tmp_path):
-    """`predict` is exactly segment -> crop/measure -> embed -> head, as the site runtime calls them."""
+    """`predict` is exactly segment -> crop/measure -> embed (+ volumes for a hybrid head) -> head, as the site
+    runtime calls them."""
     from shared.imaging.ingest import read_image
 
     path = tmp_path / "case.nii.gz"
@@ -119,7 +120,7 @@ def test_predict_equals_the_stages_run_by_hand(predictor, tmp_path):
     result = predictor.predict(path).to_dict()
     image = read_image(path).image
     prepared = predictor.preprocess(image)
-    p = float(predictor.p_neoplastic(predictor.embed(prepared.crop.array[None]))[0])
+    p = float(predictor.p_neoplastic(predictor.head_features(prepared.crop.array[None], [prepared.volumetrics]))[0])
     assert result["p_neoplastic"] == pytest.approx(p, abs=1e-5)
     assert result["ich_ml"] == pytest.approx(prepared.volumetrics.ich_ml, abs=1e-3)
     assert result["phe_ml"] == pytest.approx(prepared.volumetrics.phe_ml, abs=1e-3)

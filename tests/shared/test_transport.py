@@ -342,7 +342,7 @@ def test_federated_bundle_reaches_a_site_as_its_head(tmp_path, tiny_bundle):
     if parent.head_path is None:  # a cached v1 reference bundle: what `ichfed bundle upgrade` makes of it
         up = B.upgrade_bundle(parent.path, tmp_path / "v2", tiny_bundle.public_key, private_key=tiny_bundle.private_key)
         parent = B.load_bundle(up, tiny_bundle.public_key)
-    head = Head(np.random.default_rng(3).normal(size=(2, 512)), np.array([0.25, -0.25]))
+    head = Head(np.random.default_rng(3).normal(size=(2, parent.head_inputs.n_features)), np.array([0.25, -0.25]))
     child_path = B.derive_bundle(parent, tmp_path / "fed", head, 0.4, version="1.0.0+fed2",
                                  private_key=tiny_bundle.private_key)
     arrays, config = T.bundle_to_records(child_path, parent=parent)

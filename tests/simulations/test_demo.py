@@ -30,3 +30,25 @@ def test_a_missing_federation_is_a_one_line_error(tmp_path):
 
     with pytest.raises(IchfedError, match="no site configs; run the federation step first"):
         read_one_case(tmp_path / "federation", tmp_path / "bundle")
+
+
+def test_the_demo_warns_in_one_line_each_about_a_near_chance_or_flag_heavy_reference(tiny_bundle):
+    """Issue 19 item 6: a reference near chance, or whose segmenter flags more than a quarter of its
+    validation cases, is named in one line each; a sound one gets none. The real ci bootstrap's report
+    carries the validation summary the warnings read."""
+    from simulations.demo import reference_warnings
+
+    sound = {"validation": {"n_cases": 40, "n_scored": 38, "auc": 0.83, "n_flagged": 4, "flagged_share": 0.1}}
+    assert reference_warnings(sound) == []
+    chance = {"validation": {**sound["validation"], "auc": 0.52}}
+    flags = {"validation": {**sound["validation"], "flagged_share": 0.4, "n_flagged": 16}}
+    both = {"validation": {**sound["validation"], "auc": 0.52, "flagged_share": 0.4}}
+    assert [len(reference_warnings(r)) for r in (chance, flags, both)] == [1, 1, 2]
+    assert "near chance: validation AUC 0.52" in reference_warnings(chance)[0]
+    assert "flags 40% of its 40 validation cases" in reference_warnings(flags)[0]
+    assert all("\n" not in line for line in reference_warnings(both))
+
+    val = tiny_bundle.report["validation"]
+    assert val["n_cases"] >= val["n_scored"] >= 1 and 0 <= val["n_flagged"] <= val["n_cases"]
+    assert val["flagged_share"] == val["n_flagged"] / val["n_cases"]
+    assert val["auc"] is None or 0.0 <= val["auc"] <= 1.0
