@@ -29,7 +29,7 @@ from shared.plumbing.atomic import write_json, write_text
 from shared.plumbing.config import CropSpec, to_dict
 from shared.plumbing.errors import IchfedError
 
-from .bootstrap_crops import make_crops, train_segmenter
+from .bootstrap_crops import fit_harmonisation, make_crops, train_segmenter
 from .bootstrap_evaluation import evaluate, subset, train_classifier
 from .bootstrap_head import reference_model, stacking_split
 from .bootstrap_report import render_report
@@ -64,6 +64,9 @@ class BootstrapRecipe:
     stacking_fraction: float = 0.2
     # The synthetic development site ``simulations.reference`` writes when no site folder is given.
     development_profile: str = "charite-like"
+    # Smooth scans far noisier than the development scanner's before segmenting them
+    # (shared/imaging/harmonise.py; issue 19). The paper recipe keeps nnU-Net as it is.
+    harmonise: bool = False
 
 
 # Demo and ci keep the paper's physical field of view (about 90 x 90 x 100 mm) at a coarser
@@ -80,11 +83,12 @@ RECIPES: dict[str, BootstrapRecipe] = {
     "paper": BootstrapRecipe("paper", "paper", 291, "paper", "paper", CropSpec()),
     "demo": BootstrapRecipe(
         "demo", "demo", 480, "demo", "demo", CropSpec(size_xyz=(32, 32, 20), spacing_mm=(2.8, 2.8, 5.0)),
-        validation_fraction=0.08, segmentation_max_cases=150, head="hybrid",
+        validation_fraction=0.08, segmentation_max_cases=150, head="hybrid", harmonise=True,
     ),
     # ci builds what demo ships (a hybrid head), at the size of a test fixture.
     "ci": BootstrapRecipe(
         "ci", "ci", 16, "ci", "ci", CropSpec(size_xyz=(24, 24, 20), spacing_mm=(3.6, 3.6, 5.0)), head="hybrid",
+        harmonise=True,
     ),
 }
 
@@ -161,6 +165,9 @@ def bootstrap(
     with _timed(timings, "segmentation_training_s"):
         model_dir, cohort_desc["segmentation_training_cases"] = train_segmenter(
             site, split.train, recipe.segmentation_max_cases, recipe.segmenter_recipe, work_dir, seed)
+    if recipe.harmonise:
+        cohort_desc["harmonisation"] = fit_harmonisation(split.train[:recipe.segmentation_max_cases or None],
+                                                         model_dir)
     with _timed(timings, "crops_s"):
         crops = make_crops(split, model_dir, recipe.crop, device)
     with _timed(timings, "classifier_training_s"):

@@ -58,6 +58,20 @@ def train_segmenter(site: Any, train_cases: list[Any], max_cases: int | None, se
     return train(raw_root, 501, segmenter_recipe, work_dir / "nnunet", seed=seed), len(seg_cases)
 
 
+def fit_harmonisation(cases: list[Any], model_dir: Path) -> dict[str, Any]:
+    """Measure the development scanner's noise on the segmenter's training scans and store the noise
+    harmonisation with the model (``shared.imaging.harmonise``; verified like the weights once in a bundle)."""
+    import SimpleITK as sitk
+
+    from shared.imaging.harmonise import Harmonisation, write_harmonisation
+    from shared.imaging.ingest import read_image
+
+    arrays = [sitk.GetArrayFromImage(read_image(c.image_path).image) for c in cases]
+    h = Harmonisation.fit(arrays)
+    write_harmonisation(model_dir, h)
+    return {**h.to_dict(), "measured_on": len(arrays)}
+
+
 def make_crops(split: Any, model_dir: Path, crop_spec: CropSpec, device: str) -> CropSets:
     """Ground-truth crops for training (and the test ceiling); predicted-mask crops for validation and test,
     after the postprocessing rule is chosen on the validation predictions (and stored with the model)."""

@@ -80,6 +80,7 @@ class Segmenter:
         # like them: a rule file not in the verified manifest is refused (read() raises).
         present = (self.model_dir / POSTPROCESSING).exists() or (file_hashes or {}).get(POSTPROCESSING)
         self.postprocessing = read_rule(self.model_dir, read(POSTPROCESSING) if present else None)
+        self.harmonisation = _read_harmonisation(self.model_dir, read, file_hashes)
         dataset_json = read_json(self.model_dir / "dataset.json", read("dataset.json"))
         plans = read_json(self.model_dir / "plans.json", read("plans.json"))
         check_plans(plans, self.model_dir / "plans.json")  # the bytes used, not the ones validated above
@@ -152,7 +153,10 @@ class Segmenter:
         orientation = REORIENT_READERS.get(self._reader)
         if orientation is not None:
             work = sitk.DICOMOrient(image, orientation)
-        array = sitk.GetArrayFromImage(work).astype(np.float32, copy=False)[None]
+        # A scan far noisier than the development scanner's is smoothed in-plane first (shared.imaging.harmonise);
+        # the intracranial mask below reads the original HU.
+        harmonised, smoothing_mm = self.harmonisation(work)
+        array = sitk.GetArrayFromImage(harmonised).astype(np.float32, copy=False)[None]
         properties = {
             "spacing": [abs(s) for s in work.GetSpacing()[::-1]],
             "sitk_stuff": {"spacing": work.GetSpacing(), "origin": work.GetOrigin(), "direction": work.GetDirection()},
@@ -173,7 +177,8 @@ class Segmenter:
         labels = _like(seg, work, image, orientation)
         mask = _like(sitk.GetArrayFromImage(inside.mask), work, image, orientation)
         return Segmentation(labels=labels, intracranial=mask, extracranial_ml_removed=removed * voxel_ml(work),
-                            postprocessing=self.postprocessing.name, intracranial_found=found)
+                            postprocessing=self.postprocessing.name, intracranial_found=found,
+                            smoothing_mm=smoothing_mm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +190,7 @@ class Segmentation:
     extracranial_ml_removed: float
     postprocessing: str
     intracranial_found: bool = True  # False: no skull found, labels not restricted
+    smoothing_mm: float = 0.0  # in-plane Gaussian applied before nnU-Net (0: the scan as it came)
 
 
 # Less intracranial space than this (an adult's is 1200-1700 ml; a scan cut at the vertex or the
@@ -217,6 +223,16 @@ def gate_soft_tissue(labels: np.ndarray, hu: np.ndarray, window: tuple[float, fl
         labels[outside] = 0
     return labels
 
+
+
+def _read_harmonisation(model_dir: Path, read, file_hashes: dict[str, str] | None):
+    """The model folder's noise harmonisation, verified like the postprocessing rule (off without the file)."""
+    from shared.imaging.harmonise import FILE_NAME, read_harmonisation
+
+    path = model_dir / FILE_NAME
+    if file_hashes is not None:
+        return read_harmonisation(read(FILE_NAME) if (path.exists() or FILE_NAME in file_hashes) else None)
+    return read_harmonisation(path.read_bytes() if path.is_file() else None)
 
 
 @contextlib.contextmanager

@@ -161,7 +161,7 @@ def copy_model_folder(src: Path, dst: Path, folds: Sequence[int | str] | None = 
             raise IchfedError(f"{model}: missing {', '.join(sorted(missing))}/{CHECKPOINT}")
     dst = Path(dst)
     with staged_dir(dst, replace=True, mode=None) as staging:
-        for name in ("dataset.json", "plans.json", "dataset_fingerprint.json", "postprocessing.json"):
+        for name in ("dataset.json", "plans.json", "dataset_fingerprint.json", "postprocessing.json", "harmonisation.json"):
             if (model / name).is_file():
                 shutil.copyfile(model / name, staging / name)
         for fold_dir in fold_dirs:

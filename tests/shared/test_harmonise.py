@@ -1,0 +1,106 @@
+"""Noise harmonisation before nnU-Net (shared/imaging/harmonise.py, issue 19): measured noise, when it acts,
+how it is stored with a model and verified like the weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from shared.imaging.harmonise import (
+    FILE_NAME,
+    Harmonisation,
+    noise_hu,
+    read_harmonisation,
+    smooth_inplane,
+)
+from shared.plumbing.errors import IchfedError
+
+
+def _flat(sd: float, seed: int = 0, shape=(6, 96, 96)) -> sitk.Image:
+    rng = np.random.default_rng(seed)
+    img = sitk.GetImageFromArray(np.round(32 + rng.normal(0, sd, shape)).astype(np.int16))
+    img.SetSpacing((0.9, 0.9, 5.0))
+    return img
+
+
+def test_noise_is_the_sd_of_white_noise_and_sees_correlated_noise_too():
+    for sd in (3.0, 6.0):
+        assert noise_hu(sitk.GetArrayFromImage(_flat(sd))) == pytest.approx(sd, rel=0.1)
+    # A smooth kernel's noise is blobby: neighbouring pixels agree, the patch SD still sees it.
+    blobby = smooth_inplane(_flat(12.0), 1.0)
+    a = sitk.GetArrayFromImage(blobby)
+    neighbour = np.std(a[..., 1:] - a[..., :-1]) / np.sqrt(2)
+    assert noise_hu(a) > 1.3 * neighbour
+    assert np.isnan(noise_hu(np.full((4, 32, 32), -1000.0)))  # air only: nothing to measure
+
+
+def test_a_development_like_scan_is_left_alone_and_a_noisy_one_is_smoothed_to_the_goal():
+    h = Harmonisation.fit([sitk.GetArrayFromImage(_flat(5.0, seed=s)) for s in range(3)])
+    assert h.development_noise_hu == pytest.approx(5.0, rel=0.1)
+    same = _flat(5.5, seed=9)
+    out, sigma = h(same)
+    assert sigma == 0.0 and out is same
+    noisy = _flat(14.0, seed=9)
+    out, sigma = h(noisy)
+    assert sigma in h.sigmas_mm and sigma > 0
+    assert noise_hu(sitk.GetArrayFromImage(out)) <= h.reach * h.development_noise_hu
+    # the smallest sigma that reaches the goal: the one before it does not
+    i = list(h.sigmas_mm).index(sigma)
+    if i:
+        before = smooth_inplane(noisy, h.sigmas_mm[i - 1])
+        assert noise_hu(sitk.GetArrayFromImage(before)) > h.reach * h.development_noise_hu
+    assert out.GetSpacing() == noisy.GetSpacing() and out.GetOrigin() == noisy.GetOrigin()
+    # off: a model without harmonisation.json segments the scan as it came
+    assert Harmonisation()(noisy) == (noisy, 0.0)
+
+
+def test_the_file_round_trips_and_a_bad_one_is_named():
+    h = Harmonisation(development_noise_hu=4.5)
+    assert read_harmonisation(json.dumps(h.to_dict()).encode()) == Harmonisation(4.5, sigmas_mm=tuple(h.sigmas_mm))
+    assert read_harmonisation(None).active is False
+    for bad in (b"{", b"[]", json.dumps({**h.to_dict(), "development_noise_hu": -1}).encode(),
+                json.dumps({"trigger": 1.3}).encode()):
+        with pytest.raises(IchfedError, match=FILE_NAME):
+            read_harmonisation(bad)
+
+
+@pytest.mark.slow
+def test_the_bundle_segmenter_harmonises_with_its_verified_file(tiny_bundle, tmp_path):
+    """The ci bootstrap measures its development noise and ships it in the signed bundle; the bundle's
+    segmenter smooths a scan from a sharp, noisy scanner and leaves a development scan alone; a changed
+    file after signing is refused like a changed weight."""
+    from shared.bundle import load_bundle
+    from shared.plumbing.errors import BundleVerificationError
+    from simulations.cohort import make_case
+
+    bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
+    assert f"nnunet/{FILE_NAME}" in bundle.manifest.files
+    stored = tiny_bundle.report["cohort"]["harmonisation"]
+    assert stored["measured_on"] >= 5 and stored["development_noise_hu"] > 0
+    from shared.models.segment import Segmenter
+
+    seg = Segmenter(bundle.nnunet_dir, device="cpu", file_hashes=bundle.nnunet_file_hashes)
+    assert seg.harmonisation.development_noise_hu == pytest.approx(stored["development_noise_hu"])
+    dev = make_case("charite-like", 0, 77, scale="ci").images()[0]
+    assert seg.segment_case(dev).smoothing_mm == 0.0
+    rng = np.random.default_rng(1)
+    noisy = sitk.GetImageFromArray((sitk.GetArrayFromImage(dev) + rng.normal(0, 15, dev.GetSize()[::-1]))
+                                   .astype(np.float32))
+    noisy.CopyInformation(dev)
+    assert seg.segment_case(noisy).smoothing_mm > 0
+
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle.path, copy)
+    path = copy / "nnunet" / FILE_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), "development_noise_hu": 50.0}),
+                    encoding="utf-8")
+    with pytest.raises(BundleVerificationError, match=FILE_NAME):
+        load_bundle(copy, tiny_bundle.public_key)  # every file's sha256 is checked at load
+    with pytest.raises(BundleVerificationError, match=FILE_NAME):  # and swapped after loading: refused at use
+        path.write_text(path.read_text(encoding="utf-8") + " ", encoding="utf-8")
+        Segmenter(copy / "nnunet", device="cpu", file_hashes=bundle.nnunet_file_hashes)
