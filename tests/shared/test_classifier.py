@@ -176,7 +176,7 @@ def test_train_rejects_single_class_validation():
 
 @pytest.mark.slow
 def test_training_learns_an_easy_signal(tmp_path):
-    """ci recipe on 32 training crops: held-out AUC must beat 0.85.
+    """ci recipe on 16 training crops: held-out AUC must beat 0.85.
 
     With 20 held-out cases (10/10) a model at chance has AUC 0.5 with SD about 0.13, so 0.85 is
     more than 2.5 SD above chance; the signal (8 noise SDs between class densities) is
@@ -184,7 +184,9 @@ def test_training_learns_an_easy_signal(tmp_path):
     """
     from sklearn.metrics import roc_auc_score
 
-    train_x, train_y = synthetic_crops(32, seed=10)
+    # 16 crops (two batches an epoch) learn it from the first epoch (held-out AUC 1.0, as with 32);
+    # the test is about the recipe's loop, history and threshold, not about data size.
+    train_x, train_y = synthetic_crops(16, seed=10)
     val_x, val_y = synthetic_crops(12, seed=11)
     test_x, test_y = synthetic_crops(20, seed=12)
     result = training.train_classifier(train_x, train_y, val_x, val_y, training.ClassifierTrainConfig.ci(), "cpu", seed=0)
