@@ -29,7 +29,7 @@ demo: $(STAMP)
 TEST_ENV := OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2
 
 test: $(STAMP) browser
-	$(TEST_ENV) $(BIN)/python -m pytest -q --timeout=1500
+	$(TEST_ENV) $(BIN)/python -m pytest -q --timeout=1500 --durations=25
 
 # The edit loop: everything that needs no trained model, no deployment and no browser (about 3 minutes).
 test-fast: $(STAMP)

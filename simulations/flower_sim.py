@@ -97,34 +97,15 @@ def make_cohorts(specs: Sequence[SiteSpec], scale: str) -> None:
         write_cohort(spec.profile, spec.n_cases, spec.seed, spec.data_dir, scale=scale)
 
 
-def run(
-    out: str | os.PathLike,
-    bundle: str | os.PathLike,
-    public_key: str | os.PathLike,
-    rounds: int,
-    *,
-    n_sites: int | None = None,
-    profiles: Sequence[str] | None = None,
-    site_dirs: Sequence[str | os.PathLike] | None = None,
-    cases_per_site: int = 30,
-    scale: str = "ci",
-    seed: int = 0,
-    split_seed: int | None = None,
-    signing_key: str | os.PathLike | None = None,
-    local_epochs: int = 20,
-    learning_rate: float = 1e-3,
-    fine_tune_fraction: float = 0.2,
-    min_cases_for_metrics: int = 5,
-    min_sites: int | None = None,
-    resume: bool = False,
-    device: str = "cpu",
-    cpus_per_site: float = 1.0,
-    site_overrides: dict[str, dict[str, Any]] | None = None,
-    extra_client_mods: Sequence[Callable] = (),
-    ray_address: str | None = None,
-    segmenter_fine_tune: bool = False,
-    server_overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def run(out: str | os.PathLike, bundle: str | os.PathLike, public_key: str | os.PathLike, rounds: int, *,
+        n_sites: int | None = None, profiles: Sequence[str] | None = None,
+        site_dirs: Sequence[str | os.PathLike] | None = None, cases_per_site: int = 30, scale: str = "ci",
+        seed: int = 0, split_seed: int | None = None, signing_key: str | os.PathLike | None = None,
+        local_epochs: int = 20, learning_rate: float = 1e-3, fine_tune_fraction: float = 0.2,
+        min_cases_for_metrics: int = 5, min_sites: int | None = None, resume: bool = False, device: str = "cpu",
+        cpus_per_site: float = 1.0, site_overrides: dict[str, dict[str, Any]] | None = None,
+        extra_client_mods: Sequence[Callable] = (), ray_address: str | None = None,
+        segmenter_fine_tune: bool = False, server_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a whole simulated federation and return the report (also written to ``out/report``).
 
     ``seed`` fixes the cohorts; ``split_seed`` (default ``seed``) the sites' fine-tune / held-out
@@ -142,11 +123,7 @@ def run(
     from server.settings import ServerSettings
 
     out = Path(out).resolve()
-    if rounds < 1:
-        raise IchfedError(f"--rounds: must be at least 1, got {rounds}")
-    for what, p in (("--bundle", bundle), ("--public-key", public_key)):
-        if not Path(p).exists():
-            raise IchfedError(f"{what}: {p} not found")
+    _check_run_args(rounds, bundle, public_key)
     specs = plan_sites(out, n_sites=n_sites, profiles=profiles, site_dirs=site_dirs,
                        cases_per_site=cases_per_site, seed=seed)
     make_cohorts(specs, scale)
@@ -163,6 +140,34 @@ def run(
         signing_key=Path(signing_key).resolve() if signing_key else None, report_dir=out / "report",
         wait_for_sites_s=120.0, **(server_overrides or {}),
     )
+    _clear_previous_run(out, settings, len(specs), resume)
+    from shared.plumbing.progress import site_mod
+
+    sites = [(_site_state(out, i), spec.name) for i, spec in enumerate(specs)]
+    mods = [site_mod(lambda context: sites[int(context.node_config["partition-id"])]), *extra_client_mods]
+    log.info("progress of the run: %s; of each site: %s", settings.state_dir / "runs" / "<run id>" / "events.jsonl",
+             out / "sites" / "site-N" / "state" / "events.jsonl")
+    run_apps(build_server_app(settings), build_client_app(config_paths, extra_mods=mods),
+             len(specs), cpus_per_site, device, ray_address)
+    return _final_report(out, settings, [spec.name for spec in specs], seed)
+
+
+def _site_state(out: Path, i: int) -> Path:
+    """The state folder of simulated site ``i`` (0-based)."""
+    return out / "sites" / f"site-{i + 1}" / "state"
+
+
+def _check_run_args(rounds: int, bundle: str | os.PathLike, public_key: str | os.PathLike) -> None:
+    if rounds < 1:
+        raise IchfedError(f"--rounds: must be at least 1, got {rounds}")
+    for what, p in (("--bundle", bundle), ("--public-key", public_key)):
+        if not Path(p).exists():
+            raise IchfedError(f"{what}: {p} not found")
+
+
+def _clear_previous_run(out: Path, settings, n_sites: int, resume: bool) -> None:
+    """Remove what a previous run left that could pass for this run's: its report, and unless
+    resuming, its server state and the sites' audit trails and final scores."""
     report_path = settings.reports / "report.json"
     if report_path.exists():
         report_path.unlink()  # a stale report must not pass for this run's
@@ -174,25 +179,21 @@ def run(
         if settings.state_dir.exists():
             log.info("starting afresh: removing the previous run's server state in %s", settings.state_dir)
             shutil.rmtree(settings.state_dir)
-        for i in range(len(specs)):
-            shutil.rmtree(out / "sites" / f"site-{i + 1}" / "state" / "outgoing", ignore_errors=True)
+        for i in range(n_sites):
+            shutil.rmtree(_site_state(out, i) / "outgoing", ignore_errors=True)
     from client.session import FINAL_SCORES
 
-    for i in range(len(specs)):  # a site that does not answer this run's final query leaves no stale scores
-        (out / "sites" / f"site-{i + 1}" / "state" / FINAL_SCORES).unlink(missing_ok=True)
-    from shared.plumbing.progress import site_mod
+    for i in range(n_sites):  # a site that does not answer this run's final query leaves no stale scores
+        (_site_state(out, i) / FINAL_SCORES).unlink(missing_ok=True)
 
-    sites = [(out / "sites" / f"site-{i + 1}" / "state", spec.name) for i, spec in enumerate(specs)]
-    mods = [site_mod(lambda context: sites[int(context.node_config["partition-id"])]), *extra_client_mods]
-    log.info("progress of the run: %s; of each site: %s", settings.state_dir / "runs" / "<run id>" / "events.jsonl",
-             out / "sites" / "site-N" / "state" / "events.jsonl")
-    run_apps(build_server_app(settings), build_client_app(config_paths, extra_mods=mods),
-             len(specs), cpus_per_site, device, ray_address)
+
+def _final_report(out: Path, settings, names: list[str], seed: int) -> dict[str, Any]:
+    """The run's report, with the case-level bootstrap of the sites' kept scores added (and written)."""
+    report_path = settings.reports / "report.json"
     if not report_path.is_file():
         raise IchfedError(f"simulation ended without a report in {settings.reports} (see the log above)")
     report = json.loads(report_path.read_text(encoding="utf-8"))
-    boot = case_level_bootstrap([out / "sites" / f"site-{i + 1}" / "state" for i in range(len(specs))],
-                                [spec.name for spec in specs], seed=seed)
+    boot = case_level_bootstrap([_site_state(out, i) for i in range(len(names))], names, seed=seed)
     if boot is not None and report.get("final"):
         from server.report import write_report
         from server.run_folder import latest_run
@@ -251,7 +252,7 @@ def write_site_configs(out: Path, specs: Sequence[SiteSpec], public_key: str | o
     paths = []
     for i, spec in enumerate(specs):
         extra = dict((site_overrides or {}).get(spec.name) or (site_overrides or {}).get(str(i)) or {})
-        cfg = SiteConfig(name=spec.name, data_dir=spec.data_dir, state_dir=Path(out) / "sites" / f"site-{i + 1}" / "state",
+        cfg = SiteConfig(name=spec.name, data_dir=spec.data_dir, state_dir=_site_state(Path(out), i),
                          public_key=Path(public_key).resolve(), seed=first_seed + i, **fields)
         if extra:
             merged = {**to_dict(cfg), **{k: str(v) if isinstance(v, Path) else v for k, v in extra.items()}}

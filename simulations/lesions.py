@@ -244,26 +244,7 @@ def insert_lesions(head: Head, plan: CasePlan, rng: np.random.Generator, mask_on
         cand = _candidates(head, location, r_ich, rng)
         centre = np.unravel_index(int(cand[rng.integers(cand.size)]), grid.shape_zyx)
         box = _box(centre, 1.8 * r_all + 2.0 * max(sx, sz), grid)
-        shape = tuple(s.stop - s.start for s in box)
-        # Shape distance (mm): anisotropic, lobulated and slightly rough.
-        bz_, by_, bx_ = [((np.arange(s.start, s.stop) - c) * d).astype(np.float32)
-                         for s, c, d in zip(box, centre, (sz, sy, sx))]
-        box_axes = (bx_, by_, bz_)
-        zz, yy, xx = bz_[:, None, None], by_[None, :, None], bx_[None, None, :]
-        rot = _random_rotation(rng)
-        stretch = np.array([1.0, rng.uniform(1.0, e.elongation), rng.uniform(1.0, 1.0 + (e.elongation - 1) / 2)])
-        px = (rot[0, 0] * xx + rot[0, 1] * yy + rot[0, 2] * zz) / stretch[0]
-        py = (rot[1, 0] * xx + rot[1, 1] * yy + rot[1, 2] * zz) / stretch[1]
-        pz = (rot[2, 0] * xx + rot[2, 1] * yy + rot[2, 2] * zz) / stretch[2]
-        dist = np.sqrt(px * px + py * py + pz * pz) + 1e-3
-        lobes = np.ones(shape, np.float32)
-        for _ in range(int(rng.integers(3, 7))):
-            v = rng.standard_normal(3)
-            v /= np.linalg.norm(v)
-            cosang = (v[0] * px + v[1] * py + v[2] * pz) / dist
-            lobes += np.float32(rng.uniform(0.15, 0.6)) * np.exp(rng.uniform(3, 9) * (cosang - 1.0))
-        rough = _box_field(box_axes, 5.0, rng)
-        f = dist / lobes + np.float32(0.08 * r_ich) * rough
+        box_axes, f = _clot_distance(box, centre, grid, e, r_ich, rng)
         sub_mask = mask[box]
         allowed_ich = paren[box] & (sub_mask != ICH)
         ich = _connected_smallest(f, allowed_ich, max(3, int(round(ich_ml / vox))))
@@ -290,6 +271,31 @@ def insert_lesions(head: Head, plan: CasePlan, rng: np.random.Generator, mask_on
     if plan.ivh:
         ivh_voxels = _paint_ivh(head, mask, hu, plan.ivh_ml, rng)
     return Lesions(mask=mask, hu=hu, n_lesions=placed, ivh_voxels=ivh_voxels, cues=cues if hu is not None else {})
+
+
+def _clot_distance(box, centre, grid, e, r_ich: float, rng: np.random.Generator):
+    """(box axes in mm (x, y, z), the clot's shape distance in the box): anisotropic, lobulated and
+    slightly rough; the clot is the voxels of smallest distance."""
+    sx, sy, sz = grid.spacing_xyz
+    shape = tuple(s.stop - s.start for s in box)
+    bz_, by_, bx_ = [((np.arange(s.start, s.stop) - c) * d).astype(np.float32)
+                     for s, c, d in zip(box, centre, (sz, sy, sx))]
+    box_axes = (bx_, by_, bz_)
+    zz, yy, xx = bz_[:, None, None], by_[None, :, None], bx_[None, None, :]
+    rot = _random_rotation(rng)
+    stretch = np.array([1.0, rng.uniform(1.0, e.elongation), rng.uniform(1.0, 1.0 + (e.elongation - 1) / 2)])
+    px = (rot[0, 0] * xx + rot[0, 1] * yy + rot[0, 2] * zz) / stretch[0]
+    py = (rot[1, 0] * xx + rot[1, 1] * yy + rot[1, 2] * zz) / stretch[1]
+    pz = (rot[2, 0] * xx + rot[2, 1] * yy + rot[2, 2] * zz) / stretch[2]
+    dist = np.sqrt(px * px + py * py + pz * pz) + 1e-3
+    lobes = np.ones(shape, np.float32)
+    for _ in range(int(rng.integers(3, 7))):
+        v = rng.standard_normal(3)
+        v /= np.linalg.norm(v)
+        cosang = (v[0] * px + v[1] * py + v[2] * pz) / dist
+        lobes += np.float32(rng.uniform(0.15, 0.6)) * np.exp(rng.uniform(3, 9) * (cosang - 1.0))
+    rough = _box_field(box_axes, 5.0, rng)
+    return box_axes, dist / lobes + np.float32(0.08 * r_ich) * rough
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:

@@ -129,7 +129,11 @@ def sample_age(rng: np.random.Generator, median: float, sd: float) -> float:
 
 def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale: float = 1.0,
                  tilt_deg: float = 0.0) -> Head:
-    """Build one phantom head on ``grid``; all randomness comes from ``rng``."""
+    """Build one phantom head on ``grid``; all randomness comes from ``rng``.
+
+    The helpers below draw from ``rng`` in a fixed order (this function's order): a head of a given
+    seed is the same voxel for voxel whatever the helpers' split.
+    """
     f32 = np.float32
     atrophy = float(np.clip((age - 45.0) / 35.0, 0.0, 1.4) * atrophy_scale * rng.uniform(0.7, 1.3))
     rot = _rotation(tilt_deg + rng.normal(0, 4), rng.normal(0, 3), rng.normal(0, 2))
@@ -145,8 +149,46 @@ def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale
     axes = (full_axes[0][hbox[2]], full_axes[1][hbox[1]], full_axes[2][hbox[0]])
     hx, hy, hz = head_coordinates(grid, rot, shift, box=hbox)
 
-    # Inner skull surface: an egg-shaped ellipsoid (narrower frontally, flatter at the base).
     lump = smooth_field(axes, 90.0, rng)
+    depth = _inner_skull_depth(hx, hy, hz, a, b, c, lump)
+    skull_t, drift = _skull_thickness(smooth_field(axes, 60.0, rng), skull_mean, hz)
+    muscle_t = _muscle_thickness(hx, hy, hz, a, b, c, rng.spawn(1)[0])
+    tissue = np.zeros(depth.shape, np.uint8)
+    tissue[depth > -(skull_t + scalp_t + muscle_t)] = SCALP
+    tissue[depth > -skull_t] = SKULL
+    tissue[depth > 0] = CSF
+    brain_depth = depth - gap  # depth below the brain surface
+    inside = np.flatnonzero(brain_depth > 0)
+    tissue.flat[inside] = WM
+    # Everything inside the brain is computed on its voxels only (gathered), not on the whole box.
+    brain = _Brain(bd=brain_depth.ravel()[inside], lump=lump.ravel()[inside], x=hx.ravel()[inside],
+                   y=hy.ravel()[inside], z=hz.ravel()[inside], tis=tissue.ravel()[inside])
+    del lump, hx, hy, hz
+    _cortex_and_fissure(brain, smooth_field(axes, 22.0, rng).ravel()[inside], atrophy, rng)
+    _deep_structures(brain, atrophy, rng)
+    tissue.flat[inside] = brain.tis
+    del brain
+
+    hu_box = _tissue_hu(tissue, depth, skull_t, scalp_t, drift, rng)
+    # Muscle: the inner muscle_t mm of the soft tissue outside the skull, 40-60 HU.
+    muscle = (tissue == SCALP) & (-depth - skull_t < muscle_t) & (muscle_t > 0.5)
+    hu_box[muscle] = (f32(50.0) + f32(4.0) * drift[muscle]).clip(40.0, 60.0)
+    del muscle_t
+    full_tissue = np.zeros(grid.shape_zyx, np.uint8)
+    full_tissue[hbox] = tissue
+    full_depth = np.full(grid.shape_zyx, -100.0, np.float32)
+    full_depth[hbox] = depth
+    hu = np.full(grid.shape_zyx, -1000.0, np.float32)
+    hu[hbox] = hu_box
+    return Head(grid=grid, hu=hu, tissue=full_tissue, depth_mm=full_depth, age=age, atrophy=atrophy, kind="phantom")
+
+
+def _inner_skull_depth(hx: np.ndarray, hy: np.ndarray, hz: np.ndarray, a: float, b: float, c: float,
+                       lump: np.ndarray) -> np.ndarray:
+    """Radial distance (mm) inside the inner skull surface: an egg-shaped ellipsoid (narrower
+    frontally, flatter at the base) deformed by ``lump``. In place on scratch arrays: the head box
+    is the largest array a case holds."""
+    f32 = np.float32
     q = np.clip(hy, -b, 0)
     q *= f32(0.10 / b)
     q += f32(1.0)
@@ -159,7 +201,6 @@ def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale
     rho += np.square(t, out=t)
     np.sqrt(rho, out=rho)
     rho *= f32(0.035) * lump + f32(1.0)
-    # Radial distance (mm) inside the deformed inner skull surface.
     r = np.square(hx)
     r += np.square(hy, out=t)
     r += np.square(hz, out=t)
@@ -167,12 +208,16 @@ def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale
     np.maximum(rho, f32(1e-3), out=rho)
     np.reciprocal(rho, out=rho)
     rho -= f32(1.0)
-    depth = np.multiply(r, rho, out=r)
-    del rho, t
+    return np.multiply(r, rho, out=r)
 
-    slow = smooth_field(axes, 60.0, rng)
-    # One slow field drives skull thickness and the soft-tissue HU drift (beam hardening is
-    # stronger under thick bone), which saves a full-volume field per head.
+
+def _skull_thickness(slow: np.ndarray, skull_mean: float, hz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(skull thickness mm, soft-tissue HU drift) from one slow field.
+
+    One slow field drives skull thickness and the soft-tissue HU drift (beam hardening is
+    stronger under thick bone), which saves a full-volume field per head.
+    """
+    f32 = np.float32
     drift = slow * f32(1.5)
     skull_t = slow
     skull_t *= f32(0.25 * skull_mean)
@@ -181,26 +226,28 @@ def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale
     base += f32(25.0)
     base *= f32(-0.15)
     skull_t += base
-    del base
+    return skull_t, drift
 
-    muscle_t = _muscle_thickness(hx, hy, hz, a, b, c, rng.spawn(1)[0])
-    tissue = np.zeros(depth.shape, np.uint8)
-    tissue[depth > -(skull_t + scalp_t + muscle_t)] = SCALP
-    tissue[depth > -skull_t] = SKULL
-    tissue[depth > 0] = CSF
-    brain_depth = depth - gap  # depth below the brain surface
-    inside = np.flatnonzero(brain_depth > 0)
-    tissue.flat[inside] = WM
 
-    # Cortex with gyri: zero crossings of a band-limited field form sheet-like sulci. Everything
-    # below is computed on the brain's voxels only (gathered), not on the whole box.
-    gyri = smooth_field(axes, 22.0, rng).ravel()[inside]
-    bd = brain_depth.ravel()[inside]
-    lp = lump.ravel()[inside]
-    del lump
-    px, py, pz = hx.ravel()[inside], hy.ravel()[inside], hz.ravel()[inside]
-    tis = tissue.ravel()[inside]
-    cortex_t = f32(2.8) + f32(0.8) * lp
+@dataclasses.dataclass
+class _Brain:
+    """The brain's voxels, gathered: depth below the brain surface, the skull's lump field, head
+    coordinates (mm) and tissue codes (written back into the box by ``make_phantom``)."""
+
+    bd: np.ndarray
+    lump: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+    tis: np.ndarray
+
+
+def _cortex_and_fissure(brain: _Brain, gyri: np.ndarray, atrophy: float, rng: np.random.Generator) -> None:
+    """Cortex with gyri (zero crossings of the band-limited field ``gyri`` form sheet-like sulci),
+    then the interhemispheric fissure with a falx that bows a little."""
+    f32 = np.float32
+    bd, tis = brain.bd, brain.tis
+    cortex_t = f32(2.8) + f32(0.8) * brain.lump
     sulcal_depth = f32(rng.uniform(10, 16))
     near_surface = bd < sulcal_depth + 3.0
     sulcus_w = f32(0.10 + 0.16 * atrophy)
@@ -208,13 +255,15 @@ def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale
     tis[near_surface & ((bd < cortex_t) | (ag < sulcus_w + 0.28))] = GM
     tis[near_surface & (bd < sulcal_depth) & (ag < sulcus_w)] = CSF
 
-    # Interhemispheric fissure with a falx that bows a little.
-    dx = np.abs(px - (f32(rng.normal(0, 1.0)) + f32(1.5) * np.sin(py * f32(1 / 60.0))))
-    ay = np.abs(py)
+    dx = np.abs(brain.x - (f32(rng.normal(0, 1.0)) + f32(1.5) * np.sin(brain.y * f32(1 / 60.0))))
+    ay, pz = np.abs(brain.y), brain.z
     tis[(dx < 3.5 + 1.2 * atrophy) & ((pz > 14) | (ay > 40)) & (tis == WM)] = GM
     tis[(dx < 0.9 + 1.2 * atrophy) & ((pz > 18) | (ay > 45))] = CSF
 
-    # Deep grey matter and ventricles, pushed apart as the ventricles enlarge with atrophy.
+
+def _deep_structures(brain: _Brain, atrophy: float, rng: np.random.Generator) -> None:
+    """Deep grey matter and ventricles, pushed apart as the ventricles enlarge with atrophy."""
+    px, py, pz, tis = brain.x, brain.y, brain.z, brain.tis
     v = float((0.85 + 0.8 * atrophy) * rng.uniform(0.85, 1.15))
     lat = 1.0 + 0.25 * (v - 1.0)
     central = (np.abs(px) < 40) & (np.abs(py) < 50) & (pz > -50) & (pz < 32)  # holds every structure below
@@ -235,23 +284,8 @@ def make_phantom(grid: Grid, rng: np.random.Generator, age: float, atrophy_scale
     vent |= _ellipsoid(cx, cy, cz, (0, 38, -42), (4.5, 3.0, 5))  # fourth ventricle
     sub = tis[ci]
     sub[deep] = DEEP_GM
-    sub[vent & (bd[ci] > 4)] = VENTRICLE
+    sub[vent & (brain.bd[ci] > 4)] = VENTRICLE
     tis[ci] = sub
-    tissue.flat[inside] = tis
-    del hx, hy, hz, px, py, pz
-
-    hu_box = _tissue_hu(tissue, depth, skull_t, scalp_t, drift, rng)
-    # Muscle: the inner muscle_t mm of the soft tissue outside the skull, 40-60 HU.
-    muscle = (tissue == SCALP) & (-depth - skull_t < muscle_t) & (muscle_t > 0.5)
-    hu_box[muscle] = (f32(50.0) + f32(4.0) * drift[muscle]).clip(40.0, 60.0)
-    del muscle_t
-    full_tissue = np.zeros(grid.shape_zyx, np.uint8)
-    full_tissue[hbox] = tissue
-    full_depth = np.full(grid.shape_zyx, -100.0, np.float32)
-    full_depth[hbox] = depth
-    hu = np.full(grid.shape_zyx, -1000.0, np.float32)
-    hu[hbox] = hu_box
-    return Head(grid=grid, hu=hu, tissue=full_tissue, depth_mm=full_depth, age=age, atrophy=atrophy, kind="phantom")
 
 
 def _muscle_thickness(hx: np.ndarray, hy: np.ndarray, hz: np.ndarray, a: float, b: float, c: float,

@@ -112,6 +112,23 @@ def tiny_nnunet_model(tiny_bundle) -> TinyNnunetModel:
     )
 
 
+@pytest.fixture(scope="session")
+def cohorts(tmp_path_factory):
+    """Generated site folders, each written once per session (``tests/site_pool.py``)."""
+    from tests.site_pool import CohortPool
+
+    return CohortPool(tmp_path_factory.mktemp("cohorts"))
+
+
+@pytest.fixture(scope="session")
+def case_cache(tmp_path_factory):
+    """Every site cache entry computed in the session: ``seed(state_dir)`` before a site runs,
+    ``keep(state_dir)`` after (``tests/site_pool.py``)."""
+    from tests.site_pool import CachePool
+
+    return CachePool(tmp_path_factory.mktemp("case_cache"))
+
+
 @pytest.fixture
 def flwr_task():
     """Give this process a Flower task identity (run 1, node 0), as a running ServerApp has.

