@@ -231,7 +231,7 @@ def _warm_stages(case: dict, bundle_path: Path, pubkey: Path, device: str, repea
         prepared = predictor.preprocess(image, truth)
         row["crop_and_volumes"] = time.perf_counter() - t
         t = time.perf_counter()
-        predictor.p_neoplastic(predictor.embed(prepared.crop.array[None]))
+        predictor.p_neoplastic(predictor.head_features(prepared.crop.array[None], [prepared.volumetrics]))
         _sync(predictor)
         row["classification"] = time.perf_counter() - t
         row["case"] = sum(row.values())

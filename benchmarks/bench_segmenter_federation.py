@@ -104,7 +104,8 @@ class Judge:
             if self.predictor is not None and case.label is not None:
                 labels.append(int(case.label))
                 crop = prepared.crop
-                p.append(float(self.predictor.p_neoplastic(self.predictor.embed(crop.array[None]))[0])
+                p.append(float(self.predictor.p_neoplastic(
+                    self.predictor.head_features(crop.array[None], [prepared.volumetrics]))[0])
                          if crop.lesion_found and crop.array is not None else 0.0)
         out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summarise(scores, flagged).items()}
         out["mean_ich_dice"] = round(float(sum(s.ich_dice or 0.0 for s in scores) / max(len(scores), 1)), 4)

@@ -26,14 +26,13 @@ def _flat(sd: float, seed: int = 0, shape=(6, 96, 96)) -> sitk.Image:
     return img
 
 
-def test_noise_is_the_sd_of_white_noise_and_sees_correlated_noise_too():
+def test_noise_is_the_sd_of_white_noise_and_a_smooth_kernels_blobs_read_quiet():
     for sd in (3.0, 6.0):
         assert noise_hu(sitk.GetArrayFromImage(_flat(sd))) == pytest.approx(sd, rel=0.1)
-    # A smooth kernel's noise is blobby: neighbouring pixels agree, the patch SD still sees it.
-    blobby = smooth_inplane(_flat(12.0), 1.0)
-    a = sitk.GetArrayFromImage(blobby)
-    neighbour = np.std(a[..., 1:] - a[..., :-1]) / np.sqrt(2)
-    assert noise_hu(a) > 1.3 * neighbour
+    # A smooth kernel's noise is blobby: its pixel SD is large, its high-frequency part small, so such a scan
+    # is not smoothed further (that erased lesions at the smooth-kernel profiles).
+    a = sitk.GetArrayFromImage(smooth_inplane(_flat(12.0), 1.0))
+    assert noise_hu(a) < 0.5 * float(np.std(a))
     assert np.isnan(noise_hu(np.full((4, 32, 32), -1000.0)))  # air only: nothing to measure
 
 
