@@ -84,6 +84,9 @@ RECIPES: dict[str, BootstrapRecipe] = {
     "demo": BootstrapRecipe(
         "demo", "demo", 480, "demo", "demo", CropSpec(size_xyz=(32, 32, 20), spacing_mm=(2.8, 2.8, 5.0)),
         validation_fraction=0.08, segmentation_max_cases=150, head="hybrid", harmonise=True,
+        # A development cohort over several scanners (issue 19, docs/segmentation.md "Across scanners"):
+        # the segmenter then holds at the smooth-kernel and noisy profiles where one scanner's did not.
+        development_profile="charite-fleet",
     ),
     # ci builds what demo ships (a hybrid head), at the size of a test fixture.
     "ci": BootstrapRecipe(
