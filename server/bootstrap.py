@@ -174,18 +174,33 @@ def bootstrap(
     with _timed(timings, "crops_s"):
         crops = make_crops(split, model_dir, recipe.crop, device)
     with _timed(timings, "classifier_training_s"):
-        # A hybrid head is stacked on training cases the CNN did not see (server/bootstrap_head.py).
-        cnn_idx, stack_idx = (stacking_split(crops.train["labels"], recipe.stacking_fraction, seed)
-                              if recipe.head == "hybrid" else (np.arange(len(crops.train["labels"])), None))
-        result = train_classifier(subset(crops.train, cnn_idx), crops.val, recipe.classifier_recipe, work_dir,
-                                  device, seed)
-        ref = reference_model(result.model, recipe.head, crops.train,
-                              None if stack_idx is None else subset(crops.train, stack_idx), crops.val, device)
+        result, ref = _train_reference(recipe, crops, work_dir, device, seed)
     cohort_desc["head"] = ref.fit or {"head": "embedding"}
     evaluation = evaluate(result, ref, crops, out, device, seed)
     bundle_path, key_path = _write_bundle(ref, evaluation, model_dir, recipe, cohort_desc, out, work_dir, key_path)
     timings["total_s"] = time.perf_counter() - t_start
-    report = {
+    report = _report(recipe, seed, cohort_desc, evaluation, crops, timings, bundle_path, key_path)
+    write_json(out.parent / f"{out.name}-report.json", report)
+    write_text(out.parent / f"{out.name}-report.md", render_report(report))
+    return report
+
+
+def _train_reference(recipe: BootstrapRecipe, crops: Any, work_dir: Path, device: str, seed: int):
+    """(the CNN's training result, the reference model): a hybrid head is stacked on training cases the
+    CNN did not see (server/bootstrap_head.py)."""
+    cnn_idx, stack_idx = (stacking_split(crops.train["labels"], recipe.stacking_fraction, seed)
+                          if recipe.head == "hybrid" else (np.arange(len(crops.train["labels"])), None))
+    result = train_classifier(subset(crops.train, cnn_idx), crops.val, recipe.classifier_recipe, work_dir,
+                              device, seed)
+    ref = reference_model(result.model, recipe.head, crops.train,
+                          None if stack_idx is None else subset(crops.train, stack_idx), crops.val, device)
+    return result, ref
+
+
+def _report(recipe: BootstrapRecipe, seed: int, cohort_desc: dict[str, Any], evaluation: dict[str, Any],
+            crops: Any, timings: dict[str, float], bundle_path: Path, key_path: Path) -> dict[str, Any]:
+    """The bootstrap report (``<bundle>-report.json``, Table 2 style in its markdown twin)."""
+    return {
         "profile": recipe.name,
         "seed": seed,
         "cohort": cohort_desc,
@@ -206,9 +221,6 @@ def bootstrap(
         "bundle": str(bundle_path),
         "signing_key": str(key_path),
     }
-    write_json(out.parent / f"{out.name}-report.json", report)
-    write_text(out.parent / f"{out.name}-report.md", render_report(report))
-    return report
 
 
 def check_out(out: Path) -> Path:
