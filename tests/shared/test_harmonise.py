@@ -67,21 +67,27 @@ def test_the_file_round_trips_and_a_bad_one_is_named():
 
 
 @pytest.mark.slow
-def test_the_bundle_segmenter_harmonises_with_its_verified_file(tiny_bundle, tmp_path):
-    """The ci bootstrap measures its development noise and ships it in the signed bundle; the bundle's
-    segmenter smooths a scan from a sharp, noisy scanner and leaves a development scan alone; a changed
-    file after signing is refused like a changed weight."""
+def test_the_segmenter_harmonises_with_its_verified_file(tiny_bundle, tmp_path):
+    """bootstrap's fit on the segmenter's training scans, stored beside the model: the segmenter smooths a
+    scan far noisier than those and leaves a development scan alone; a file the verified hashes do not
+    list, or that changed after verification, is refused like a changed weight."""
+    import hashlib
+
+    from server.bootstrap_crops import fit_harmonisation
     from shared.bundle import load_bundle
+    from shared.imaging.sitedata import read_site
+    from shared.models.segment import Segmenter
+    from shared.models.segment_model import copy_model_folder
     from shared.plumbing.errors import BundleVerificationError
     from simulations.cohort import make_case
 
     bundle = load_bundle(tiny_bundle.path, tiny_bundle.public_key)
-    assert f"nnunet/{FILE_NAME}" in bundle.manifest.files
-    stored = tiny_bundle.report["cohort"]["harmonisation"]
-    assert stored["measured_on"] >= 5 and stored["development_noise_hu"] > 0
-    from shared.models.segment import Segmenter
+    model = copy_model_folder(bundle.nnunet_dir, tmp_path / "model")
+    cases = [c for c in read_site(tiny_bundle.cohort_dir).cases if c.mask_path is not None][:8]
+    stored = fit_harmonisation(cases, model)
+    assert stored["measured_on"] == 8 and stored["development_noise_hu"] > 0
 
-    seg = Segmenter(bundle.nnunet_dir, device="cpu", file_hashes=bundle.nnunet_file_hashes)
+    seg = Segmenter(model, device="cpu")
     assert seg.harmonisation.development_noise_hu == pytest.approx(stored["development_noise_hu"])
     dev = make_case("charite-like", 0, 77, scale="ci").images()[0]
     assert seg.segment_case(dev).smoothing_mm == 0.0
@@ -91,15 +97,17 @@ def test_the_bundle_segmenter_harmonises_with_its_verified_file(tiny_bundle, tmp
     noisy.CopyInformation(dev)
     assert seg.segment_case(noisy).smoothing_mm > 0
 
-    import shutil
+    def hashes() -> dict[str, str]:
+        return {str(p.relative_to(model)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in model.rglob("*") if p.is_file()}
 
-    copy = tmp_path / "b"
-    shutil.copytree(tiny_bundle.path, copy)
-    path = copy / "nnunet" / FILE_NAME
+    unlisted = {rel: digest for rel, digest in hashes().items() if rel != FILE_NAME}
+    with pytest.raises(BundleVerificationError, match=FILE_NAME):
+        Segmenter(model, device="cpu", file_hashes=unlisted)
+    verified = hashes()
+    assert Segmenter(model, device="cpu", file_hashes=verified).harmonisation.active
+    path = model / FILE_NAME
     path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), "development_noise_hu": 50.0}),
                     encoding="utf-8")
     with pytest.raises(BundleVerificationError, match=FILE_NAME):
-        load_bundle(copy, tiny_bundle.public_key)  # every file's sha256 is checked at load
-    with pytest.raises(BundleVerificationError, match=FILE_NAME):  # and swapped after loading: refused at use
-        path.write_text(path.read_text(encoding="utf-8") + " ", encoding="utf-8")
-        Segmenter(copy / "nnunet", device="cpu", file_hashes=bundle.nnunet_file_hashes)
+        Segmenter(model, device="cpu", file_hashes=verified)
