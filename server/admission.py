@@ -331,3 +331,20 @@ def admit_metrics_reply(ledger: SiteLedger, msg, stage: str = P.EVALUATE) -> str
     if why is None and P.N_FINE_TUNE in metrics:
         why = ledger.check_count(msg.metadata.src_node_id, metrics[P.N_FINE_TUNE])
     return why
+
+
+def train_refusal(msg, ledger: SiteLedger, stage: str, record: str, what: str) -> str | None:
+    """Why a train reply of ``stage`` cannot be read as an update at all: an error, the site's refusal, any
+    record but exactly one ``record`` (``what`` names it) and one metric record, or an identity it may not
+    claim. None when it can be read. Shared by the head and the segmenter strategies."""
+    from . import replies as R
+
+    if msg.has_error():
+        return R.refusal_reason(msg)
+    if R.reply_status(msg) == P.STATUS_REFUSED:
+        return f"site refused ({R.refusal_reason(msg)})"
+    why = check_reply_records(msg, stage)
+    if why is None and set(msg.content.keys()) != {record, P.METRICS, P.INFO}:
+        why = f"reply does not hold exactly one {what} and one metric record"
+    return why or check_identity(ledger, msg)
+

@@ -31,10 +31,9 @@ from shared.plumbing.errors import IchfedError
 from . import replies as R
 from .admission import (
     SiteLedger,
-    check_identity,
-    check_reply_records,
     check_segmenter_claims,
     share_capped,
+    train_refusal,
 )
 from .records import ACCEPTED, MISSING, REJECTED, SegmenterRound, TrainRow
 from .robust import AggregationRule
@@ -152,14 +151,8 @@ class SegmenterStrategy(Strategy):
         return row, checked
 
     def _refusal(self, msg) -> str | None:
-        if msg.has_error():
-            return R.refusal_reason(msg)
-        if R.reply_status(msg) == P.STATUS_REFUSED:
-            return f"site refused ({R.refusal_reason(msg)})"
-        why = check_reply_records(msg, P.TRAIN_SEGMENTER)
-        if why is None and set(msg.content.keys()) != {P.SEGMENTER, P.METRICS, P.INFO}:
-            why = "reply does not hold exactly one segmenter and one metric record"
-        return why or check_identity(self.ledger, msg)
+        """Why a train reply cannot be read as an update at all (``admission.train_refusal``)."""
+        return train_refusal(msg, self.ledger, P.TRAIN_SEGMENTER, P.SEGMENTER, "segmenter")
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         """No per-round evaluation (the phase evaluates once, after the last round)."""

@@ -31,10 +31,9 @@ from . import replies as R
 from .admission import (
     SiteLedger,
     admit_metrics_reply,
-    check_identity,
-    check_reply_records,
     check_train_claims,
     share_capped,
+    train_refusal,
 )
 from .records import (
     ACCEPTED,
@@ -166,15 +165,8 @@ class HeadStrategy(Strategy):
         return row, checked
 
     def _refusal(self, msg) -> str | None:
-        """Why a train reply cannot be read as an update at all (error, refusal, form, identity)."""
-        if msg.has_error():
-            return R.refusal_reason(msg)
-        if R.reply_status(msg) == P.STATUS_REFUSED:
-            return f"site refused ({R.refusal_reason(msg)})"
-        why = check_reply_records(msg, P.TRAIN)
-        if why is None and set(msg.content.keys()) != {P.HEAD, P.METRICS, P.INFO}:
-            why = "reply does not hold exactly one head and one metric record"
-        return why or check_identity(self.ledger, msg)
+        """Why a train reply cannot be read as an update at all (``admission.train_refusal``)."""
+        return train_refusal(msg, self.ledger, P.TRAIN, P.HEAD, "head")
 
     # -- evaluation -------------------------------------------------------------------------
     def configure_evaluate(self, server_round, arrays, config, grid):
